@@ -1,0 +1,240 @@
+"""The one linear recurrence every model in the zoo reduces to, solved in parallel over time.
+
+    h_t = a_t * h_{t-1} + b_t        (reverse=True: h_t = a_t * h_{t+1} + b_t)
+
+`scan(a, b, h0=None, reverse=False)` takes b: [B, T, *], a broadcastable to b (a per-head gate
+[B, T, H, 1] against a state [B, T, H, N] is read with stride 0, never expanded in memory),
+h0: [B, *] or None (zeros). It returns h with b's shape and dtype; h[:, -1] is the final state
+(h[:, 0] when reverse). Sums are accumulated in float32 (float64 stays float64).
+
+The scan is associative (Blelloch 1990): the pairs (a, b) compose as
+    (a1, b1) then (a2, b2) = (a1 * a2, a2 * b1 + b2),
+so T steps take log-depth work. Its gradient is the same recurrence run the other way
+(the adjoint of h_t = a_t h_{t-1} + b_t):
+    g_t = dL/dh_t + a_{t+1} g_{t+1},   dL/db_t = g_t,   dL/da_t = g_t h_{t-1},   dL/dh0 = a_0 g_0.
+
+Two engines behind one autograd.Function: a Triton kernel on CUDA (or on the CPU under
+TRITON_INTERPRET=1), and PyTorch log-depth doubling for everything else (CPU, MPS, float64,
+machines without Triton).
+"""
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # macOS, Windows: the PyTorch engine serves
+    triton = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def scan(a, b, h0=None, reverse=False):
+    """h_t = a_t * h_{t-1} + b_t along dim 1. a: broadcastable to b [B, T, *]; h0: [B, *] or None."""
+    _check(a, b, h0)
+    return _Scan.apply(a, b, h0, reverse)
+
+
+def _check(a, b, h0):
+    for name, x in (("a", a), ("b", b), ("h0", h0)):
+        if x is not None and not (torch.is_tensor(x) and x.is_floating_point()):
+            raise ValueError(f"scan: {name} must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if b.dim() < 2:
+        raise ValueError(f"scan: b must be [B, T, *], got shape {tuple(b.shape)}")
+    if b.shape[1] == 0:
+        raise ValueError("scan: T = 0, nothing to scan (b has shape %s)" % (tuple(b.shape),))
+    if a.dim() > b.dim() or any(n not in (1, m) for n, m in zip(reversed(a.shape), reversed(b.shape))):
+        raise ValueError(f"scan: a {tuple(a.shape)} does not broadcast to b {tuple(b.shape)}")
+    if h0 is not None and h0.shape != b.shape[:1] + b.shape[2:]:
+        raise ValueError(f"scan: h0 must be [B, *] = {tuple(b.shape[:1] + b.shape[2:])}, got {tuple(h0.shape)}")
+    devices = {x.device for x in (a, b, h0) if x is not None}
+    if len(devices) > 1:
+        raise ValueError(f"scan: a, b and h0 must be on one device, got {sorted(map(str, devices))}")
+
+
+class _Scan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, h0, reverse):
+        a_full = a.reshape((1,) * (b.dim() - a.dim()) + a.shape)  # same rank as b, still broadcast
+        if _use_triton(b):
+            h = _triton_scan(a_full, b, h0, reverse)
+        else:
+            h = _torch_scan(a_full, b, h0, reverse).to(b.dtype)
+        ctx.save_for_backward(a_full, h, h0)
+        ctx.reverse, ctx.a_shape = reverse, a.shape
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        a, h, h0 = ctx.saved_tensors
+        reverse = ctx.reverse
+        if _use_triton(h):
+            g, da = _triton_scan(a, dh, None, not reverse, shift_a=True, h_for_da=h, h0_for_da=h0)
+        else:
+            g = _torch_scan(_shift(a, h.shape[1], later=not reverse, fill=0.0), dh, None, not reverse)
+            h_prev = _shift(h, h.shape[1], later=reverse, fill=h0)
+            da = g * h_prev
+        da = da.sum_to_size(a.shape).reshape(ctx.a_shape).to(a.dtype)
+        dh0 = None
+        if h0 is not None:
+            first = -1 if reverse else 0  # the step that read h0
+            dh0 = (a[:, first] * g[:, first]).to(h0.dtype)
+        return da, g.to(dh.dtype), dh0, None
+
+
+def _shift(x, T, later, fill):
+    """x_{t+1} (later=True) or x_{t-1} along time, the missing end taken from fill (a number or [B, *])."""
+    x = x.expand(x.shape[0], T, *x.shape[2:])
+    if isinstance(fill, (int, float)) or fill is None:
+        edge = torch.full_like(x[:, :1], fill or 0.0)
+    else:
+        edge = fill.unsqueeze(1).to(x.dtype)
+    return torch.cat([x[:, 1:], edge], 1) if later else torch.cat([edge, x[:, :-1]], 1)
+
+
+def _torch_scan(a, b, h0, reverse):
+    """Hillis-Steele doubling: ceil(log2 T) vectorised passes, no loop over time steps."""
+    acc = torch.float64 if b.dtype == torch.float64 else torch.float32
+    if reverse:
+        a, b = a.flip(1), b.flip(1)
+    T = b.shape[1]
+    A = a.to(acc).expand(a.shape[0], T, *a.shape[2:]).clone()  # broadcast dims stay broadcast
+    h = b.to(acc).clone()
+    if h0 is not None:
+        h[:, 0] += A[:, 0] * h0.to(acc)
+    d = 1
+    while d < T:
+        h[:, d:] = A[:, d:] * h[:, :-d] + h[:, d:]
+        A[:, d:] = A[:, d:] * A[:, :-d]
+        d *= 2
+    return h.flip(1) if reverse else h
+
+
+def _use_triton(x):
+    return triton is not None and x.dtype != torch.float64 and (x.is_cuda or (_INTERPRET and x.device.type == "cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton engine. b is viewed as [B, T, C]; one program scans a [time chunk, BLOCK_C channels]
+# tile by tile, carrying h in registers, so every element of a, b and h crosses memory once.
+# When B * C is too small to fill the GPU (one long sequence), time is cut into chunks: a first
+# pass reduces each chunk to its (prod a, local h), a small scan over those gives each chunk its
+# carry-in, and the main pass rescans the chunk from it.
+
+def _triton_scan(a, b, h0, reverse, shift_a=False, h_for_da=None, h0_for_da=None):
+    """a: b's rank, broadcast. shift_a: read a one step later in scan order (the adjoint's
+    a_{t+1}). h_for_da: also return da_t = h_t * h_for_da_{t-1}, h0_for_da at the edge (float32)."""
+    B, T = b.shape[:2]
+    C = b[0, 0].numel()
+    b3 = b.contiguous().view(B, T, C)
+    a, a_strides = _channel_strides(a, b.shape)
+    h = torch.empty_like(b3)
+    block_t, block_c, chunk = _plan(B, T, C, b.device)
+    n_chunks = triton.cdiv(T, chunk)
+    grid = (triton.cdiv(C, block_c), n_chunks, B)
+    common = dict(REVERSE=reverse, SHIFT_A=shift_a, BLOCK_T=block_t, BLOCK_C=block_c)
+    carry = None if h0 is None else h0.reshape(B, 1, C).float()
+    if n_chunks > 1:
+        chunk_h = torch.empty(B, n_chunks, C, device=b.device, dtype=torch.float32)
+        chunk_a = torch.empty_like(chunk_h)
+        _scan_kernel[grid](a, b3, chunk_h, chunk_h, chunk_a, b3, b3, b3, T, C, chunk, *a_strides,
+                           HAS_CARRY=False, AGGREGATE=True, WRITE_DA=False, HAS_H0=False, **common)
+        ends = _triton_scan(chunk_a, chunk_h, None if carry is None else carry[:, 0], reverse)
+        start = torch.zeros_like(ends[:, :1]) if carry is None else carry
+        carry = torch.cat([ends[:, 1:], start], 1) if reverse else torch.cat([start, ends[:, :-1]], 1)
+    da = torch.empty(B, T, C, device=b.device, dtype=torch.float32) if h_for_da is not None else h
+    hs = b3 if h_for_da is None else h_for_da.contiguous().view(B, T, C)
+    h0s = b3 if h0_for_da is None else h0_for_da.contiguous().view(B, C)
+    _scan_kernel[grid](a, b3, h, carry if carry is not None else h, h, hs, h0s, da, T, C, chunk, *a_strides,
+                       HAS_CARRY=carry is not None, AGGREGATE=False, WRITE_DA=h_for_da is not None,
+                       HAS_H0=h0_for_da is not None, **common)
+    h = h.view(b.shape)
+    return h if h_for_da is None else (h, da.view(b.shape))
+
+
+def _channel_strides(a, shape):
+    """a's strides over [B, T, C]: the trailing dims of the broadcast view merged into at most two
+    (outer, inner) groups, so channel c sits at (c // C_in) * s_outer + (c % C_in) * s_inner."""
+    view = a.expand(shape)
+    dims = [(n, s) for n, s in zip(shape[2:], view.stride()[2:]) if n > 1]
+    merged = []
+    for n, s in dims:
+        if merged and merged[-1][1] == s * n:
+            merged[-1] = (merged[-1][0] * n, s)
+        else:
+            merged.append((n, s))
+    if len(merged) > 2:  # an unusual interleaving of broadcast dims: pay for one copy of a
+        view = view.contiguous()
+        merged = [(view[0, 0].numel(), 1)]
+    (_, s_outer), (c_in, s_inner) = ([(1, 0)] * (2 - len(merged)) + merged)[-2:]
+    return view, (view.stride(0), view.stride(1), c_in, s_outer, s_inner)
+
+
+def _plan(B, T, C, device):
+    """(BLOCK_T, BLOCK_C, chunk length): cut time only as much as it takes to fill the GPU."""
+    if _INTERPRET:  # the interpreter pays per tile element: keep tiles small
+        return 16, min(16, triton.next_power_of_2(C)), 32
+    block_c = min(32, triton.next_power_of_2(C))
+    block_t = 64
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = B * triton.cdiv(C, block_c)
+    n_chunks = min(triton.cdiv(4 * sms, programs), triton.cdiv(T, 4 * block_t))
+    chunk = triton.cdiv(triton.cdiv(T, max(n_chunks, 1)), block_t) * block_t
+    return block_t, block_c, chunk
+
+
+if triton is not None:
+    @triton.jit
+    def _combine(a1, b1, a2, b2):
+        return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _scan_kernel(A, Bx, H, CARRY, CHUNK_A, HS, H0, DA, T, C, chunk, sa_b, sa_t, C_in, sa_o, sa_i,
+                     REVERSE: tl.constexpr, SHIFT_A: tl.constexpr, HAS_CARRY: tl.constexpr,
+                     AGGREGATE: tl.constexpr, WRITE_DA: tl.constexpr, HAS_H0: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid_c, pid_k, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        n_chunks = tl.num_programs(1)
+        step: tl.constexpr = -1 if REVERSE else 1
+        edge: tl.constexpr = 0 if REVERSE else BLOCK_T - 1  # the row that holds the tile's last state
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        a_cols = (cols // C_in) * sa_o + (cols % C_in) * sa_i
+        rows = tl.arange(0, BLOCK_T)
+        carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if HAS_CARRY:
+            carry = tl.load(CARRY + (pid_b * n_chunks + pid_k) * C + cols, mask=col_ok, other=0.0)
+        if WRITE_DA and HAS_H0:
+            h0 = tl.load(H0 + pid_b * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+        a_prod = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+        start = pid_k * chunk
+        n_tiles = tl.cdiv(tl.minimum(chunk, T - start), BLOCK_T)
+        for i in range(n_tiles):
+            t = start + (n_tiles - 1 - i if REVERSE else i) * BLOCK_T + rows
+            mask = (t < T)[:, None] & col_ok[None, :]
+            t_a = t - step * SHIFT_A
+            a_ok = mask & ((t_a >= 0) & (t_a < T))[:, None]
+            a = tl.load(A + pid_b * sa_b + t_a[:, None] * sa_t + a_cols[None, :], mask=a_ok, other=0.0)
+            a = tl.where(mask, a.to(tl.float32), 1.0)  # padding rows are the identity (a=1, b=0)
+            offs = (pid_b * T + t[:, None]) * C + cols[None, :]
+            b = tl.load(Bx + offs, mask=mask, other=0.0).to(tl.float32)
+            a_cum, b_cum = tl.associative_scan((a, b), 0, _combine, reverse=REVERSE)
+            h = a_cum * carry[None, :] + b_cum
+            carry = tl.sum(tl.where(rows[:, None] == edge, h, 0.0), 0)
+            if AGGREGATE:
+                a_prod *= tl.sum(tl.where(rows[:, None] == edge, a_cum, 0.0), 0)
+            else:
+                tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
+                if WRITE_DA:  # da_t = g_t * h_{t-1}, h_{t-1} read one step earlier in the forward order
+                    t_p = t + step
+                    p_ok = (t_p >= 0) & (t_p < T)
+                    h_prev = tl.load(HS + (pid_b * T + t_p[:, None]) * C + cols[None, :],
+                                     mask=mask & p_ok[:, None], other=0.0).to(tl.float32)
+                    if HAS_H0:
+                        h_prev = tl.where(p_ok[:, None], h_prev, h0[None, :])
+                    tl.store(DA + offs, h * h_prev, mask=mask)
+        if AGGREGATE:
+            tl.store(H + (pid_b * n_chunks + pid_k) * C + cols, carry, mask=col_ok)
+            tl.store(CHUNK_A + (pid_b * n_chunks + pid_k) * C + cols, a_prod, mask=col_ok)
