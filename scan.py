@@ -117,11 +117,17 @@ def _use_triton(x):
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton engine. b is viewed as [B, T, C]; one program scans a [time chunk, BLOCK_C channels]
-# tile by tile, carrying h in registers, so every element of a, b and h crosses memory once.
-# When B * C is too small to fill the GPU (one long sequence), time is cut into chunks: a first
-# pass reduces each chunk to its (prod a, local h), a small scan over those gives each chunk its
-# carry-in, and the main pass rescans the chunk from it.
+# Triton engine: one pass, one launch. b is viewed as [B, T, C] and cut into tiles of BLOCK_T time
+# steps by BLOCK_C channels, one program each, so a long sequence with few channels fills the GPU
+# as well as a wide one. A program scans its tile in registers, then needs the state its
+# predecessor tile ended in: the decoupled look-back of Merrill & Garland (2016, "Single-pass
+# parallel prefix scan with decoupled look-back"). Each tile publishes its own (prod a, local h)
+# as soon as it has them and its inclusive h once it knows its carry; a tile walks back over
+# predecessors' local pairs until it meets an inclusive one. Every element of a, b and h crosses
+# memory once. A tile's values are written before its flag (a barrier, then a release store of
+# the flag by one thread); a reader acquires the flag first, so the decisions are uniform over
+# the program and the values it then reads are complete. Tiles take a ticket from an atomic
+# counter, so every tile they wait on has started.
 
 def _triton_scan(a, b, h0, reverse, shift_a=False, h_for_da=None, h0_for_da=None):
     """a: b's rank, broadcast. shift_a: read a one step later in scan order (the adjoint's
@@ -130,26 +136,20 @@ def _triton_scan(a, b, h0, reverse, shift_a=False, h_for_da=None, h0_for_da=None
     C = b[0, 0].numel()
     b3 = b.contiguous().view(B, T, C)
     a, a_strides = _channel_strides(a, b.shape)
+    block_t, block_c, warps = _plan(C, b.element_size())
+    n_cblocks, n_tiles = triton.cdiv(C, block_c), triton.cdiv(T, block_t)
+    tiles = B * n_cblocks * n_tiles
+    flags = torch.zeros(tiles + 1, device=b.device, dtype=torch.int32)  # per tile 0/1/2; last: the ticket
+    carries = torch.empty(tiles, 3, block_c, device=b.device, dtype=torch.float32)  # prod a, local h, inclusive h
     h = torch.empty_like(b3)
-    block_t, block_c, chunk = _plan(B, T, C, b.device)
-    n_chunks = triton.cdiv(T, chunk)
-    grid = (triton.cdiv(C, block_c), n_chunks, B)
-    common = dict(REVERSE=reverse, SHIFT_A=shift_a, BLOCK_T=block_t, BLOCK_C=block_c)
-    carry = None if h0 is None else h0.reshape(B, 1, C).float()
-    if n_chunks > 1:
-        chunk_h = torch.empty(B, n_chunks, C, device=b.device, dtype=torch.float32)
-        chunk_a = torch.empty_like(chunk_h)
-        _scan_kernel[grid](a, b3, chunk_h, chunk_h, chunk_a, b3, b3, b3, T, C, chunk, *a_strides,
-                           HAS_CARRY=False, AGGREGATE=True, WRITE_DA=False, HAS_H0=False, **common)
-        ends = _triton_scan(chunk_a, chunk_h, None if carry is None else carry[:, 0], reverse)
-        start = torch.zeros_like(ends[:, :1]) if carry is None else carry
-        carry = torch.cat([ends[:, 1:], start], 1) if reverse else torch.cat([start, ends[:, :-1]], 1)
-    da = torch.empty(B, T, C, device=b.device, dtype=torch.float32) if h_for_da is not None else h
+    da_dtype = a.dtype if a.stride() == b3.view(b.shape).stride() else torch.float32  # float32 to sum over broadcast
+    da = torch.empty(B, T, C, device=b.device, dtype=da_dtype) if h_for_da is not None else h
     hs = b3 if h_for_da is None else h_for_da.contiguous().view(B, T, C)
-    h0s = b3 if h0_for_da is None else h0_for_da.contiguous().view(B, C)
-    _scan_kernel[grid](a, b3, h, carry if carry is not None else h, h, hs, h0s, da, T, C, chunk, *a_strides,
-                       HAS_CARRY=carry is not None, AGGREGATE=False, WRITE_DA=h_for_da is not None,
-                       HAS_H0=h0_for_da is not None, **common)
+    h0 = h0_for_da if h_for_da is not None else h0  # the backward's h0 only enters da
+    _scan_kernel[(tiles,)](a, b3, h, hs, b3 if h0 is None else h0.contiguous().view(B, C), da, flags, carries,
+                           T, C, n_cblocks, n_tiles, *a_strides, REVERSE=reverse, SHIFT_A=shift_a,
+                           WRITE_DA=h_for_da is not None, HAS_H0=h0 is not None,
+                           BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
     h = h.view(b.shape)
     return h if h_for_da is None else (h, da.view(b.shape))
 
@@ -172,17 +172,12 @@ def _channel_strides(a, shape):
     return view, (view.stride(0), view.stride(1), c_in, s_outer, s_inner)
 
 
-def _plan(B, T, C, device):
-    """(BLOCK_T, BLOCK_C, chunk length): cut time only as much as it takes to fill the GPU."""
-    if _INTERPRET:  # the interpreter pays per tile element: keep tiles small
-        return 16, min(16, triton.next_power_of_2(C)), 32
-    block_c = min(32, triton.next_power_of_2(C))
-    block_t = 64
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = B * triton.cdiv(C, block_c)
-    n_chunks = min(triton.cdiv(4 * sms, programs), triton.cdiv(T, 4 * block_t))
-    chunk = triton.cdiv(triton.cdiv(T, max(n_chunks, 1)), block_t) * block_t
-    return block_t, block_c, chunk
+def _plan(C, itemsize, block_t=None, block_c=None, warps=4):
+    """Tile shape and warps, measured on an H100: 64-byte rows of a tile; small tiles for the interpreter."""
+    if _INTERPRET:  # the interpreter pays per tile element
+        return 16, min(8, triton.next_power_of_2(C)), 1
+    block_c = block_c or 64 // itemsize
+    return block_t or 4096 // block_c, min(block_c, triton.next_power_of_2(C)), warps
 
 
 if triton is not None:
@@ -191,50 +186,70 @@ if triton is not None:
         return a1 * a2, a2 * b1 + b2
 
     @triton.jit
-    def _scan_kernel(A, Bx, H, CARRY, CHUNK_A, HS, H0, DA, T, C, chunk, sa_b, sa_t, C_in, sa_o, sa_i,
-                     REVERSE: tl.constexpr, SHIFT_A: tl.constexpr, HAS_CARRY: tl.constexpr,
-                     AGGREGATE: tl.constexpr, WRITE_DA: tl.constexpr, HAS_H0: tl.constexpr,
+    def _scan_kernel(A, Bx, H, HS, H0, DA, FLAGS, CARRIES, T, C, n_cblocks, n_tiles, sa_b, sa_t, C_in, sa_o, sa_i,
+                     REVERSE: tl.constexpr, SHIFT_A: tl.constexpr, WRITE_DA: tl.constexpr, HAS_H0: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid_c, pid_k, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        n_chunks = tl.num_programs(1)
+        ticket = tl.atomic_add(FLAGS + tl.num_programs(0), 1)  # dispatch order, not launch order
+        n_groups = tl.num_programs(0) // n_tiles
+        order = ticket // n_groups  # position of the tile in scan order; all groups' tiles at
+        group = (ticket % n_groups).to(tl.int64)  # one position first, so predecessors are done
+        pid_b, pid_c = (group // n_cblocks).to(tl.int64), group % n_cblocks
+        tile = n_tiles - 1 - order if REVERSE else order
         step: tl.constexpr = -1 if REVERSE else 1
         edge: tl.constexpr = 0 if REVERSE else BLOCK_T - 1  # the row that holds the tile's last state
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        lanes = tl.arange(0, BLOCK_C)
+        cols = pid_c * BLOCK_C + lanes
         col_ok = cols < C
-        a_cols = (cols // C_in) * sa_o + (cols % C_in) * sa_i
         rows = tl.arange(0, BLOCK_T)
+        t = tile * BLOCK_T + rows
+        mask = (t < T)[:, None] & col_ok[None, :]
+        t_a = t - step * SHIFT_A
+        a_ok = mask & ((t_a >= 0) & (t_a < T))[:, None]
+        a_cols = (cols // C_in) * sa_o + (cols % C_in) * sa_i
+        a = tl.load(A + pid_b * sa_b + t_a[:, None] * sa_t + a_cols[None, :], mask=a_ok, other=0.0)
+        a = tl.where(mask, a.to(tl.float32), 1.0)  # padding is the identity (a=1, b=0)
+        offs = (pid_b * T + t[:, None]) * C + cols[None, :]
+        b = tl.load(Bx + offs, mask=mask, other=0.0).to(tl.float32)
+        a_cum, b_cum = tl.associative_scan((a, b), 0, _combine, reverse=REVERSE)
+        tile_a = tl.sum(tl.where(rows[:, None] == edge, a_cum, 0.0), 0)
+        tile_h = tl.sum(tl.where(rows[:, None] == edge, b_cum, 0.0), 0)
+
+        # the carry: h0 for the first tile, else look back over the predecessors in scan order
+        me = group * n_tiles + order
         carry = tl.zeros([BLOCK_C], dtype=tl.float32)
-        if HAS_CARRY:
-            carry = tl.load(CARRY + (pid_b * n_chunks + pid_k) * C + cols, mask=col_ok, other=0.0)
-        if WRITE_DA and HAS_H0:
-            h0 = tl.load(H0 + pid_b * C + cols, mask=col_ok, other=0.0).to(tl.float32)
-        a_prod = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
-        start = pid_k * chunk
-        n_tiles = tl.cdiv(tl.minimum(chunk, T - start), BLOCK_T)
-        for i in range(n_tiles):
-            t = start + (n_tiles - 1 - i if REVERSE else i) * BLOCK_T + rows
-            mask = (t < T)[:, None] & col_ok[None, :]
-            t_a = t - step * SHIFT_A
-            a_ok = mask & ((t_a >= 0) & (t_a < T))[:, None]
-            a = tl.load(A + pid_b * sa_b + t_a[:, None] * sa_t + a_cols[None, :], mask=a_ok, other=0.0)
-            a = tl.where(mask, a.to(tl.float32), 1.0)  # padding rows are the identity (a=1, b=0)
-            offs = (pid_b * T + t[:, None]) * C + cols[None, :]
-            b = tl.load(Bx + offs, mask=mask, other=0.0).to(tl.float32)
-            a_cum, b_cum = tl.associative_scan((a, b), 0, _combine, reverse=REVERSE)
-            h = a_cum * carry[None, :] + b_cum
-            carry = tl.sum(tl.where(rows[:, None] == edge, h, 0.0), 0)
-            if AGGREGATE:
-                a_prod *= tl.sum(tl.where(rows[:, None] == edge, a_cum, 0.0), 0)
-            else:
-                tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
-                if WRITE_DA:  # da_t = g_t * h_{t-1}, h_{t-1} read one step earlier in the forward order
-                    t_p = t + step
-                    p_ok = (t_p >= 0) & (t_p < T)
-                    h_prev = tl.load(HS + (pid_b * T + t_p[:, None]) * C + cols[None, :],
-                                     mask=mask & p_ok[:, None], other=0.0).to(tl.float32)
-                    if HAS_H0:
-                        h_prev = tl.where(p_ok[:, None], h_prev, h0[None, :])
-                    tl.store(DA + offs, h * h_prev, mask=mask)
-        if AGGREGATE:
-            tl.store(H + (pid_b * n_chunks + pid_k) * C + cols, carry, mask=col_ok)
-            tl.store(CHUNK_A + (pid_b * n_chunks + pid_k) * C + cols, a_prod, mask=col_ok)
+        if order == 0:
+            if HAS_H0 and not WRITE_DA:
+                carry = tl.load(H0 + pid_b * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+        else:
+            tl.store(CARRIES + me * 3 * BLOCK_C + lanes, tile_a)
+            tl.store(CARRIES + me * 3 * BLOCK_C + BLOCK_C + lanes, tile_h)
+            tl.debug_barrier()
+            tl.atomic_xchg(FLAGS + me, 1, sem="release")
+            acc_a = tl.full([BLOCK_C], 1.0, tl.float32)  # the tiles between j and me, composed
+            acc_h = tl.zeros([BLOCK_C], dtype=tl.float32)
+            j = order - 1
+            while j >= 0:
+                prev = CARRIES + (group * n_tiles + j) * 3 * BLOCK_C + lanes
+                status = tl.atomic_add(FLAGS + group * n_tiles + j, 0, sem="acquire")
+                if status == 2:  # its inclusive state: done
+                    carry = acc_a * tl.load(prev + 2 * BLOCK_C, volatile=True) + acc_h
+                    j = -1
+                elif status == 1:  # its local pair: compose, go on
+                    acc_h = acc_a * tl.load(prev + BLOCK_C, volatile=True) + acc_h
+                    acc_a = acc_a * tl.load(prev, volatile=True)
+                    j -= 1
+        tl.store(CARRIES + me * 3 * BLOCK_C + 2 * BLOCK_C + lanes, tile_a * carry + tile_h)
+        tl.debug_barrier()
+        tl.atomic_xchg(FLAGS + me, 2, sem="release")
+
+        h = a_cum * carry[None, :] + b_cum
+        tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
+        if WRITE_DA:  # da_t = g_t * h_{t-1}, h_{t-1} read one step earlier in the forward order
+            t_p = t + step
+            p_ok = (t_p >= 0) & (t_p < T)
+            h_prev = tl.load(HS + (pid_b * T + t_p[:, None]) * C + cols[None, :],
+                             mask=mask & p_ok[:, None], other=0.0).to(tl.float32)
+            if HAS_H0:
+                h0 = tl.load(H0 + pid_b * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+                h_prev = tl.where(p_ok[:, None], h_prev, h0[None, :])
+            tl.store(DA + offs, (h * h_prev).to(DA.dtype.element_ty), mask=mask)
