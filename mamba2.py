@@ -1,0 +1,151 @@
+"""Mamba-2: Dao & Gu 2024, "Transformers are SSMs: Generalized Models and Efficient Algorithms
+Through Structured State Space Duality" (arXiv:2405.21060), the SSD layer.
+
+A selective SSM whose transition is a scalar per head, so it is linear attention with a
+data-dependent decay (eq. 16-17 and the Mamba-2 block, Fig. 6):
+
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T      h [H, P, N]: one P x N matrix per head
+    y_t = h_t C_t + D x_t                           A < 0 and D per head; B, C shared by groups
+
+dt = softplus(dt_raw + dt_bias) per head and token. Around the SSM, as in the official block
+(mamba_ssm/modules/mamba2.py): one input projection to (z, x, B, C, dt), a causal depthwise
+conv of width d_conv with SiLU over (x, B, C), a gated RMSNorm norm(y * silu(z)) and an output
+projection. State: (conv [B, conv_dim, d_conv - 1], the last inputs of the conv; ssm [B, H, P, N]),
+both float32 or better; every form starts the conv from the conv state, never from zeros.
+
+Three forms of the same function:
+    recurrent  the loop above, one token at a time: O(T) steps, O(1) state
+    parallel   the dual "attention" form y = (L * C B^T) (dt x), L_ts = exp(sum_{s<k<=t} dt_k A)
+               (the 1-semiseparable mask, segsum masked to -inf before exp): O(T^2), no loop
+    chunked    the SSD algorithm (ssd_minimal.py): the parallel form inside chunks of L tokens,
+               the chunk states passed on by scan.py with a = exp(sum of dt A over the chunk)
+               per head, read [B, N, H, 1, 1] against states [B, N, H, P, N]: O(T L) work
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scan import scan
+
+
+def segsum(a):
+    """a [..., T] -> [..., T, T]: out[t, s] = sum_{s<k<=t} a_k for s <= t, -inf above the diagonal.
+    Sums of masked copies, not differences of cumsums: no cancellation when the sums are large."""
+    T = a.shape[-1]
+    a = a[..., :, None].expand(*a.shape, T)  # a[..., k, s] = a_k
+    below = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
+    out = a.masked_fill(~below, 0).cumsum(-2)
+    return out.masked_fill(~torch.ones_like(below).tril(), -math.inf)
+
+
+def heads(t, G, dim):
+    """H at dim -> (G, H / G): the heads that share one group's B and C, without copying them."""
+    return t.unflatten(dim, (G, -1))
+
+
+def ssd_recurrent(x, dtA, dt, B, C, h):
+    """x [B, T, H, P], dtA, dt [B, T, H], B, C [B, T, G, N], h [B, H, P, N] -> y [B, T, H, P], h."""
+    G, ys = B.shape[2], []
+    xdt = heads(x * dt[..., None], G, 2)
+    for t in range(x.shape[1]):
+        h = torch.exp(dtA[:, t])[..., None, None] * h + torch.einsum(
+            "bghp,bgn->bghpn", xdt[:, t], B[:, t]).flatten(1, 2).to(h.dtype)
+        ys.append(torch.einsum("bghpn,bgn->bghp", heads(h, G, 1), C[:, t]).flatten(1, 2))
+    return torch.stack(ys, 1), h
+
+
+def ssd_parallel(x, dtA, dt, B, C, h):
+    """Same signature; the whole sequence as one masked matmul, plus what h0 contributes."""
+    G = B.shape[2]
+    Lm = heads(torch.exp(segsum(dtA.transpose(1, 2))), G, 1)  # [B, G, h, T, S]
+    xdt = heads(x * dt[..., None], G, 2)
+    CB = torch.einsum("btgn,bsgn->bgts", C, B)
+    y = torch.einsum("bgts,bghts,bsghp->btghp", CB, Lm, xdt)
+    decay_in = torch.exp(dtA.cumsum(1))  # [B, T, H]: what is left of h0 at t
+    h0 = heads(h, G, 1)
+    y = y + torch.einsum("btgn,bghpn,btgh->btghp", C, h0.to(C.dtype), heads(decay_in, G, 2))
+    h_new = decay_in[:, -1, :, None, None] * h + torch.einsum(
+        "bsgn,bghs,bsghp->bghpn", B, Lm[..., -1, :], xdt).flatten(1, 2).to(h.dtype)
+    return y.flatten(2, 3), h_new
+
+
+def ssd_chunked(x, dtA, dt, B, C, h, chunk_size):
+    """Same signature; quadratic inside chunks of chunk_size tokens, scan.py across them."""
+    T, G, L = x.shape[1], B.shape[2], chunk_size
+    pad = -T % L  # dt = 0 pads: decay 1, nothing written, the state passes through unchanged
+    x, dtA, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (-1, L))
+                        for t in (x, dtA, dt, B, C))  # [B, N, L, *]
+    Lm = torch.exp(segsum(dtA.transpose(2, 3)))  # [B, N, H, L, S]
+    xdt = heads(x * dt[..., None], G, 3)  # [B, N, S, G, h, P]
+    Lg = heads(Lm, G, 2)  # [B, N, G, h, L, S]
+    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)
+    y_diag = torch.einsum("bcgls,bcghls,bcsghp->bclghp", CB, Lg, xdt)
+    states = torch.einsum("bcsgn,bcghs,bcsghp->bcghpn", B, Lg[..., -1, :], xdt).flatten(2, 3)
+    a = torch.exp(dtA.sum(2))[..., None, None]  # [B, N, H, 1, 1], broadcast by scan, never expanded
+    h_after = scan(a.to(h.dtype), states.to(h.dtype), h)  # [B, N, H, P, N]
+    h_before = torch.cat([h[:, None], h_after[:, :-1]], 1)
+    decay_in = torch.exp(dtA.cumsum(2))  # [B, N, L, H]
+    y_off = torch.einsum("bclgn,bcghpn,bclgh->bclghp", C, heads(h_before, G, 2).to(C.dtype),
+                         heads(decay_in, G, 3))
+    return (y_diag + y_off).flatten(1, 2)[:, :T].flatten(2, 3), h_after[:, -1]
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 block; forward(x [B, T, d_model], state) -> (y, (conv [B, conv_dim, d_conv-1], ssm [B, H, P, N]))."""
+
+    forms = ("recurrent", "parallel", "chunked")
+
+    def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256,
+                 A_init_range=(1, 16), dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, eps=1e-5):
+        super().__init__()
+        d_inner = expand * d_model
+        if d_inner % headdim or (d_inner // headdim) % ngroups:
+            raise ValueError(f"d_inner={d_inner} needs headdim={headdim} | d_inner, ngroups={ngroups} | n_heads")
+        self.d_inner, self.d_state, self.d_conv, self.headdim = d_inner, d_state, d_conv, headdim
+        self.n_head, self.ngroups, self.chunk_size, self.eps = d_inner // headdim, ngroups, chunk_size, eps
+        self.conv_dim = d_inner + 2 * ngroups * d_state
+        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + self.n_head, bias=False)  # z, xBC, dt
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim)  # conv_bias=True
+        dt = torch.exp(torch.rand(self.n_head) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(torch.empty(self.n_head).uniform_(*A_init_range).log())
+        self.D = nn.Parameter(torch.ones(self.n_head))
+        self.norm_weight = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def forward(self, x, state=None, form="chunked"):
+        if form not in self.forms:
+            raise ValueError(f"unknown form {form!r}; Mamba2 has {self.forms}")
+        Bsz, T, _ = x.shape
+        acc = torch.promote_types(x.dtype, torch.float32)  # states and decays in float32 or better
+        if state is None:
+            state = (x.new_zeros(Bsz, self.conv_dim, self.d_conv - 1, dtype=acc),
+                     x.new_zeros(Bsz, self.n_head, self.headdim, self.d_state, dtype=acc))
+        conv_state, h = state
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_head], -1)
+        seq = torch.cat([conv_state.to(acc), xBC.transpose(1, 2).to(acc)], -1)  # state as left context
+        conv_state = seq[..., seq.shape[-1] - (self.d_conv - 1):]
+        xBC = F.silu(F.conv1d(seq, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
+        xs, Bm, Cm = xBC.transpose(1, 2).to(acc).split([self.d_inner] + [self.ngroups * self.d_state] * 2, -1)
+        xs = xs.unflatten(-1, (self.n_head, self.headdim))
+        Bm, Cm = (t.unflatten(-1, (self.ngroups, self.d_state)) for t in (Bm, Cm))
+        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # [B, T, H]
+        dtA = dt * -torch.exp(self.A_log.to(acc))  # <= 0: every decay exp(sum dtA) is in [0, 1]
+        if form == "recurrent":
+            y, h = ssd_recurrent(xs, dtA, dt, Bm, Cm, h.to(acc))
+        elif form == "parallel":
+            y, h = ssd_parallel(xs, dtA, dt, Bm, Cm, h.to(acc))
+        else:
+            y, h = ssd_chunked(xs, dtA, dt, Bm, Cm, h.to(acc), self.chunk_size)
+        y = (y.to(acc) + self.D.to(acc)[:, None] * xs).flatten(2)
+        y = (y * F.silu(z.to(acc))).unflatten(-1, (self.ngroups, -1))  # gate, then norm (norm_before_gate=False)
+        y = (y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps)).flatten(2) * self.norm_weight.to(acc)
+        return self.out_proj(y.to(x.dtype)), (conv_state, h)
+
+    def step(self, x, state=None):
+        """One token: x [B, d_model] -> y [B, d_model], state."""
+        y, state = self.forward(x[:, None], state, form="recurrent")
+        return y[:, 0], state
