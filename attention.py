@@ -1,0 +1,110 @@
+"""Causal multi-head softmax attention: Vaswani et al. 2017, "Attention Is All You Need" (arXiv:1706.03762).
+
+    y_t = sum_{s <= t} softmax_s(q_t . k_s / sqrt(D)) v_s          (eq. 1, with the causal mask)
+
+Positions come from rotary embeddings (Su et al. 2021, RoFormer, arXiv:2104.09864), applied here
+because the shared backbone adds none: q and k at absolute position m are rotated pairwise,
+dims (2i, 2i+1) by the angle m * base^(-2i/D) (eq. 34), so q_m . k_n depends on m - n alone.
+
+As an RNN, the state is the KV cache (k_cache, v_cache) [B, H, t, D]: the keys (already rotated)
+and values of every token seen so far, t of them; t is also the position of the next token.
+Each step appends one k and one v and reads the whole cache. That is the price the lecture
+notes talk about: the state is the whole past, O(T) memory per token and O(T) work per step,
+where the recurrent models of the zoo carry an O(1) state at O(1) work per step.
+
+Three forms of the same function:
+    recurrent  the loop: append k_t, v_t to the cache, attend q_t to all of it
+    parallel   softmax(Q K^T / sqrt(D) + causal mask) V written out, the T x (t + T) scores in memory
+    sdpa       torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels)
+A forward with a cache puts its queries at positions t..t+T-1: query i sees the cache and new keys
+0..i (a boolean mask, tril offset by t; is_causal only when there is no cache).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def rotary(x, start, base=10000.0):
+    """x [B, H, T, D] at positions start..start+T-1 -> x with dims (2i, 2i+1) rotated by pos * base^(-2i/D)."""
+    T, D = x.shape[-2:]
+    acc = torch.float32 if x.device.type == "mps" else torch.float64  # angles up to T rad: float64 where we can
+    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=acc) / D)
+    angle = torch.arange(start, start + T, device=x.device, dtype=acc)[:, None] * inv_freq  # [T, D/2]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+
+
+def causal_mask(T, S, device):
+    """[T, S] boolean, True where query i (at position S - T + i) may read key j: j <= S - T + i."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
+def attention_recurrent(q, k, v, k_cache, v_cache):
+    """q, k, v: [B, H, T, D]; caches [B, H, t, D] -> y [B, H, T, D], caches [B, H, t + T, D]."""
+    ys = []
+    for t in range(q.shape[2]):
+        k_cache = torch.cat([k_cache, k[:, :, t:t + 1]], 2)
+        v_cache = torch.cat([v_cache, v[:, :, t:t + 1]], 2)
+        w = (q[:, :, t:t + 1] @ k_cache.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+        ys.append(w @ v_cache)
+    return torch.cat(ys, 2), (k_cache, v_cache)
+
+
+def attention_parallel(q, k, v):
+    """q [B, H, T, D], k, v [B, H, S, D] (cache + new, S >= T) -> y [B, H, T, D]."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    mask = causal_mask(q.shape[2], k.shape[2], q.device)  # every row keeps its own key: no all -inf row
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def attention_sdpa(q, k, v):
+    """Same signature, through PyTorch's fused kernels."""
+    T, S = q.shape[2], k.shape[2]
+    if S == T:  # no cache: is_causal (top-left aligned) is right and lets the flash kernel run
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device))
+
+
+class Attention(nn.Module):
+    """Multi-head causal softmax attention with rotary positions;
+    forward(x [B, T, d_model], state) -> (y, state = (k_cache, v_cache) [B, H, t, D]).
+
+    n_head=8 is the paper's (d_model 512 = 8 heads of 64). d_model // 64 would keep heads at 64
+    dims but gives 0 heads below d_model = 64 (the tests use 32); a fixed count, like the other
+    models' n_head, works at every size that divides it into even head dims (rotary pairs dims).
+    """
+
+    forms = ("recurrent", "parallel", "sdpa")
+
+    def __init__(self, d_model, n_head=8, rope_base=10000.0):
+        super().__init__()
+        if d_model % n_head or (d_model // n_head) % 2:
+            raise ValueError(f"d_model={d_model} must split into n_head={n_head} heads of an even size (rotary)")
+        self.n_head, self.rope_base = n_head, rope_base
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x, state=None, form="sdpa"):
+        if form not in self.forms:
+            raise ValueError(f"unknown form {form!r}; Attention has {self.forms}")
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_head, -1)).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, D]
+        if state is None:  # the empty cache
+            state = (k[:, :, :0], v[:, :, :0])
+        k_cache, v_cache = (s.to(k.dtype) for s in state)
+        start = k_cache.shape[2]  # tokens seen so far: the position of x[:, 0]
+        q, k = rotary(q, start, self.rope_base), rotary(k, start, self.rope_base)
+        if form == "recurrent":
+            y, (k, v) = attention_recurrent(q, k, v, k_cache, v_cache)
+        else:
+            k, v = torch.cat([k_cache, k], 2), torch.cat([v_cache, v], 2)
+            y = (attention_sdpa if form == "sdpa" else attention_parallel)(q, k, v)
+        dtype = self.qkv.weight.dtype  # the cache is kept in the model's dtype
+        return self.out(y.transpose(1, 2).flatten(2)), (k.to(dtype), v.to(dtype))
+
+    def step(self, x, state=None):
+        """One token: x [B, d_model] -> y [B, d_model], state with the cache one longer."""
+        y, state = self.forward(x[:, None], state, form="recurrent")
+        return y[:, 0], state
