@@ -1471,7 +1471,7 @@ def test_lstm_iteration_counts_fresh_layer(dtype=torch.float32):
 
 import train  # noqa: E402
 
-TRAIN_CORPUS = "/work/shared/data/tinyshakespeare.txt"
+TRAIN_CORPUS = os.path.join(HERE, os.pardir, "shared", "data", "tinyshakespeare.txt")  # beside the checkout, as in CI
 TRAIN_TINY = ["--model", "linear_attention", "--device", "cpu", "--n-layer", "1", "--d-model", "32", "--block-size", "16",
               "--batch-size", "4", "--eval-iters", "1", "--eval-interval", "2", "--sample-len", "10"]
 
