@@ -17,7 +17,6 @@ Two engines behind one autograd.Function: a Triton kernel on CUDA (or on the CPU
 TRITON_INTERPRET=1), and PyTorch log-depth doubling for everything else (CPU, MPS, float64,
 machines without Triton).
 """
-import math
 import os
 
 import torch

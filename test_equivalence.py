@@ -21,7 +21,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import scan as scan_module
 from scan import scan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
