@@ -1585,3 +1585,13 @@ def test_train_missing_model_file_is_a_clear_error(train_data, tmp_path, monkeyp
 def test_train_resume_without_checkpoint_is_a_clear_error(train_data, tmp_path, capsys):
     argv = TRAIN_TINY + ["--data", train_data, "--out-dir", str(tmp_path / "none"), "--resume"]
     assert "no checkpoint" in train_error_of(argv, capsys)
+
+
+# ----------------------------------------------------------------------------- bench.py: imports, and its CPU smoke run
+def test_bench_cpu_smoke_run_prints_every_table(capsys):
+    bench = importlib.import_module("bench")
+    bench.main(["--device", "cpu", "--quick"])
+    out = capsys.readouterr().out
+    for header in ("### scan.py", "### layers", "### chunked cores", "### decoding"):
+        assert header in out, f"bench.py printed no {header!r} table"
+    assert "Error" not in out and "OOM" not in out and "nan" not in out, out

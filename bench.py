@@ -1,0 +1,325 @@
+"""Benchmarks of the zoo on a GPU, printed as markdown tables (and bench.png with matplotlib).
+
+    python bench.py                      # all four sections on the GPU
+    python bench.py --quick --only scan,chunked
+    python bench.py --device cpu --quick # a tiny smoke run of every section (what the tests call)
+
+1. scan    scan.py forward and forward+backward: time and TB/s against the copy bandwidth, the
+           forward replayed from a CUDA graph (no Python launch overhead), accelerated-scan beside.
+2. forms   each model's default (parallel or chunked) form against its recurrent loop, fwd+bwd.
+3. chunked the chunked cores against flash-linear-attention (when installed) and causal SDPA.
+4. decode  tokens/s and peak memory of step() after a parallel prefill, against context length.
+GPU times are medians of triton.testing.do_bench; the recurrent loops (a Python loop over T) are
+timed once, after a warm-up on 16 tokens. Optional comparators are used only where installed.
+"""
+import argparse
+import datetime
+import importlib
+import inspect
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+import scan as scan_module
+from scan import scan
+
+MODELS = {"rnn": "RNN", "lstm": "LSTM", "attention": "Attention", "linear_attention": "LinearAttention",
+          "retnet": "RetNet", "gated_retention": "GatedRetention", "mamba": "Mamba", "mamba2": "Mamba2",
+          "deltanet": "DeltaNet"}
+FP32 = {"rnn", "lstm"}  # Newton's method wants float32; the others run under bf16 autocast
+SECTIONS = ("scan", "forms", "chunked", "decode")
+
+
+def optional(module, name):
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception:  # not installed, or broken on this machine
+        return None
+
+
+def sync(dev):
+    torch.cuda.synchronize() if dev.type == "cuda" else None
+
+
+def timeit(fn, dev, once=False):
+    """Milliseconds: do_bench's median on the GPU, perf_counter elsewhere or for one slow repetition."""
+    if dev.type == "cuda" and not once:
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    reps = 1 if once else 3
+    fn() if not once else None
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(dev)
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def fwd_bwd(fn, inputs):
+    """fn's first output, then its gradient w.r.t. inputs against a fixed random output gradient."""
+    grads = {}
+
+    def run():
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        if "g" not in grads:
+            grads["g"] = torch.randn_like(out)
+        torch.autograd.grad(out, inputs, grads["g"], allow_unused=True)
+    return run
+
+
+def attempt(fn):
+    """fn(), or the reason it failed, short enough for a table cell."""
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM"
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}".replace("|", "/")
+
+
+def fmt(x, digits=3):
+    return x if isinstance(x, str) else f"{x:.{digits}g}" if x < 100 else f"{x:,.0f}"
+
+
+def table(title, header, rows):
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(fmt(c) if isinstance(c, float) else str(c) for c in row) + " |", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ 1. scan
+def bench_scan(dev, quick, low):  # low unused: the scan is timed in float32 and bf16 both
+    gpu = dev.type == "cuda"
+    n = 2 ** 28 if gpu else 2 ** 22  # 1 GiB of float32 on the GPU
+    x = torch.randn(n, device=dev)
+    y = torch.empty_like(x)
+    copy = 2 * x.nbytes / timeit(lambda: y.copy_(x), dev) / 1e9  # bytes read + written, TB/s
+    del x, y
+    ascan = optional("accelerated_scan.scalar", "scan")
+    shapes = [(8, 4096, 1024), (16, 512, 4096), (1, 65536, 64)] if gpu else [(2, 256, 64)]
+    rows = []
+    for shape in shapes[:2] if quick and gpu else shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            a = torch.rand(shape, device=dev, dtype=dtype).requires_grad_()  # gates in (0, 1)
+            b = torch.randn(shape, device=dev, dtype=dtype).requires_grad_()
+            a0, b0 = a.detach(), b.detach()  # fwd: reads a, b, writes h: 3 passes
+            tbs = lambda ms, passes=3: f"{passes * a.nbytes / ms / 1e9:.3g}" if isinstance(ms, float) else "-"
+            us = lambda ms: ms * 1e3 if isinstance(ms, float) else ms
+            fwd = timeit(lambda: scan(a0, b0), dev)
+            both = timeit(fwd_bwd(lambda: scan(a, b), (a, b)), dev)
+            graph = attempt(lambda: timeit(captured(lambda: scan(a0, b0)).replay, dev)) if gpu else "cuda only"
+            if ascan is None or not gpu:
+                theirs = ["not installed" if ascan is None else "cuda only"] * 2
+            else:  # the same problem in its layout: [B, C, T] contiguous
+                at, bt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (a, b))
+                theirs = [attempt(lambda: timeit(lambda: ascan(at.detach(), bt.detach()), dev)),
+                          attempt(lambda: timeit(fwd_bwd(lambda: ascan(at, bt), (at, bt)), dev))]
+            rows.append([list(shape), str(dtype)[6:], us(fwd), tbs(fwd), f"{3 * a.nbytes / fwd / 1e9 / copy:.0%}",
+                         us(graph), tbs(graph), us(both), tbs(both, 8), *map(us, theirs)])
+    table(f"scan.py, h_t = a_t h_(t-1) + b_t (copy bandwidth {copy:.2f} TB/s; fwd+bwd moves 8 tensors)",
+          ["[B, T, C]", "dtype", "fwd us", "TB/s", "of copy", "fwd in CUDA graph us", "TB/s",
+           "fwd+bwd us", "TB/s", "accelerated-scan fwd us", "fwd+bwd us"], rows)
+
+
+def captured(fn):
+    """A CUDA graph of one call of fn, warmed up on a side stream first."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+# ----------------------------------------------------------------------------------------- 2. forms
+def layer(name, d_model, dev):
+    return getattr(importlib.import_module(name), MODELS[name])(d_model).to(dev)
+
+
+def autocast(dev, name, low):
+    return torch.autocast(dev.type, dtype=low, enabled=low != torch.float32 and name not in FP32)
+
+
+def bench_forms(dev, quick, low):
+    gpu = dev.type == "cuda"
+    Ts, batch, d = ([512, 2048] if quick else [512, 2048, 8192], 8, 512) if gpu else ([64], 2, 64)
+    rows = []
+    for name in MODELS:
+        torch.manual_seed(0)
+        m = layer(name, d, dev)
+        form = inspect.signature(m.forward).parameters["form"].default
+
+        def run(x, form):
+            def go():
+                with autocast(dev, name, low):
+                    y, _ = m(x, form=form)
+                return y
+            return fwd_bwd(go, [x, *m.parameters()])
+        run(torch.randn(batch, 16, d, device=dev, requires_grad=True), "recurrent")()  # warm-up
+        for T in Ts:
+            x = torch.randn(batch, T, d, device=dev, requires_grad=True)
+            par = attempt(lambda: timeit(run(x, form), dev))
+            iters = m.stats.get("newton_iters", "-") if name in FP32 else "-"
+            rec = attempt(lambda: timeit(run(x, "recurrent"), dev, once=True))
+            speedup = f"{rec / par:.1f}" if isinstance(par, float) and isinstance(rec, float) else "-"
+            rows.append([name, "fp32" if name in FP32 else str(low)[6:], form, T, par, rec, speedup, iters])
+            del x
+        del m
+        torch.cuda.empty_cache() if gpu else None
+    table(f"layers Cls({d}) at batch {batch}: default form vs recurrent loop, fwd+bwd ms",
+          ["model", "dtype", "form", "T", "form ms", "recurrent ms", "speedup", "newton iters"], rows)
+
+
+# --------------------------------------------------------------------------------------- 3. chunked
+def core_cases(B, T, H, D, dev, low):
+    """name -> (fn, inputs it differentiates) for the zoo's chunked cores, fla's and SDPA."""
+    import deltanet, gated_retention, linear_attention, mamba2, retnet
+    rand = lambda *s, dtype=low: torch.randn(*s, device=dev, dtype=dtype).requires_grad_()
+    q, k, v = rand(B, T, H, D), rand(B, T, H, D), rand(B, T, H, D)
+    S = torch.randn(B, H, D, D, device=dev) * 0.1
+    log_gamma = torch.log(1 - 2.0 ** (-5 - torch.arange(H, device=dev, dtype=torch.float32)))
+    g = (F.logsigmoid(torch.randn(B, T, H, device=dev) + 4) / 16).requires_grad_()  # log gates <= 0
+    kn = F.normalize(k.detach().float(), dim=-1).to(low).requires_grad_()
+    beta = torch.rand(B, T, H, device=dev).requires_grad_()
+    dt = F.softplus(torch.randn(B, T, H, device=dev) - 3).requires_grad_()
+    A = -(torch.rand(H, device=dev) + 0.5)
+    Bm, Cm, h = rand(B, T, 1, 64), rand(B, T, 1, 64), torch.randn(B, H, D, 64, device=dev) * 0.1
+    qh, kh, vh = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    cases = {
+        "linear_attention_chunked": (lambda: linear_attention.linear_attention_chunked(q, k, v, S, 64), (q, k, v)),
+        "retention_chunked": (lambda: retnet.retention_chunked(q, k, v, log_gamma, S, 64), (q, k, v)),
+        "gated_retention_chunked": (lambda: gated_retention.gated_retention_chunked(q, k, v, g, S, 64), (q, k, v, g)),
+        "ssd_chunked (mamba2)": (lambda: mamba2.ssd_chunked(q, dt * A, dt, Bm, Cm, h, 64), (q, dt, Bm, Cm)),
+        "delta_rule_chunked": (lambda: deltanet.delta_rule_chunked(q, kn, v, beta, S, 64), (q, kn, v, beta)),
+    }
+    beta_low = beta.detach().to(low).requires_grad_()
+    for mod, name, args, kw in [("linear_attn", "chunk_linear_attn", (q, k, v), {"normalize": False}),
+                                ("retention", "chunk_retention", (q, k, v), {}),
+                                ("simple_gla", "chunk_simple_gla", (q, k, v), {"g": g}),
+                                ("delta_rule", "chunk_delta_rule", (q, kn, v, beta_low), {})]:
+        fn, ins = optional("fla.ops." + mod, name), [t for t in (*args, *kw.values()) if torch.is_tensor(t)]
+        cases["fla " + name] = ("not installed" if fn is None else "cuda only" if dev.type != "cuda"
+                                else (lambda fn=fn, args=args, kw=kw: fn(*args, **kw), ins))
+    cases["sdpa causal [B, H, T, D]"] = (
+        lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True), (qh, kh, vh))
+    return cases
+
+
+def bench_chunked(dev, quick, low):
+    gpu = dev.type == "cuda"
+    shapes = ([(8, 2048, 8, 64)] if quick else [(8, 2048, 8, 64), (2, 8192, 8, 64)]) if gpu else [(1, 128, 2, 16)]
+    cells = {}
+    for shape in shapes:
+        torch.manual_seed(0)
+        for name, case in core_cases(*shape, dev, low).items():
+            with torch.autocast(dev.type, dtype=low, enabled=low != torch.float32):
+                if isinstance(case, str):
+                    fwd = both = case
+                else:
+                    fwd = attempt(lambda: timeit(case[0], dev))
+                    both = attempt(lambda: timeit(fwd_bwd(*case), dev))
+            cells.setdefault(name, []).extend([fwd, both])
+        torch.cuda.empty_cache() if gpu else None
+    header = ["core"] + [f"{list(s)} {p}" for s in shapes for p in ("fwd ms", "fwd+bwd ms")]
+    table(f"chunked cores, chunk 64, {str(low)[6:]}, against fla and causal SDPA", header,
+          [[name, *c] for name, c in cells.items()])
+
+
+# ---------------------------------------------------------------------------------------- 4. decode
+def bench_decode(dev, quick, low):
+    gpu = dev.type == "cuda"
+    contexts = ([1024, 4096, 16384] if quick else [1024, 4096, 16384, 65536]) if gpu else [64, 128]
+    d, n_steps = (512, 64) if gpu else (64, 8)
+    rows, results = [], {}
+    for name in MODELS:
+        torch.manual_seed(0)
+        m = layer(name, d, dev)
+        row = [name]
+        for ctx in contexts:
+            cell = attempt(lambda: decode(m, name, ctx, d, n_steps, dev, low))
+            results.setdefault(name, []).append(cell[0] if isinstance(cell, tuple) else math.nan)
+            row.append(f"{cell[0]:,.0f} / {cell[1]}" if isinstance(cell, tuple) else cell)
+        rows.append(row)
+        del m
+        torch.cuda.empty_cache() if gpu else None
+    table(f"decoding: step() after a prefill, Cls({d}), batch 1: tokens/s / peak MiB",
+          ["model"] + [f"context {c:,}" for c in contexts], rows)
+    return results, contexts
+
+
+def decode(m, name, ctx, d, n_steps, dev, low):
+    gpu = dev.type == "cuda"
+    base = torch.cuda.memory_allocated() if gpu else 0
+    with torch.no_grad(), autocast(dev, name, low):
+        _, state = m(torch.randn(1, ctx, d, device=dev))  # the default (parallel) form
+        token = torch.randn(1, d, device=dev)
+        _, state = m.step(token, state)  # warm-up
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(n_steps):
+            _, state = m.step(token, state)
+        sync(dev)
+        elapsed = time.perf_counter() - t0
+    mib = f"{(torch.cuda.max_memory_allocated() - base) / 2 ** 20:.1f}" if gpu else "n/a"
+    return n_steps / elapsed, mib
+
+
+# ------------------------------------------------------------------------------------------ main
+def plot(decoded, contexts):
+    """bench.png: decode tokens/s against context, one line per model."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("\n(matplotlib is not installed: no bench.png)")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, tps in decoded.items():
+        ax.plot(contexts, tps, "o-", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="tokens/s", title="decoding with step()")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig("bench.png", dpi=120)
+    print("\nwrote bench.png (decode tokens/s against context)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smaller sizes, no T = 8192 or 64K context")
+    p.add_argument("--only", action="append", help="sections, repeatable or comma-separated: " + ",".join(SECTIONS))
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = p.parse_args(argv)
+    only = [s for o in args.only or [",".join(SECTIONS)] for s in o.split(",") if s]
+    if bad := [s for s in only if s not in SECTIONS]:
+        p.error(f"--only: unknown section(s) {bad}; choose from {SECTIONS}")
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type != "cuda":
+        print("The GPU tables need CUDA" + (": a tiny CPU smoke run follows (shapes and timings are not benchmarks)."
+                                            if args.device else "; pass --device cpu for a tiny CPU smoke run."))
+        if not args.device:
+            return
+    tv = getattr(scan_module.triton, "__version__", "none")  # None where Triton is missing
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"# bench.py: {name}, torch {torch.__version__}, triton {tv}, {datetime.date.today()}")
+    low = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    for section in SECTIONS:  # in this order, whatever the order of --only
+        if section in only:
+            result = globals()["bench_" + section](dev, args.quick, low)
+    if dev.type == "cuda" and "decode" in only:
+        plot(*result)
+
+
+if __name__ == "__main__":
+    main()
