@@ -117,16 +117,19 @@ def _use_triton(x):
 
 # ---------------------------------------------------------------------------------------------
 # Triton engine: one pass, one launch. b is viewed as [B, T, C] and cut into tiles of BLOCK_T time
-# steps by BLOCK_C channels, one program each, so a long sequence with few channels fills the GPU
-# as well as a wide one. A program scans its tile in registers, then needs the state its
-# predecessor tile ended in: the decoupled look-back of Merrill & Garland (2016, "Single-pass
-# parallel prefix scan with decoupled look-back"). Each tile publishes its own (prod a, local h)
-# as soon as it has them and its inclusive h once it knows its carry; a tile walks back over
-# predecessors' local pairs until it meets an inclusive one. Every element of a, b and h crosses
-# memory once. A tile's values are written before its flag (a barrier, then a release store of
-# the flag by one thread); a reader acquires the flag first, so the decisions are uniform over
-# the program and the values it then reads are complete. Tiles take a ticket from an atomic
-# counter, so every tile they wait on has started.
+# steps by BLOCK_C channels. A tile is scanned in registers, then needs the state its predecessor
+# ended in. Two ways to get it (the kernel's LOOP switch):
+# - loop: with many channel groups (B * C / BLOCK_C at least LOOP_GROUPS_PER_SM per multiprocessor),
+#   one program per group walks its tiles in order, the carry in registers.
+# - look-back: otherwise (a long sequence with few channels), one program per tile, so it still
+#   fills the GPU, chained by the decoupled look-back of Merrill & Garland (2016, "Single-pass
+#   parallel prefix scan with decoupled look-back"). Each tile publishes its own (prod a, local h)
+#   as soon as it has them and its inclusive h once it knows its carry; a tile walks back over
+#   predecessors' local pairs until it meets an inclusive one. A tile's values are written before
+#   its flag (a barrier, then a release store of the flag by one thread); a reader acquires the
+#   flag first, so the decisions are uniform over the program and the values it then reads are
+#   complete. Tiles take a ticket from an atomic counter, so every tile they wait on has started.
+# Either way every element of a, b and h crosses memory once.
 
 def _triton_scan(a, b, h0, reverse, shift_a=False, h_for_da=None, h0_for_da=None):
     """a: b's rank, broadcast. shift_a: read a one step later in scan order (the adjoint's
@@ -136,8 +139,11 @@ def _triton_scan(a, b, h0, reverse, shift_a=False, h_for_da=None, h0_for_da=None
     b3 = b.contiguous().view(B, T, C)
     a, a_strides = _channel_strides(a, b.shape)
     block_t, block_c, warps = _plan(C, b.element_size())
-    n_cblocks, n_tiles = triton.cdiv(C, block_c), triton.cdiv(T, block_t)
-    tiles = B * n_cblocks * n_tiles
+    n_cblocks, n_tiles = -(-C // block_c), -(-T // block_t)
+    # measured: the forward of many channel groups runs faster as loops, the backward (three loads
+    # per element) faster with every tile its own program
+    loop = h_for_da is None and B * n_cblocks >= _loop_groups(b.device)
+    tiles = 0 if loop else B * n_cblocks * n_tiles  # the look-back's bookkeeping; loop mode needs none
     flags = torch.zeros(tiles + 1, device=b.device, dtype=torch.int32)  # per tile 0/1/2; last: the ticket
     carries = torch.empty(tiles, 3, block_c, device=b.device, dtype=torch.float32)  # prod a, local h, inclusive h
     h = torch.empty_like(b3)
@@ -145,10 +151,11 @@ def _triton_scan(a, b, h0, reverse, shift_a=False, h_for_da=None, h0_for_da=None
     da = torch.empty(B, T, C, device=b.device, dtype=da_dtype) if h_for_da is not None else h
     hs = b3 if h_for_da is None else h_for_da.contiguous().view(B, T, C)
     h0 = h0_for_da if h_for_da is not None else h0  # the backward's h0 only enters da
-    _scan_kernel[(tiles,)](a, b3, h, hs, b3 if h0 is None else h0.contiguous().view(B, C), da, flags, carries,
-                           T, C, n_cblocks, n_tiles, *a_strides, REVERSE=reverse, SHIFT_A=shift_a,
-                           WRITE_DA=h_for_da is not None, HAS_H0=h0 is not None,
-                           BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
+    grid = (B * n_cblocks if loop else tiles,)
+    _scan_kernel[grid](a, b3, h, hs, b3 if h0 is None else h0.contiguous().view(B, C), da, flags, carries,
+                       T, C, n_cblocks, n_tiles, *a_strides, REVERSE=reverse, SHIFT_A=shift_a,
+                       WRITE_DA=h_for_da is not None, HAS_H0=h0 is not None, LOOP=loop,
+                       BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
     h = h.view(b.shape)
     return h if h_for_da is None else (h, da.view(b.shape))
 
@@ -171,12 +178,33 @@ def _channel_strides(a, shape):
     return view, (view.stride(0), view.stride(1), c_in, s_outer, s_inner)
 
 
-def _plan(C, itemsize, block_t=None, block_c=None, warps=4):
-    """Tile shape and warps, measured on an H100: 64-byte rows of a tile; small tiles for the interpreter."""
+def _plan(C, itemsize, block_t=None, block_c=None, warps=None):
+    """Tile rows, channels and warps, measured on an H100: 64 channels (rows of 256 bytes in
+    float32, 128 in bf16), 64 x 64 tiles on 4 warps in float32, 32 x 64 on 2 in 16 bits."""
     if _INTERPRET:  # the interpreter pays per tile element
-        return 16, min(8, triton.next_power_of_2(C)), 1
-    block_c = block_c or 64 // itemsize
-    return block_t or 4096 // block_c, min(block_c, triton.next_power_of_2(C)), warps
+        return 16, min(8, _next_power_of_2(C)), 1
+    wide = itemsize >= 4
+    return block_t or (64 if wide else 32), min(block_c or 64, _next_power_of_2(C)), warps or (4 if wide else 2)
+
+
+def _next_power_of_2(n):
+    return 1 << (n - 1).bit_length()
+
+
+LOOP_GROUPS_PER_SM = 4  # measured on an H100
+
+
+def _loop_groups(device):
+    """From this many channel groups (B * C / BLOCK_C) on, one program per group, walking its
+    tiles in order with the carry in registers, fills the GPU, and no look-back is needed."""
+    if device.type != "cuda":
+        return LOOP_GROUPS_PER_SM
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return LOOP_GROUPS_PER_SM * _SMS[device]
+
+
+_SMS = {}
 
 
 if triton is not None:
@@ -185,26 +213,16 @@ if triton is not None:
         return a1 * a2, a2 * b1 + b2
 
     @triton.jit
-    def _scan_kernel(A, Bx, H, HS, H0, DA, FLAGS, CARRIES, T, C, n_cblocks, n_tiles, sa_b, sa_t, C_in, sa_o, sa_i,
-                     REVERSE: tl.constexpr, SHIFT_A: tl.constexpr, WRITE_DA: tl.constexpr, HAS_H0: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-        ticket = tl.atomic_add(FLAGS + tl.num_programs(0), 1)  # dispatch order, not launch order
-        n_groups = tl.num_programs(0) // n_tiles
-        order = ticket // n_groups  # position of the tile in scan order; all groups' tiles at
-        group = (ticket % n_groups).to(tl.int64)  # one position first, so predecessors are done
-        pid_b, pid_c = (group // n_cblocks).to(tl.int64), group % n_cblocks
-        tile = n_tiles - 1 - order if REVERSE else order
+    def _tile_scan(A, Bx, pid_b, cols, col_ok, tile, T, C, sa_b, sa_t, a_cols,
+                   REVERSE: tl.constexpr, SHIFT_A: tl.constexpr, BLOCK_T: tl.constexpr):
+        """One tile in registers: its cumulative (prod a, h from 0), its end pair, offsets, mask."""
         step: tl.constexpr = -1 if REVERSE else 1
         edge: tl.constexpr = 0 if REVERSE else BLOCK_T - 1  # the row that holds the tile's last state
-        lanes = tl.arange(0, BLOCK_C)
-        cols = pid_c * BLOCK_C + lanes
-        col_ok = cols < C
         rows = tl.arange(0, BLOCK_T)
         t = tile * BLOCK_T + rows
         mask = (t < T)[:, None] & col_ok[None, :]
         t_a = t - step * SHIFT_A
         a_ok = mask & ((t_a >= 0) & (t_a < T))[:, None]
-        a_cols = (cols // C_in) * sa_o + (cols % C_in) * sa_i
         a = tl.load(A + pid_b * sa_b + t_a[:, None] * sa_t + a_cols[None, :], mask=a_ok, other=0.0)
         a = tl.where(mask, a.to(tl.float32), 1.0)  # padding is the identity (a=1, b=0)
         offs = (pid_b * T + t[:, None]) * C + cols[None, :]
@@ -212,39 +230,14 @@ if triton is not None:
         a_cum, b_cum = tl.associative_scan((a, b), 0, _combine, reverse=REVERSE)
         tile_a = tl.sum(tl.where(rows[:, None] == edge, a_cum, 0.0), 0)
         tile_h = tl.sum(tl.where(rows[:, None] == edge, b_cum, 0.0), 0)
+        return a_cum, b_cum, tile_a, tile_h, t, offs, mask
 
-        # the carry: h0 for the first tile, else look back over the predecessors in scan order
-        me = group * n_tiles + order
-        carry = tl.zeros([BLOCK_C], dtype=tl.float32)
-        if order == 0:
-            if HAS_H0 and not WRITE_DA:
-                carry = tl.load(H0 + pid_b * C + cols, mask=col_ok, other=0.0).to(tl.float32)
-        else:
-            tl.store(CARRIES + me * 3 * BLOCK_C + lanes, tile_a)
-            tl.store(CARRIES + me * 3 * BLOCK_C + BLOCK_C + lanes, tile_h)
-            tl.debug_barrier()
-            tl.atomic_xchg(FLAGS + me, 1, sem="release")
-            acc_a = tl.full([BLOCK_C], 1.0, tl.float32)  # the tiles between j and me, composed
-            acc_h = tl.zeros([BLOCK_C], dtype=tl.float32)
-            j = order - 1
-            while j >= 0:
-                prev = CARRIES + (group * n_tiles + j) * 3 * BLOCK_C + lanes
-                status = tl.atomic_add(FLAGS + group * n_tiles + j, 0, sem="acquire")
-                if status == 2:  # its inclusive state: done
-                    carry = acc_a * tl.load(prev + 2 * BLOCK_C, volatile=True) + acc_h
-                    j = -1
-                elif status == 1:  # its local pair: compose, go on
-                    acc_h = acc_a * tl.load(prev + BLOCK_C, volatile=True) + acc_h
-                    acc_a = acc_a * tl.load(prev, volatile=True)
-                    j -= 1
-        tl.store(CARRIES + me * 3 * BLOCK_C + 2 * BLOCK_C + lanes, tile_a * carry + tile_h)
-        tl.debug_barrier()
-        tl.atomic_xchg(FLAGS + me, 2, sem="release")
-
-        h = a_cum * carry[None, :] + b_cum
+    @triton.jit
+    def _tile_store(H, HS, H0, DA, h, pid_b, cols, col_ok, t, offs, mask, T, C,
+                    REVERSE: tl.constexpr, WRITE_DA: tl.constexpr, HAS_H0: tl.constexpr):
         tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
         if WRITE_DA:  # da_t = g_t * h_{t-1}, h_{t-1} read one step earlier in the forward order
-            t_p = t + step
+            t_p = t + (-1 if REVERSE else 1)
             p_ok = (t_p >= 0) & (t_p < T)
             h_prev = tl.load(HS + (pid_b * T + t_p[:, None]) * C + cols[None, :],
                              mask=mask & p_ok[:, None], other=0.0).to(tl.float32)
@@ -252,3 +245,65 @@ if triton is not None:
                 h0 = tl.load(H0 + pid_b * C + cols, mask=col_ok, other=0.0).to(tl.float32)
                 h_prev = tl.where(p_ok[:, None], h_prev, h0[None, :])
             tl.store(DA + offs, (h * h_prev).to(DA.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _scan_kernel(A, Bx, H, HS, H0, DA, FLAGS, CARRIES, T, C, n_cblocks, n_tiles, sa_b, sa_t, C_in, sa_o, sa_i,
+                     REVERSE: tl.constexpr, SHIFT_A: tl.constexpr, WRITE_DA: tl.constexpr, HAS_H0: tl.constexpr,
+                     LOOP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        lanes = tl.arange(0, BLOCK_C)
+        if LOOP:  # enough channel groups to fill the GPU: one program walks its group's tiles in order
+            group = tl.program_id(0).to(tl.int64)
+        else:
+            ticket = tl.atomic_add(FLAGS + tl.num_programs(0), 1)  # dispatch order, not launch order
+            n_groups = tl.num_programs(0) // n_tiles
+            order = ticket // n_groups  # position of the tile in scan order; all groups' tiles at
+            group = (ticket % n_groups).to(tl.int64)  # one position first, so predecessors are done
+        pid_b, pid_c = group // n_cblocks, group % n_cblocks
+        cols = pid_c * BLOCK_C + lanes
+        col_ok = cols < C
+        a_cols = (cols // C_in) * sa_o + (cols % C_in) * sa_i
+        carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if HAS_H0 and not WRITE_DA:  # the backward's h0 only enters da
+            h0 = tl.load(H0 + pid_b * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if LOOP:
+            if HAS_H0 and not WRITE_DA:
+                carry = h0
+            for order in range(n_tiles):
+                tile = n_tiles - 1 - order if REVERSE else order
+                a_cum, b_cum, tile_a, tile_h, t, offs, mask = _tile_scan(
+                    A, Bx, pid_b, cols, col_ok, tile, T, C, sa_b, sa_t, a_cols, REVERSE, SHIFT_A, BLOCK_T)
+                _tile_store(H, HS, H0, DA, a_cum * carry[None, :] + b_cum, pid_b, cols, col_ok, t, offs, mask,
+                            T, C, REVERSE, WRITE_DA, HAS_H0)
+                carry = tile_a * carry + tile_h
+        else:
+            tile = n_tiles - 1 - order if REVERSE else order
+            a_cum, b_cum, tile_a, tile_h, t, offs, mask = _tile_scan(
+                A, Bx, pid_b, cols, col_ok, tile, T, C, sa_b, sa_t, a_cols, REVERSE, SHIFT_A, BLOCK_T)
+            # the carry: h0 for the first tile, else look back over the predecessors in scan order
+            me = group * n_tiles + order
+            if order == 0:
+                if HAS_H0 and not WRITE_DA:
+                    carry = h0
+            else:
+                tl.store(CARRIES + me * 3 * BLOCK_C + lanes, tile_a)
+                tl.store(CARRIES + me * 3 * BLOCK_C + BLOCK_C + lanes, tile_h)
+                tl.debug_barrier()
+                tl.atomic_xchg(FLAGS + me, 1, sem="release")
+                acc_a = tl.full([BLOCK_C], 1.0, tl.float32)  # the tiles between j and me, composed
+                acc_h = tl.zeros([BLOCK_C], dtype=tl.float32)
+                j = order - 1
+                while j >= 0:
+                    prev = CARRIES + (group * n_tiles + j) * 3 * BLOCK_C + lanes
+                    status = tl.atomic_add(FLAGS + group * n_tiles + j, 0, sem="acquire")
+                    if status == 2:  # its inclusive state: done
+                        carry = acc_a * tl.load(prev + 2 * BLOCK_C, volatile=True) + acc_h
+                        j = -1
+                    elif status == 1:  # its local pair: compose, go on
+                        acc_h = acc_a * tl.load(prev + BLOCK_C, volatile=True) + acc_h
+                        acc_a = acc_a * tl.load(prev, volatile=True)
+                        j -= 1
+            tl.store(CARRIES + me * 3 * BLOCK_C + 2 * BLOCK_C + lanes, tile_a * carry + tile_h)
+            tl.debug_barrier()
+            tl.atomic_xchg(FLAGS + me, 2, sem="release")
+            _tile_store(H, HS, H0, DA, a_cum * carry[None, :] + b_cum, pid_b, cols, col_ok, t, offs, mask,
+                        T, C, REVERSE, WRITE_DA, HAS_H0)

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import scan as scan_module
 from scan import scan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -261,21 +262,28 @@ def test_scan_torch_float32():
     check_scan("cpu", torch.float32, 1e-5)
 
 
-def test_scan_triton_kernel_interpreted():
+# the kernel's two modes: tiles chained by the decoupled look-back, or one program per channel group
+SCAN_MODES = {"lookback": 10 ** 9, "loop": 0}  # scan.LOOP_GROUPS_PER_SM forcing each
+
+
+@pytest.mark.parametrize("mode", SCAN_MODES)
+def test_scan_triton_kernel_interpreted(mode):
     """The real Triton kernel, run by Triton's interpreter on the CPU: small shapes, several
-    time chunks (the interpreter's plan cuts time into 32-step chunks)."""
+    time chunks (the interpreter's plan cuts time into 16-step tiles)."""
     pytest.importorskip("triton")
-    code = ("import torch, test_equivalence as t, scan; assert scan._use_triton(torch.zeros(1)); "
-            "t.check_scan('cpu', torch.float32, 1e-5)")
+    code = (f"import torch, test_equivalence as t, scan; assert scan._use_triton(torch.zeros(1)); "
+            f"scan.LOOP_GROUPS_PER_SM = {SCAN_MODES[mode]}; t.check_scan('cpu', torch.float32, 1e-5)")
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 @needs_cuda
+@pytest.mark.parametrize("mode", SCAN_MODES)
 # bf16 inputs and h are rounded to 8 bits (4e-3 each); the sums stay float32, so errors do not compound
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["f32", "bf16"])
-def test_scan_triton_cuda(dtype, tol):
+def test_scan_triton_cuda(dtype, tol, mode, monkeypatch):
+    monkeypatch.setattr(scan_module, "LOOP_GROUPS_PER_SM", SCAN_MODES[mode])
     check_scan("cuda", dtype, tol)
     long_thin = [((1, 65536, 8), (1, 65536, 8)), ((2, 3000, 300), (2, 3000, 1))]  # chunked over time
     check_scan("cuda", torch.float32, 1e-4, long_thin)
@@ -1467,7 +1475,9 @@ def test_lstm_iteration_counts_fresh_layer(dtype=torch.float32):
     assert counts["full"] <= 12 < counts["diag"]
 
 
-# ----------------------------------------------------------------------------- train.py: a tiny run, checkpoints, bit-for-bit resume, Ctrl-C, compile fallback, clear errors (CPU, a few seconds)
+# ----------------------------------------------------------------------------- train.py: a tiny run, checkpoints, bit-for-bit resume, Ctrl-C, compile fallback, clear errors, MQAR, width matching, --mixer-args, --max-time, dropout, --report (CPU, seconds)
+
+import json  # noqa: E402
 
 import train  # noqa: E402
 
@@ -1586,6 +1596,136 @@ def test_train_missing_model_file_is_a_clear_error(train_data, tmp_path, monkeyp
 def test_train_resume_without_checkpoint_is_a_clear_error(train_data, tmp_path, capsys):
     argv = TRAIN_TINY + ["--data", train_data, "--out-dir", str(tmp_path / "none"), "--resume"]
     assert "no checkpoint" in train_error_of(argv, capsys)
+
+
+def test_train_no_model_is_a_clear_error(capsys):
+    assert "--model" in train_error_of([], capsys)
+
+
+TRAIN_MQAR = TRAIN_TINY + ["--task", "mqar", "--num-pairs", "3", "--mqar-vocab", "16"]
+
+
+def train_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_mqar_batch_is_recall_and_a_function_of_seed_and_i():
+    P, V, B = 6, 40, 8
+    x, y = train.get_mqar_batch(3, 7, 32, B, P, V, "cpu")
+    assert torch.equal(x, train.get_mqar_batch(3, 7, 32, B, P, V, "cpu")[0])
+    assert not torch.equal(x, train.get_mqar_batch(4, 7, 32, B, P, V, "cpu")[0])
+    assert not torch.equal(x, train.get_mqar_batch(3, 8, 32, B, P, V, "cpu")[0])
+    for xb, yb in zip(x.tolist(), y.tolist()):
+        keys, values = xb[0:2 * P:2], xb[1:2 * P:2]
+        assert len(set(keys)) == P and all(k < V // 2 <= v < V for k, v in zip(keys, values))
+        queries = [t for t in range(len(yb)) if yb[t] != -100]
+        assert len(queries) == P and all(t >= 2 * P and t % 2 == 0 for t in queries)
+        assert sorted(xb[t] for t in queries) == sorted(keys)  # each key asked once, after the pairs
+        assert all(xb.count(k) == 2 for k in keys)  # and nowhere else
+        assert all(yb[t] == values[keys.index(xb[t])] for t in queries)  # the answer is the key's value
+
+
+def test_train_mqar_run_logs_accuracy_and_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
+    def run(out, *extra):
+        train.main(TRAIN_MQAR + ["--out-dir", str(out), "--max-iters", "4", *extra])
+        return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+
+    whole = run(tmp_path / "a", "--dropout", "0.1")
+    out = capsys.readouterr().out
+    assert "| acc " in out and "-" * 40 not in out  # accuracy printed, no sample
+    log = train_log(tmp_path / "a")
+    assert [r["step"] for r in log if r["type"] == "eval"] == [0, 2, 4] and log[-1]["type"] == "final"
+    assert log[-1]["task"] == "mqar" and log[-1]["stop"] == "steps" and log[-1]["acc"] == whole["acc"]
+    assert 0 <= whole["acc"] <= 1 and whole["args"]["task"] == "mqar" and whole["args"]["dropout"] == 0.1
+    get_mqar_batch = train.get_mqar_batch
+
+    def interrupt_at_2(i, *args):
+        if i == 2:
+            raise KeyboardInterrupt
+        return get_mqar_batch(i, *args)
+
+    monkeypatch.setattr(train, "get_mqar_batch", interrupt_at_2)
+    assert run(tmp_path / "b", "--dropout", "0.1")["step"] == 2
+    monkeypatch.setattr(train, "get_mqar_batch", get_mqar_batch)
+    resumed = run(tmp_path / "b", "--resume")  # --dropout 0.1 comes back from the checkpoint
+    assert resumed["step"] == 4 and train_same_weights(resumed["model"], whole["model"])
+    assert resumed["acc"] == whole["acc"] and resumed["best_val"] == whole["best_val"]
+    assert [r["step"] for r in train_log(tmp_path / "b") if r["type"] == "eval"] == [0, 2, 2, 4]  # appended
+    no_dropout = run(tmp_path / "b")  # a fresh run: a fresh log
+    assert [r["step"] for r in train_log(tmp_path / "b") if r["type"] == "eval"] == [0, 2, 4]
+    assert not train_same_weights(no_dropout["model"], whole["model"])
+
+
+def test_train_mqar_needs_room_for_the_queries(tmp_path, capsys):
+    argv = TRAIN_MQAR + ["--num-pairs", "5", "--out-dir", str(tmp_path)]  # 4 * 5 > block 16
+    assert "4 * num_pairs <= --block-size" in train_error_of(argv, capsys)
+
+
+def test_train_dropout_is_off_in_eval_and_step_still_matches():
+    torch.manual_seed(0)
+    model = train.LM(train.load_mixer("linear_attention"), 11, 2, 32, dropout=0.5).double()
+    idx = torch.randint(11, (2, 9))
+    with torch.no_grad():
+        assert not torch.equal(model(idx)[0], model(idx)[0])  # training: dropout
+        model.eval()
+        full, _ = model(idx)
+        assert torch.equal(full, model(idx)[0])
+        logits, states = model(idx[:, :8])
+        assert torch.allclose(model.step(idx[:, 8], states)[0], full[:, 8], atol=1e-10)
+
+
+def test_train_width_matching(tmp_path, capsys):
+    for name in ("mamba", "rnn", "attention"):
+        d, n, target = train.match_width(train.load_mixer(name), 65, 2, 128, {})
+        assert d % 16 == 0 and abs(n - target) <= 0.1 * target, (name, d, n, target)
+    assert train.match_width(train.load_mixer("attention"), 65, 2, 128, {})[0] == 128
+    argv = TRAIN_MQAR + ["--model", "rnn", "--max-iters", "0"]
+    del argv[argv.index("--d-model"):argv.index("--d-model") + 2]
+    train.main(argv + ["--out-dir", str(tmp_path / "a")])
+    d = train.match_width(train.load_mixer("rnn"), 16, 1, 128, {})[0]
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["args"]["d_model"] == d  # resume keeps it
+    assert "d_model=matched" in capsys.readouterr().out
+    train.main(argv + ["--out-dir", str(tmp_path / "b"), "--d-model", "48"])
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["args"]["d_model"] == 48
+
+
+def test_train_mixer_args_reach_the_constructor(tmp_path, capsys):
+    parsed = train.parse_mixer_args("d_state=8, jacobian=diag,A_init_range=(1, 16)")
+    assert parsed == {"d_state": 8, "jacobian": "diag", "A_init_range": (1, 16)}
+    argv = TRAIN_MQAR + ["--model", "mamba", "--max-iters", "0", "--out-dir", str(tmp_path)]
+    train.main(argv + ["--mixer-args", "d_state=8"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["model"]["blocks.0.mixer.A_log"].shape == (2 * 32, 8) and ckpt["args"]["mixer_args"] == "d_state=8"
+    msg = train_error_of(argv + ["--mixer-args", "d_sate=8"], capsys)
+    assert "d_sate" in msg and "Mamba takes" in msg
+    assert "expected k=v" in train_error_of(argv + ["--mixer-args", "d_state"], capsys)
+
+
+def test_train_max_time_stops_on_time_and_anneals(tmp_path, capsys):
+    argv = TRAIN_MQAR + ["--max-iters", "100000", "--max-time", "0.5", "--eval-interval", "100000",
+                         "--log-interval", "100000", "--out-dir", str(tmp_path)]
+    train.main(argv)
+    assert "stopped on time" in capsys.readouterr().out
+    ckpt, final = torch.load(tmp_path / "ckpt.pt", weights_only=False), train_log(tmp_path)[-1]
+    assert 0 < ckpt["step"] < 100000 and ckpt["train_time"] >= 0.5 and final["stop"] == "time"
+    assert train.get_lr(500, 1.0, 10, 1000, time_frac=1.0) == pytest.approx(0.1)  # the clock ends the schedule
+    assert train.get_lr(500, 1.0, 10, 1000, time_frac=0.0) > 0.5
+
+
+def test_train_report_tabulates_the_runs(train_data, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    train_run(train_data, runs / "text", "--max-iters", "2")
+    train.main(TRAIN_MQAR + ["--max-iters", "2", "--out-dir", str(runs / "recall")])
+    (runs / "unfinished").mkdir()
+    (runs / "unfinished" / "log.jsonl").write_text(json.dumps(dict(type="eval", step=0)) + "\n")
+    capsys.readouterr()
+    train.main(["--report", str(runs)])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 3 and rows[1].startswith("| recall | linear_attention | mqar |")
+    assert rows[2].startswith("| text | linear_attention | text |") and "unfinished" in out and "left out" in out
+    assert os.path.exists(runs / "showdown.png") or "matplotlib is not installed" in out
 
 
 # ----------------------------------------------------------------------------- bench.py: imports, and its CPU smoke run
