@@ -178,13 +178,13 @@ def _channel_strides(a, shape):
     return view, (view.stride(0), view.stride(1), c_in, s_outer, s_inner)
 
 
-def _plan(C, itemsize, block_t=None, block_c=None, warps=None):
+def _plan(C, itemsize):
     """Tile rows, channels and warps, measured on an H100: 64 channels (rows of 256 bytes in
     float32, 128 in bf16), 64 x 64 tiles on 4 warps in float32, 32 x 64 on 2 in 16 bits."""
     if _INTERPRET:  # the interpreter pays per tile element
         return 16, min(8, _next_power_of_2(C)), 1
     wide = itemsize >= 4
-    return block_t or (64 if wide else 32), min(block_c or 64, _next_power_of_2(C)), warps or (4 if wide else 2)
+    return (64 if wide else 32), min(64, _next_power_of_2(C)), (4 if wide else 2)
 
 
 def _next_power_of_2(n):
