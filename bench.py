@@ -86,12 +86,18 @@ def fmt(x, digits=3):
     return x if isinstance(x, str) else f"{x:.{digits}g}" if x < 100 else f"{x:,.0f}"
 
 
-def table(title, header, rows):
+def table(title, header, rows=()):
+    """Print a markdown table's head and rows; returns a function that prints one more row at once
+    (a long section shows its results as they come, and a killed run keeps what it had)."""
     print(f"\n### {title}\n")
     print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(fmt(c) if isinstance(c, float) else str(c) for c in row) + " |", flush=True)
+    print("|" + "---|" * len(header), flush=True)
+
+    def row(cells):
+        print("| " + " | ".join(fmt(c) if isinstance(c, float) else str(c) for c in cells) + " |", flush=True)
+    for r in rows:
+        row(r)
+    return row
 
 
 # ------------------------------------------------------------------------------------------ 1. scan
@@ -218,21 +224,17 @@ def core_cases(B, T, H, D, dev, low):
 def bench_chunked(dev, quick, low):
     gpu = dev.type == "cuda"
     shapes = ([(8, 2048, 8, 64)] if quick else [(8, 2048, 8, 64), (2, 8192, 8, 64)]) if gpu else [(1, 128, 2, 16)]
-    cells = {}
     for shape in shapes:
+        row = table(f"chunked cores at [B, T, H, D] = {list(shape)}, chunk 64, {str(low)[6:]}, against fla and "
+                    f"causal SDPA", ["core", "fwd ms", "fwd+bwd ms"])
         torch.manual_seed(0)
         for name, case in core_cases(*shape, dev, low).items():
             with torch.autocast(dev.type, dtype=low, enabled=low != torch.float32):
                 if isinstance(case, str):
-                    fwd = both = case
-                else:
-                    fwd = attempt(lambda: timeit(case[0], dev))
-                    both = attempt(lambda: timeit(fwd_bwd(*case), dev))
-            cells.setdefault(name, []).extend([fwd, both])
+                    row([name, case, case])
+                    continue
+                row([name, attempt(lambda: timeit(case[0], dev)), attempt(lambda: timeit(fwd_bwd(*case), dev))])
         torch.cuda.empty_cache() if gpu else None
-    header = ["core"] + [f"{list(s)} {p}" for s in shapes for p in ("fwd ms", "fwd+bwd ms")]
-    table(f"chunked cores, chunk 64, {str(low)[6:]}, against fla and causal SDPA", header,
-          [[name, *c] for name, c in cells.items()])
 
 
 # ---------------------------------------------------------------------------------------- 4. decode
@@ -240,7 +242,9 @@ def bench_decode(dev, quick, low):
     gpu = dev.type == "cuda"
     contexts = ([1024, 4096, 16384] if quick else [1024, 4096, 16384, 65536]) if gpu else [64, 128]
     d, n_steps = (512, 64) if gpu else (64, 8)
-    rows, results = [], {}
+    results = {}
+    add_row = table(f"decoding: step() after a prefill, Cls({d}), batch 1: tokens/s / peak MiB",
+                    ["model"] + [f"context {c:,}" for c in contexts])
     for name in MODELS:
         torch.manual_seed(0)
         m = layer(name, d, dev)
@@ -249,11 +253,9 @@ def bench_decode(dev, quick, low):
             cell = attempt(lambda: decode(m, name, ctx, d, n_steps, dev, low))
             results.setdefault(name, []).append(cell[0] if isinstance(cell, tuple) else math.nan)
             row.append(f"{cell[0]:,.0f} / {cell[1]}" if isinstance(cell, tuple) else cell)
-        rows.append(row)
+        add_row(row)
         del m
         torch.cuda.empty_cache() if gpu else None
-    table(f"decoding: step() after a prefill, Cls({d}), batch 1: tokens/s / peak MiB",
-          ["model"] + [f"context {c:,}" for c in contexts], rows)
     return results, contexts
 
 
