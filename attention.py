@@ -42,30 +42,31 @@ def causal_mask(T, S, device):
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
 
 
-def attention_recurrent(q, k, v, k_cache, v_cache):
-    """q, k, v: [B, H, T, D]; caches [B, H, t, D] -> y [B, H, T, D], caches [B, H, t + T, D]."""
+def attention_recurrent(q, k, v, k_cache, v_cache, dropout=0.0):
+    """q, k, v: [B, H, T, D]; caches [B, H, t, D] -> y [B, H, T, D], caches [B, H, t + T, D].
+    dropout: the probability of dropping each attention weight (training only)."""
     ys = []
     for t in range(q.shape[2]):
         k_cache = torch.cat([k_cache, k[:, :, t:t + 1]], 2)
         v_cache = torch.cat([v_cache, v[:, :, t:t + 1]], 2)
         w = (q[:, :, t:t + 1] @ k_cache.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
-        ys.append(w @ v_cache)
+        ys.append(F.dropout(w, dropout) @ v_cache)
     return torch.cat(ys, 2), (k_cache, v_cache)
 
 
-def attention_parallel(q, k, v):
+def attention_parallel(q, k, v, dropout=0.0):
     """q [B, H, T, D], k, v [B, H, S, D] (cache + new, S >= T) -> y [B, H, T, D]."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     mask = causal_mask(q.shape[2], k.shape[2], q.device)  # every row keeps its own key: no all -inf row
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+    return F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(-1), dropout) @ v
 
 
-def attention_sdpa(q, k, v):
+def attention_sdpa(q, k, v, dropout=0.0):
     """Same signature, through PyTorch's fused kernels."""
     T, S = q.shape[2], k.shape[2]
     if S == T:  # no cache: is_causal (top-left aligned) is right and lets the flash kernel run
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device))
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=dropout)
 
 
 class Attention(nn.Module):
@@ -75,15 +76,19 @@ class Attention(nn.Module):
     n_head=8 is the paper's (d_model 512 = 8 heads of 64). d_model // 64 would keep heads at 64
     dims but gives 0 heads below d_model = 64 (the tests use 32); a fixed count, like the other
     models' n_head, works at every size that divides it into even head dims (rotary pairs dims).
+    dropout drops attention weights in training (as nanoGPT does; train.py passes its --dropout
+    to a mixer that takes one); in eval() every form is deterministic.
     """
 
     forms = ("recurrent", "parallel", "sdpa")
 
-    def __init__(self, d_model, n_head=8, rope_base=10000.0):
+    def __init__(self, d_model, n_head=8, rope_base=10000.0, dropout=0.0):
         super().__init__()
         if d_model % n_head or (d_model // n_head) % 2:
             raise ValueError(f"d_model={d_model} must split into n_head={n_head} heads of an even size (rotary)")
-        self.n_head, self.rope_base = n_head, rope_base
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+        self.n_head, self.rope_base, self.dropout = n_head, rope_base, dropout
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
@@ -96,11 +101,12 @@ class Attention(nn.Module):
         k_cache, v_cache = (s.to(k.dtype) for s in state)
         start = k_cache.shape[2]  # tokens seen so far: the position of x[:, 0]
         q, k = rotary(q, start, self.rope_base), rotary(k, start, self.rope_base)
+        p = self.dropout if self.training else 0.0
         if form == "recurrent":
-            y, (k, v) = attention_recurrent(q, k, v, k_cache, v_cache)
+            y, (k, v) = attention_recurrent(q, k, v, k_cache, v_cache, p)
         else:
             k, v = torch.cat([k_cache, k], 2), torch.cat([v_cache, v], 2)
-            y = (attention_sdpa if form == "sdpa" else attention_parallel)(q, k, v)
+            y = (attention_sdpa if form == "sdpa" else attention_parallel)(q, k, v, p)
         dtype = self.qkv.weight.dtype  # the cache is kept in the model's dtype
         return self.out(y.transpose(1, 2).flatten(2)), (k.to(dtype), v.to(dtype))
 

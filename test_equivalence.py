@@ -1262,6 +1262,21 @@ def test_attention_bad_head_count():
     assert Attention(512).n_head == 8
 
 
+
+@pytest.mark.parametrize("form", Attention.forms)
+def test_attention_dropout_only_in_training(form):
+    """Weight dropout changes a training forward (and keeps its expectation); eval() is exact again."""
+    torch.manual_seed(0)
+    plain, dropped = Attention(D_MODEL), Attention(D_MODEL, dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 12, D_MODEL)
+    y_plain, _ = plain.eval()(x, form=form)
+    y_train, _ = dropped.train()(x, form=form)
+    assert not torch.allclose(y_train, y_plain, atol=1e-3)
+    assert torch.allclose(dropped.eval()(x, form=form)[0], y_plain, atol=1e-6)
+    with pytest.raises(ValueError, match="dropout"):
+        Attention(D_MODEL, dropout=1.0)
+
 # ----------------------------------------------------------------------------- rnn.py: torch.nn.RNNCell as reference, the Newton iteration cap, Newton's exact prefix, iteration counts
 # (pytest -s prints the iteration counts)
 
@@ -1660,6 +1675,13 @@ def test_train_mqar_run_logs_accuracy_and_resumes_bit_for_bit(tmp_path, monkeypa
 def test_train_mqar_needs_room_for_the_queries(tmp_path, capsys):
     argv = TRAIN_MQAR + ["--num-pairs", "5", "--out-dir", str(tmp_path)]  # 4 * 5 > block 16
     assert "4 * num_pairs <= --block-size" in train_error_of(argv, capsys)
+
+
+def test_train_dropout_reaches_a_mixer_that_takes_one():
+    attn = train.load_mixer("attention")
+    assert train.LM(attn, 11, 1, 32, dropout=0.3).blocks[0].mixer.dropout == 0.3
+    assert train.LM(attn, 11, 1, 32, dropout=0.3, mixer_args={"dropout": 0.1}).blocks[0].mixer.dropout == 0.1
+    train.LM(train.load_mixer("mamba"), 11, 1, 32, dropout=0.3)  # takes none: not passed
 
 
 def test_train_dropout_is_off_in_eval_and_step_still_matches():

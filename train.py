@@ -1,28 +1,22 @@
 """Train a character-level language model with any mixer of the zoo, then sample from it.
 
-    python train.py --model linear_attention                        # tiny Shakespeare, downloaded once
-    python train.py --model mamba --data my.txt --max-iters 2000
-    python train.py --model mamba --resume                          # continue out/mamba/ckpt.pt
-    python train.py --model mamba --task mqar --max-time 600        # associative recall, 10 minutes of training
-    python train.py --report out                                    # out/*/log.jsonl as a markdown table
+    python train.py --model linear_attention                    # tiny Shakespeare (downloaded once), to out/<model>
+    python train.py --model mamba --data my.txt --max-iters 2000 --out-dir runs/mamba
+    python train.py --model mamba --resume                      # continue out/mamba/ckpt.pt
+    python train.py --model mamba --task mqar --max-time 600    # associative recall, 10 minutes of training
+    python train.py --model mamba --mixer-args d_state=32,expand=1 --compile   # Mamba(d_model, d_state=32, ...)
+    python train.py --report out                                # out/*/log.jsonl as a table, out/showdown.png
 
-The model is nanoGPT's shape with the attention swapped out: embedding, n_layer pre-norm blocks
-(x += mixer(norm(x)); x += mlp(norm(x))), final norm, output head tied to the embedding. The mixer
-is <model>.py's class, built as Cls(d_model, **mixer_args); it follows the contract
-    forward(x [B, T, D], state=None, form=...) -> (y, state)      step(x [B, D], state) -> (y, state)
-so the whole model threads one state per layer: sampling prefills the prompt in parallel (the
-mixer's default form), then runs token by token with step().
-
-Unless --d-model is passed, each model gets the width that gives its LM the parameter count of the
-attention LM at the base width (384 on a GPU, 128 on the CPU), so the models compare at equal size.
-
-Batch i is drawn from a generator seeded with (seed, i) alone, so --resume continues bit-for-bit
-(without --max-time: with it the LR schedule follows the clock).
+nanoGPT's model with <model>.py's mixer for attention: x += mixer(norm(x)); x += mlp(norm(x)), head tied to the
+embedding. Sampling prefills the prompt in parallel (forward), then runs each mixer's step(). Unless --d-model is
+passed, each model gets the width at which it has the attention LM's parameter count (at d_model 384 on a GPU,
+128 on the CPU). Batch i depends on (seed, i) alone, so --resume is bit-for-bit (not with --max-time: the LR
+schedule then follows the clock). Flags override the defaults (a GPU's, or a smaller CPU config) and the values
+a checkpoint was trained with (--resume).
 """
 import argparse
 import ast
 import glob
-import hashlib
 import importlib
 import inspect
 import json
@@ -34,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import torch
 import torch.nn as nn
@@ -52,13 +45,14 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 COMMON = dict(lr=1e-3, seed=1337, sample_len=300, prompt="\n", compile=False, resume=False, data=None,
               task="text", num_pairs=16, mqar_vocab=256, mixer_args="", max_time=None)
 # nanoGPT's shakespeare-char size on a GPU; a small one that runs in minutes on a laptop's CPU. d_model is
-# attention's width there, the parameter budget every other model is matched to (unless --d-model)
-GPU = dict(n_layer=6, d_model=384, block_size=256, batch_size=64, warmup=100, max_iters=5000,
-           eval_interval=250, eval_iters=100, log_interval=50, dropout=0.2)
+# attention's width there, the parameter budget every other model is matched to (unless --d-model). Dropout
+# 0.3 and 3000 steps, not nanoGPT's 0.2 and 5000: measured on an H100, attention's val loss is best at 2000-2500
+# steps (1.440) and overfits after; with 0.2 it peaks at 1.455 by step 1500 (README, "Results")
+GPU = dict(n_layer=6, d_model=384, block_size=256, batch_size=64, warmup=100, max_iters=3000,
+           eval_interval=250, eval_iters=100, log_interval=50, dropout=0.3)
 CPU = dict(n_layer=2, d_model=128, block_size=128, batch_size=16, warmup=20, max_iters=1000,
            eval_interval=50, eval_iters=10, log_interval=10, dropout=0.0)
 MQAR = dict(dropout=0.0)  # fresh random sequences every step leave nothing to overfit (Zoology trains without)
-NOT_RESUMED = ("device", "resume")  # everything else a checkpoint restores unless passed again
 
 
 # ----------------------------------------------------------------------------- data
@@ -66,20 +60,15 @@ NOT_RESUMED = ("device", "resume")  # everything else a checkpoint restores unle
 def get_data(path):
     """The text at path, or tiny Shakespeare from the cache (downloaded and checked once)."""
     if path is None:
-        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "zoo")
-        path = os.path.join(cache, "tinyshakespeare.txt")
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        path = os.path.join(cache, "zoo", "tinyshakespeare.txt")
         if not os.path.exists(path):
-            os.makedirs(cache, exist_ok=True)
             print(f"downloading tiny Shakespeare to {path}")
-            try:
-                raw = urllib.request.urlopen(SHAKESPEARE_URL, timeout=30).read()
-            except OSError as e:
-                sys.exit(f"could not download tiny Shakespeare ({e}); offline? pass a text file with --data PATH")
-            if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
-                sys.exit(f"{SHAKESPEARE_URL} does not have the expected sha256; pass a text file with --data PATH")
-            with open(path + ".tmp", "wb") as f:
-                f.write(raw)
-            os.replace(path + ".tmp", path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:  # checks the sha256, and writes to a temporary file first: never a partial file at path
+                torch.hub.download_url_to_file(SHAKESPEARE_URL, path, hash_prefix=SHAKESPEARE_SHA256, progress=False)
+            except (OSError, RuntimeError) as e:  # offline, or an invalid hash value
+                sys.exit(f"could not download tiny Shakespeare ({e}); pass a text file with --data PATH")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -93,15 +82,13 @@ def get_data(path):
 def split(text, chars, block_size):
     """Encode with the vocabulary chars; 90% train, 10% val; both must hold a block plus its target."""
     stoi = {c: i for i, c in enumerate(chars)}
-    unknown = set(text) - set(stoi)
-    if unknown:
+    if unknown := set(text) - set(stoi):
         sys.exit(f"the data has characters the checkpoint's vocabulary lacks: {''.join(sorted(unknown))[:40]!r}")
     data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
     n = int(0.9 * len(data))
     if len(data) - n < block_size + 1:
-        sys.exit(f"the data has {len(data)} characters, too short for block_size={block_size}: the 10% val split "
-                 f"needs block_size + 1 = {block_size + 1}, so at least {math.ceil((block_size + 1) / 0.1)} "
-                 f"characters (or pass a smaller --block-size)")
+        sys.exit(f"the data has {len(data)} characters, too short for block_size={block_size}: the 10% val split needs "
+                 f"block_size + 1, so {math.ceil((block_size + 1) / 0.1)} in all (or pass a smaller --block-size)")
     return data[:n], data[n:]
 
 
@@ -116,12 +103,8 @@ def get_batch(data, i, seed, block_size, batch_size, device):
 
 def get_mqar_batch(i, seed, block_size, batch_size, num_pairs, vocab, device):
     """Batch i of multi-query associative recall as in Zoology (Arora et al. 2023, arXiv:2312.04927):
-    k1 v1 k2 v2 ... (distinct keys from the vocabulary's first half, values from its second half), then
-    each key once more, in random order, at distinct even offsets after the pairs, nearer ones likelier
-    (Zoology's power law p(gap) ~ gap^(a-1), a = 0.01); random values in between (Zoology's filler is any
-    token, which in its 8192-token vocabulary almost never repeats a key; in a small one it often would).
-    The label at a queried key is its value, -100 (ignored by the loss) everywhere else. Training uses
-    i >= 0, validation i < 0."""
+    k1 v1 k2 v2 ... (distinct keys from the vocabulary's first half, values from its second), then each key again
+    at distinct even offsets, nearer ones likelier; random values between. Labels: each query's value, else -100."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + i)
     B, T, P, half = batch_size, block_size, num_pairs, vocab // 2
     keys = torch.rand(B, half, generator=g).argsort(1)[:, :P]  # P distinct keys per row, in random order
@@ -143,31 +126,26 @@ def load_mixer(name):
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
     try:
-        module = importlib.import_module(name)
+        return getattr(importlib.import_module(name), MODELS[name])
     except ModuleNotFoundError as e:
         if e.name != name:
             raise
-        present = [m for m in MODELS if os.path.exists(os.path.join(HERE, m + ".py"))]
-        sys.exit(f"model {name!r}: {name}.py is not in {HERE} (present: {', '.join(present) or 'none'})")
-    return getattr(module, MODELS[name])
+        sys.exit(f"model {name!r}: {name}.py is not in {HERE}")
 
 
 class Block(nn.Module):
-    def __init__(self, mixer_cls, d_model, dropout=0.0, **mixer_args):
+    def __init__(self, mixer_cls, d_model, dropout=0.0, mixer_args=None):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(d_model), nn.RMSNorm(d_model)
-        self.mixer = mixer_cls(d_model, **mixer_args)
+        if "dropout" in inspect.signature(mixer_cls).parameters:  # attention's, on its weights (as nanoGPT)
+            mixer_args = {"dropout": dropout, **(mixer_args or {})}
+        self.mixer = mixer_cls(d_model, **(mixer_args or {}))
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model, bias=False), nn.GELU(),
                                  nn.Linear(4 * d_model, d_model, bias=False))
         self.drop = nn.Dropout(dropout)  # on each residual branch, as nanoGPT; identity in eval()
 
-    def forward(self, x, state=None):
-        y, state = self.mixer(self.norm1(x), state)
-        x = x + self.drop(y)
-        return x + self.drop(self.mlp(self.norm2(x))), state
-
-    def step(self, x, state):
-        y, state = self.mixer.step(self.norm1(x), state)
+    def forward(self, x, state=None, step=False):
+        y, state = (self.mixer.step if step else self.mixer)(self.norm1(x), state)
         x = x + self.drop(y)
         return x + self.drop(self.mlp(self.norm2(x))), state
 
@@ -175,11 +153,11 @@ class Block(nn.Module):
 class LM(nn.Module):
     """forward(idx [B, T], states=None) -> (logits [B, T, V], states); step(idx [B], states) -> ([B, V], states)."""
 
-    def __init__(self, mixer_cls, vocab_size, n_layer, d_model, dropout=0.0, **mixer_args):
+    def __init__(self, mixer_cls, vocab_size, n_layer, d_model, dropout=0.0, mixer_args=None):
         super().__init__()
         self.wte = nn.Embedding(vocab_size, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(mixer_cls, d_model, dropout, **mixer_args) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(mixer_cls, d_model, dropout, mixer_args) for _ in range(n_layer))
         self.norm = nn.RMSNorm(d_model)
         # nanoGPT's init for what is ours; each mixer keeps its paper's init
         nn.init.normal_(self.wte.weight, std=0.02)
@@ -187,26 +165,21 @@ class LM(nn.Module):
             nn.init.normal_(b.mlp[0].weight, std=0.02)
             nn.init.normal_(b.mlp[2].weight, std=0.02 / math.sqrt(2 * n_layer))
 
-    def forward(self, idx, states=None):
-        x, states = self.drop(self.wte(idx)), states or [None] * len(self.blocks)
-        new = []
-        for block, state in zip(self.blocks, states):
-            x, state = block(x, state)
+    def forward(self, idx, states=None, step=False):
+        x, new = self.drop(self.wte(idx)), []
+        for block, state in zip(self.blocks, states or [None] * len(self.blocks)):
+            x, state = block(x, state, step)
             new.append(state)
         return F.linear(self.norm(x), self.wte.weight), new
 
     def step(self, idx, states):
-        x, new = self.drop(self.wte(idx)), []
-        for block, state in zip(self.blocks, states):
-            x, state = block.step(x, state)
-            new.append(state)
-        return F.linear(self.norm(x), self.wte.weight), new
+        return self(idx, states, step=True)
 
     def stats(self):
         """Each mixer's `stats` dict (if it has one), averaged over layers."""
         per_layer = [b.mixer.stats for b in self.blocks if isinstance(getattr(b.mixer, "stats", None), dict)]
-        keys = {k for s in per_layer for k in s}
-        return {k: sum(float(s[k]) for s in per_layer if k in s) / sum(k in s for s in per_layer) for k in sorted(keys)}
+        keys = sorted(per_layer[0]) if per_layer else []  # every layer is the same class: the same keys
+        return {k: sum(float(s[k]) for s in per_layer) / len(per_layer) for k in keys}
 
 
 def parse_mixer_args(text):
@@ -225,7 +198,7 @@ def parse_mixer_args(text):
 
 def build(mixer_cls, vocab_size, n_layer, d_model, mixer_args, dropout=0.0):
     try:
-        return LM(mixer_cls, vocab_size, n_layer, d_model, dropout, **mixer_args)
+        return LM(mixer_cls, vocab_size, n_layer, d_model, dropout, mixer_args)
     except TypeError as e:  # an unknown keyword
         sys.exit(f"--mixer-args {mixer_args}: {e}; {mixer_cls.__name__} takes {inspect.signature(mixer_cls)}")
 
@@ -234,30 +207,26 @@ def match_width(mixer_cls, vocab_size, n_layer, base, mixer_args):
     """(d_model, params, target): the width, a multiple of 16 in [base/2, 2 base], whose LM has the parameter
     count closest to the attention LM's at width base. Counted on the meta device: no memory, no init."""
     def count(cls, d, args):
-        with torch.device("meta"):
-            return sum(p.numel() for p in build(cls, vocab_size, n_layer, d, args).parameters())
-
-    target, best = count(load_mixer("attention"), base, {}), None
-    for d in range(base // 32 * 16 or 16, 2 * base + 1, 16):
         try:
-            n = count(mixer_cls, d, mixer_args)
+            with torch.device("meta"):
+                return sum(p.numel() for p in build(cls, vocab_size, n_layer, d, args).parameters())
         except ValueError:  # a width the mixer rejects (heads must divide it, ...)
-            continue
-        if best is None or abs(n - target) < abs(best[1] - target):
-            best = (d, n)
-    if best is None:
-        sys.exit(f"{mixer_cls.__name__} {mixer_args or ''} accepts no d_model in [{base // 2}, {2 * base}]: "
-                 f"pass --d-model")
-    return (*best, target)
+            return None
+
+    target = count(load_mixer("attention"), base, {})
+    sizes = [(d, n) for d in range(base // 32 * 16 or 16, 2 * base + 1, 16) if (n := count(mixer_cls, d, mixer_args))]
+    if not sizes:
+        sys.exit(f"{mixer_cls.__name__} accepts no d_model in [{base // 2}, {2 * base}]: pass --d-model")
+    return (*min(sizes, key=lambda dn: abs(dn[1] - target)), target)
 
 
 def make_optimizer(model, lr):
     """AdamW; weight decay on matrices only (and never on a parameter marked _no_weight_decay)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)]
-    ids = {id(p) for p in decay}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.99), fused=next(model.parameters()).is_cuda)  # fused: faster
+    params = list(model.parameters())
+    decay = [p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in params]
+    groups = [{"params": [p for p, d in zip(params, decay) if d], "weight_decay": 0.1},
+              {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=params[0].is_cuda)  # fused: faster
 
 
 def get_lr(step, lr, warmup, max_iters, time_frac=0.0):
@@ -271,10 +240,9 @@ def get_lr(step, lr, warmup, max_iters, time_frac=0.0):
 
 # ----------------------------------------------------------------------------- train, eval, sample
 
-def loss_of(model, x, y, with_logits=False):
+def loss_of(model, x, y):
     logits, _ = model(x)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)  # mqar: answers only
-    return (loss, logits) if with_logits else loss
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100), logits  # mqar: answers only
 
 
 @torch.no_grad()
@@ -285,7 +253,7 @@ def evaluate(model, batch, n, autocast):
     for k in range(n):
         x, y = batch(k)
         with autocast:
-            loss, logits = loss_of(model, x, y, with_logits=True)
+            loss, logits = loss_of(model, x, y)
         losses.append(loss)
         hits, total = hits + (logits.argmax(-1) == y).sum(), total + (y != -100).sum()
     model.train()
@@ -295,37 +263,20 @@ def evaluate(model, batch, n, autocast):
 @torch.no_grad()
 def sample(model, prompt, n, chars, device, autocast, seed, temperature=0.8):
     """Parallel prefill of the prompt, then n tokens with each mixer's step()."""
-    stoi = {c: i for i, c in enumerate(chars)}
-    if not prompt or set(prompt) - set(stoi):
+    if not prompt or set(prompt) - set(chars):
         sys.exit(f"--prompt must be non-empty and use only the vocabulary's characters, got {prompt!r}")
     model.eval()
     g = torch.Generator(device=device).manual_seed(seed)
-    idx = torch.tensor([[stoi[c] for c in prompt]], device=device)
-    out = []
+    out = prompt
     with autocast:
-        logits, states = model(idx)
+        logits, states = model(torch.tensor([[chars.index(c) for c in prompt]], device=device))
         logits = logits[:, -1]
         for _ in range(n):
-            probs = F.softmax(logits.float() / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=g)[:, 0]
-            out.append(chars[nxt.item()])
+            nxt = torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1, generator=g)[:, 0]
+            out += chars[nxt.item()]
             logits, states = model.step(nxt, states)
     model.train()
-    return prompt + "".join(out)
-
-
-def save_checkpoint(path, model, optimizer, step, chars, cfg, **stats):
-    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, vocab=chars,
-                args=vars(cfg), rng=torch.get_rng_state(),
-                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, **stats)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a Ctrl-C mid-write never leaves a broken checkpoint
-
-
-def load_checkpoint(path):
-    if not os.path.exists(path):
-        sys.exit(f"--resume: no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return out
 
 
 def fmt_time(s):
@@ -333,25 +284,16 @@ def fmt_time(s):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=list(MODELS), help="the mixer: <model>.py (required)")
-    p.add_argument("--task", choices=["text", "mqar"], help="text: next character of --data (default); "
-                   "mqar: multi-query associative recall on random tokens (Zoology)")
-    p.add_argument("--data", help="a UTF-8 text file (default: tiny Shakespeare, downloaded once)")
-    for flag, typ in (("max-iters", int), ("batch-size", int), ("block-size", int), ("n-layer", int),
-                      ("d-model", int), ("lr", float), ("dropout", float), ("warmup", int), ("seed", int),
-                      ("sample-len", int), ("eval-interval", int), ("eval-iters", int), ("log-interval", int),
-                      ("num-pairs", int), ("mqar-vocab", int)):
-        p.add_argument("--" + flag, type=typ)
-    p.add_argument("--mixer-args", metavar="K=V,...", help="keyword arguments of the mixer's class, e.g. d_state=32")
-    p.add_argument("--max-time", type=float, metavar="SECONDS", help="stop after this much training time (evals "
-                   "excluded); the LR schedule then follows the clock, so --resume is bit-for-bit only without it")
-    p.add_argument("--device", help="cuda, cpu, mps, ... (default: cuda if there is one)")
-    p.add_argument("--out-dir", help="checkpoints and log.jsonl go here (default: out/<model>)")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from <out-dir>/ckpt.pt")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--prompt", help="the sample starts from this text (default: a newline)")
-    p.add_argument("--report", metavar="DIR", help="train nothing: DIR/*/log.jsonl as a table, DIR/showdown.png")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=list(MODELS))
+    p.add_argument("--task", choices=["text", "mqar"])
+    p.add_argument("--resume", action="store_true", default=None)
+    p.add_argument("--compile", action="store_true", default=None)
+    ints = "max-iters batch-size block-size n-layer d-model warmup seed sample-len eval-interval eval-iters"
+    for flags, typ in ((ints + " log-interval num-pairs mqar-vocab", int), ("lr dropout max-time", float),
+                       ("data mixer-args device out-dir prompt report", str)):
+        for flag in flags.split():
+            p.add_argument("--" + flag, type=typ)
     args = p.parse_args(argv)  # every default is None: device defaults < checkpoint < flags passed
     if args.model is None and args.report is None:
         p.error("the following arguments are required: --model (or --report DIR)")
@@ -363,19 +305,20 @@ def get_config(args):
     passed = {k: v for k, v in vars(args).items() if v is not None}
     device = passed.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = passed.get("out_dir") or os.path.join("out", passed["model"])
-    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt")) if passed.get("resume") else None
-    restored = {k: v for k, v in ckpt["args"].items() if k not in NOT_RESUMED} if ckpt else {}
-    cuda, task = device.startswith("cuda"), {**COMMON, **restored, **passed}["task"]
-    cfg = argparse.Namespace(**{**COMMON, **(GPU if cuda else CPU), **(MQAR if task == "mqar" else {}), **restored,
-                                **passed, "device": device, "out_dir": out_dir})
-    if "d_model" not in {**restored, **passed}:
-        cfg.d_model = None  # matched to attention's parameter count once the vocabulary is known
-    shown = "n_layer d_model block_size batch_size lr dropout warmup max_iters eval_interval eval_iters".split()
-    shown += [k for k in ("max_time", "mixer_args") if getattr(cfg, k) not in (None, "")]
-    shown += ["task", "num_pairs", "mqar_vocab"] if cfg.task == "mqar" else []
-    print(f"{device}: {'' if cuda else 'small config '}" + " ".join(
-          f"{k.replace('_size', '')}={'matched' if getattr(cfg, k) is None else getattr(cfg, k)}" for k in shown)
-          + (f" (resumed from {out_dir}/ckpt.pt)" if ckpt else "") + " -- any flag overrides")
+    path = os.path.join(out_dir, "ckpt.pt")
+    if passed.get("resume") and not os.path.exists(path):
+        sys.exit(f"--resume: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False) if passed.get("resume") else None
+    restored = {k: v for k, v in ckpt["args"].items() if k not in ("device", "resume")} if ckpt else {}
+    given, cuda = {**restored, **passed}, device.startswith("cuda")
+    cfg = argparse.Namespace(**{**COMMON, **(GPU if cuda else CPU), **(MQAR if given.get("task") == "mqar" else {}),
+                                "d_model": None, **given, "device": device, "out_dir": out_dir})  # None: matched
+    shown = "n_layer d_model block_size batch_size lr dropout warmup max_iters eval_interval eval_iters max_time"
+    shown += " mixer_args" + (" task num_pairs mqar_vocab" if cfg.task == "mqar" else "")
+    shown = {k: getattr(cfg, k) for k in shown.split()} | {"d_model": cfg.d_model or "matched"}
+    shown = " ".join(f"{k.replace('_size', '')}={v}" for k, v in shown.items() if v not in (None, ""))
+    print(f"{device}: {'' if cuda else 'small config '}{shown}" + (f" (resumed from {path})" if ckpt else "")
+          + " -- any flag overrides")
     return cfg, ckpt
 
 
@@ -384,7 +327,7 @@ def try_compile(model, batch, autocast):
     try:
         compiled = torch.compile(model)
         with autocast, torch.random.fork_rng():  # dropout here must not shift training's RNG (bit-for-bit resume)
-            loss_of(compiled, *batch).backward()
+            loss_of(compiled, *batch)[0].backward()
         return compiled
     except Exception as e:
         print(f"--compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:100]}); running eager")
@@ -395,9 +338,9 @@ def try_compile(model, batch, autocast):
 
 def git_commit():
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except OSError:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
         return None
 
 
@@ -406,31 +349,30 @@ def main(argv=None):
     if args.report:
         return report(args.report)
     cfg, ckpt = get_config(args)
-    device, cuda = cfg.device, cfg.device.startswith("cuda")
-    base = (GPU if cuda else CPU)["d_model"]
+    device, cuda, seed, B, T = cfg.device, cfg.device.startswith("cuda"), cfg.seed, cfg.batch_size, cfg.block_size
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
     mixer_cls, mixer_args = load_mixer(cfg.model), parse_mixer_args(cfg.mixer_args)
     if cfg.task == "mqar":
-        P, T, V = cfg.num_pairs, cfg.block_size, cfg.mqar_vocab
+        P, V = cfg.num_pairs, cfg.mqar_vocab
         if not 1 <= P <= V // 2 or 4 * P > T:
-            sys.exit(f"--task mqar needs 1 <= --num-pairs <= --mqar-vocab / 2 (distinct keys and values) and "
-                     f"4 * num_pairs <= --block-size (the pairs, then each key again at an even offset of its own), "
+            sys.exit(f"--task mqar needs 1 <= --num-pairs <= --mqar-vocab / 2 and 4 * num_pairs <= --block-size, "
                      f"got num_pairs={P}, mqar_vocab={V}, block_size={T}")
         chars, vocab_size, data_line = None, V, f"{P} key-value pairs per {T} tokens"
-        train_batch = lambda i: get_mqar_batch(i, cfg.seed, T, cfg.batch_size, P, V, device)  # noqa: E731
-        val_batch = lambda k: get_mqar_batch(-1 - k, cfg.seed, T, cfg.batch_size, P, V, device)  # noqa: E731
+        train_batch = lambda i: get_mqar_batch(i, seed, T, B, P, V, device)  # noqa: E731
+        val_batch = lambda k: train_batch(-1 - k)  # noqa: E731  validation: i < 0
     else:
         text = get_data(cfg.data)
         chars = (ckpt or {}).get("vocab") or "".join(sorted(set(text)))
-        train_data, val_data = split(text, chars, cfg.block_size)
+        train_data, val_data = split(text, chars, T)
         vocab_size, data_line = len(chars), f"{len(train_data):,} train / {len(val_data):,} val characters"
-        train_batch = lambda i: get_batch(train_data, i, cfg.seed, cfg.block_size, cfg.batch_size, device)  # noqa: E731
-        val_batch = lambda k: get_batch(val_data, k, cfg.seed, cfg.block_size, cfg.batch_size, device)  # noqa: E731
+        train_batch = lambda i: get_batch(train_data, i, seed, T, B, device)  # noqa: E731
+        val_batch = lambda k: get_batch(val_data, k, seed, T, B, device)  # noqa: E731
     matched = ""
     if cfg.d_model is None:
+        base = (GPU if cuda else CPU)["d_model"]
         cfg.d_model, _, target = match_width(mixer_cls, vocab_size, cfg.n_layer, base, mixer_args)
         matched = f" (matched: the attention LM at d_model {base} has {target:,})"
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     try:
         model = build(mixer_cls, vocab_size, cfg.n_layer, cfg.d_model, mixer_args, cfg.dropout).to(device)
     except ValueError as e:
@@ -456,6 +398,13 @@ def main(argv=None):
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def save():  # to .tmp first: a Ctrl-C mid-write never leaves a broken checkpoint
+        torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, vocab=chars,
+                        args=vars(cfg), rng=torch.get_rng_state(), best_val=best_val, acc=acc, train_time=train_time,
+                        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
+                   ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)
+
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
@@ -471,14 +420,8 @@ def main(argv=None):
 
     main_thread = threading.current_thread() is threading.main_thread()  # signals only work there
     old_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
-
-    def save():
-        save_checkpoint(ckpt_path, model, optimizer, step, chars, cfg,
-                        best_val=best_val, acc=acc, train_time=train_time)
-
-    tokens_per_step = cfg.batch_size * cfg.block_size
     t_start = t_last = time.time()  # t_last: when the current stretch of training (between log lines) began
-    start_step, last_step, train_losses, out_of_time = step, step, [], False
+    start_step, last_step, train_losses = step, step, []
     try:
         while True:
             out_of_time = cfg.max_time is not None and train_time + time.time() - t_last >= cfg.max_time
@@ -488,25 +431,22 @@ def main(argv=None):
                     torch.cuda.synchronize()  # the steps still queued on the GPU are training time
                 now = time.time()
                 train_time += now - t_last
-                line, stats = f"step {step:5d}", model.stats()  # the last training step's stats
+                stats = model.stats()  # the last training step's, before evaluate() overwrites them
                 train_loss = torch.stack(train_losses).mean().item() if train_losses else None
-                tok_s = (step - last_step) * tokens_per_step / (now - t_last) if step > last_step else None
-                if train_loss is not None:
-                    line += f" | train {train_loss:.4f}"
+                tok_s = (step - last_step) * B * T / (now - t_last) if step > last_step else None
+                line = f"step {step:5d}" + (f" | train {train_loss:.4f}" if train_losses else "")
                 if is_eval:
                     val, acc = evaluate(fwd, val_batch, cfg.eval_iters, autocast)
                     best_val = min(best_val, val)
                     line += f" | val {val:.4f} | acc {acc:.3f}"
+                    save()
+                    log(type="eval", step=step, tokens=step * B * T, train_time=train_time,
+                        train_loss=train_loss, val_loss=val, acc=acc, tok_s=tok_s)
                 if tok_s is not None:
                     eta = (now - t_start) / (step - start_step) * (cfg.max_iters - step)
                     eta = eta if cfg.max_time is None else max(0.0, min(eta, cfg.max_time - train_time))
                     line += f" | {tok_s:,.0f} tok/s | {fmt_time(train_time)} trained, ETA {fmt_time(eta)}"
-                line += "".join(f" | {k} {v:.3g}" for k, v in stats.items())
-                print(line, flush=True)
-                if is_eval:
-                    save()
-                    log(type="eval", step=step, tokens=step * tokens_per_step, train_time=train_time,
-                        train_loss=train_loss, val_loss=val, acc=acc, tok_s=tok_s)
+                print(line + "".join(f" | {k} {v:.3g}" for k, v in stats.items()), flush=True)
                 t_last, last_step, train_losses = time.time(), step, []
             if step >= cfg.max_iters or out_of_time or interrupted:
                 break
@@ -515,7 +455,7 @@ def main(argv=None):
                 group["lr"] = get_lr(step, cfg.lr, cfg.warmup, cfg.max_iters, time_frac)
             x, y = train_batch(step)
             with autocast:
-                loss = loss_of(fwd, x, y)
+                loss, _ = loss_of(fwd, x, y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -530,19 +470,17 @@ def main(argv=None):
     if interrupted:
         train_time += time.time() - t_last
         save()
-        print(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
-        return
+        return print(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
     stop = "steps" if step >= cfg.max_iters else "time"
-    limit = f"--max-iters {cfg.max_iters}" if stop == "steps" else f"--max-time {cfg.max_time:g}s"
-    print(f"done: stopped on {stop} ({limit}) at step {step} after {fmt_time(train_time)} of training "
+    print(f"done: stopped on {stop} at step {step} after {fmt_time(train_time)} of training "
           f"(this run: {fmt_time(time.time() - t_start)} wall), best val {best_val:.4f}, saved {ckpt_path}")
     text_sample = None
     if cfg.task == "text" and cfg.sample_len > 0:
-        text_sample = sample(model, cfg.prompt, cfg.sample_len, chars, device, autocast, cfg.seed)
+        text_sample = sample(model, cfg.prompt, cfg.sample_len, chars, device, autocast, seed)
         print("-" * 40 + "\n" + text_sample)
     log(type="final", model=cfg.model, task=cfg.task, params=n_params, d_model=cfg.d_model, n_layer=cfg.n_layer,
-        mixer_args=mixer_args, steps=step, tokens=step * tokens_per_step, train_time=train_time,
-        tok_s=step * tokens_per_step / train_time if train_time else None, best_val=best_val, acc=acc, stop=stop,
+        mixer_args=mixer_args, steps=step, tokens=step * B * T, train_time=train_time,
+        tok_s=step * B * T / train_time if train_time else None, best_val=best_val, acc=acc, stop=stop,
         sample=text_sample, device=torch.cuda.get_device_name(device) if cuda else f"{device} ({os.cpu_count()} cores)",
         commit=git_commit())
 
@@ -553,11 +491,11 @@ def report(root):
     for path in sorted(glob.glob(os.path.join(root, "*", "log.jsonl"))):
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        finals = [r for r in rows if r.get("type") == "final"]
-        if not finals:
+        if finals := [r for r in rows if r.get("type") == "final"]:
+            evals = [r for r in rows if r.get("type") == "eval"]
+            runs.append((os.path.basename(os.path.dirname(path)), evals, finals[-1]))
+        else:
             print(f"{path}: no final line (running or interrupted), left out")
-            continue
-        runs.append((os.path.basename(os.path.dirname(path)), [r for r in rows if r.get("type") == "eval"], finals[-1]))
     if not runs:
         sys.exit(f"--report: no finished run in {root}/*/log.jsonl")
     print("| run | model | task | params | d_model | tok/s | best val loss | accuracy | stopped on | sample |\n"
@@ -566,21 +504,19 @@ def report(root):
         text = "<br>".join([ln for ln in (f.get("sample") or "").splitlines() if ln.strip()][:2]).replace("|", "\\|")
         print(f"| {name} | {f['model']} | {f['task']} | {f['params'] / 1e6:.2f}M | {f['d_model']} "
               f"| {f['tok_s'] or 0:,.0f} | {f['best_val']:.4f} | {f['acc'] or 0:.3f} | {f['stop']} | {text} |")
-    curves = [(name, evals) for name, evals, f in runs if f["task"] == "text"]
     try:
-        import matplotlib
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no display, no backend to pick
     except ImportError:
         return print("matplotlib is not installed: no showdown.png (pip install matplotlib)")
+    curves = [(name, evals) for name, evals, f in runs if f["task"] == "text"]
     if curves:
-        fig, ax = plt.subplots(figsize=(8, 5))
+        fig = Figure(figsize=(8, 5))
+        ax = fig.subplots()
         for name, evals in curves:
             ax.plot([r["train_time"] for r in evals], [r["val_loss"] for r in evals], label=name)
         ax.set(xlabel="training time (s), evaluation excluded", ylabel="val loss")
         ax.legend(), ax.grid(alpha=0.3)
         fig.savefig(os.path.join(root, "showdown.png"), dpi=120, bbox_inches="tight")
-        plt.close(fig)
         print(f"wrote {os.path.join(root, 'showdown.png')}")
 
 
