@@ -254,7 +254,8 @@ def bench_decode(dev, quick, low):
         row = [name]
         for ctx in contexts:
             cell = attempt(lambda: decode(m, name, ctx, d, n_steps, dev, low))
-            results.setdefault(name, []).append(cell[0] if isinstance(cell, tuple) else math.nan)
+            results.setdefault(name, []).append((cell[0], float(cell[1])) if isinstance(cell, tuple) and gpu
+                                                else (math.nan, math.nan))
             row.append(f"{cell[0]:,.0f} / {cell[1]}" if isinstance(cell, tuple) else cell)
         add_row(row)
         del m
@@ -283,21 +284,24 @@ def decode(m, name, ctx, d, n_steps, dev, low):
 
 # ------------------------------------------------------------------------------------------ main
 def plot(decoded, contexts):
-    """bench.png: decode tokens/s against context, one line per model."""
+    """bench.png: decode tokens/s and the memory step() adds, against context, one line per model."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return print("\n(matplotlib is not installed: no bench.png)")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, tps in decoded.items():
-        ax.plot(contexts, tps, "o-", label=name)
-    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="tokens/s", title="decoding with step()")
-    ax.legend(fontsize=7)
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, cells in decoded.items():
+        speed.plot(contexts, [c[0] for c in cells], "o-", label=name)
+        memory.plot(contexts, [max(c[1], 0.1) for c in cells], "o-", label=name)  # log axis: 0 MiB drawn at 0.1
+    speed.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="tokens/s", title="decoding with step()")
+    memory.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="peak MiB while stepping (state included)",
+               title="memory of a step: flat, but attention's KV cache")
+    speed.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig("bench.png", dpi=120)
-    print("\nwrote bench.png (decode tokens/s against context)")
+    print("\nwrote bench.png (decode tokens/s and memory against context)")
 
 
 def main(argv=None):

@@ -514,7 +514,9 @@ def report(root):
         ax = fig.subplots()
         for name, evals in curves:
             ax.plot([r["train_time"] for r in evals], [r["val_loss"] for r in evals], label=name)
-        ax.set(xlabel="training time (s), evaluation excluded", ylabel="val loss")
+        best = min(r["val_loss"] for _, evals in curves for r in evals)
+        ax.set(xlabel="training time (s), evaluation excluded", ylabel="val loss",
+               ylim=(best - 0.05, best + 0.6))  # the end of the race, not the first steps
         ax.legend(), ax.grid(alpha=0.3)
         fig.savefig(os.path.join(root, "showdown.png"), dpi=120, bbox_inches="tight")
         print(f"wrote {os.path.join(root, 'showdown.png')}")
