@@ -86,7 +86,7 @@ def ssd_chunked(x, dtA, dt, B, C, h, chunk_size):
     a = torch.exp(dtA.sum(2))[..., None, None]  # [B, N, H, 1, 1], broadcast by scan, never expanded
     h_after = scan(a.to(h.dtype), states.to(h.dtype), h)  # [B, N, H, P, N]
     h_before = torch.cat([h[:, None], h_after[:, :-1]], 1)
-    decay_in = torch.exp(dtA.cumsum(2))  # [B, N, L, H]
+    decay_in = Lm[..., 0].transpose(2, 3) * torch.exp(dtA[:, :, :1])  # [B, N, L, H]: exp(dtA_0 + .. + dtA_l)
     y_off = torch.einsum("bclgn,bcghpn,bclgh->bclghp", C, heads(h_before, G, 2).to(C.dtype),
                          heads(decay_in, G, 3))
     return (y_diag + y_off).flatten(1, 2)[:, :T].flatten(2, 3), h_after[:, -1]

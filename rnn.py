@@ -32,8 +32,8 @@ is one linear recurrence run backwards (scan(..., reverse=True)) with the soluti
     lam_t = dL/dh_t + J_{t+1} lam_{t+1},   dz_t = lam_t (1 - h_t^2),
     dL/d(W_x x_t + b) = dz_t,   dL/dw_h = sum_t dz_t h_{t-1},   dL/dh0 = w_h dz_0.
 
-Forms: recurrent (the loop, one token at a time) and parallel (Newton, the default). The
-parallel form sets self.stats = {"newton_iters": k}.
+Forms: recurrent (the loop, one token at a time) and parallel (Newton, the default: a custom op,
+since its loop stops on the data). The parallel form sets self.stats["newton_iters"], a tensor.
 """
 import torch
 import torch.nn as nn
@@ -72,21 +72,33 @@ def rnn_newton(u, w, h0, tol, cap=None):
     return h, k
 
 
-class _NewtonRNN(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, w, h0, tol, info):
-        h, info["newton_iters"] = rnn_newton(u, w, h0, tol)
-        ctx.save_for_backward(h, w, h0)
-        return h
+@torch.library.custom_op("zoo::rnn_parallel", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def rnn_parallel(u: torch.Tensor, w: torch.Tensor, h0: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """All states [B, T, H] by Newton, and the iteration count as a tensor (reading it waits for the GPU).
+    A custom op: its loop stops on the data, so torch.compile sees one opaque op of known output shape."""
+    h, k = rnn_newton(u, w, h0, tol)
+    return h, torch.full((), k, dtype=torch.int32, device=u.device)
 
-    @staticmethod
-    def backward(ctx, gh):
-        h, w, h0 = ctx.saved_tensors
-        slope = 1 - h * h  # tanh' at the solution
-        J = slope * w
-        lam = scan(torch.cat([J[:, 1:], torch.zeros_like(J[:, :1])], 1), gh.to(h.dtype), reverse=True)
-        dz = lam * slope
-        return dz, (dz * shift(h, h0)).sum((0, 1)), w * dz[:, 0], None, None
+
+@rnn_parallel.register_fake
+def _(u, w, h0, tol):
+    return u.new_empty(u.shape), u.new_empty((), dtype=torch.int32)
+
+
+def _rnn_parallel_backward(ctx, gh, _):
+    h, w, h0 = ctx.saved_tensors
+    slope = 1 - h * h  # tanh' at the solution
+    J = slope * w
+    lam = scan(torch.cat([J[:, 1:], torch.zeros_like(J[:, :1])], 1), gh.to(h.dtype), reverse=True)
+    dz = lam * slope
+    return dz, (dz * shift(h, h0)).sum((0, 1)), w * dz[:, 0], None
+
+
+def _rnn_parallel_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[0], inputs[1], inputs[2])
+
+
+rnn_parallel.register_autograd(_rnn_parallel_backward, setup_context=_rnn_parallel_setup)
 
 
 class RNN(nn.Module):
@@ -113,9 +125,7 @@ class RNN(nn.Module):
         if form == "recurrent":
             h = rnn_recurrent(u, w, h0)
         else:
-            info = {}
-            h = _NewtonRNN.apply(u, w, h0, tol, info)
-            self.stats = {"newton_iters": info["newton_iters"]}
+            h, self.stats["newton_iters"] = rnn_parallel(u, w, h0, tol)
         return self.out(h.to(x.dtype)), h[:, -1]
 
     def step(self, x, state=None):

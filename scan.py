@@ -6,18 +6,23 @@
 [B, T, H, 1] against a state [B, T, H, N] is read with stride 0, never expanded in memory),
 h0: [B, *] or None (zeros). It returns h with b's shape and dtype; h[:, -1] is the final state
 (h[:, 0] when reverse). Sums are accumulated in float32 (float64 stays float64).
+`block_scan(a, b, h0=None, reverse=False)` is the same recurrence with a 2 x 2 matrix per channel,
+h_t = a_t @ h_{t-1} + b_t: a [B, T, 2, 2, *], b [B, T, 2, *], h0 [B, 2, *] (the LSTM's Newton step).
 
 The scan is associative (Blelloch 1990): the pairs (a, b) compose as
-    (a1, b1) then (a2, b2) = (a1 * a2, a2 * b1 + b2),
+    (a1, b1) then (a2, b2) = (a2 a1, a2 b1 + b2),
 so T steps take log-depth work. Its gradient is the same recurrence run the other way
-(the adjoint of h_t = a_t h_{t-1} + b_t):
-    g_t = dL/dh_t + a_{t+1} g_{t+1},   dL/db_t = g_t,   dL/da_t = g_t h_{t-1},   dL/dh0 = a_0 g_0.
+(the adjoint of h_t = a_t h_{t-1} + b_t, with a^T for blocks):
+    g_t = dL/dh_t + a_{t+1}^T g_{t+1},   dL/db_t = g_t,   dL/da_t = g_t h_{t-1}^T,   dL/dh0 = a_0^T g_0.
 
-Two engines behind one autograd.Function: a Triton kernel on CUDA (or on the CPU under
-TRITON_INTERPRET=1), and PyTorch log-depth doubling for everything else (CPU, MPS, float64,
-machines without Triton).
+Forward and backward are custom ops (torch.library: zoo::scan, zoo::scan_backward) with fake
+implementations, so torch.compile and CUDA graphs see one opaque op with known output shapes, and
+the kernel always runs on the tensors it is given, with strides read at run time. Two engines
+behind them: a Triton kernel on CUDA (or on the CPU under TRITON_INTERPRET=1), and PyTorch
+log-depth doubling for everything else (CPU, MPS, float64, machines without Triton).
 """
 import os
+from typing import Optional
 
 import torch
 
@@ -32,60 +37,98 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 def scan(a, b, h0=None, reverse=False):
     """h_t = a_t * h_{t-1} + b_t along dim 1. a: broadcastable to b [B, T, *]; h0: [B, *] or None."""
-    _check(a, b, h0)
-    return _Scan.apply(a, b, h0, reverse)
+    _check(a, b, h0, b.shape[:1] + b.shape[2:])
+    if a.dim() > b.dim() or any(n not in (1, m) for n, m in zip(reversed(a.shape), reversed(b.shape))):
+        raise ValueError(f"scan: a {tuple(a.shape)} does not broadcast to b {tuple(b.shape)}")
+    return _scan(a.reshape((1,) * (b.dim() - a.dim()) + a.shape), b, h0, reverse, False)
 
 
-def _check(a, b, h0):
+def block_scan(a, b, h0=None, reverse=False):
+    """h_t = a_t @ h_{t-1} + b_t along dim 1, a 2 x 2 block per channel: a [B, T, 2, 2, *], b [B, T, 2, *]."""
+    _check(a, b, h0, b.shape[:1] + b.shape[2:])
+    if b.dim() < 3 or b.shape[2] != 2 or a.shape != b.shape[:2] + (2,) + b.shape[2:]:
+        raise ValueError(f"block_scan: needs b [B, T, 2, *] and a [B, T, 2, 2, *], got {tuple(b.shape)}, {tuple(a.shape)}")
+    return _scan(a, b, h0, reverse, True)
+
+
+def _check(a, b, h0, h0_shape):
     for name, x in (("a", a), ("b", b), ("h0", h0)):
         if x is not None and not (torch.is_tensor(x) and x.is_floating_point()):
             raise ValueError(f"scan: {name} must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if b.dim() < 2:
         raise ValueError(f"scan: b must be [B, T, *], got shape {tuple(b.shape)}")
     if b.shape[1] == 0:
-        raise ValueError("scan: T = 0, nothing to scan (b has shape %s)" % (tuple(b.shape),))
-    if a.dim() > b.dim() or any(n not in (1, m) for n, m in zip(reversed(a.shape), reversed(b.shape))):
-        raise ValueError(f"scan: a {tuple(a.shape)} does not broadcast to b {tuple(b.shape)}")
-    if h0 is not None and h0.shape != b.shape[:1] + b.shape[2:]:
-        raise ValueError(f"scan: h0 must be [B, *] = {tuple(b.shape[:1] + b.shape[2:])}, got {tuple(h0.shape)}")
-    devices = {x.device for x in (a, b, h0) if x is not None}
-    if len(devices) > 1:
-        raise ValueError(f"scan: a, b and h0 must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"scan: T = 0, nothing to scan (b has shape {tuple(b.shape)})")
+    if h0 is not None and h0.shape != h0_shape:
+        raise ValueError(f"scan: h0 must be [B, *] = {tuple(h0_shape)}, got {tuple(h0.shape)}")
+    if len({x.device for x in (a, b, h0) if x is not None}) > 1:
+        raise ValueError(f"scan: a, b and h0 must be on one device, got {[str(x.device) for x in (a, b, h0) if x is not None]}")
 
 
-class _Scan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, h0, reverse):
-        a_full = a.reshape((1,) * (b.dim() - a.dim()) + a.shape)  # same rank as b, still broadcast
-        if _use_triton(b):
-            h = _triton_scan(a_full, b, h0, reverse)
-        else:
-            h = _torch_scan(a_full, b, h0, reverse).to(b.dtype)
-        ctx.save_for_backward(a_full, h, h0)
-        ctx.reverse, ctx.a_shape = reverse, a.shape
-        return h
+# ---------------------------------------------------------------------------------------------
+# The custom ops. a has b's rank (broadcast dims of size 1) for the diagonal scan, b's shape with
+# the block's 2 inserted for block=True. The outputs are new contiguous tensors.
 
-    @staticmethod
-    def backward(ctx, dh):
-        a, h, h0 = ctx.saved_tensors
-        reverse = ctx.reverse
-        if _use_triton(h):
-            g, da = _triton_scan(a, dh, None, not reverse, shift_a=True, h_for_da=h, h0_for_da=h0)
-        else:
-            g = _torch_scan(_shift(a, h.shape[1], later=not reverse, fill=0.0), dh, None, not reverse)
-            h_prev = _shift(h, h.shape[1], later=reverse, fill=h0)
-            da = g * h_prev
-        da = da.sum_to_size(a.shape).reshape(ctx.a_shape).to(a.dtype)
-        dh0 = None
-        if h0 is not None:
-            first = -1 if reverse else 0  # the step that read h0
-            dh0 = (a[:, first] * g[:, first]).to(h0.dtype)
-        return da, g.to(dh.dtype), dh0, None
+@torch.library.custom_op("zoo::scan", mutates_args=())
+def _scan(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor], reverse: bool, block: bool) -> torch.Tensor:
+    if _use_triton(b):
+        return _triton_scan(a, b, h0, reverse, block)
+    return _torch_scan(a, b, h0, reverse, block).to(b.dtype)
 
 
-def _shift(x, T, later, fill):
-    """x_{t+1} (later=True) or x_{t-1} along time, the missing end taken from fill (a number or [B, *])."""
+@_scan.register_fake
+def _(a, b, h0, reverse, block):
+    return b.new_empty(b.shape)
+
+
+def _da_dtype(a, b):
+    return a.dtype if a.numel() >= b.numel() else torch.promote_types(a.dtype, torch.float32)  # summed over broadcast
+
+
+@torch.library.custom_op("zoo::scan_backward", mutates_args=())
+def _scan_backward(a: torch.Tensor, h: torch.Tensor, h0: Optional[torch.Tensor], dh: torch.Tensor, reverse: bool,
+                   block: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g = dL/db, dL/da unreduced: b's shape, [B, T, 2, 2, *] for blocks)."""
+    if _use_triton(h):
+        return _triton_scan(a, dh, None, not reverse, block, h_for_da=h, h0_for_da=h0)
+    g = _torch_scan(_shift(a, h.shape[1], later=not reverse, fill=0.0, block=block), dh, None, not reverse, block)
+    h_prev = _shift(h, h.shape[1], later=reverse, fill=h0)
+    da = g[:, :, :, None] * h_prev[:, :, None, :] if block else g * h_prev
+    return g.to(dh.dtype), da.to(_da_dtype(a, h))
+
+
+@_scan_backward.register_fake
+def _(a, h, h0, dh, reverse, block):
+    return dh.new_empty(dh.shape), h.new_empty(a.shape if block else h.shape, dtype=_da_dtype(a, h))
+
+
+def _setup(ctx, inputs, output):
+    a, _, h0, ctx.reverse, ctx.block = inputs
+    ctx.save_for_backward(a, output, h0)
+
+
+def _backward(ctx, dh):
+    a, h, h0 = ctx.saved_tensors
+    g, da = _scan_backward(a, h, h0, dh, ctx.reverse, ctx.block)
+    dh0 = None
+    if h0 is not None:
+        a0, g0 = a[:, -1 if ctx.reverse else 0], g[:, -1 if ctx.reverse else 0]  # the step that read h0
+        dh0 = ((a0 * g0[:, :, None]).sum(1) if ctx.block else a0 * g0).to(h0.dtype)  # a_0^T g_0
+    return da.sum_to_size(a.shape).to(a.dtype), g, dh0, None, None
+
+
+_scan.register_autograd(_backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch engine
+
+def _shift(x, T, later, fill, block=False):
+    """x_{t+1} (later=True) or x_{t-1} along time, the missing end from fill (a number or [B, *]);
+    block: a's 2 x 2 blocks transposed (the adjoint reads a_{t+1}^T)."""
     x = x.expand(x.shape[0], T, *x.shape[2:])
+    if block:
+        x = x.transpose(2, 3)
     if isinstance(fill, (int, float)) or fill is None:
         edge = torch.full_like(x[:, :1], fill or 0.0)
     else:
@@ -93,20 +136,24 @@ def _shift(x, T, later, fill):
     return torch.cat([x[:, 1:], edge], 1) if later else torch.cat([edge, x[:, :-1]], 1)
 
 
-def _torch_scan(a, b, h0, reverse):
+def _torch_scan(a, b, h0, reverse, block=False):
     """Hillis-Steele doubling: ceil(log2 T) vectorised passes, no loop over time steps."""
     acc = torch.float64 if b.dtype == torch.float64 else torch.float32
     if reverse:
         a, b = a.flip(1), b.flip(1)
     T = b.shape[1]
     A = a.to(acc).expand(a.shape[0], T, *a.shape[2:]).clone()  # broadcast dims stay broadcast
-    h = b.to(acc).clone()
+    h = b.to(acc).clone(memory_format=torch.contiguous_format)  # the fake op promises contiguous
     if h0 is not None:
-        h[:, 0] += A[:, 0] * h0.to(acc)
+        h[:, 0] += (A[:, 0] * h0.to(acc)[:, None]).sum(2) if block else A[:, 0] * h0.to(acc)
     d = 1
-    while d < T:
-        h[:, d:] = A[:, d:] * h[:, :-d] + h[:, d:]
-        A[:, d:] = A[:, d:] * A[:, :-d]
+    while d < T:  # later (A2, h2) after earlier (A1, h1): (A2 A1, A2 h1 + h2)
+        if block:
+            h[:, d:] = (A[:, d:] * h[:, :-d, None]).sum(3) + h[:, d:]
+            A[:, d:] = (A[:, d:, :, :, None] * A[:, :-d, None]).sum(3)
+        else:
+            h[:, d:] = A[:, d:] * h[:, :-d] + h[:, d:]
+            A[:, d:] = A[:, d:] * A[:, :-d]
         d *= 2
     return h.flip(1) if reverse else h
 
@@ -116,48 +163,59 @@ def _use_triton(x):
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton engine: one pass, one launch. b is viewed as [B, T, C] and cut into tiles of BLOCK_T time
-# steps by BLOCK_C channels. A tile is scanned in registers, then needs the state its predecessor
-# ended in. Two ways to get it (the kernel's LOOP switch):
+# Triton engine: one pass, one launch. b is viewed as [B, T, C] ([B, T, 2, C] for blocks) and cut
+# into tiles of BLOCK_T time steps by BLOCK_C channels. A tile is scanned in registers, then needs
+# the state its predecessor ended in. Two ways to get it (the kernel's LOOP switch):
 # - loop: with many channel groups (B * C / BLOCK_C at least LOOP_GROUPS_PER_SM per multiprocessor),
 #   one program per group walks its tiles in order, the carry in registers.
 # - look-back: otherwise (a long sequence with few channels), one program per tile, so it still
 #   fills the GPU, chained by the decoupled look-back of Merrill & Garland (2016, "Single-pass
 #   parallel prefix scan with decoupled look-back"). Each tile publishes its own (prod a, local h)
 #   as soon as it has them and its inclusive h once it knows its carry; a tile walks back over
-#   predecessors' local pairs until it meets an inclusive one. A tile's values are written before
-#   its flag (a barrier, then a release store of the flag by one thread); a reader acquires the
-#   flag first, so the decisions are uniform over the program and the values it then reads are
-#   complete. Tiles take a ticket from an atomic counter, so every tile they wait on has started.
-# Either way every element of a, b and h crosses memory once.
+#   predecessors' local pairs until it meets an inclusive one (_look_back). A tile's values are
+#   written before its flag (a barrier, then a release store of the flag by one thread); a reader
+#   acquires the flag first, so the decisions are uniform over the program and the values it then
+#   reads are complete. Tiles take a ticket from an atomic counter, so every tile they wait on has
+#   started.
+# Either way every element of a, b and h crosses memory once. The 2 x 2 blocks (BLOCK2) carry four
+# transition and two state components where the diagonal scan carries one of each.
 
-def _triton_scan(a, b, h0, reverse, shift_a=False, h_for_da=None, h0_for_da=None):
-    """a: b's rank, broadcast. shift_a: read a one step later in scan order (the adjoint's
-    a_{t+1}). h_for_da: also return da_t = h_t * h_for_da_{t-1}, h0_for_da at the edge (float32)."""
+def _triton_scan(a, b, h0, reverse, block, h_for_da=None, h0_for_da=None):
+    """The forward, or with h_for_da the adjoint: a read one step later in scan order (transposed for
+    blocks), and da_t = g_t h_{t-1}^T from h_for_da (h0_for_da at the edge) returned beside g."""
     B, T = b.shape[:2]
-    C = b[0, 0].numel()
-    b3 = b.contiguous().view(B, T, C)
-    a, a_strides = _channel_strides(a, b.shape)
-    block_t, block_c, warps = _plan(C, b.element_size())
+    da_dtype = _da_dtype(a, b)
+    S = 2 if block else 1  # state components per channel
+    C = b[0, 0].numel() // S
+    b3 = b.contiguous()
+    if block:
+        a = a.contiguous()
+        a_strides = (a.stride(0), a.stride(1), C, 0, 1)
+    else:
+        a, a_strides = _channel_strides(a, b.shape)
+    block_t, block_c, warps = _plan(C, b.element_size(), block)
     n_cblocks, n_tiles = -(-C // block_c), -(-T // block_t)
     # measured: the forward of many channel groups runs faster as loops, the backward (three loads
     # per element) faster with every tile its own program
     loop = h_for_da is None and B * n_cblocks >= _loop_groups(b.device)
-    tiles = 0 if loop else B * n_cblocks * n_tiles  # the look-back's bookkeeping; loop mode needs none
-    flags = torch.zeros(tiles + 1, device=b.device, dtype=torch.int32)  # per tile 0/1/2; last: the ticket
-    carries = torch.empty(tiles, 3, block_c, device=b.device, dtype=torch.float32)  # prod a, local h, inclusive h
     h = torch.empty_like(b3)
-    da_dtype = a.dtype if a.stride() == b3.view(b.shape).stride() else torch.float32  # float32 to sum over broadcast
-    da = torch.empty(B, T, C, device=b.device, dtype=da_dtype) if h_for_da is not None else h
-    hs = b3 if h_for_da is None else h_for_da.contiguous().view(B, T, C)
+    da = h if h_for_da is None else torch.empty(B, T, S * S * C, device=b.device, dtype=da_dtype)
+    hs = b3 if h_for_da is None else h_for_da.contiguous()
     h0 = h0_for_da if h_for_da is not None else h0  # the backward's h0 only enters da
-    grid = (B * n_cblocks if loop else tiles,)
-    _scan_kernel[grid](a, b3, h, hs, b3 if h0 is None else h0.contiguous().view(B, C), da, flags, carries,
-                       T, C, n_cblocks, n_tiles, *a_strides, REVERSE=reverse, SHIFT_A=shift_a,
-                       WRITE_DA=h_for_da is not None, HAS_H0=h0 is not None, LOOP=loop,
+    if loop:  # no bookkeeping: any tensor stands in for the flags and carries
+        flags = carries = h
+    else:  # per tile: carries (prod a, local h, inclusive h), then flags 0/1/2, and the ticket
+        tiles = B * n_cblocks * n_tiles
+        n_carry = tiles * (S * S + 2 * S) * block_c
+        work = torch.zeros(n_carry + tiles + 1, device=b.device, dtype=torch.int32)
+        carries, flags = work[:n_carry].view(torch.float32), work[n_carry:]
+    grid = (B * n_cblocks if loop else B * n_cblocks * n_tiles,)
+    _scan_kernel[grid](a, b3, h, hs, b3 if h0 is None else h0.contiguous(), da, flags, carries,
+                       T, C, n_cblocks, n_tiles, *a_strides, REVERSE=reverse, SHIFT_A=h_for_da is not None,
+                       WRITE_DA=h_for_da is not None, HAS_H0=h0 is not None, LOOP=loop, BLOCK2=block,
                        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
     h = h.view(b.shape)
-    return h if h_for_da is None else (h, da.view(b.shape))
+    return h if h_for_da is None else (h, da.view(a.shape if block else b.shape))
 
 
 def _channel_strides(a, shape):
@@ -178,13 +236,14 @@ def _channel_strides(a, shape):
     return view, (view.stride(0), view.stride(1), c_in, s_outer, s_inner)
 
 
-def _plan(C, itemsize):
+def _plan(C, itemsize, block):
     """Tile rows, channels and warps, measured on an H100: 64 channels (rows of 256 bytes in
-    float32, 128 in bf16), 64 x 64 tiles on 4 warps in float32, 32 x 64 on 2 in 16 bits."""
+    float32, 128 in bf16), 64 x 64 tiles on 4 warps in float32, 32 x 64 on 2 in 16 bits; blocks,
+    with three times the registers per element, 32 x 64 on 4."""
     if _INTERPRET:  # the interpreter pays per tile element
         return 16, min(8, _next_power_of_2(C)), 1
     wide = itemsize >= 4
-    return (64 if wide else 32), min(64, _next_power_of_2(C)), (4 if wide else 2)
+    return (32 if block or not wide else 64), min(64, _next_power_of_2(C)), (4 if wide or block else 2)
 
 
 def _next_power_of_2(n):
@@ -213,97 +272,154 @@ if triton is not None:
         return a1 * a2, a2 * b1 + b2
 
     @triton.jit
-    def _tile_scan(A, Bx, pid_b, cols, col_ok, tile, T, C, sa_b, sa_t, a_cols,
-                   REVERSE: tl.constexpr, SHIFT_A: tl.constexpr, BLOCK_T: tl.constexpr):
-        """One tile in registers: its cumulative (prod a, h from 0), its end pair, offsets, mask."""
-        step: tl.constexpr = -1 if REVERSE else 1
-        edge: tl.constexpr = 0 if REVERSE else BLOCK_T - 1  # the row that holds the tile's last state
-        rows = tl.arange(0, BLOCK_T)
-        t = tile * BLOCK_T + rows
-        mask = (t < T)[:, None] & col_ok[None, :]
-        t_a = t - step * SHIFT_A
-        a_ok = mask & ((t_a >= 0) & (t_a < T))[:, None]
-        a = tl.load(A + pid_b * sa_b + t_a[:, None] * sa_t + a_cols[None, :], mask=a_ok, other=0.0)
-        a = tl.where(mask, a.to(tl.float32), 1.0)  # padding is the identity (a=1, b=0)
-        offs = (pid_b * T + t[:, None]) * C + cols[None, :]
-        b = tl.load(Bx + offs, mask=mask, other=0.0).to(tl.float32)
-        a_cum, b_cum = tl.associative_scan((a, b), 0, _combine, reverse=REVERSE)
-        tile_a = tl.sum(tl.where(rows[:, None] == edge, a_cum, 0.0), 0)
-        tile_h = tl.sum(tl.where(rows[:, None] == edge, b_cum, 0.0), 0)
-        return a_cum, b_cum, tile_a, tile_h, t, offs, mask
+    def _combine2(p1, q1, r1, s1, x1, y1, p2, q2, r2, s2, x2, y2):
+        """(A1, b1) then (A2, b2) = (A2 A1, A2 b1 + b2) for A = [[p, q], [r, s]], b = [x, y]."""
+        return (p2 * p1 + q2 * r1, p2 * q1 + q2 * s1, r2 * p1 + s2 * r1, r2 * q1 + s2 * s1,
+                p2 * x1 + q2 * y1 + x2, r2 * x1 + s2 * y1 + y2)
 
     @triton.jit
-    def _tile_store(H, HS, H0, DA, h, pid_b, cols, col_ok, t, offs, mask, T, C,
-                    REVERSE: tl.constexpr, WRITE_DA: tl.constexpr, HAS_H0: tl.constexpr):
-        tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
-        if WRITE_DA:  # da_t = g_t * h_{t-1}, h_{t-1} read one step earlier in the forward order
-            t_p = t + (-1 if REVERSE else 1)
-            p_ok = (t_p >= 0) & (t_p < T)
-            h_prev = tl.load(HS + (pid_b * T + t_p[:, None]) * C + cols[None, :],
-                             mask=mask & p_ok[:, None], other=0.0).to(tl.float32)
-            if HAS_H0:
-                h0 = tl.load(H0 + pid_b * C + cols, mask=col_ok, other=0.0).to(tl.float32)
-                h_prev = tl.where(p_ok[:, None], h_prev, h0[None, :])
-            tl.store(DA + offs, (h * h_prev).to(DA.dtype.element_ty), mask=mask)
+    def _last(x, rows, edge):
+        """The row of a [BLOCK_T, BLOCK_C] tile that holds the tile's last state in scan order."""
+        return tl.sum(tl.where(rows[:, None] == edge, x, 0.0), 0)
+
+    @triton.jit
+    def _look_back(CARRIES, FLAGS, first, j, lanes, BLOCK2: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The state entering tile j + 1 of a group whose tile 0 has index first: walk back from
+        tile j over published local pairs (flag 1), composing them, to the first inclusive state
+        (flag 2), waiting where a predecessor has published nothing yet (flag 0)."""
+        n_carry: tl.constexpr = 8 if BLOCK2 else 3  # (p, q, r, s, x, y, inclusive x, y) or (a, h, inclusive h)
+        one = tl.full([BLOCK_C], 1.0, tl.float32)
+        zero = tl.zeros([BLOCK_C], dtype=tl.float32)
+        # the tiles after j (up to the reader) composed: h -> [[p, q], [r, s]] h + [x, y] (blocks), a h + x
+        p, q, r, s, x, y = one, zero, zero, one, zero, zero
+        cx, cy = zero, zero
+        while j >= 0:
+            prev = CARRIES + (first + j) * n_carry * BLOCK_C + lanes
+            status = tl.atomic_add(FLAGS + first + j, 0, sem="acquire")
+            if status == 2:  # its inclusive state: done
+                ix = tl.load(prev + (n_carry - 2 if BLOCK2 else 2) * BLOCK_C, volatile=True)
+                if BLOCK2:
+                    iy = tl.load(prev + 7 * BLOCK_C, volatile=True)
+                    cx, cy = p * ix + q * iy + x, r * ix + s * iy + y
+                else:
+                    cx = p * ix + x
+                j = -1
+            elif status == 1:  # its local pair: compose, go on
+                if BLOCK2:
+                    p2, q2, r2, s2, x2, y2 = _combine2(
+                        tl.load(prev, volatile=True), tl.load(prev + BLOCK_C, volatile=True),
+                        tl.load(prev + 2 * BLOCK_C, volatile=True), tl.load(prev + 3 * BLOCK_C, volatile=True),
+                        tl.load(prev + 4 * BLOCK_C, volatile=True), tl.load(prev + 5 * BLOCK_C, volatile=True),
+                        p, q, r, s, x, y)
+                    p, q, r, s, x, y = p2, q2, r2, s2, x2, y2
+                else:
+                    x = p * tl.load(prev + BLOCK_C, volatile=True) + x
+                    p = p * tl.load(prev, volatile=True)
+                j -= 1
+        return cx, cy
 
     @triton.jit
     def _scan_kernel(A, Bx, H, HS, H0, DA, FLAGS, CARRIES, T, C, n_cblocks, n_tiles, sa_b, sa_t, C_in, sa_o, sa_i,
                      REVERSE: tl.constexpr, SHIFT_A: tl.constexpr, WRITE_DA: tl.constexpr, HAS_H0: tl.constexpr,
-                     LOOP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                     LOOP: tl.constexpr, BLOCK2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        S: tl.constexpr = 2 if BLOCK2 else 1  # state components per channel, C apart in memory
+        n_carry: tl.constexpr = 8 if BLOCK2 else 3
+        step: tl.constexpr = -1 if REVERSE else 1
+        edge: tl.constexpr = 0 if REVERSE else BLOCK_T - 1
         lanes = tl.arange(0, BLOCK_C)
+        rows = tl.arange(0, BLOCK_T)
         if LOOP:  # enough channel groups to fill the GPU: one program walks its group's tiles in order
             group = tl.program_id(0).to(tl.int64)
+            n_orders = n_tiles
         else:
             ticket = tl.atomic_add(FLAGS + tl.num_programs(0), 1)  # dispatch order, not launch order
             n_groups = tl.num_programs(0) // n_tiles
             order = ticket // n_groups  # position of the tile in scan order; all groups' tiles at
             group = (ticket % n_groups).to(tl.int64)  # one position first, so predecessors are done
+            n_orders = 1
         pid_b, pid_c = group // n_cblocks, group % n_cblocks
         cols = pid_c * BLOCK_C + lanes
         col_ok = cols < C
         a_cols = (cols // C_in) * sa_o + (cols % C_in) * sa_i
-        carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+        cx = tl.zeros([BLOCK_C], dtype=tl.float32)  # the carry: the state entering the tile
+        cy = tl.zeros([BLOCK_C], dtype=tl.float32)
         if HAS_H0 and not WRITE_DA:  # the backward's h0 only enters da
-            h0 = tl.load(H0 + pid_b * C + cols, mask=col_ok, other=0.0).to(tl.float32)
-        if LOOP:
-            if HAS_H0 and not WRITE_DA:
-                carry = h0
-            for order in range(n_tiles):
-                tile = n_tiles - 1 - order if REVERSE else order
-                a_cum, b_cum, tile_a, tile_h, t, offs, mask = _tile_scan(
-                    A, Bx, pid_b, cols, col_ok, tile, T, C, sa_b, sa_t, a_cols, REVERSE, SHIFT_A, BLOCK_T)
-                _tile_store(H, HS, H0, DA, a_cum * carry[None, :] + b_cum, pid_b, cols, col_ok, t, offs, mask,
-                            T, C, REVERSE, WRITE_DA, HAS_H0)
-                carry = tile_a * carry + tile_h
-        else:
+            cx = tl.load(H0 + pid_b * S * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if BLOCK2:
+                cy = tl.load(H0 + pid_b * S * C + C + cols, mask=col_ok, other=0.0).to(tl.float32)
+        for i in range(n_orders):
+            if LOOP:
+                order = i
             tile = n_tiles - 1 - order if REVERSE else order
-            a_cum, b_cum, tile_a, tile_h, t, offs, mask = _tile_scan(
-                A, Bx, pid_b, cols, col_ok, tile, T, C, sa_b, sa_t, a_cols, REVERSE, SHIFT_A, BLOCK_T)
-            # the carry: h0 for the first tile, else look back over the predecessors in scan order
-            me = group * n_tiles + order
-            if order == 0:
-                if HAS_H0 and not WRITE_DA:
-                    carry = h0
+            # ---- load the tile: transitions of the adjoint read one step later, blocks transposed
+            t = tile * BLOCK_T + rows
+            mask = (t < T)[:, None] & col_ok[None, :]
+            t_a = t - step * SHIFT_A
+            a_ok = mask & ((t_a >= 0) & (t_a < T))[:, None]
+            a_offs = pid_b * sa_b + t_a[:, None] * sa_t + a_cols[None, :]
+            offs = (pid_b * T + t[:, None]) * S * C + cols[None, :]
+            # padding and the adjoint's missing a_T are the identity (a = 1, b = 0)
+            ap = tl.where(a_ok, tl.load(A + a_offs, mask=a_ok, other=0.0).to(tl.float32), 1.0)
+            bx = tl.load(Bx + offs, mask=mask, other=0.0).to(tl.float32)
+            if BLOCK2:
+                aq = tl.load(A + a_offs + (2 if SHIFT_A else 1) * C, mask=a_ok, other=0.0).to(tl.float32)
+                ar = tl.load(A + a_offs + (1 if SHIFT_A else 2) * C, mask=a_ok, other=0.0).to(tl.float32)
+                as_ = tl.where(a_ok, tl.load(A + a_offs + 3 * C, mask=a_ok, other=0.0).to(tl.float32), 1.0)
+                by = tl.load(Bx + offs + C, mask=mask, other=0.0).to(tl.float32)
+                p, q, r, s, x, y = tl.associative_scan((ap, aq, ar, as_, bx, by), 0, _combine2, reverse=REVERSE)
             else:
-                tl.store(CARRIES + me * 3 * BLOCK_C + lanes, tile_a)
-                tl.store(CARRIES + me * 3 * BLOCK_C + BLOCK_C + lanes, tile_h)
+                p, x = tl.associative_scan((ap, bx), 0, _combine, reverse=REVERSE)
+            # ---- the carry: h0 or the loop's for the first tile, else look back over the predecessors
+            if not LOOP:
+                me = group * n_tiles + order
+                if order > 0:
+                    mine = CARRIES + me * n_carry * BLOCK_C + lanes
+                    tl.store(mine, _last(p, rows, edge))
+                    if BLOCK2:
+                        tl.store(mine + BLOCK_C, _last(q, rows, edge))
+                        tl.store(mine + 2 * BLOCK_C, _last(r, rows, edge))
+                        tl.store(mine + 3 * BLOCK_C, _last(s, rows, edge))
+                        tl.store(mine + 4 * BLOCK_C, _last(x, rows, edge))
+                        tl.store(mine + 5 * BLOCK_C, _last(y, rows, edge))
+                    else:
+                        tl.store(mine + BLOCK_C, _last(x, rows, edge))
+                    tl.debug_barrier()
+                    tl.atomic_xchg(FLAGS + me, 1, sem="release")
+                    cx, cy = _look_back(CARRIES, FLAGS, group * n_tiles, order - 1, lanes, BLOCK2, BLOCK_C)
+            # ---- the states: the tile's own prefix applied to the carry
+            if BLOCK2:
+                hx = p * cx[None, :] + q * cy[None, :] + x
+                hy = r * cx[None, :] + s * cy[None, :] + y
+                cx, cy = _last(hx, rows, edge), _last(hy, rows, edge)
+            else:
+                hx = p * cx[None, :] + x
+                cx = _last(hx, rows, edge)
+            if not LOOP:
+                tl.store(CARRIES + me * n_carry * BLOCK_C + (n_carry - S) * BLOCK_C + lanes, cx)
+                if BLOCK2:
+                    tl.store(CARRIES + me * n_carry * BLOCK_C + 7 * BLOCK_C + lanes, cy)
                 tl.debug_barrier()
-                tl.atomic_xchg(FLAGS + me, 1, sem="release")
-                acc_a = tl.full([BLOCK_C], 1.0, tl.float32)  # the tiles between j and me, composed
-                acc_h = tl.zeros([BLOCK_C], dtype=tl.float32)
-                j = order - 1
-                while j >= 0:
-                    prev = CARRIES + (group * n_tiles + j) * 3 * BLOCK_C + lanes
-                    status = tl.atomic_add(FLAGS + group * n_tiles + j, 0, sem="acquire")
-                    if status == 2:  # its inclusive state: done
-                        carry = acc_a * tl.load(prev + 2 * BLOCK_C, volatile=True) + acc_h
-                        j = -1
-                    elif status == 1:  # its local pair: compose, go on
-                        acc_h = acc_a * tl.load(prev + BLOCK_C, volatile=True) + acc_h
-                        acc_a = acc_a * tl.load(prev, volatile=True)
-                        j -= 1
-            tl.store(CARRIES + me * 3 * BLOCK_C + 2 * BLOCK_C + lanes, tile_a * carry + tile_h)
-            tl.debug_barrier()
-            tl.atomic_xchg(FLAGS + me, 2, sem="release")
-            _tile_store(H, HS, H0, DA, a_cum * carry[None, :] + b_cum, pid_b, cols, col_ok, t, offs, mask,
-                        T, C, REVERSE, WRITE_DA, HAS_H0)
+                tl.atomic_xchg(FLAGS + me, 2, sem="release")
+            tl.store(H + offs, hx.to(H.dtype.element_ty), mask=mask)
+            if BLOCK2:
+                tl.store(H + offs + C, hy.to(H.dtype.element_ty), mask=mask)
+            if WRITE_DA:  # da_t = g_t h_{t-1}^T, h_{t-1} read one step earlier in the forward order
+                t_p = t + step
+                p_ok = (t_p >= 0) & (t_p < T)
+                prev = (pid_b * T + t_p[:, None]) * S * C + cols[None, :]
+                hp = tl.load(HS + prev, mask=mask & p_ok[:, None], other=0.0).to(tl.float32)
+                if HAS_H0:
+                    hp = tl.where(p_ok[:, None], hp, tl.load(H0 + pid_b * S * C + cols, mask=col_ok, other=0.0)
+                                  .to(tl.float32)[None, :])
+                if BLOCK2:
+                    hq = tl.load(HS + prev + C, mask=mask & p_ok[:, None], other=0.0).to(tl.float32)
+                    if HAS_H0:
+                        hq = tl.where(p_ok[:, None], hq, tl.load(H0 + pid_b * S * C + C + cols, mask=col_ok,
+                                                                 other=0.0).to(tl.float32)[None, :])
+                    da = (pid_b * T + t[:, None]) * 4 * C + cols[None, :]
+                    tl.store(DA + da, (hx * hp).to(DA.dtype.element_ty), mask=mask)
+                    tl.store(DA + da + C, (hx * hq).to(DA.dtype.element_ty), mask=mask)
+                    tl.store(DA + da + 2 * C, (hy * hp).to(DA.dtype.element_ty), mask=mask)
+                    tl.store(DA + da + 3 * C, (hy * hq).to(DA.dtype.element_ty), mask=mask)
+                else:
+                    tl.store(DA + offs, (hx * hp).to(DA.dtype.element_ty), mask=mask)

@@ -209,6 +209,68 @@ def test_long_sequence_is_finite_cuda_bf16(name):
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
 
 
+# ----------------------------------------------------------------------------- torch.compile: every default form, whole-graph, against eager
+
+def check_compiled(name, device, dtype, backend, tol, T=45, B=2):
+    """torch.compile(fullgraph=True) of the default (training) form against eager, from a state a
+    prefix left behind: output, final state and the gradients w.r.t. the input, the initial state
+    and every parameter. bf16 (autocast, as train.py runs): compiled must be no further from the
+    float32 result than eager is, plus tol."""
+    param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    model = make(name, param_dtype, device)
+    g = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(B, T, D_MODEL, device=device, dtype=param_dtype, generator=g, requires_grad=True)
+    with torch.no_grad():
+        _, s0 = model(torch.randn(B, 5, D_MODEL, device=device, dtype=param_dtype, generator=g))
+    s0 = map_state(lambda t: t.clone().requires_grad_(t.is_floating_point()), s0)
+
+    def outputs(fn, low):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=low):
+            y, state = fn(x, s0)
+        floats = [t for t in tensors(state) if t.is_floating_point()]
+        loss = (y.float() * gy).sum() + sum((t.float() * w).sum() for t, w in zip(floats, gs))
+        leaves = [x] + [t for t in tensors(s0) if t.requires_grad] + list(model.parameters())
+        return [y] + floats + list(torch.autograd.grad(loss, leaves, allow_unused=True))
+
+    with torch.no_grad():
+        y, state = model(x, s0)
+    gy = torch.randn(y.shape, device=device, generator=g)
+    gs = [torch.randn(t.shape, device=device, generator=g) for t in tensors(state) if t.is_floating_point()]
+    ref = outputs(model, False)
+    torch._dynamo.reset()
+    compiled = outputs(torch.compile(model, fullgraph=True, backend=backend), dtype == torch.bfloat16)
+    eager = outputs(model, True) if dtype == torch.bfloat16 else ref
+    n_state0 = len([t for t in tensors(s0) if t.requires_grad])
+    names = (["y"] + [f"state[{i}]" for i in range(len(gs))] + ["grad x"] + [f"grad state0[{i}]" for i in range(n_state0)]
+             + ["grad " + n for n, _ in model.named_parameters()])
+    for what, c, e, r in zip(names, compiled, eager, ref):
+        assert (c is None) == (r is None), f"{name} {what}: only one has a gradient"
+        if r is not None:
+            bound = tol + (rel_err(e, r) if dtype == torch.bfloat16 else 0.0)
+            assert rel_err(c, r) <= bound, f"{name} compiled {what}: rel err {rel_err(c, r):.2e} > {bound:.2e}"
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_compiled_matches_eager(name):
+    """On the CPU: Dynamo's whole graph and AOTAutograd's functionalised forward and backward
+    (backend aot_eager: Inductor's C++ codegen takes ~40 s a model on two cores; the GPU test
+    below runs Inductor)."""
+    check_compiled(name, "cpu", torch.float32, "aot_eager", 1e-5)
+
+
+@pytest.mark.parametrize("name", ["rnn", "lstm"])
+def test_compiled_matches_eager_inductor_cpu(name):
+    """Inductor's own code on the CPU, for the models whose graphs compile fastest."""
+    check_compiled(name, "cpu", torch.float32, "inductor", 1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", PRESENT)
+def test_compiled_matches_eager_cuda(name, dtype, tol):
+    check_compiled(name, "cuda", dtype, "inductor", tol)
+
+
 # ----------------------------------------------------------------------------- scan.py
 
 def scan_reference(a, b, h0=None, reverse=False):
@@ -256,10 +318,47 @@ def check_scan(device, dtype, tol, cases=SCAN_CASES):
 
 def test_scan_torch_float64():
     check_scan("cpu", torch.float64, 1e-12)
+    check_block_scan("cpu", torch.float64, 1e-12)
 
 
 def test_scan_torch_float32():
     check_scan("cpu", torch.float32, 1e-5)
+    check_block_scan("cpu", torch.float32, 1e-5)
+
+
+def block_scan_reference(a, b, h0=None, reverse=False):
+    """h_t = a_t @ h_{t-1} + b_t one step at a time, a [B, T, 2, 2, *], b [B, T, 2, *]."""
+    h = torch.zeros_like(b[:, 0]) if h0 is None else h0
+    out = [None] * b.shape[1]
+    for t in (reversed(range(b.shape[1])) if reverse else range(b.shape[1])):
+        h = torch.stack([a[:, t, 0, 0] * h[:, 0] + a[:, t, 0, 1] * h[:, 1],
+                         a[:, t, 1, 0] * h[:, 0] + a[:, t, 1, 1] * h[:, 1]], 1) + b[:, t]
+        out[t] = h
+    return torch.stack(out, 1)
+
+
+BLOCK_SCAN_CASES = [(2, 37, 2, 3), (1, 70, 2, 5), (3, 1, 2, 4), (2, 45, 2, 3, 2)]  # [B, T, 2, *]
+
+
+def check_block_scan(device, dtype, tol, cases=BLOCK_SCAN_CASES):
+    """block_scan against the loop: h and the gradients w.r.t. a, b and h0, both directions."""
+    g = torch.Generator(device=device).manual_seed(0)
+    for shape in cases:
+        for reverse in (False, True):
+            b = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_()
+            a_shape = shape[:2] + (2,) + shape[2:]
+            a = (torch.rand(a_shape, device=device, dtype=dtype, generator=g) - 0.5).requires_grad_()  # |a| <= 1
+            h0 = torch.randn(shape[:1] + shape[2:], device=device, dtype=dtype, generator=g).requires_grad_()
+            h = scan_module.block_scan(a, b, h0, reverse)
+            gh = torch.randn(h.shape, device=device, dtype=dtype, generator=g)
+            grads = torch.autograd.grad((h * gh).sum(), (a, b, h0))
+            ref64 = [x.detach().double().requires_grad_() for x in (a, b, h0)]
+            h_ref = block_scan_reference(*ref64, reverse)
+            ref_grads = torch.autograd.grad((h_ref * gh.double()).sum(), ref64)
+            what = f"block {shape} reverse={reverse}"
+            assert h.shape == b.shape and h.dtype == b.dtype and rel_err(h, h_ref) <= tol, what
+            for n, o, r in zip(("da", "db", "dh0"), grads, ref_grads):
+                assert o.shape == r.shape and rel_err(o, r) <= tol, f"{n} {what}: {rel_err(o, r):.1e}"
 
 
 # the kernel's two modes: tiles chained by the decoupled look-back, or one program per channel group
@@ -272,7 +371,53 @@ def test_scan_triton_kernel_interpreted(mode):
     time chunks (the interpreter's plan cuts time into 16-step tiles)."""
     pytest.importorskip("triton")
     code = (f"import torch, test_equivalence as t, scan; assert scan._use_triton(torch.zeros(1)); "
-            f"scan.LOOP_GROUPS_PER_SM = {SCAN_MODES[mode]}; t.check_scan('cpu', torch.float32, 1e-5)")
+            f"scan.LOOP_GROUPS_PER_SM = {SCAN_MODES[mode]}; t.check_scan('cpu', torch.float32, 1e-5); "
+            f"t.check_block_scan('cpu', torch.float32, 1e-5)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+if scan_module.triton is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _look_back_probe(CARRIES, FLAGS, OUT, j, BLOCK2: tl.constexpr, BLOCK_C: tl.constexpr):
+        lanes = tl.arange(0, BLOCK_C)
+        cx, cy = scan_module._look_back(CARRIES, FLAGS, 0, j, lanes, BLOCK2, BLOCK_C)
+        tl.store(OUT + lanes, cx)
+        tl.store(OUT + BLOCK_C + lanes, cy)
+
+
+def check_look_back(block, flags, C=8):
+    """The walk-back of the decoupled look-back from tile len(flags) - 1, predecessors' flags given:
+    2 (inclusive state published) or 1 (only the local pair). On the GPU tiles race and both kinds
+    occur; the interpreter runs tiles in order, so the scan never meets a flag-1 tile. Here: the
+    composition of the local pairs after the nearest flag-2 tile, applied to its inclusive state.
+    What the walk must not read (local pairs of flag-2 tiles, inclusive states of flag-1 tiles) is NaN."""
+    n_carry, n = (8 if block else 3), len(flags)
+    g = torch.Generator().manual_seed(len(flags))
+    carries = torch.full((n, n_carry, C), float("nan"))
+    expected = None
+    for j, flag in enumerate(flags):
+        A = torch.rand(2, 2, C, generator=g) - 0.5 if block else torch.rand(1, 1, C, generator=g)
+        b = torch.randn(2 if block else 1, C, generator=g)
+        if flag == 2:
+            carries[j, n_carry - b.shape[0]:] = expected = b  # an inclusive state
+        else:
+            carries[j, :n_carry - b.shape[0]] = torch.cat([A.flatten(0, 1), b])
+            expected = None if expected is None else (A * expected[None]).sum(1) + b  # before any flag 2: unread
+    out = torch.zeros(2, C)
+    _look_back_probe[(1,)](carries, torch.tensor(flags + [0], dtype=torch.int32), out, n - 1, BLOCK2=block, BLOCK_C=C)
+    assert torch.allclose(out[:expected.shape[0]], expected, rtol=1e-5, atol=1e-6), (flags, out, expected)
+
+
+@pytest.mark.parametrize("block", [False, True], ids=["diagonal", "block"])
+def test_scan_look_back_composes_local_pairs_interpreted(block):
+    pytest.importorskip("triton")
+    code = (f"import test_equivalence as t\nfor flags in ([2], [2, 1], [2, 1, 1, 1], [2, 1, 2, 1, 1], [1, 2, 1], [2, 2, 1]):"
+            f"\n    t.check_look_back({block}, flags)")
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -285,8 +430,45 @@ def test_scan_triton_kernel_interpreted(mode):
 def test_scan_triton_cuda(dtype, tol, mode, monkeypatch):
     monkeypatch.setattr(scan_module, "LOOP_GROUPS_PER_SM", SCAN_MODES[mode])
     check_scan("cuda", dtype, tol)
+    check_block_scan("cuda", dtype, tol)
     long_thin = [((1, 65536, 8), (1, 65536, 8)), ((2, 3000, 300), (2, 3000, 1))]  # chunked over time
     check_scan("cuda", torch.float32, 1e-4, long_thin)
+
+
+def check_scan_compiled(device, quick=False):
+    """scan and block_scan inside torch.compile(fullgraph=True), against eager: a broadcast a read
+    with stride 0 ([1, 1, H, 1, 1] as retnet passes it, [B, N, H, 1, 1] as gated retention does),
+    h0, reverse, and the gradients."""
+    g = torch.Generator(device=device).manual_seed(3)
+    cases = [((2, 9, 3, 4, 5), (1, 1, 3, 1, 1)), ((2, 9, 3, 4, 5), (2, 9, 3, 1, 1)), ((2, 37, 6), (2, 37, 6))]
+    fn = lambda a, b, h0, rev: scan(a * 1.0, b * 1.0, h0, rev) * 2  # noqa: E731  ops around it, as in a model
+    block = lambda a, b, h0, rev: scan_module.block_scan(a * 1.0, b, h0, rev) * 2  # noqa: E731
+    for shape, a_shape in cases + [((2, 21, 2, 3), (2, 21, 2, 2, 3))]:
+        for rev in ([len(shape) == 4] if quick else (False, True)):  # quick: one direction each
+            a = torch.rand(a_shape, device=device, generator=g).requires_grad_()
+            b = torch.randn(shape, device=device, generator=g).requires_grad_()
+            h0 = torch.randn(shape[:1] + shape[2:], device=device, generator=g).requires_grad_()
+            f = block if len(a_shape) > len(shape) else fn
+            torch._dynamo.reset()
+            outs = [(h, *torch.autograd.grad(h.square().sum(), (a, b, h0))) for h in
+                    (f(a, b, h0, rev), torch.compile(f, fullgraph=True)(a, b, h0, rev))]
+            for what, e, c in zip(("h", "da", "db", "dh0"), *outs):
+                assert rel_err(c, e) <= 1e-5, f"{shape} a{a_shape} reverse={rev} {what}: {rel_err(c, e):.1e}"
+
+
+def test_scan_compiled_interpreted():
+    """The custom ops under Inductor with the Triton kernel run by the interpreter: the kernel gets
+    the tensors compiled code hands it, and reads their strides at run time."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", "import test_equivalence as t; t.check_scan_compiled('cpu', True)"],
+                          cwd=HERE, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_cuda
+def test_scan_compiled_cuda():
+    check_scan_compiled("cuda")
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
@@ -1368,10 +1550,10 @@ def test_rnn_iteration_counts_fresh_layer(dtype, most):
         assert k <= most and rel_err(y, y_ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
 
 
-# ----------------------------------------------------------------------------- lstm.py: torch.nn.LSTMCell as reference, scan2, the Newton iteration cap, Newton's exact prefix, exact vs diagonal Newton
+# ----------------------------------------------------------------------------- lstm.py: torch.nn.LSTMCell as reference, the Newton iteration cap, Newton's exact prefix, exact vs diagonal Newton
 # (pytest -s prints the iteration counts)
 
-from lstm import LSTM, cell, lstm_newton, scan2  # noqa: E402
+from lstm import LSTM, cell, lstm_newton  # noqa: E402
 
 
 def lstm_naive(model, x, c, h):
@@ -1414,17 +1596,6 @@ def test_lstm_matches_torch_lstmcell(form):
     y, (c, h) = model(x, s0, form=form)
     y_ref, (c_ref, h_ref) = lstm_naive(model, x, *s0)
     assert rel_err(y, y_ref) <= 1e-12 and rel_err(c, c_ref) <= 1e-12 and rel_err(h, h_ref) <= 1e-12
-
-
-def test_lstm_scan2_matches_loop():
-    torch.manual_seed(0)
-    A, b = 0.6 * torch.randn(2, 37, 2, 2, 3, dtype=torch.float64), torch.randn(2, 37, 2, 3, dtype=torch.float64)
-    for reverse in (False, True):
-        s, out = torch.zeros(2, 2, 3, dtype=torch.float64), [None] * 37
-        for t in reversed(range(37)) if reverse else range(37):
-            s = torch.einsum("bijh,bjh->bih", A[:, t], s) + b[:, t]
-            out[t] = s
-        assert rel_err(scan2(A, b, reverse), torch.stack(out, 1)) <= 1e-14
 
 
 # r up to 10: exact Newton takes 97 of 128 steps. The diagonal quasi-Newton is given r up to 5,
