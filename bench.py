@@ -7,8 +7,9 @@
 1. scan    scan.py forward and forward+backward: time and TB/s against the copy bandwidth, the
            forward replayed from a CUDA graph (no Python launch overhead), accelerated-scan beside.
 2. forms   each model's default (parallel or chunked) form against its recurrent loop, fwd+bwd.
-3. chunked the chunked cores against flash-linear-attention (when installed) and causal SDPA.
+3. chunked the chunked cores, eager and compiled, against flash-linear-attention (when installed) and SDPA.
 4. decode  tokens/s and peak memory of step() after a parallel prefill, against context length.
+5. train   tokens/s of train.py's training step for every model, eager and compiled, at the showdown size.
 GPU times are medians of triton.testing.do_bench; the recurrent loops (a Python loop over T) are
 timed once, after a warm-up on 16 tokens. Optional comparators are used only where installed.
 """
@@ -29,7 +30,7 @@ MODELS = {"rnn": "RNN", "lstm": "LSTM", "attention": "Attention", "linear_attent
           "retnet": "RetNet", "gated_retention": "GatedRetention", "mamba": "Mamba", "mamba2": "Mamba2",
           "deltanet": "DeltaNet"}
 FP32 = {"rnn", "lstm"}  # Newton's method wants float32; the others run under bf16 autocast
-SECTIONS = ("scan", "forms", "chunked", "decode")
+SECTIONS = ("scan", "forms", "chunked", "decode", "train")
 SKIP = []  # --skip: case names (substrings) left out, e.g. a comparator whose compilation hangs
 
 
@@ -229,7 +230,10 @@ def bench_chunked(dev, quick, low):
         row = table(f"chunked cores at [B, T, H, D] = {list(shape)}, chunk 64, {str(low)[6:]}, against fla and "
                     f"causal SDPA", ["core", "fwd ms", "fwd+bwd ms"])
         torch.manual_seed(0)
-        for name, case in core_cases(*shape, dev, low).items():
+        cases = core_cases(*shape, dev, low)
+        zoo = [n for n in cases if not n.startswith(("fla", "sdpa"))]
+        cases.update({f"{n}, compiled": (torch.compile(cases[n][0]), cases[n][1]) for n in zoo if gpu})
+        for name, case in cases.items():
             with torch.autocast(dev.type, dtype=low, enabled=low != torch.float32):
                 if any(s in name for s in SKIP):
                     case = "skipped (--skip)"
@@ -237,7 +241,69 @@ def bench_chunked(dev, quick, low):
                     row([name, case, case])
                     continue
                 row([name, attempt(lambda: timeit(case[0], dev)), attempt(lambda: timeit(fwd_bwd(*case), dev))])
+        torch._dynamo.reset()
         torch.cuda.empty_cache() if gpu else None
+
+
+# ----------------------------------------------------------------------------------------- 5. train
+def bench_train(dev, quick, low):
+    """train.py's language model at the showdown configuration (GPU: 6 layers, widths matched to the
+    attention LM's ~10.6M parameters, batch 64 x 256, bf16 autocast, AdamW), eager and compiled as
+    train.py compiles it: tokens/s of whole training steps (forward, backward, clip, optimizer)."""
+    import train
+    gpu = dev.type == "cuda"
+    V, (n_layer, base, B, T), steps = 65, ((6, 384, 64, 256) if gpu else (1, 32, 2, 32)), (20 if gpu else 2)
+    mode = getattr(train, "COMPILE_MODE", None)
+    add = table(f"training steps of train.py's LM, {n_layer} layers, batch {B} x {T}, {str(low)[6:]}: tokens/s "
+                f"(compiled: torch.compile mode={mode!r})",
+                ["model", "d_model", "params", "eager tok/s", "compiled tok/s", "compiled / eager",
+                 "of compiled attention", "compile s"])
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    names = ["attention"] + [n for n in MODELS if n != "attention"]
+    reference = None
+    for name in names:
+        cls = train.load_mixer(name)
+        d, params, _ = train.match_width(cls, V, n_layer, base, {})
+        rates, compile_s = [], "-"
+        for compiled in (False, True) if gpu else (False,):  # Inductor on the CPU: ~40 s a model
+            torch.manual_seed(0)
+            model = train.build(cls, V, n_layer, d, {}, 0.0).to(dev)
+            opt = train.make_optimizer(model, 1e-3)
+            fwd = torch.compile(model, mode=mode) if compiled else model
+            x, y = (torch.randint(0, V, (B, T), device=dev) for _ in range(2))
+
+            def step():
+                with torch.autocast(dev.type, dtype=low, enabled=low != torch.float32):
+                    loss, _ = train.loss_of(fwd, x, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            def measure():
+                t0 = time.perf_counter()
+                for _ in range(3):  # compilation, CUDA-graph recording, warm-up
+                    step()
+                sync(dev)
+                t1 = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                sync(dev)
+                return t1 - t0, B * T * steps / (time.perf_counter() - t1)
+            got = attempt(measure)
+            rates.append(got[1] if isinstance(got, tuple) else got)
+            if compiled and isinstance(got, tuple):
+                compile_s = f"{got[0]:.0f}"
+            del model, opt, fwd
+            torch._dynamo.reset()
+            torch.cuda.empty_cache() if gpu else None
+        rates += ["-"] * (2 - len(rates))
+        eager, comp = rates
+        reference = comp if name == "attention" and isinstance(comp, float) else reference
+        ratio = f"{comp / eager:.2f}" if isinstance(comp, float) and isinstance(eager, float) else "-"
+        of_att = f"{comp / reference:.2f}" if isinstance(comp, float) and reference else "-"
+        add([name, d, f"{params / 1e6:.2f}M", eager, comp, ratio, of_att, compile_s])
 
 
 # ---------------------------------------------------------------------------------------- 4. decode
@@ -329,8 +395,8 @@ def main(argv=None):
     for section in SECTIONS:  # in this order, whatever the order of --only
         if section in only:
             result = globals()["bench_" + section](dev, args.quick, low)
-    if dev.type == "cuda" and "decode" in only:
-        plot(*result)
+            if section == "decode" and dev.type == "cuda":
+                plot(*result)
 
 
 if __name__ == "__main__":

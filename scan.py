@@ -17,7 +17,9 @@ so T steps take log-depth work. Its gradient is the same recurrence run the othe
 
 Forward and backward are custom ops (torch.library: zoo::scan, zoo::scan_backward) with fake
 implementations, so torch.compile and CUDA graphs see one opaque op with known output shapes, and
-the kernel always runs on the tensors it is given, with strides read at run time. Two engines
+the kernel always runs on the tensors it is given, with strides read at run time (a raw Triton
+launch that Dynamo traced once got a broadcast `a` re-laid-out by Inductor, and read the wrong
+elements). Two engines
 behind them: a Triton kernel on CUDA (or on the CPU under TRITON_INTERPRET=1), and PyTorch
 log-depth doubling for everything else (CPU, MPS, float64, machines without Triton).
 """
@@ -40,7 +42,7 @@ def scan(a, b, h0=None, reverse=False):
     _check(a, b, h0, b.shape[:1] + b.shape[2:])
     if a.dim() > b.dim() or any(n not in (1, m) for n, m in zip(reversed(a.shape), reversed(b.shape))):
         raise ValueError(f"scan: a {tuple(a.shape)} does not broadcast to b {tuple(b.shape)}")
-    return _scan(a.reshape((1,) * (b.dim() - a.dim()) + a.shape), b, h0, reverse, False)
+    return _apply(a.reshape((1,) * (b.dim() - a.dim()) + a.shape), b, h0, reverse, False)
 
 
 def block_scan(a, b, h0=None, reverse=False):
@@ -48,46 +50,48 @@ def block_scan(a, b, h0=None, reverse=False):
     _check(a, b, h0, b.shape[:1] + b.shape[2:])
     if b.dim() < 3 or b.shape[2] != 2 or a.shape != b.shape[:2] + (2,) + b.shape[2:]:
         raise ValueError(f"block_scan: needs b [B, T, 2, *] and a [B, T, 2, 2, *], got {tuple(b.shape)}, {tuple(a.shape)}")
-    return _scan(a, b, h0, reverse, True)
+    return _apply(a, b, h0, reverse, True)
 
 
 def _check(a, b, h0, h0_shape):
     for name, x in (("a", a), ("b", b), ("h0", h0)):
         if x is not None and not (torch.is_tensor(x) and x.is_floating_point()):
             raise ValueError(f"scan: {name} must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-    if b.dim() < 2:
-        raise ValueError(f"scan: b must be [B, T, *], got shape {tuple(b.shape)}")
-    if b.shape[1] == 0:
-        raise ValueError(f"scan: T = 0, nothing to scan (b has shape {tuple(b.shape)})")
-    if h0 is not None and h0.shape != h0_shape:
-        raise ValueError(f"scan: h0 must be [B, *] = {tuple(h0_shape)}, got {tuple(h0.shape)}")
-    if len({x.device for x in (a, b, h0) if x is not None}) > 1:
-        raise ValueError(f"scan: a, b and h0 must be on one device, got {[str(x.device) for x in (a, b, h0) if x is not None]}")
+    if b.dim() < 2 or b.shape[1] == 0:
+        raise ValueError(f"scan: b must be [B, T, *] with T > 0, got shape {tuple(b.shape)}")
+    if h0 is not None and (h0.shape != h0_shape or h0.device != b.device):
+        raise ValueError(f"scan: h0 must be [B, *] = {tuple(h0_shape)} on {b.device}, got {tuple(h0.shape)} on {h0.device}")
+    if a.device != b.device:
+        raise ValueError(f"scan: a and b must be on one device, got {a.device} and {b.device}")
 
 
 # ---------------------------------------------------------------------------------------------
-# The custom ops. a has b's rank (broadcast dims of size 1) for the diagonal scan, b's shape with
-# the block's 2 inserted for block=True. The outputs are new contiguous tensors.
+# Forward and backward are plain functions, registered as the custom ops zoo::scan and
+# zoo::scan_backward, which torch.compile sees. In eager mode an autograd.Function calls the same
+# two functions directly: the custom op's Python dispatch costs more than a kernel launch
+# (measured ~35 us a call without grad, ~85 with). a has b's rank (broadcast dims of size 1), or
+# b's shape with the block's 2 inserted for block=True. The outputs are new contiguous tensors.
 
-@torch.library.custom_op("zoo::scan", mutates_args=())
-def _scan(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor], reverse: bool, block: bool) -> torch.Tensor:
+def _apply(a, b, h0, reverse, block):
+    if torch.compiler.is_compiling():
+        return _scan_op(a, b, h0, reverse, block)
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or h0 is not None and h0.requires_grad):
+        return _EagerScan.apply(a, b, h0, reverse, block)
+    return _forward(a, b, h0, reverse, block)
+
+
+def _forward(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor], reverse: bool, block: bool) -> torch.Tensor:
     if _use_triton(b):
         return _triton_scan(a, b, h0, reverse, block)
     return _torch_scan(a, b, h0, reverse, block).to(b.dtype)
-
-
-@_scan.register_fake
-def _(a, b, h0, reverse, block):
-    return b.new_empty(b.shape)
 
 
 def _da_dtype(a, b):
     return a.dtype if a.numel() >= b.numel() else torch.promote_types(a.dtype, torch.float32)  # summed over broadcast
 
 
-@torch.library.custom_op("zoo::scan_backward", mutates_args=())
-def _scan_backward(a: torch.Tensor, h: torch.Tensor, h0: Optional[torch.Tensor], dh: torch.Tensor, reverse: bool,
-                   block: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward(a: torch.Tensor, h: torch.Tensor, h0: Optional[torch.Tensor], dh: torch.Tensor, reverse: bool,
+              block: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(g = dL/db, dL/da unreduced: b's shape, [B, T, 2, 2, *] for blocks)."""
     if _use_triton(h):
         return _triton_scan(a, dh, None, not reverse, block, h_for_da=h, h0_for_da=h0)
@@ -97,19 +101,9 @@ def _scan_backward(a: torch.Tensor, h: torch.Tensor, h0: Optional[torch.Tensor],
     return g.to(dh.dtype), da.to(_da_dtype(a, h))
 
 
-@_scan_backward.register_fake
-def _(a, h, h0, dh, reverse, block):
-    return dh.new_empty(dh.shape), h.new_empty(a.shape if block else h.shape, dtype=_da_dtype(a, h))
-
-
-def _setup(ctx, inputs, output):
-    a, _, h0, ctx.reverse, ctx.block = inputs
-    ctx.save_for_backward(a, output, h0)
-
-
-def _backward(ctx, dh):
+def _grads(ctx, dh, backward):
     a, h, h0 = ctx.saved_tensors
-    g, da = _scan_backward(a, h, h0, dh, ctx.reverse, ctx.block)
+    g, da = backward(a, h, h0, dh, ctx.reverse, ctx.block)
     dh0 = None
     if h0 is not None:
         a0, g0 = a[:, -1 if ctx.reverse else 0], g[:, -1 if ctx.reverse else 0]  # the step that read h0
@@ -117,7 +111,29 @@ def _backward(ctx, dh):
     return da.sum_to_size(a.shape).to(a.dtype), g, dh0, None, None
 
 
-_scan.register_autograd(_backward, setup_context=_setup)
+def _setup(ctx, inputs, output):
+    a, _, h0, ctx.reverse, ctx.block = inputs
+    ctx.save_for_backward(a, output, h0)
+
+
+_scan_op = torch.library.custom_op("zoo::scan", _forward, mutates_args=())
+_scan_backward_op = torch.library.custom_op("zoo::scan_backward", _backward, mutates_args=())
+_scan_op.register_fake(lambda a, b, h0, reverse, block: b.new_empty(b.shape))
+_scan_backward_op.register_fake(lambda a, h, h0, dh, reverse, block: (
+    dh.new_empty(dh.shape), h.new_empty(a.shape if block else h.shape, dtype=_da_dtype(a, h))))
+_scan_op.register_autograd(lambda ctx, dh: _grads(ctx, dh, _scan_backward_op), setup_context=_setup)
+
+
+class _EagerScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, h0, reverse, block):
+        h = _forward(a, b, h0, reverse, block)
+        _setup(ctx, (a, b, h0, reverse, block), h)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        return _grads(ctx, dh, _backward)
 
 
 # ---------------------------------------------------------------------------------------------
