@@ -28,7 +28,7 @@ from scan import scan
 
 MODELS = {"rnn": "RNN", "lstm": "LSTM", "attention": "Attention", "linear_attention": "LinearAttention",
           "retnet": "RetNet", "gated_retention": "GatedRetention", "mamba": "Mamba", "mamba2": "Mamba2",
-          "deltanet": "DeltaNet"}
+          "deltanet": "DeltaNet", "rwkv7": "RWKV7"}
 FP32 = {"rnn", "lstm"}  # Newton's method wants float32; the others run under bf16 autocast
 SECTIONS = ("scan", "forms", "chunked", "decode", "train")
 SKIP = []  # --skip: case names (substrings) left out, e.g. a comparator whose compilation hangs
@@ -191,7 +191,7 @@ def bench_forms(dev, quick, low):
 # --------------------------------------------------------------------------------------- 3. chunked
 def core_cases(B, T, H, D, dev, low):
     """name -> (fn, inputs it differentiates) for the zoo's chunked cores, fla's and SDPA."""
-    import deltanet, gated_retention, linear_attention, mamba2, retnet
+    import deltanet, gated_retention, linear_attention, mamba2, retnet, rwkv7
     rand = lambda *s, dtype=low: torch.randn(*s, device=dev, dtype=dtype).requires_grad_()
     q, k, v = rand(B, T, H, D), rand(B, T, H, D), rand(B, T, H, D)
     S = torch.randn(B, H, D, D, device=dev) * 0.1
@@ -199,6 +199,8 @@ def core_cases(B, T, H, D, dev, low):
     g = (F.logsigmoid(torch.randn(B, T, H, device=dev) + 4) / 16).requires_grad_()  # log gates <= 0
     kn = F.normalize(k.detach().float(), dim=-1).to(low).requires_grad_()
     beta = torch.rand(B, T, H, device=dev).requires_grad_()
+    log_w = (-math.exp(-0.5) * torch.rand(B, T, H, D, device=dev)).requires_grad_()  # RWKV-7's clamped decay
+    iclr = torch.rand(B, T, H, D, device=dev).requires_grad_()  # RWKV-7's in-context learning rate a
     dt = F.softplus(torch.randn(B, T, H, device=dev) - 3).requires_grad_()
     A = -(torch.rand(H, device=dev) + 0.5)
     Bm, Cm, h = rand(B, T, 1, 64), rand(B, T, 1, 64), torch.randn(B, H, D, 64, device=dev) * 0.1
@@ -209,6 +211,7 @@ def core_cases(B, T, H, D, dev, low):
         "gated_retention_chunked": (lambda: gated_retention.gated_retention_chunked(q, k, v, g, S, 64), (q, k, v, g)),
         "ssd_chunked (mamba2)": (lambda: mamba2.ssd_chunked(q, dt * A, dt, Bm, Cm, h, 64), (q, dt, Bm, Cm)),
         "delta_rule_chunked": (lambda: deltanet.delta_rule_chunked(q, kn, v, beta, S, 64), (q, kn, v, beta)),
+        "rwkv7_chunked": (lambda: rwkv7.rwkv7_chunked(q, log_w, k, v, kn, iclr, S, 64), (q, log_w, k, v, kn, iclr)),
     }
     beta_low = beta.detach().to(low).requires_grad_()
     for mod, name, args, kw in [("linear_attn", "chunk_linear_attn", (q, k, v), {"normalize": False}),

@@ -36,6 +36,7 @@ MODELS = {
     "mamba2": ("Mamba2", dict(headdim=8, d_state=8, chunk_size=8)),
     "mamba": ("Mamba", dict(d_state=4)),
     "deltanet": ("DeltaNet", dict(n_head=2, chunk_size=8)),
+    "rwkv7": ("RWKV7", dict(head_size=16, chunk_size=8, decay_lora=4, a_lora=4, gate_lora=8)),
     "attention": ("Attention", dict(n_head=2)),
     "rnn": ("RNN", dict()),
     "lstm": ("LSTM", dict()),
@@ -1309,6 +1310,226 @@ def test_deltanet_cuda_long_bf16_and_f32(form):
         yc, Sc = deltanet_core(form, q, k, v, b, S0, L=64)
         yr, Sr = deltanet.delta_rule_recurrent(q, k, v, b, S0.double())
     assert rel_err(yc, yr) <= 2e-3 and rel_err(Sc, Sr) <= 2e-3, (rel_err(yc, yr), rel_err(Sc, Sr))  # tf32 matmuls
+
+
+# ----------------------------------------------------------------------------- rwkv7.py: the official time mix by hand, decays and a at their extremes, ragged chunks, long handoff, T = 16384 with gradients, compiled, the official init and numbers
+# (the reference follows BlinkDL/RWKV-LM RWKV-v7/rwkv_v7_demo.py, written independently of rwkv7.py:
+# explicit Dk x Dk transitions, the official decay formula, GroupNorm by mean and variance, float64)
+
+import rwkv7  # noqa: E402
+from rwkv7 import RWKV7  # noqa: E402
+
+RWKV7_REGIMES = {  # shifts of w0 and a0: sigmoid saturates, so w_t and a_t sit exactly at their ends
+    "plain": (0.0, 0.0),
+    "w_min": (1000.0, 0.0),  # w_t = exp(-e^-1/2) = 0.545, the fastest decay the soft clamp allows
+    "w_one": (-1000.0, 0.0),  # w_t = 1, no decay
+    "a_zero": (0.0, -1000.0),  # nothing removed: S only decays and adds v k^T
+    "a_one": (0.0, 1000.0),  # the full delta rule: what S holds under kappa is removed
+    "w_min_a_one": (1000.0, 1000.0),
+    "w_one_a_one": (-1000.0, 1000.0),
+}
+
+
+def rwkv7_model(regime="plain", dtype=torch.float64, **options):
+    model = make("rwkv7", dtype, **options)
+    dw, da = RWKV7_REGIMES[regime]
+    with torch.no_grad():
+        model.w0.add_(dw)
+        model.a0.add_(da)
+    return model
+
+
+def rwkv7_naive(model, x, state=None):
+    """The time mix token by token, as the official demo: token shift from the previous token,
+    w = exp(-exp(-softplus(-(w0 + tanh(x_w w1) w2)) - 0.5)), a = sigmoid(a0 + x_a a1 a2),
+    g = sigmoid(x_g g1) g2, kappa = normalize(k * k_k), k *= 1 + (a - 1) k_a, the transition
+    G_t = diag(w_t) - kappa_t (a_t * kappa_t)^T as a Dk x Dk matrix, S_t = S_{t-1} G_t + v_t k_t^T,
+    o_t = S_t r_t, GroupNorm (eps 64e-5), + (r . (k * r_k)) v, times g, output."""
+    p = {n: t.detach().double() for n, t in model.named_parameters()}
+    B, T, C = x.shape
+    H, N = model.n_head, model.head_size
+    x = x.double()
+    S, prev = (x.new_zeros(B, H, N, N), x.new_zeros(B, C)) if state is None else (state[0].double(), state[1].double())
+    ys = []
+    for t in range(T):
+        xt = x[:, t]
+        mix = {c: xt + (prev - xt) * p["x_" + c] for c in "rwkvag"}
+        r, k, v = (mix[c] @ p[name + ".weight"].T for c, name in (("r", "receptance"), ("k", "key"), ("v", "value")))
+        w = torch.exp(-torch.exp(-F.softplus(-(p["w0"] + torch.tanh(mix["w"] @ p["w1"]) @ p["w2"])) - 0.5))
+        a = torch.sigmoid(p["a0"] + mix["a"] @ p["a1"] @ p["a2"])
+        g = torch.sigmoid(mix["g"] @ p["g1"]) @ p["g2"]
+        kk = (k * p["k_k"]).view(B, H, N)
+        kappa = kk / kk.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        k = k * (1 + (a - 1) * p["k_a"])
+        r, k, v, w, a = (z.view(B, H, N) for z in (r, k, v, w, a))
+        G = torch.diag_embed(w) - kappa[..., :, None] * (a * kappa)[..., None, :]
+        S = S @ G + v[..., :, None] * k[..., None, :]
+        o = (S @ r[..., None])[..., 0]
+        o = (o - o.mean(-1, keepdim=True)) / torch.sqrt(o.var(-1, unbiased=False, keepdim=True) + 64e-5)
+        o = o * p["ln_x.weight"].view(H, N) + p["ln_x.bias"].view(H, N)
+        o = o + (r * k * p["r_k"]).sum(-1, keepdim=True) * v
+        ys.append((o.reshape(B, C) * g) @ p["output.weight"].T)
+        prev = xt
+    return torch.stack(ys, 1), (S, prev)
+
+
+@pytest.mark.parametrize("regime", RWKV7_REGIMES)
+@pytest.mark.parametrize("form", RWKV7.forms)
+def test_rwkv7_layer_against_naive(form, regime):
+    """Both forms against the official time mix by hand, from an empty state and from the state a
+    prefix left (the token shift's last input included)."""
+    model = rwkv7_model(regime)
+    x = torch.randn(2, 23, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        _, state = model(torch.randn(2, 6, D_MODEL, dtype=torch.float64), form="recurrent")
+        for st in (None, state):
+            y, (S, last) = model(x, st, form=form)
+            y_ref, (S_ref, last_ref) = rwkv7_naive(model, x, st)
+            assert rel_err(y, y_ref) <= 1e-10 and rel_err(S, S_ref) <= 1e-10 and torch.equal(last, last_ref)
+
+
+RWKV7_FIXED_Y = [0.0297030030385485, 0.0495036196593315, 0.038007944729875, 0.00248356790594043,
+                 0.0644878508137577, 0.265196885418854, 0.298247896198625, 0.142745965235698,
+                 0.195527399225427, 0.123823964299588, -0.0261612389958126, -0.159607252458972]
+RWKV7_FIXED_S = [0.301530711836971, 0.158396423211843, 0.215167170977037, 0.112964782029502]
+
+
+@pytest.mark.parametrize("form", RWKV7.forms)
+def test_rwkv7_numbers_of_the_official_demo(form):
+    """Every parameter and the input set by formula (no RNG); RWKV7_FIXED_* are what the official
+    demo's time mix (rwkv_v7_demo.py, its torch loop, float64, layer 0) returns for them: y at
+    tokens 0, 5, 11 (first 4 channels) and the final state of head 1 (S[:2, :2]). They were computed
+    outside the repository, with the demo's class and loop (commit 7384042f) loaded with these weights."""
+    model = RWKV7(64, head_size=32, chunk_size=8).double()
+    with torch.no_grad():
+        for i, (_, p) in enumerate(sorted(model.named_parameters())):
+            p.copy_(0.5 * torch.sin(torch.arange(p.numel(), dtype=torch.float64) * 0.7 + i).view_as(p))
+        x = torch.sin(torch.arange(12 * 64, dtype=torch.float64) * 0.3).view(1, 12, 64)
+        y, (S, _) = model(x, form=form)
+    assert torch.allclose(y[0, [0, 5, 11], :4].flatten(), torch.tensor(RWKV7_FIXED_Y, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(S[0, 1, :2, :2].flatten(), torch.tensor(RWKV7_FIXED_S, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("T", [1, 7, 8, 9, 23, 64, 65])
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, 64])
+def test_rwkv7_chunked_every_length(T, chunk_size):
+    """Ragged last chunks, one chunk, many chunks (T / L up to 65: seven doubling steps), from a state."""
+    model = rwkv7_model("plain", chunk_size=chunk_size)
+    x = torch.randn(2, T, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        _, state = model(torch.randn(2, 5, D_MODEL, dtype=torch.float64), form="recurrent")
+        y, (S, _) = model(x, state, form="chunked")
+        y_ref, (S_ref, _) = model(x, state, form="recurrent")
+    assert rel_err(y, y_ref) <= 1e-10 and rel_err(S, S_ref) <= 1e-10
+
+
+def test_rwkv7_long_handoff():
+    """A chunked prefill of 37 tokens, then 300 step() calls, each output against one chunked pass
+    over all 337 tokens (chunk 16: the prefill ends mid-chunk, the steps cross 19 chunk boundaries)."""
+    model = rwkv7_model("plain", chunk_size=16)
+    x = torch.randn(2, 337, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        y_full, (S_full, _) = model(x)
+        y, state = model(x[:, :37])
+        assert rel_err(y, y_full[:, :37]) <= 1e-10
+        for t in range(37, 337):
+            y_t, state = model.step(x[:, t], state)
+            assert rel_err(y_t, y_full[:, t]) <= 1e-10, f"step {t}"
+    assert rel_err(state[0], S_full) <= 1e-10 and torch.equal(state[1], x[:, -1])
+
+
+RWKV7_CORE_EXTREMES = {  # log w, a: None is random (log w in the clamp's range)
+    "w_min_a_one": (-math.exp(-0.5), 1.0), "w_min_a_zero": (-math.exp(-0.5), 0.0), "w_one_a_one": (0.0, 1.0),
+    "random": (None, None)}
+
+
+@pytest.mark.parametrize("case", RWKV7_CORE_EXTREMES)
+def test_rwkv7_chunk_64_float32_at_the_clamp(case):
+    """The numerics bound: chunk 64 (the largest allowed), every decay at the clamp (e^-39 over a
+    chunk, factors e^+-19) or 1, a at 0 or 1 or random; T = 4096 float32 against float64."""
+    log_w, a = RWKV7_CORE_EXTREMES[case]
+    B, T, H, D = 1, 4096, 2, 16
+    g = torch.Generator().manual_seed(0)
+    r, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
+    kappa = F.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
+    lw = -math.exp(-0.5) * torch.rand(B, T, H, D, generator=g) if log_w is None else torch.full((B, T, H, D), log_w)
+    aa = torch.rand(B, T, H, D, generator=g) if a is None else torch.full((B, T, H, D), a)
+    S0 = torch.randn(B, H, D, D, generator=g)
+    with torch.no_grad():
+        y, S = rwkv7.rwkv7_chunked(r, lw, k, v, kappa, aa, S0, 64)
+        y_ref, S_ref = rwkv7.rwkv7_recurrent(r, lw, k, v, kappa, aa, S0.double())
+    assert rel_err(y, y_ref) <= 1e-4 and rel_err(S, S_ref) <= 1e-4
+
+
+@pytest.mark.parametrize("regime", ["w_min_a_one", "w_one_a_one"])
+def test_rwkv7_16384_forward_and_backward_finite(regime):
+    model = rwkv7_model(regime, torch.float32, chunk_size=64)
+    x = torch.randn(1, 16384, D_MODEL, requires_grad=True)
+    y, (S, _) = model(x)
+    (y.square().mean() + S.square().mean()).backward()
+    assert torch.isfinite(y).all() and torch.isfinite(S).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_rwkv7_compiled_matches_eager():
+    """torch.compile(fullgraph=True) of the default (chunked) form on the CPU: output, final
+    state and every gradient as eager's (three chunks: two doubling steps, a ragged last chunk)."""
+    model = rwkv7_model("plain", torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 21, D_MODEL, generator=g, requires_grad=True)
+    S0 = (0.1 * torch.randn(2, model.n_head, 16, 16, generator=g)).requires_grad_()
+    state = (S0, torch.randn(2, D_MODEL, generator=g))
+    leaves = [x, S0, *model.parameters()]
+
+    def run(m):
+        y, (S, last) = m(x, state)
+        return [y, S], torch.autograd.grad((y.square().sum() + S.square().sum()), leaves)
+    ref, ref_grads = run(model)
+    out, grads = run(torch.compile(model, fullgraph=True))
+    for o, r in zip(out + list(grads), ref + list(ref_grads)):
+        assert rel_err(o, r) <= 1e-5
+
+
+def test_rwkv7_init_as_official():
+    """The official init (train_temp/src/model.py, layer 0, and generate_init_weight), re-derived
+    here with its loops: token-shift mixes, w0, a0, k_k, k_a, r_k, zero LoRA downs and orthogonal
+    ups with gain 0.1, r, k, v orthogonal with gains 1, 0.1, 1, output zero, ln_x 1 / 0 with eps
+    64e-5; LoRA ranks of the released models; head size 64 (one head below d_model 64)."""
+    C, N = 128, 64
+    m = RWKV7(C)
+    ddd = torch.tensor([i / C for i in range(C)])
+    linear = torch.tensor([n / (C - 1) - 0.5 for n in range(C)])
+    zigzag = torch.tensor([((n % N) - ((N - 1) / 2)) / ((N - 1) / 2) for n in range(C)])
+    zigzag = zigzag * zigzag.abs()
+    www = torch.tensor([-6 + 6 * (n / (C - 1)) ** (1 + 1 * 0.0 ** 0.3) for n in range(C)])
+    expected = {"x_r": 1 - ddd ** 0.2, "x_w": 1 - ddd ** 0.9, "x_k": 1 - ddd ** 0.7, "x_v": 1 - ddd ** 0.7,
+                "x_a": 1 - ddd ** 0.9, "x_g": 1 - ddd ** 0.2, "w0": www + 0.5 + zigzag * 2.5,
+                "a0": -0.19 + zigzag * 0.3 + linear * 0.4, "k_k": 0.71 - linear * 0.1, "k_a": torch.full((C,), 1.02),
+                "r_k": torch.full((2, N), -0.04), "ln_x.weight": torch.ones(C), "ln_x.bias": torch.zeros(C)}
+    params = dict(m.named_parameters())
+    for name, value in expected.items():
+        assert torch.allclose(params[name].detach(), value, atol=1e-6), name
+    for down, up in (("w1", "w2"), ("a1", "a2"), ("g1", "g2")):
+        assert torch.equal(params[down], torch.zeros_like(params[down]))
+        W = params[up].detach()  # [rank, C], rank <= C: orthonormal rows times 0.1
+        assert torch.allclose(W @ W.T, 0.01 * torch.eye(W.shape[0]), atol=1e-5), up
+    for name, gain in (("receptance", 1.0), ("key", 0.1), ("value", 1.0)):
+        W = params[name + ".weight"].detach()
+        assert torch.allclose(W @ W.T, gain ** 2 * torch.eye(C), atol=1e-5), name
+    assert torch.equal(m.output.weight, torch.zeros(C, C)) and m.ln_x.eps == 64e-5 and m.n_head == 2
+    assert all(params[n]._no_weight_decay for n in ("w1", "w2", "a1", "a2", "g1", "g2", "r_k"))  # official: no decay
+    with torch.device("meta"):  # ranks only: 768 is the demo's 168M model, 2048 the train_temp README's 1.5B
+        for d, ranks in ((768, (64, 64, 128)), (2048, (96, 96, 256))):
+            big = RWKV7(d)
+            assert (big.w1.shape[1], big.a1.shape[1], big.g1.shape[1]) == ranks and big.n_head == d // 64
+    assert RWKV7(32).n_head == 1 and RWKV7(32).head_size == 32
+
+
+@pytest.mark.parametrize("options", [dict(head_size=24), dict(head_size=1), dict(chunk_size=65), dict(chunk_size=0)])
+def test_rwkv7_bad_options_are_errors(options):
+    with pytest.raises(ValueError, match="head_size|chunk_size"):
+        RWKV7(D_MODEL, **options)
+
 
 
 # ----------------------------------------------------------------------------- attention.py: the KV cache, a naive RoFormer reference, relative rotary, extreme inputs, sdpa vs parallel, long sequences
