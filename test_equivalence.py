@@ -1312,7 +1312,7 @@ def test_deltanet_cuda_long_bf16_and_f32(form):
     assert rel_err(yc, yr) <= 2e-3 and rel_err(Sc, Sr) <= 2e-3, (rel_err(yc, yr), rel_err(Sc, Sr))  # tf32 matmuls
 
 
-# ----------------------------------------------------------------------------- rwkv7.py: the official time mix by hand, decays and a at their extremes, ragged chunks, long handoff, T = 16384 with gradients, compiled, the official init and numbers
+# ----------------------------------------------------------------------------- rwkv7.py: the official time mix by hand, decays and a at their extremes, ragged chunks, long handoff, T = 16384 with gradients, the official init and numbers
 # (the reference follows BlinkDL/RWKV-LM RWKV-v7/rwkv_v7_demo.py, written independently of rwkv7.py:
 # explicit Dk x Dk transitions, the official decay formula, GroupNorm by mean and variance, float64)
 
@@ -1469,25 +1469,6 @@ def test_rwkv7_16384_forward_and_backward_finite(regime):
     (y.square().mean() + S.square().mean()).backward()
     assert torch.isfinite(y).all() and torch.isfinite(S).all() and torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-def test_rwkv7_compiled_matches_eager():
-    """torch.compile(fullgraph=True) of the default (chunked) form on the CPU: output, final
-    state and every gradient as eager's (three chunks: two doubling steps, a ragged last chunk)."""
-    model = rwkv7_model("plain", torch.float32)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 21, D_MODEL, generator=g, requires_grad=True)
-    S0 = (0.1 * torch.randn(2, model.n_head, 16, 16, generator=g)).requires_grad_()
-    state = (S0, torch.randn(2, D_MODEL, generator=g))
-    leaves = [x, S0, *model.parameters()]
-
-    def run(m):
-        y, (S, last) = m(x, state)
-        return [y, S], torch.autograd.grad((y.square().sum() + S.square().sum()), leaves)
-    ref, ref_grads = run(model)
-    out, grads = run(torch.compile(model, fullgraph=True))
-    for o, r in zip(out + list(grads), ref + list(ref_grads)):
-        assert rel_err(o, r) <= 1e-5
 
 
 def test_rwkv7_init_as_official():
