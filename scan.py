@@ -164,9 +164,10 @@ def _torch_scan(a, b, h0, reverse, block=False):
         h[:, 0] += (A[:, 0] * h0.to(acc)[:, None]).sum(2) if block else A[:, 0] * h0.to(acc)
     d = 1
     while d < T:  # later (A2, h2) after earlier (A1, h1): (A2 A1, A2 h1 + h2)
-        if block:
-            h[:, d:] = (A[:, d:] * h[:, :-d, None]).sum(3) + h[:, d:]
-            A[:, d:] = (A[:, d:, :, :, None] * A[:, :-d, None]).sum(3)
+        if block:  # by columns: no [.., 2, 2, 2, *] temporaries
+            P, Q = A[:, d:], A[:, :-d]
+            h[:, d:] = P[:, :, :, 0] * h[:, :-d, :1] + P[:, :, :, 1] * h[:, :-d, 1:] + h[:, d:]
+            A[:, d:] = P[:, :, :, :1] * Q[:, :, None, 0] + P[:, :, :, 1:] * Q[:, :, None, 1]
         else:
             h[:, d:] = A[:, d:] * h[:, :-d] + h[:, d:]
             A[:, d:] = A[:, d:] * A[:, :-d]
