@@ -13,8 +13,9 @@ and k, so q and k get plain rotary, with torchscale's angles 1/10000^linspace(0,
 interleaved pairs; the state carries the step counter, so rotations go on where a prefill stopped.
 k is scaled by D^-0.5. Output (sec. 2.2, eq. 8): GroupNorm per head (the paper's; torchscale now
 uses an RMSNorm without affine), swish(x W_G) gate, W_O. Value width 2 d_model, as in the paper
-(its parameter budget: 8 d_model^2 per layer). Init as torchscale: xavier_uniform, gain 2^-2.5 on
-W_Q, W_K, W_V, W_G, gain 1 on W_O. The paper's extra normalisations of the retention scores
+(its parameter budget: 8 d_model^2 per layer). Init as torchscale 0.3.0, its last release:
+xavier_uniform, gain 2^-2.5 on W_Q, W_K, W_V, W_G, gain 1 on W_O (torchscale's main branch later
+moved W_O to gain 2^-1). The paper's extra normalisations of the retention scores
 (sec. 3.3: dividing D by its row sums' sqrt, Q K^T by |row sums|) are per-token, per-head scalars
 that the GroupNorm cancels up to its eps; they only guard fp16 ranges, which the decay already
 bounds here (|S| <= 2^(5+h) times the largest v k^T), so they are left out.

@@ -11,6 +11,7 @@ float32 1e-4 (~1e-7 per rounding, accumulated over a few hundred operations), bf
 GPU-only cases skip on a machine without CUDA.
 """
 import importlib
+import inspect
 import math
 import os
 import signal
@@ -208,6 +209,75 @@ def test_long_sequence_is_finite_cuda_bf16(name):
         y, state = model(x)
     y.float().square().mean().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+
+
+# long decoding: a 37-token prefill, then 300 steps, against one pass of the default form. 37 and
+# 337 cross chunk boundaries (chunk 16) and the conv windows (4), and 337 passes 256, where a cache
+# or a counter of a power-of-two size would wrap.
+LONG_PREFILL, LONG_TOTAL = 37, 337
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_long_decoding_matches_one_parallel_pass(name):
+    """Every step's output, and the final state, equal one default-form pass over all 337 tokens;
+    so does a second default-form call that continues from the prefill's state (the chunked forms
+    carry an initial state across 19 chunks)."""
+    cls = getattr(importlib.import_module(name), MODELS[name][0])
+    chunk = {"chunk_size": 16} if "chunk_size" in inspect.signature(cls).parameters else {}
+    model = make(name, **chunk)
+    x = torch.randn(2, LONG_TOTAL, D_MODEL, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    P, tol = LONG_PREFILL, TOL[torch.float64]
+    with torch.no_grad():
+        y_full, s_full = model(x)
+        y_pre, s_pre = model(x[:, :P])
+        y_rest, s_rest = model(x[:, P:], s_pre)
+        state = s_pre
+        for t in range(P, LONG_TOTAL):
+            y_t, state = model.step(x[:, t], state)
+            err = rel_err(y_t, y_full[:, t])
+            assert err <= tol, f"{name}: step() at token {t}: rel err {err:.2e}"
+    assert rel_err(y_pre, y_full[:, :P]) <= tol, f"{name}: the prefill: rel err {rel_err(y_pre, y_full[:, :P]):.2e}"
+    err = rel_err(y_rest, y_full[:, P:])
+    assert err <= tol, f"{name}: a forward continuing from the prefill's state: rel err {err:.2e}"
+    for how, s in (("step()", state), ("a continuing forward", s_rest)):
+        for i, (a, b) in enumerate(zip(tensors(s), tensors(s_full), strict=True)):
+            assert a.shape == b.shape, f"{name}: state[{i}] after {how}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+            if b.is_floating_point():
+                assert rel_err(a, b) <= tol, f"{name}: state[{i}] after {how}: rel err {rel_err(a, b):.2e}"
+            else:
+                assert torch.equal(a, b), f"{name}: state[{i}] after {how} differs"
+
+
+# initialisation: each model's section checks its parameters against the paper, the reference code
+# its docstring names, or PyTorch's defaults where the docstring claims none, with these helpers.
+
+def assert_uniform(w, low, high, what):
+    """The entries of w are draws from U(low, high): all inside, and the Kolmogorov-Smirnov distance
+    of their empirical CDF from the uniform CDF below 1.95 / sqrt(n), its 0.1% critical value."""
+    x = w.detach().double().flatten().sort().values
+    n, slack = x.numel(), 1e-6 * (high - low)  # float32 draws: rounding at the ends
+    assert x[0] >= low - slack and x[-1] <= high + slack, \
+        f"{what}: range [{x[0]:.4g}, {x[-1]:.4g}] is not inside [{low:.4g}, {high:.4g}]"
+    cdf = (x - low) / (high - low)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    ks = torch.maximum(i / n - cdf, cdf - (i - 1) / n).max().item()
+    assert ks <= 1.95 / math.sqrt(n), f"{what}: KS distance {ks:.3f} from U({low:.4g}, {high:.4g}), n = {n}"
+
+
+def assert_torch_default(layer, what):
+    """nn.Linear's and nn.Conv1d's own init (kaiming_uniform with a = sqrt(5)): weight and bias
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_features (conv: in_channels / groups * kernel)."""
+    bound = 1 / math.sqrt(layer.weight[0].numel())
+    assert_uniform(layer.weight, -bound, bound, f"{what}.weight")
+    if layer.bias is not None:
+        assert layer.bias.abs().max() <= bound, f"{what}.bias outside U(-{bound:.4g}, {bound:.4g})"
+
+
+def assert_xavier(layer, gain, what):
+    """nn.init.xavier_uniform_(weight, gain): U(-b, b), b = gain * sqrt(6 / (fan_in + fan_out))."""
+    fan_out, fan_in = layer.weight.shape
+    bound = gain * math.sqrt(6 / (fan_in + fan_out))
+    assert_uniform(layer.weight, -bound, bound, f"{what}.weight (xavier, gain {gain:.4g})")
 
 
 # ----------------------------------------------------------------------------- torch.compile: every default form, whole-graph, against eager
@@ -502,7 +572,62 @@ def test_scan_rejects_bad_input(bad, message):
         bad()
 
 
-# ----------------------------------------------------------------------------- retnet.py: an independent reference, ragged chunks, relative rotary, per-row positions, long sequences
+# ----------------------------------------------------------------------------- linear_attention.py: an independent reference from the paper, init
+
+from linear_attention import LinearAttention  # noqa: E402
+
+
+def linear_attention_reference(model, x):
+    """Katharopoulos et al. 2020 (eq. 4-9) from the paper, independent of linear_attention.py, in
+    float64: phi = elu + 1, y_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps) with S_i = sum_{j<=i}
+    phi(k_j) v_j^T and z_i = sum_{j<=i} phi(k_j), rebuilt for every i by a loop over j (eps: the
+    module's guard, in the denominator). Returns y and the last S [B, H, D, E] and z [B, H, D]."""
+    B, T, d = x.shape
+    H = model.n_head
+    phi = lambda t: F.elu(t) + 1  # noqa: E731
+    Wq, Wk, Wv = model.qkv.weight.double().chunk(3, 0)  # output rows [q | k | v], head after head
+    q, k, v = ((x.double() @ W.T).view(B, T, H, d // H) for W in (Wq, Wk, Wv))
+    y = torch.zeros(B, T, H, d // H, dtype=torch.float64)
+    for i in range(T):
+        S = torch.zeros(B, H, d // H, d // H, dtype=torch.float64)
+        z = torch.zeros(B, H, d // H, dtype=torch.float64)
+        for j in range(i + 1):
+            S = S + phi(k[:, j])[..., :, None] * v[:, j][..., None, :]
+            z = z + phi(k[:, j])
+        numerator = (phi(q[:, i])[..., :, None] * S).sum(-2)  # phi(q_i)^T S_i: [B, H, E]
+        denominator = (phi(q[:, i]) * z).sum(-1, keepdim=True)  # phi(q_i)^T z_i: [B, H, 1]
+        y[:, i] = numerator / (denominator + model.eps)
+    return y.flatten(2) @ model.out.weight.double().T, S, z
+
+
+@pytest.mark.parametrize("form", LinearAttention.forms)
+def test_linear_attention_matches_paper_reference(form):
+    """Every form against the paper, from an empty state and from the state a 5-token prefix left
+    (the reference sums over the prefix's tokens too); the state is [S^T; z^T] as documented."""
+    model = make("linear_attention")  # float64, 2 heads, chunk 8: 21 tokens cross two chunk ends
+    x = torch.randn(2, 21, D_MODEL, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref, S, z = linear_attention_reference(model, x)
+    with torch.no_grad():
+        y, state = model(x, form=form)
+        _, prefix_state = model(x[:, :5], form=form)
+        y_cont, _ = model(x[:, 5:], prefix_state, form=form)
+    assert rel_err(y, ref) <= 1e-12, f"{form}: rel err {rel_err(y, ref):.2e}"
+    err = rel_err(y_cont, ref[:, 5:])
+    assert err <= 1e-12, f"{form} from a prefix's state: rel err {err:.2e}"
+    assert rel_err(state[:, :, :-1], S.transpose(-1, -2)) <= 1e-12 and rel_err(state[:, :, -1], z) <= 1e-12
+
+
+def test_linear_attention_init_is_torch_default():
+    """The docstring claims no init: q, k, v and out projections keep nn.Linear's default."""
+    torch.manual_seed(0)
+    model = LinearAttention(256)
+    assert_torch_default(model.qkv, "qkv")
+    assert_torch_default(model.out, "out")
+
+
+# ----------------------------------------------------------------------------- retnet.py: an independent reference, ragged chunks, relative rotary, per-row positions, long sequences, init and decays
+
+from retnet import RetNet  # noqa: E402
 
 RETNET_DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 
@@ -619,7 +744,29 @@ def test_retnet_long_bf16_backward_finite(form):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------- gated_retention.py: an independent reference, gates exactly 0 and 1, ragged chunks, relative rotary, long sequences
+def test_retnet_init_as_torchscale_and_decays_as_the_paper():
+    """gamma_h = 1 - 2^(-5-h), h = 0..H-1 (sec. 2.2), read off what the layer does: zero input
+    writes nothing, and step() and every form decay the state by gamma_h per token. Projections as
+    torchscale 0.3.0: xavier_uniform, gain 2^-2.5 on W_Q, W_K, W_V, W_G, gain 1 on W_O; GroupNorm 1, 0."""
+    torch.manual_seed(0)
+    H = 8
+    model = RetNet(256, n_head=H).double()
+    for name, gain in (("q", 2 ** -2.5), ("k", 2 ** -2.5), ("v", 2 ** -2.5), ("g", 2 ** -2.5), ("out", 1.0)):
+        assert_xavier(getattr(model, name), gain, name)
+    assert (model.norm.weight == 1).all() and (model.norm.bias == 0).all()
+    gamma = torch.tensor([1 - 2.0 ** (-5 - h) for h in range(H)], dtype=torch.float64)[:, None, None]
+    state = (torch.randn(2, H, 64, 32, dtype=torch.float64), torch.tensor([0, 100]))
+    with torch.no_grad():
+        _, (S, _) = model.step(torch.zeros(2, 256, dtype=torch.float64), state)
+        assert rel_err(S, gamma * state[0]) <= 1e-14
+        for form in RetNet.forms:
+            _, (S, _) = model(torch.zeros(2, 5, 256, dtype=torch.float64), state, form=form)
+            assert rel_err(S, gamma ** 5 * state[0]) <= 1e-13, form
+
+
+# ----------------------------------------------------------------------------- gated_retention.py: an independent reference, gates exactly 0 and 1, ragged chunks, relative rotary, long sequences, init
+
+from gated_retention import GatedRetention  # noqa: E402
 
 GATED_RETENTION_DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 
@@ -780,7 +927,18 @@ def test_gated_retention_long_bf16_backward_finite(form, regime):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------- mamba2.py: a naive per-head reference, groups, ragged chunks, extreme decays, short prefixes, defaults
+def test_gated_retention_init_as_yoco():
+    """xavier_uniform, gain 2^-2.5 on q, k, v, g and the gate, 2^-1 on out (YOCO's GateRetention);
+    the gate's bias, which YOCO's gate lacks, keeps nn.Linear's default."""
+    torch.manual_seed(0)
+    model = GatedRetention(256, n_head=16)
+    for name, gain in (("q", 2 ** -2.5), ("k", 2 ** -2.5), ("v", 2 ** -2.5), ("g", 2 ** -2.5), ("gate", 2 ** -2.5),
+                       ("out", 2 ** -1)):
+        assert_xavier(getattr(model, name), gain, name)
+    assert model.gate.bias.abs().max() <= 1 / math.sqrt(256)
+
+
+# ----------------------------------------------------------------------------- mamba2.py: a naive per-head reference, groups, ragged chunks, extreme decays, short prefixes, defaults, init
 
 from mamba2 import Mamba2  # noqa: E402
 
@@ -919,10 +1077,20 @@ def test_mamba2_state_shapes_and_dtypes():
     m = Mamba2(32)  # the official defaults: headdim 64, d_state 128, one head here
     assert (m.n_head, m.headdim, m.d_state, m.d_conv, m.chunk_size) == (1, 64, 128, 4, 256)
     assert m.in_proj.bias is None and m.out_proj.bias is None and m.conv1d.bias is not None
-    dt = F.softplus(Mamba2(256, headdim=8).dt_bias)  # 64 heads: log-uniform in [1e-3, 1e-1]
+
+
+def test_mamba2_init_as_mamba_ssm():
+    """As mamba_ssm's Mamba2: dt = softplus(dt_bias) log-uniform in [dt_min, dt_max] = [1e-3, 1e-1],
+    A = -exp(A_log) uniform in [-16, -1] (A_init_range), D = 1, the norm's weight 1: 2048 heads."""
+    torch.manual_seed(0)
+    m = Mamba2(256, expand=8, headdim=1, d_state=8)
+    dt = F.softplus(m.dt_bias.double())
     assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
-    A = torch.exp(Mamba2(256, headdim=8).A_log)
+    assert_uniform(dt.log(), math.log(1e-3), math.log(0.1), "log dt")
+    A = torch.exp(m.A_log.double())
     assert A.min() >= 1 and A.max() <= 16
+    assert_uniform(-A, -16.0, -1.0, "A")
+    assert (m.D == 1).all() and (m.norm_weight == 1).all()
 
 
 @needs_cuda
@@ -1068,6 +1236,9 @@ def test_mamba_other_conv_widths(d_conv):
 
 
 def test_mamba_init():
+    """As the paper and mamba_ssm's Mamba: A = -(1..N) in every channel (S4D-real), D = 1, dt at init
+    log-uniform in [dt_min, dt_max] = [1e-3, 1e-1] (softplus of dt_proj's bias), dt_proj's weight
+    U(-dt_rank^-0.5, dt_rank^-0.5) (dt_init "random"); the distributions at 2048 channels."""
     m = mamba.Mamba(64)
     assert m.dt_rank == 4 and m.d_inner == 128 and m.A_log.shape == (128, 16)
     assert torch.allclose(-torch.exp(m.A_log[3]), -torch.arange(1., 17.))
@@ -1075,6 +1246,12 @@ def test_mamba_init():
     assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
     assert m.dt_proj.weight.abs().max() <= 0.5 and torch.equal(m.D, torch.ones(128))
     assert m.in_proj.bias is None and m.x_proj.bias is None and m.out_proj.bias is None and m.conv1d.bias is not None
+    torch.manual_seed(0)
+    m = mamba.Mamba(256, expand=8)
+    assert torch.allclose(-torch.exp(m.A_log), -torch.arange(1., 17.).expand(2048, 16))
+    assert_uniform(F.softplus(m.dt_proj.bias.double()).log(), math.log(1e-3), math.log(0.1), "log dt")
+    assert_uniform(m.dt_proj.weight, -m.dt_rank ** -0.5, m.dt_rank ** -0.5, "dt_proj.weight")
+    assert torch.equal(m.D, torch.ones(2048))
 
 
 def test_mamba_bf16_parameters_run():
@@ -1132,7 +1309,7 @@ def test_mamba_contraction_allocates_only_y():
     assert rel_err(y, ref) <= 1e-5
 
 
-# ----------------------------------------------------------------------------- deltanet.py: a naive delta rule, beta 0 and 1, the gradient-step reading, the layer by hand, long and adversarial keys
+# ----------------------------------------------------------------------------- deltanet.py: a naive delta rule, beta 0 and 1, the gradient-step reading, the layer by hand, long and adversarial keys, init
 # (the delta rule written with explicit D x D matrices; the layer rebuilt by hand from its parameters)
 
 import deltanet  # noqa: E402
@@ -1310,6 +1487,16 @@ def test_deltanet_cuda_long_bf16_and_f32(form):
         yc, Sc = deltanet_core(form, q, k, v, b, S0, L=64)
         yr, Sr = deltanet.delta_rule_recurrent(q, k, v, b, S0.double())
     assert rel_err(yc, yr) <= 2e-3 and rel_err(Sc, Sr) <= 2e-3, (rel_err(yc, yr), rel_err(Sc, Sr))  # tf32 matmuls
+
+
+def test_deltanet_init_is_torch_default():
+    """The docstring claims no init of the layer's own: the projections (the optional gate too) and
+    the conv keep PyTorch's default, the RMSNorm's weight starts at 1."""
+    torch.manual_seed(0)
+    model = DeltaNet(256, use_gate=True)
+    for name in ("qkv", "conv", "beta", "gate", "out"):
+        assert_torch_default(getattr(model, name), name)
+    assert (model.norm == 1).all()
 
 
 # ----------------------------------------------------------------------------- rwkv7.py: the official time mix by hand, decays and a at their extremes, ragged chunks, long handoff, T = 16384 with gradients, the official init and numbers
@@ -1512,8 +1699,7 @@ def test_rwkv7_bad_options_are_errors(options):
         RWKV7(D_MODEL, **options)
 
 
-
-# ----------------------------------------------------------------------------- attention.py: the KV cache, a naive RoFormer reference, relative rotary, extreme inputs, sdpa vs parallel, long sequences
+# ----------------------------------------------------------------------------- attention.py: the KV cache, a naive RoFormer reference, relative rotary, extreme inputs, sdpa vs parallel, long sequences, init
 
 from attention import Attention, rotary  # noqa: E402
 
@@ -1661,7 +1847,15 @@ def test_attention_dropout_only_in_training(form):
         Attention(D_MODEL, dropout=1.0)
 
 
-# ----------------------------------------------------------------------------- rnn.py: torch.nn.RNNCell as reference, the Newton iteration cap, Newton's exact prefix, iteration counts
+def test_attention_init_is_torch_default():
+    """The docstring claims no init: the qkv and out projections keep nn.Linear's default."""
+    torch.manual_seed(0)
+    model = Attention(256)
+    assert_torch_default(model.qkv, "qkv")
+    assert_torch_default(model.out, "out")
+
+
+# ----------------------------------------------------------------------------- rnn.py: torch.nn.RNNCell as reference, the Newton iteration cap, Newton's exact prefix, iteration counts, init
 # (pytest -s prints the iteration counts)
 
 from rnn import RNN, rnn_newton  # noqa: E402
@@ -1752,7 +1946,17 @@ def test_rnn_iteration_counts_fresh_layer(dtype, most):
         assert k <= most and rel_err(y, y_ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
 
 
-# ----------------------------------------------------------------------------- lstm.py: torch.nn.LSTMCell as reference, the Newton iteration cap, Newton's exact prefix, exact vs diagonal Newton
+def test_rnn_init_as_documented():
+    """w_h ~ U(0, 1), as the docstring says (every channel has memory, |dh_t/dh_{t-1}| < 1); W_x, b and
+    W_o keep nn.Linear's default."""
+    torch.manual_seed(0)
+    model = RNN(64, d_hidden=4096)
+    assert_uniform(model.w_h, 0.0, 1.0, "w_h")
+    assert_torch_default(model.inp, "inp")
+    assert_torch_default(model.out, "out")
+
+
+# ----------------------------------------------------------------------------- lstm.py: torch.nn.LSTMCell as reference, the Newton iteration cap, Newton's exact prefix, exact vs diagonal Newton, init
 # (pytest -s prints the iteration counts)
 
 from lstm import LSTM, cell, lstm_newton  # noqa: E402
@@ -1861,6 +2065,32 @@ def test_lstm_iteration_counts_fresh_layer(dtype=torch.float32):
         assert rel_err(y, y_ref) <= 1e-5
     print(f"\nlstm fresh layer, T=2048, {dtype}: Newton iterations {counts}")
     assert counts["full"] <= 12 < counts["diag"]
+
+
+def test_lstm_init_forget_bias_one_on_the_gate_that_keeps_c():
+    """Gers et al. 2000: the forget gate's bias starts at 1. In the parameters: in the docstring's gate
+    order [i, f, o, g] the f slice is 1, the other biases and W keep nn.Linear's default, r ~ U(-1, 1)
+    as documented. In what the cell does: with W = 0 and r = 0 each gate is its bias, and two states
+    that differ by 1 in c differ by f in the next c; f, the gate that multiplies c_{t-1}, is sigmoid(1)."""
+    torch.manual_seed(0)
+    H = 1024
+    model = LSTM(64, d_hidden=H).double()
+    b, bound = model.inp.bias.view(4, H), 1 / math.sqrt(64)
+    assert (b[1] == 1).all(), "the forget slice of the bias is not 1"
+    assert b[[0, 2, 3]].abs().max() <= bound, "a bias other than the forget gate's is not nn.Linear's default"
+    assert_uniform(model.inp.weight, -bound, bound, "inp.weight")
+    assert_uniform(model.r, -1.0, 1.0, "r")
+    assert_torch_default(model.out, "out")
+    with torch.no_grad():
+        model.inp.weight.zero_()
+        model.r.zero_()
+        x, c = torch.randn(3, 64, dtype=torch.float64), torch.randn(3, H, dtype=torch.float64)
+        h = torch.zeros(3, H, dtype=torch.float64)
+        _, (c1, _) = model.step(x, (c, h))
+        _, (c2, _) = model.step(x, (c + 1, h))
+    forget = c2 - c1
+    assert rel_err(forget, torch.full_like(forget, 1 / (1 + math.exp(-1)))) <= 1e-12, \
+        f"c_{{t-1}} is multiplied by {forget.mean():.4f}, not sigmoid(1) = 0.7311"
 
 
 # ----------------------------------------------------------------------------- train.py: a tiny run, checkpoints, bit-for-bit resume, Ctrl-C, compile fallback, clear errors, MQAR, width matching, --mixer-args, --max-time, dropout, --report (CPU, seconds)
