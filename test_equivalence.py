@@ -1039,6 +1039,7 @@ def deltanet_layer_reference(model, x, state=None):
     q, k, v = F.silu(c).split(d, -1)
     q, k, v = (z.unflatten(-1, (H, -1)) for z in (q, k, v))
     q, k = (z / torch.sqrt((z * z).sum(-1, keepdim=True) + 1e-6) for z in (q, k))  # fla's l2norm eps
+    q = q / math.sqrt(q.shape[-1])  # fla's scale: its kernels compute y_t = S_t (q_t * d_k^-1/2)
     y, S = deltanet_naive(q, k, v, torch.sigmoid(x @ model.beta.weight.T), S0)
     y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + model.eps) * model.norm
     if model.gate is not None:
@@ -1106,6 +1107,57 @@ def test_deltanet_adversarial_keys_float32(form):
             y, S = deltanet_core(form, q, k, v, b, S0, L=64)
             y_ref, S_ref = deltanet.delta_rule_recurrent(q, k, v, b, S0.double())
         assert rel_err(y, y_ref) <= 1e-3 and rel_err(S, S_ref) <= 1e-3, (spread, rel_err(y, y_ref), rel_err(S, S_ref))
+
+
+def test_deltanet_layer_scales_q_as_fla_at_the_showdown_width():
+    """d_model 384, fla's defaults: the layer equals the reference with fla's q scale. Without the
+    scale the RMSNorm cancels it only up to its eps: outputs then differ by tens of percent."""
+    torch.manual_seed(0)
+    model = DeltaNet(384).double()
+    x = torch.randn(2, 12, 384, dtype=torch.float64)
+    with torch.no_grad():
+        y, s = model(x)
+        y_ref, s_ref = deltanet_layer_reference(model, x)
+    assert rel_err(y, y_ref) <= 1e-10 and rel_err(s[0], s_ref[0]) <= 1e-10
+
+
+def affine_maps_in_order(M, C, S):
+    """The chunk states of S -> S M_n + C_n, one chunk after another."""
+    states = []
+    for n in range(M.shape[0]):
+        states.append(S)
+        S = S @ M[n] + C[n]
+    return torch.stack(states), S
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 5, 8, 33])
+def test_deltanet_chunk_scan_composes_affine_maps(N):
+    """The scan alone, on maps that are not contractions (so any misplaced factor shows)."""
+    g = torch.Generator().manual_seed(N)
+    M = torch.eye(4, dtype=torch.float64) + 0.3 * torch.randn(N, 2, 3, 4, 4, generator=g, dtype=torch.float64)
+    C = torch.randn(N, 2, 3, 5, 4, generator=g, dtype=torch.float64)
+    S = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    ins, last = deltanet.chunk_scan(M, C, S)
+    ins_ref, last_ref = affine_maps_in_order(M, C, S)
+    assert rel_err(ins, ins_ref) <= 1e-12 and rel_err(last, last_ref) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
+@pytest.mark.parametrize("chunks,T", [(1, 4), (2, 7), (3, 12), (5, 18), (8, 32), (33, 131)])
+def test_deltanet_chunked_scan_matches_recurrent(chunks, T, dtype, tol):
+    """Chunk size 4, T/4 rounded up = chunks (ragged where 4 does not divide T): outputs, final state
+    and the gradients w.r.t. q, k, v, beta and S0 against the float64 recurrence."""
+    inputs = [t.requires_grad_() for t in deltanet_inputs(T=T, H=2, dtype=dtype, seed=chunks)]
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    g = torch.Generator().manual_seed(100 + chunks)
+    gy, gS = torch.randn(2, T, 2, 5, generator=g, dtype=torch.float64), torch.randn(2, 2, 5, 8, generator=g, dtype=torch.float64)
+    y, S = deltanet.delta_rule_chunked(*inputs, 4)
+    y_ref, S_ref = deltanet.delta_rule_recurrent(*ref_inputs)
+    grads = torch.autograd.grad((y.double() * gy).sum() + (S.double() * gS).sum(), inputs)
+    grads_ref = torch.autograd.grad((y_ref * gy).sum() + (S_ref * gS).sum(), ref_inputs)
+    assert rel_err(y, y_ref) <= tol and rel_err(S, S_ref) <= tol
+    for name, a, b in zip(["q", "k", "v", "beta", "S0"], grads, grads_ref):
+        assert rel_err(a, b) <= tol, f"grad {name}: {rel_err(a, b):.2e}"
 
 
 @needs_cuda
