@@ -28,7 +28,8 @@ from scan import scan
 
 MODELS = {"rnn": "RNN", "lstm": "LSTM", "attention": "Attention", "linear_attention": "LinearAttention",
           "retnet": "RetNet", "gated_retention": "GatedRetention", "mamba": "Mamba", "mamba2": "Mamba2",
-          "deltanet": "DeltaNet", "rwkv7": "RWKV7"}
+          "deltanet": "DeltaNet", "gated_deltanet": "GatedDeltaNet",
+          "rwkv7": "RWKV7"}
 FP32 = {"rnn", "lstm"}  # Newton's method wants float32; the others run under bf16 autocast
 SECTIONS = ("scan", "forms", "chunked", "decode", "train")
 SKIP = []  # --skip: case names (substrings) left out, e.g. a comparator whose compilation hangs
@@ -191,7 +192,7 @@ def bench_forms(dev, quick, low):
 # --------------------------------------------------------------------------------------- 3. chunked
 def core_cases(B, T, H, D, dev, low):
     """name -> (fn, inputs it differentiates) for the zoo's chunked cores, fla's and SDPA."""
-    import deltanet, gated_retention, linear_attention, mamba2, retnet, rwkv7
+    import deltanet, gated_deltanet, gated_retention, linear_attention, mamba2, retnet, rwkv7
     rand = lambda *s, dtype=low: torch.randn(*s, device=dev, dtype=dtype).requires_grad_()
     q, k, v = rand(B, T, H, D), rand(B, T, H, D), rand(B, T, H, D)
     S = torch.randn(B, H, D, D, device=dev) * 0.1
@@ -211,13 +212,16 @@ def core_cases(B, T, H, D, dev, low):
         "gated_retention_chunked": (lambda: gated_retention.gated_retention_chunked(q, k, v, g, S, 64), (q, k, v, g)),
         "ssd_chunked (mamba2)": (lambda: mamba2.ssd_chunked(q, dt * A, dt, Bm, Cm, h, 64), (q, dt, Bm, Cm)),
         "delta_rule_chunked": (lambda: deltanet.delta_rule_chunked(q, kn, v, beta, S, 64), (q, kn, v, beta)),
+        "gated_delta_rule_chunked": (lambda: gated_deltanet.gated_delta_rule_chunked(q, kn, v, beta, g, S, 64),
+                                     (q, kn, v, beta, g)),
         "rwkv7_chunked": (lambda: rwkv7.rwkv7_chunked(q, log_w, k, v, kn, iclr, S, 64), (q, log_w, k, v, kn, iclr)),
     }
     beta_low = beta.detach().to(low).requires_grad_()
     for mod, name, args, kw in [("linear_attn", "chunk_linear_attn", (q, k, v), {"normalize": False}),
                                 ("retention", "chunk_retention", (q, k, v), {}),
                                 ("simple_gla", "chunk_simple_gla", (q, k, v), {"g": g}),
-                                ("delta_rule", "chunk_delta_rule", (q, kn, v, beta_low), {})]:
+                                ("delta_rule", "chunk_delta_rule", (q, kn, v, beta_low), {}),
+                                ("gated_delta_rule", "chunk_gated_delta_rule", (q, kn, v, g, beta_low), {})]:
         fn, ins = optional("fla.ops." + mod, name), [t for t in (*args, *kw.values()) if torch.is_tensor(t)]
         cases["fla " + name] = ("not installed" if fn is None else "cuda only" if dev.type != "cuda"
                                 else (lambda fn=fn, args=args, kw=kw: fn(*args, **kw), ins))

@@ -37,6 +37,7 @@ MODELS = {
     "mamba2": ("Mamba2", dict(headdim=8, d_state=8, chunk_size=8)),
     "mamba": ("Mamba", dict(d_state=4)),
     "deltanet": ("DeltaNet", dict(n_head=2, chunk_size=8)),
+    "gated_deltanet": ("GatedDeltaNet", dict(n_head=2, chunk_size=8)),
     "rwkv7": ("RWKV7", dict(head_size=16, chunk_size=8, decay_lora=4, a_lora=4, gate_lora=8)),
     "attention": ("Attention", dict(n_head=2)),
     "rnn": ("RNN", dict()),
@@ -1399,6 +1400,7 @@ def deltanet_layer_reference(model, x, state=None):
     q, k, v = F.silu(c).split(d, -1)
     q, k, v = (z.unflatten(-1, (H, -1)) for z in (q, k, v))
     q, k = (z / torch.sqrt((z * z).sum(-1, keepdim=True) + 1e-6) for z in (q, k))  # fla's l2norm eps
+    q = q / math.sqrt(q.shape[-1])  # fla's scale: its kernels compute y_t = S_t (q_t * d_k^-1/2)
     y, S = deltanet_naive(q, k, v, torch.sigmoid(x @ model.beta.weight.T), S0)
     y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + model.eps) * model.norm
     if model.gate is not None:
@@ -1468,6 +1470,57 @@ def test_deltanet_adversarial_keys_float32(form):
         assert rel_err(y, y_ref) <= 1e-3 and rel_err(S, S_ref) <= 1e-3, (spread, rel_err(y, y_ref), rel_err(S, S_ref))
 
 
+def test_deltanet_layer_scales_q_as_fla_at_the_showdown_width():
+    """d_model 384, fla's defaults: the layer equals the reference with fla's q scale. Without the
+    scale the RMSNorm cancels it only up to its eps: outputs then differ by tens of percent."""
+    torch.manual_seed(0)
+    model = DeltaNet(384).double()
+    x = torch.randn(2, 12, 384, dtype=torch.float64)
+    with torch.no_grad():
+        y, s = model(x)
+        y_ref, s_ref = deltanet_layer_reference(model, x)
+    assert rel_err(y, y_ref) <= 1e-10 and rel_err(s[0], s_ref[0]) <= 1e-10
+
+
+def affine_maps_in_order(M, C, S):
+    """The chunk states of S -> S M_n + C_n, one chunk after another."""
+    states = []
+    for n in range(M.shape[0]):
+        states.append(S)
+        S = S @ M[n] + C[n]
+    return torch.stack(states), S
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 5, 8, 33])
+def test_deltanet_chunk_scan_composes_affine_maps(N):
+    """The scan alone, on maps that are not contractions (so any misplaced factor shows)."""
+    g = torch.Generator().manual_seed(N)
+    M = torch.eye(4, dtype=torch.float64) + 0.3 * torch.randn(N, 2, 3, 4, 4, generator=g, dtype=torch.float64)
+    C = torch.randn(N, 2, 3, 5, 4, generator=g, dtype=torch.float64)
+    S = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    ins, last = deltanet.chunk_scan(M, C, S)
+    ins_ref, last_ref = affine_maps_in_order(M, C, S)
+    assert rel_err(ins, ins_ref) <= 1e-12 and rel_err(last, last_ref) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
+@pytest.mark.parametrize("chunks,T", [(1, 4), (2, 7), (3, 12), (5, 18), (8, 32), (33, 131)])
+def test_deltanet_chunked_scan_matches_recurrent(chunks, T, dtype, tol):
+    """Chunk size 4, T/4 rounded up = chunks (ragged where 4 does not divide T): outputs, final state
+    and the gradients w.r.t. q, k, v, beta and S0 against the float64 recurrence."""
+    inputs = [t.requires_grad_() for t in deltanet_inputs(T=T, H=2, dtype=dtype, seed=chunks)]
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    g = torch.Generator().manual_seed(100 + chunks)
+    gy, gS = torch.randn(2, T, 2, 5, generator=g, dtype=torch.float64), torch.randn(2, 2, 5, 8, generator=g, dtype=torch.float64)
+    y, S = deltanet.delta_rule_chunked(*inputs, 4)
+    y_ref, S_ref = deltanet.delta_rule_recurrent(*ref_inputs)
+    grads = torch.autograd.grad((y.double() * gy).sum() + (S.double() * gS).sum(), inputs)
+    grads_ref = torch.autograd.grad((y_ref * gy).sum() + (S_ref * gS).sum(), ref_inputs)
+    assert rel_err(y, y_ref) <= tol and rel_err(S, S_ref) <= tol
+    for name, a, b in zip(["q", "k", "v", "beta", "S0"], grads, grads_ref):
+        assert rel_err(a, b) <= tol, f"grad {name}: {rel_err(a, b):.2e}"
+
+
 @needs_cuda
 @pytest.mark.parametrize("form", ["parallel", "chunked"])
 def test_deltanet_cuda_long_bf16_and_f32(form):
@@ -1497,6 +1550,209 @@ def test_deltanet_init_is_torch_default():
     for name in ("qkv", "conv", "beta", "gate", "out"):
         assert_torch_default(getattr(model, name), name)
     assert (model.norm == 1).all()
+
+
+
+
+# ----------------------------------------------------------------------------- gated_deltanet.py: a naive gated delta rule, gates and betas at 0 and 1, the layer by hand, init, ragged chunks, long handoff, T = 16384, compiled
+# (the gated delta rule written with explicit D x D matrices and alpha itself; the layer rebuilt by hand from its parameters)
+
+import gated_deltanet  # noqa: E402
+from gated_deltanet import GatedDeltaNet  # noqa: E402
+
+GDN_FORMS = ("recurrent", "parallel", "chunked")
+
+
+def gated_deltanet_naive(q, k, v, beta, alpha, S):
+    """S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, y_t = S_t q_t (Yang et al. 2025), as written."""
+    q, k, v, beta, alpha, S = (x.double() for x in (q, k, v, beta, alpha, S))
+    I = torch.eye(k.shape[-1], dtype=torch.float64)
+    ys = []
+    for t in range(q.shape[1]):
+        kt, vt, bt, at = k[:, t], v[:, t], beta[:, t, :, None, None], alpha[:, t, :, None, None]
+        S = at * S @ (I - bt * kt[..., :, None] * kt[..., None, :]) + bt * vt[..., :, None] * kt[..., None, :]
+        ys.append((S @ q[:, t, ..., None])[..., 0])
+    return torch.stack(ys, 1), S
+
+
+# log alpha: ordinary; mild (the state decays to ~0.2 in 37 tokens); alpha exactly 1; alpha = exp(-1e4) = 0;
+# tokens that jump between the two
+GDN_GATES = {
+    "random": lambda B, T, H, g: -2 * torch.rand(B, T, H, generator=g),
+    "mild": lambda B, T, H, g: -0.08 * torch.rand(B, T, H, generator=g),
+    "one": lambda B, T, H, g: torch.zeros(B, T, H),
+    "zero": lambda B, T, H, g: torch.full((B, T, H), -1e4),
+    "jumpy": lambda B, T, H, g: -1e4 * torch.randint(0, 2, (B, T, H), generator=g),
+}
+
+
+def gdn_inputs(gate="random", dtype=torch.float64, seed=0, **kw):
+    q, k, v, b, S0 = deltanet_inputs(dtype=dtype, seed=seed, **kw)
+    g = GDN_GATES[gate](*b.shape, torch.Generator().manual_seed(seed + 1)).to(dtype)
+    return q, k, v, b, g, S0
+
+
+def gdn_core(form, q, k, v, beta, g, S, L=8):
+    if form == "recurrent":
+        return gated_deltanet.gated_delta_rule_recurrent(q, k, v, beta, g, S)
+    if form == "parallel":
+        return gated_deltanet.gated_delta_rule_parallel(q, k, v, beta, g, S)
+    return gated_deltanet.gated_delta_rule_chunked(q, k, v, beta, g, S, L)
+
+
+@pytest.mark.parametrize("gate", ["random", "one", "zero", "jumpy"])
+@pytest.mark.parametrize("form", GDN_FORMS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
+def test_gated_deltanet_core_against_naive(form, gate, dtype, tol):
+    """Outputs, final state and gradients (q, k, v, beta, log alpha, S0) against the naive rule in
+    float64. Where alpha underflows, d/d(log alpha) = alpha dL/dalpha is 0 in the naive rule, while the
+    log-space forms get it as O(1) terms that cancel: that gradient is measured against the others' scale."""
+    inputs = [t.requires_grad_() for t in gdn_inputs(gate, dtype)]
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    y, S = gdn_core(form, *inputs)
+    q, k, v, b, g, S0 = ref_inputs
+    y_ref, S_ref = gated_deltanet_naive(q, k, v, b, g.exp(), S0)
+    assert rel_err(y, y_ref) <= tol and rel_err(S, S_ref) <= tol
+    gen = torch.Generator().manual_seed(2)
+    gy, gS = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64), torch.randn(S_ref.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((y.double() * gy).sum() + (S.double() * gS).sum(), inputs)
+    grads_ref = torch.autograd.grad((y_ref * gy).sum() + (S_ref * gS).sum(), ref_inputs)
+    scale = grads_ref[2].norm().item()  # dL/dv
+    for name, a, r in zip(["q", "k", "v", "beta", "log alpha", "S0"], grads, grads_ref):
+        err = rel_err(a, r) if name != "log alpha" else (a.double() - r).norm().item() / max(r.norm().item(), scale)
+        assert err <= tol, f"grad {name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("form", GDN_FORMS)
+def test_gated_deltanet_alpha_one_is_deltanet_alpha_zero_forgets(form):
+    q, k, v, b, g, S0 = gdn_inputs("one")
+    y, S = gdn_core(form, q, k, v, b, g, S0)
+    y_ref, S_ref = deltanet_core(form, q, k, v, b, S0)  # alpha = 1 exactly: deltanet.py's own forms
+    assert rel_err(y, y_ref) <= 1e-12 and rel_err(S, S_ref) <= 1e-12
+    q, k, v, b, g, S0 = gdn_inputs("zero")  # alpha = 0: only the current token's write survives
+    y, S = gdn_core(form, q, k, v, b, g, S0)
+    y_ref = b[..., None] * (q * k).sum(-1, keepdim=True) * v  # y_t = beta_t (k_t . q_t) v_t
+    S_ref = b[:, -1, :, None, None] * v[:, -1, :, :, None] * k[:, -1, :, None, :]
+    assert rel_err(y, y_ref) <= 1e-12 and rel_err(S, S_ref) <= 1e-12
+
+
+@pytest.mark.parametrize("form", GDN_FORMS)
+def test_gated_deltanet_beta_zero_skips_and_beta_one_overwrites(form):
+    q, k, v, b, g, S0 = gdn_inputs("mild", beta=DELTANET_BETAS["zero"])  # only the decay acts
+    y, S = gdn_core(form, q, k, v, b, g, S0)
+    c = g.cumsum(1)
+    assert rel_err(S, S0 * c[:, -1, :, None, None].exp()) <= 1e-12
+    assert rel_err(y, torch.einsum("bhed,bthd->bthe", S0, q) * c.exp()[..., None]) <= 1e-12
+    q, k, v, b, g, S0 = gdn_inputs("mild", beta=DELTANET_BETAS["one"], same_key=True)  # one key, again and again
+    y, S = gdn_core(form, q, k, v, b, g, S0)
+    assert rel_err(torch.einsum("bhed,bhd->bhe", S, k[:, -1]), v[:, -1]) <= 1e-10  # S k = v exactly
+    P = torch.eye(8, dtype=torch.float64) - k[:, 0, :, :, None] * k[:, 0, :, None, :]
+    decay = g.sum(1).exp()[..., None, None]
+    assert rel_err(S @ P, decay * S0 @ P) <= 1e-10  # what is orthogonal to k only decayed
+
+
+@pytest.mark.parametrize("L", [1, 3, 8, 64])
+def test_gated_deltanet_chunked_every_length(L):
+    """Ragged last chunks, T shorter than a chunk, one token per chunk: against the recurrence."""
+    for T in (1, 7, 8, 9, 23):
+        q, k, v, b, g, S0 = gdn_inputs(T=T, seed=T)
+        y, S = gated_deltanet.gated_delta_rule_chunked(q, k, v, b, g, S0, L)
+        y_ref, S_ref = gated_deltanet.gated_delta_rule_recurrent(q, k, v, b, g, S0)
+        assert rel_err(y, y_ref) <= 1e-10 and rel_err(S, S_ref) <= 1e-10, (T, L)
+
+
+def gated_deltanet_layer_reference(model, x, state=None):
+    """The layer rebuilt from its parameters as fla defines it: conv as an explicit window sum, alpha
+    = exp(-softplus(w_a x + dt_bias) exp(A_log)), fla's q scale, FusedRMSNormGated, naive recurrence."""
+    B, T, d = x.shape
+    H, W = model.n_head, model.conv.weight[:, 0]  # [C, K]
+    K, key, value = W.shape[1], model.key, model.value
+    S0, conv0 = state if state is not None else (x.new_zeros(B, H, value // H, key // H), x.new_zeros(B, K - 1, W.shape[0]))
+    p = torch.cat([conv0, x @ model.qkv.weight.T], 1)
+    c = torch.stack([sum(p[:, t + i] * W[:, i] for i in range(K)) for t in range(T)], 1)
+    q, k, v = (z.unflatten(-1, (H, -1)) for z in F.silu(c).split([key, key, value], -1))
+    q, k = (z / torch.sqrt((z * z).sum(-1, keepdim=True) + 1e-6) for z in (q, k))  # fla's l2norm eps
+    q = q / math.sqrt(q.shape[-1])  # fla's default scale
+    alpha = torch.exp(-F.softplus(x @ model.a.weight.T + model.dt_bias) * torch.exp(model.A_log))
+    y, S = gated_deltanet_naive(q, k, v, torch.sigmoid(x @ model.beta.weight.T), alpha, S0)
+    y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + model.eps) * model.norm
+    y = y * F.silu(x @ model.gate.weight.T).unflatten(-1, (H, -1))
+    return y.flatten(2) @ model.out.weight.T, (S, p[:, -(K - 1):])
+
+
+@pytest.mark.parametrize("form", GDN_FORMS)
+def test_gated_deltanet_layer_against_reference(form):
+    model = make("gated_deltanet")
+    with torch.no_grad():
+        model.norm.add_(0.1 * torch.randn_like(model.norm))
+        x = torch.randn(2, 23, 32, dtype=torch.float64)
+        _, state = model(torch.randn(2, 6, 32, dtype=torch.float64), form="recurrent")
+        for st in (None, state):
+            y, s = model(x, st, form=form)
+            y_ref, s_ref = gated_deltanet_layer_reference(model, x, st)
+            assert rel_err(y, y_ref) <= 1e-10
+            assert rel_err(s[1], s_ref[1]) == 0 and rel_err(s[0], s_ref[0]) <= 1e-10
+
+
+def test_gated_deltanet_defaults_and_init_as_fla():
+    """fla's GatedDeltaNet: 6 heads, keys 0.75 d_model and values 1.5 d_model wide, conv 4 without
+    bias, no projection biases, norm eps 1e-5; A = exp(A_log) ~ U(0, 16), dt = softplus(dt_bias)
+    log-uniform in [1e-3, 0.1] (Mamba2's init)."""
+    m = GatedDeltaNet(384)
+    assert (m.n_head, m.key, m.value, m.chunk_size, m.eps) == (6, 288, 576, 64, 1e-5)
+    assert m.conv.kernel_size == (4,) and m.conv.bias is None and m.norm.shape == (96,)
+    assert all(lin.bias is None for lin in (m.qkv, m.a, m.beta, m.gate, m.out))
+    assert sum(p.numel() for p in m.parameters()) == pytest.approx(6 * 384 ** 2, rel=0.02)
+    torch.manual_seed(0)
+    m = GatedDeltaNet(800, n_head=100)  # 100 draws of each per-head parameter
+    A, dt = m.A_log.detach().exp(), F.softplus(m.dt_bias.detach())
+    assert A.min() > 0 and A.max() < 16 and A.min() < 1 and 6 < A.mean() < 10  # U(0, 16), not Mamba2's (1, 16)
+    assert dt.min() >= 1e-3 * (1 - 1e-6) and dt.max() <= 0.1 * (1 + 1e-6)
+    assert abs(dt.log().mean() - math.log(1e-2)) < 0.5  # the middle of [log 1e-3, log 0.1]
+    with pytest.raises(ValueError, match="n_head"):
+        GatedDeltaNet(30, n_head=4)
+
+
+def test_gated_deltanet_long_handoff():
+    """A prefill of 37 tokens (chunked, chunk 16), then 300 step() calls, each output against one
+    parallel pass over the whole sequence; the final states too."""
+    model = make("gated_deltanet", chunk_size=16)
+    x = torch.randn(2, 337, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        y_full, s_full = model(x, form="parallel")
+        y, state = model(x[:, :37])
+        assert rel_err(y, y_full[:, :37]) <= 1e-8
+        for t in range(37, 337):
+            y_t, state = model.step(x[:, t], state)
+            assert rel_err(y_t, y_full[:, t]) <= 1e-8, f"step {t}"
+    assert rel_err(state[0], s_full[0]) <= 1e-8 and rel_err(state[1], s_full[1]) <= 1e-12
+
+
+# layer regimes: alpha exactly 1 (A_log = -inf); alpha = 0 (log alpha ~ -2e5); gates jumping between the two
+GDN_LAYER_GATES = {"plain": {}, "one": dict(A_log=-math.inf), "zero": dict(A_log=10.0, dt_bias=10.0),
+                   "jumpy": dict(A_log=10.0, a_scale=1e3)}
+
+
+def gdn_layer(dtype=torch.float32, A_log=None, dt_bias=None, a_scale=None, **options):
+    model = make("gated_deltanet", dtype, **options)
+    with torch.no_grad():
+        for p, value in ((model.A_log, A_log), (model.dt_bias, dt_bias)):
+            if value is not None:
+                p.fill_(value)
+        if a_scale is not None:
+            model.a.weight.mul_(a_scale)
+    return model
+
+
+@pytest.mark.parametrize("regime", GDN_LAYER_GATES)
+def test_gated_deltanet_long_sequence_forward_backward_finite(regime):
+    """T = 16384, float32, the default (chunked) form with its default chunk, gates at 0 and 1 too."""
+    model = gdn_layer(**GDN_LAYER_GATES[regime], chunk_size=64)
+    x = torch.randn(1, 16384, D_MODEL, requires_grad=True)
+    y, (S, _) = model(x)
+    (y.square().mean() + S.square().mean()).backward()
+    assert torch.isfinite(y).all() and torch.isfinite(S).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 # ----------------------------------------------------------------------------- rwkv7.py: the official time mix by hand, decays and a at their extremes, ragged chunks, long handoff, T = 16384 with gradients, the official init and numbers

@@ -1,0 +1,187 @@
+"""Gated DeltaNet: Yang, Kautz & Hatamizadeh 2025, "Gated Delta Networks: Improving Mamba2 with Delta
+Rule" (ICLR 2025, arXiv:2412.06464). DeltaNet's delta rule with Mamba2's forgetting gate:
+
+    S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T,      y_t = S_t q_t
+    alpha_t = exp(-softplus(w_a x_t + dt_bias) exp(A_log))                 (one scalar per head)
+
+Reading: decay the whole state by alpha_t (Mamba2's gate: clear memory fast), then take DeltaNet's
+gradient step of size beta_t on 1/2 ||S k_t - v_t||^2 (rewrite one key's slot). alpha = 1 is
+DeltaNet; alpha = 0 forgets everything but the current token. Only g_t = log alpha_t <= 0 is ever
+computed; decays between tokens are exps of differences of its cumulative sums, masked before the
+exp, so nothing overflows.
+
+The layer is fla's GatedDeltaNet (fla/layers/gated_deltanet.py) with its defaults: q, k, v
+projections, each through a causal depthwise conv (kernel 4, no bias) and SiLU; q and k
+L2-normalised per head (eps 1e-6), q scaled by d_k^-1/2; beta_t = sigmoid(W_b x_t) per head;
+A_log = log U(0, 16), dt_bias = softplus^-1(dt) with dt log-uniform in [1e-3, 0.1] (Mamba2's); the
+output through a per-head RMSNorm (eps 1e-5, weight shared by heads) times silu(W_g x) (fla's
+FusedRMSNormGated), then the output projection. Six heads, keys 0.75 d_model wide in all, values
+twice the keys (1.5 d_model): about 6 d_model^2 parameters. Projections and conv keep PyTorch's
+default init, as fla's layer does (fla's model classes re-draw them from a normal). The official
+layer (NVlabs/GatedDeltaNet, lit_gpt/gated_delta_net.py) is the same, but for a bias on its beta
+projection and a head count set per config. Departures: fla fixes head_dim (256 at d_model 2048);
+here head_dim = 0.75 d_model / n_head, so that small widths work (with 6 heads, any multiple of 8;
+the tests build d_model 32 with 2 heads); q, k, v come from one fused projection (the same function
+and init as fla's three).
+State: (S [B, H, Dv, Dk] float32 or better, conv [B, 3, 2 key + value]: the conv's left context).
+
+Three forms of the same function:
+    recurrent  the update above, one token at a time
+    parallel   the whole sequence at once: the UT transform with the decay folded in (below),
+               one unit lower-triangular T x T solve per head; O(T^2) memory
+    chunked    the same inside chunks of L tokens (c restarted at each chunk), and across them a
+               log-depth scan of the chunks' affine maps, as deltanet.py
+
+UT transform with decay: with c_t = g_1 + ... + g_t, write S_t = alpha_t S_{t-1} + d_t k_t^T, where
+d_t = beta_t (v_t - alpha_t S_{t-1} k_t). Unrolled, S_t = e^{c_t} S_0 + sum_{j<=t} e^{c_t - c_j} d_j k_j^T,
+so with Gamma = e^{c_t - c_j} for t > j (else 0) and T = (I + diag(beta) (K K^T * Gamma))^-1 diag(beta),
+W = T (e^c K), U = T V:
+    D = U - W S_0^T,   Y = (e^c Q) S_0^T + (Q K^T * e^{c_t - c_j}, t >= j) D,
+    S_L = e^{c_L} S_0 + D^T (e^{c_L - c} K) = S_0 (e^{c_L} I - W^T K~) + U^T K~,   K~ = e^{c_L - c} K.
+The last line is chunk n's affine map S -> S M_n + C_n, and the maps compose associatively:
+(M1, C1) then (M2, C2) = (M1 M2, C1 M2 + C2). A Hillis-Steele scan over the T/L chunks passes every
+chunk state in log2(T/L) rounds of batched Dk x Dk matmuls, accumulated in float32 or better.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def l2norm(x, eps=1e-6):
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
+
+
+def decay_mask(c, diagonal=0):
+    """c: cumulative log-decays [..., L] -> [..., L, L]: exp(c_t - c_s) where t - s >= diagonal, else 0.
+    Masked to -inf before the exp: above the diagonal c_t - c_s >= 0, possibly huge."""
+    L = c.shape[-1]
+    keep = torch.ones(L, L, dtype=torch.bool, device=c.device).tril(-diagonal)
+    return torch.where(keep, c[..., :, None] - c[..., None, :], float("-inf")).exp()
+
+
+def gated_delta_rule_recurrent(q, k, v, beta, g, S):
+    """q, k: [B, T, H, Dk] (unit norm), v: [B, T, H, Dv], beta, g (log alpha): [B, T, H],
+    S: [B, H, Dv, Dk] -> y [B, T, H, Dv], S. Accumulates in S's dtype."""
+    q, k, v, beta, g = (x.to(S.dtype) for x in (q, k, v, beta, g))
+    ys = []
+    for t in range(q.shape[1]):
+        k_t = k[:, t]
+        S = g[:, t, :, None, None].exp() * S  # forget
+        error = torch.einsum("bhed,bhd->bhe", S, k_t) - v[:, t]
+        S = S - beta[:, t, :, None, None] * error[..., None] * k_t[..., None, :]  # delta rule
+        ys.append(torch.einsum("bhed,bhd->bhe", S, q[:, t]))
+    return torch.stack(ys, 1), S
+
+
+def gated_ut_transform(k, v, beta, c):
+    """k: [..., L, Dk], v: [..., L, Dv], beta, c (cumulative log alpha from the block's start): [..., L]
+    -> W = T (e^c K), U = T V, by one unit lower-triangular solve (float32 or better)."""
+    A = torch.eye(k.shape[-2], dtype=c.dtype, device=c.device) + beta[..., None] * (k @ k.mT) * decay_mask(c, 1)
+    rhs = beta[..., None] * torch.cat([k * c.exp()[..., None], v], -1)
+    WU = torch.linalg.solve_triangular(A, rhs.to(c.dtype), upper=False, unitriangular=True)
+    return WU.split([k.shape[-1], v.shape[-1]], -1)
+
+
+def gated_delta_rule_parallel(q, k, v, beta, g, S):
+    """Same signature; the whole sequence as one decayed UT transform and one masked matmul."""
+    q, k, v, beta, g = (x.to(S.dtype).transpose(1, 2) for x in (q, k, v, beta, g))  # [B, H, T, *]
+    c = g.cumsum(-1)
+    W, U = gated_ut_transform(k, v, beta, c)
+    D = U - W @ S.mT
+    y = (q * c.exp()[..., None]) @ S.mT + ((q @ k.mT) * decay_mask(c)) @ D
+    k_end = k * (c[..., -1:] - c).exp()[..., None]  # each key decayed to the end
+    return y.transpose(1, 2), c[..., -1, None, None].exp() * S + D.mT @ k_end
+
+
+def chunk_scan(M, C, S):
+    """Compose the chunks' maps S -> S M_n + C_n: M [N, B, H, Dk, Dk], C [N, B, H, Dv, Dk], S entering
+    chunk 0 [B, H, Dv, Dk] -> the state entering each chunk [N, B, H, Dv, Dk] and the final state."""
+    C = torch.cat([S @ M[:1] + C[:1], C[1:]])  # C_0 := the state after chunk 0; M_0 is then never read
+    N, d = M.shape[0], 1
+    while d < N:  # now C_n = state after chunk n if n < d, else the map of chunks n-d+1 .. n applied to 0
+        C = torch.cat([C[:d], C[:-d] @ M[d:] + C[d:]])
+        M = torch.cat([M[:d], M[:-d] @ M[d:]]) if 2 * d < N else M  # the last round needs no M
+        d *= 2
+    return torch.cat([S[None], C[:-1]]), C[-1]
+
+
+def gated_delta_rule_chunked(q, k, v, beta, g, S, chunk_size):
+    """Same signature; the decayed UT transform inside chunks of chunk_size tokens, chunk_scan across."""
+    T, L = q.shape[1], chunk_size
+    pad = -T % L  # padded tokens: k = 0, beta = 0 and g = 0 (alpha = 1) leave the state alone
+
+    def chunks(x):  # [B, T, H, *] -> [N, B, H, L, *]
+        x = F.pad(x.to(S.dtype), (0, 0) * (x.dim() - 2) + (0, pad))
+        return x.unflatten(1, (-1, L)).permute(1, 0, 3, 2, *range(4, x.dim() + 1))
+
+    q, k, v, beta, g = chunks(q), chunks(k), chunks(v), chunks(beta), chunks(g)
+    c = g.cumsum(-1)  # from each chunk's start
+    W, U = gated_ut_transform(k, v, beta, c)
+    k_end = k * (c[..., -1:] - c).exp()[..., None]
+    with torch.autocast(S.device.type, enabled=False):  # the maps and their products in the state's dtype
+        eye = torch.eye(k.shape[-1], dtype=S.dtype, device=S.device)
+        M = c[..., -1, None, None].exp() * eye - W.mT @ k_end
+        S_in, S = chunk_scan(M, U.mT @ k_end, S)
+    D = U - W @ S_in.mT  # d_t from each chunk's entering state
+    y = (q * c.exp()[..., None]) @ S_in.mT + ((q @ k.mT) * decay_mask(c)) @ D
+    return y.permute(1, 0, 3, 2, 4).flatten(1, 2)[:, :T], S
+
+
+class GatedDeltaNet(nn.Module):
+    """Multi-head Gated DeltaNet layer; forward(x [B, T, d_model], state) -> (y, (S, conv))."""
+
+    forms = ("recurrent", "parallel", "chunked")
+
+    def __init__(self, d_model, n_head=6, expand_v=2, chunk_size=64, conv_size=4, eps=1e-5):
+        super().__init__()
+        d_k = 3 * d_model / (4 * n_head)  # keys 0.75 d_model wide in all, as fla's num_heads * head_dim
+        if d_k < 1 or d_k % 1 or expand_v * d_k % 1:
+            raise ValueError(f"d_model={d_model}: 0.75 d_model must split into n_head={n_head} heads, "
+                             f"and expand_v={expand_v} times a head must be a whole number")
+        self.n_head, self.chunk_size, self.eps = n_head, chunk_size, eps
+        self.key, self.value = n_head * int(d_k), n_head * int(expand_v * d_k)
+        self.qkv = nn.Linear(d_model, 2 * self.key + self.value, bias=False)
+        C = self.qkv.out_features
+        self.conv = nn.Conv1d(C, C, conv_size, groups=C, bias=False)
+        self.a = nn.Linear(d_model, n_head, bias=False)  # w_a of alpha_t
+        self.beta = nn.Linear(d_model, n_head, bias=False)
+        self.A_log = nn.Parameter(torch.empty(n_head).uniform_(0, 16).log())
+        dt = torch.exp(torch.empty(n_head).uniform_(math.log(1e-3), math.log(0.1))).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.norm = nn.Parameter(torch.ones(self.value // n_head))  # RMSNorm weight, shared by heads
+        self.gate = nn.Linear(d_model, self.value, bias=False)
+        self.out = nn.Linear(self.value, d_model, bias=False)
+
+    def forward(self, x, state=None, form="chunked"):
+        if form not in self.forms:
+            raise ValueError(f"unknown form {form!r}; GatedDeltaNet has {self.forms}")
+        B, T, _ = x.shape
+        H = self.n_head
+        acc = torch.promote_types(x.dtype, torch.float32)  # states and log gates in float32 or better
+        if state is None:
+            S = x.new_zeros(B, H, self.value // H, self.key // H, dtype=acc)
+            state = (S, x.new_zeros(B, self.conv.kernel_size[0] - 1, self.conv.in_channels))
+        S, conv = state
+        ctx = torch.cat([conv, self.qkv(x).to(conv.dtype)], 1)  # the conv state is the left context
+        qkv = F.silu(self.conv(ctx.mT).mT)
+        q, k, v = (z.unflatten(-1, (H, -1)) for z in qkv.split([self.key, self.key, self.value], -1))
+        q, k = l2norm(q) * q.shape[-1] ** -0.5, l2norm(k)
+        beta = torch.sigmoid(self.beta(x))
+        g = -self.A_log.to(acc).exp() * F.softplus(self.a(x).to(acc) + self.dt_bias)  # log alpha_t <= 0
+        if form == "recurrent":
+            y, S = gated_delta_rule_recurrent(q, k, v, beta, g, S)
+        elif form == "parallel":
+            y, S = gated_delta_rule_parallel(q, k, v, beta, g, S)
+        else:
+            y, S = gated_delta_rule_chunked(q, k, v, beta, g, S, self.chunk_size)
+        y = y.to(S.dtype)
+        y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps) * self.norm
+        y = y * F.silu(self.gate(x)).unflatten(-1, (H, -1))
+        return self.out(y.flatten(2).to(x.dtype)), (S, ctx[:, ctx.shape[1] - conv.shape[1]:].clone())
+
+    def step(self, x, state=None):
+        """One token: x [B, d_model] -> y [B, d_model], state."""
+        y, state = self.forward(x[:, None], state, form="recurrent")
+        return y[:, 0], state
