@@ -72,8 +72,14 @@ def _check(a, b, h0, h0_shape):
 # (measured ~35 us a call without grad, ~85 with). a has b's rank (broadcast dims of size 1), or
 # b's shape with the block's 2 inserted for block=True. The outputs are new contiguous tensors.
 
+def _eager(*tensors):
+    """Plain tensors outside torch.compile: not Dynamo's fake tensors, nor the functional ones
+    AOTAutograd traces a backward formula with (there torch.compiler.is_compiling() is False)."""
+    return not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in tensors if t is not None)
+
+
 def _apply(a, b, h0, reverse, block):
-    if torch.compiler.is_compiling():
+    if not _eager(a, b, h0):
         return _scan_op(a, b, h0, reverse, block)
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or h0 is not None and h0.requires_grad):
         return _EagerScan.apply(a, b, h0, reverse, block)
