@@ -20,12 +20,11 @@ Two forms of the same function:
                zero padding) and the selective scan through scan.py (the SSM state as h0)
 
 Memory of the parallel form: the gate a = exp(dt A), the input b = dt u B and the states h are
-each [B, T, d_inner, N], N times the activations of the block, and autograd keeps a and h for
-the backward. The official CUDA kernel (selective_scan_cuda) never writes them to HBM: it loads
-dt, u, B, C ([B, T, d_inner] and [B, T, N]), discretises and scans chunk by chunk with the state
-in SRAM/registers, writes only y (and the chunk-boundary states), and recomputes a, b and h in
-the backward. Here only y = h C avoids a further copy (a batched matmul over (b, t), with
-autocast kept out of it so h is not copied into bf16).
+each [B, T, d_inner, N], N times the activations of the block. scan.py's selective_scan, like the
+official CUDA kernel (selective_scan_cuda), never writes them to memory: it reads dt, u
+([B, T, d_inner]), A, B and C ([B, T, N]), builds a and b, scans and reads out y = C . h tile by
+tile in registers, and keeps only the state entering each tile (16 steps on a GPU) for the
+backward, which recomputes the states from it. On the CPU and in float64 it runs the plain form.
 """
 import math
 
@@ -33,13 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scan import scan
-
-
-def _contract(equation, h, c):
-    """einsum of a float32 state with C, outside autocast: no bf16 copy of h."""
-    with torch.autocast(h.device.type, enabled=False):
-        return torch.einsum(equation, h, c.to(h.dtype))
+from scan import selective_scan
 
 
 class Mamba(nn.Module):
@@ -84,7 +77,7 @@ class Mamba(nn.Module):
             v = F.silu((window.to(w.dtype) * w).sum(-1) + self.conv1d.bias)
             dt, B, C = self._dt_B_C(v, h.dtype)
             h = torch.exp(dt[..., None] * A) * h + (dt * v)[..., None] * B[:, None, :]
-            ys.append(_contract("bdn,bn->bd", h, C) + self.D * v)
+            ys.append((h * C[:, None, :].to(h.dtype)).sum(-1) + self.D * v)
         return torch.stack(ys, 1), conv, h
 
     def _parallel(self, u, conv, h0, A):
@@ -92,11 +85,8 @@ class Mamba(nn.Module):
         v = F.conv1d(window.to(self.conv1d.weight.dtype), self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
         v = F.silu(v).transpose(1, 2)  # [B, T, d_inner]
         dt, B, C = self._dt_B_C(v, h0.dtype)
-        a = torch.exp(dt[..., None] * A)  # [B, T, d_inner, N]
-        b = (dt * v)[..., None] * B[:, :, None, :]  # [B, T, d_inner, N]
-        h = scan(a, b, h0)
-        y = _contract("btdn,btn->btd", h, C) + self.D * v
-        return y, window[..., window.shape[-1] - (self.d_conv - 1):], h[:, -1]
+        y, h = selective_scan(v, dt, A, B, C, h0)  # y in v's dtype, h [B, d_inner, N] in float32
+        return y + self.D * v, window[..., window.shape[-1] - (self.d_conv - 1):], h
 
     def forward(self, x, state=None, form="parallel"):
         if form not in self.forms:

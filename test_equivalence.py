@@ -1120,7 +1120,7 @@ def test_mamba2_cuda_bf16_long_extremes(case):
     assert rel_err(y16, y32) <= 5e-2
 
 
-# ----------------------------------------------------------------------------- mamba.py: a naive reference, extreme dt, chunked continuation, conv widths, init, long sequences, memory of y = C.h
+# ----------------------------------------------------------------------------- mamba.py: a naive reference, extreme dt, chunked continuation, conv widths, init, long sequences, memory, the selective scan
 
 import mamba  # noqa: E402
 
@@ -1298,22 +1298,135 @@ def test_mamba_cuda_extreme_dt_forms_agree(bias):
     mamba_forms_agree(m, x, s0, 5e-2, autocast_device="cuda")
 
 
+def mamba_saved_numels(m, x):
+    """The sizes of the tensors autograd keeps for the backward of the parallel form."""
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        m(x)
+    return sizes
+
+
+def test_mamba_parallel_keeps_no_state_sequence():
+    """autograd keeps nothing [B, T, d_inner, N]-sized: the states are recomputed in the backward
+    (the scan of a and b followed by y = C . h keeps a and h, N times the largest tensor here)."""
+    m = make("mamba", torch.float32, d_state=16)
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    bound = 2 * 40 * 2 * m.d_inner  # in_proj's output [B, T, 2 d_inner]
+    assert max(mamba_saved_numels(m, x)) <= bound
+    A = torch.rand(2, 40, m.d_inner, 16, requires_grad=True)  # the premise: the old form's saved a and h
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        sizes = []
+        scan(A, A * 1.0)
+    assert max(sizes) > bound
+
+
 @needs_cuda
-def test_mamba_contraction_allocates_only_y():
-    """y = C.h under autocast: no bf16 (or any) copy of h [B, T, d_inner, N]."""
-    h = torch.randn(2, 16384, 64, 16, device="cuda")
-    C = torch.randn(2, 16384, 16, device="cuda", dtype=torch.bfloat16)
+def test_mamba_parallel_memory_cuda():
+    """Forward and backward under bf16 autocast take less memory than two [B, T, d_inner, N] float32
+    tensors (the unfused form kept a and h and built b: three, plus their gradients)."""
+    m = make("mamba", torch.float32, "cuda", d_state=16)
+    x = torch.randn(2, 8192, 32, device="cuda", requires_grad=True)
+    h_bytes = 2 * 8192 * m.d_inner * 16 * 4
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, (c, h) = m(x)
+        (y.float().square().mean() + h.square().mean()).backward()
+
+    step()  # one-time allocations (cuBLAS workspace, gradients) before the baseline
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y = mamba._contract("btdn,btn->btd", h, C)
+    step()
     torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    y_bytes, c_bytes = y.numel() * 4, C.numel() * 4
-    assert extra <= 2 * y_bytes + 2 * c_bytes + (1 << 20), (extra, h.numel() * 4)
-    ref = torch.einsum("btdn,btn->btd", h.double(), C.double())
-    assert rel_err(y, ref) <= 1e-5
+    assert torch.cuda.max_memory_allocated() - base < 2 * h_bytes, (torch.cuda.max_memory_allocated() - base, h_bytes)
+
+
+# ---- scan.selective_scan (the fused kernel behind the parallel form) against a loop and the PyTorch engine
+
+def selective_reference(x, dt, A, B, C, h0=None):
+    """h_t = exp(dt_t A) * h_{t-1} + (dt_t x_t) B_t, y_t = C_t . h_t, one step at a time."""
+    h = torch.zeros(x.shape[0], x.shape[2], A.shape[1], dtype=x.dtype) if h0 is None else h0
+    ys = []
+    for t in range(x.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return torch.stack(ys, 1), h
+
+
+# (B, T, D, N, h0, dt scale): several tiles over time (16 on a GPU, 8 interpreted), several channel
+# blocks, ragged T, D and N, and dt up to 30 (gates ~1e-26: the backward's h_t - b_t = a_t h_{t-1})
+SELECTIVE_CASES = [(2, 21, 10, 4, True, 1.0), (1, 37, 9, 3, False, 1.0), (3, 8, 4, 4, True, 1.0), (2, 19, 6, 4, True, 30.0)]
+
+
+def check_selective(device, dtype, tol, cases=SELECTIVE_CASES, reference=None):
+    """y, h_T and the gradients w.r.t. x, dt, A, B, C, h0 (through y and h_T) against the loop in
+    float64, or against `reference` (selective_scan in float64: the PyTorch engine). x is passed
+    transposed ([B, D, T] in memory, as the parallel form's conv leaves it)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    for Bsz, T, D, N, with_h0, scale in cases:
+        x = torch.randn(Bsz, D, T, device=device, generator=g).to(dtype).transpose(1, 2)
+        dt = scale * torch.rand(Bsz, T, D, device=device, generator=g).to(dtype)
+        A = -torch.rand(D, N, device=device, generator=g).to(dtype) * 2
+        B, C = (torch.randn(Bsz, T, N, device=device, generator=g).to(dtype) for _ in range(2))
+        acc = torch.promote_types(dtype, torch.float32)  # the state's dtype
+        h0 = torch.randn(Bsz, D, N, device=device, generator=g).to(acc) if with_h0 else None
+        leaves = [x, dt, A, B, C] + ([h0] if with_h0 else [])
+        for t in leaves:
+            t.requires_grad_()
+        y, hT = scan_module.selective_scan(*leaves[:5], h0)
+        assert y.dtype == x.dtype and y.shape == x.shape and hT.dtype == acc and hT.shape == (Bsz, D, N)
+        gy, gh = torch.randn(y.shape, device=device, generator=g), torch.randn(hT.shape, device=device, generator=g)
+        grads = torch.autograd.grad((y.float() * gy).sum() + (hT * gh).sum(), leaves)
+        ref = [t.detach().double().requires_grad_() for t in leaves]
+        y_ref, h_ref = (reference or selective_reference)(*ref[:5], ref[5] if with_h0 else None)
+        ref_grads = torch.autograd.grad((y_ref * gy.double()).sum() + (h_ref * gh.double()).sum(), ref)
+        what = f"B={Bsz} T={T} D={D} N={N} h0={with_h0} dt*{scale} {dtype}"
+        for n, o, r in zip(("y", "h_T", "dx", "ddt", "dA", "dB", "dC", "dh0"), [y, hT, *grads], [y_ref, h_ref, *ref_grads]):
+            assert o.shape == r.shape and rel_err(o, r) <= tol, f"{n} {what}: {rel_err(o, r):.1e}"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_selective_scan_torch(dtype, tol):
+    check_selective("cpu", dtype, tol)
+
+
+@pytest.mark.parametrize("mode", SCAN_MODES)
+def test_selective_scan_triton_kernel_interpreted(mode):
+    """The real kernels, forward and backward, run by Triton's interpreter: tiles of 8 steps by 4
+    channels, chained in a loop or by the look-back."""
+    pytest.importorskip("triton")
+    code = (f"import torch, test_equivalence as t, scan; assert scan._use_triton(torch.zeros(1)); "
+            f"scan.SELECTIVE_LOOP_GROUPS_PER_SM = {SCAN_MODES[mode]}; t.check_selective('cpu', torch.float32, 1e-5)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", SCAN_MODES)
+# bf16: x, dt, B, C rounded to 8 bits before both; y and dx rounded once more, the sums stay float32
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["f32", "bf16"])
+def test_selective_scan_triton_cuda(dtype, tol, mode, monkeypatch):
+    monkeypatch.setattr(scan_module, "SELECTIVE_LOOP_GROUPS_PER_SM", SCAN_MODES[mode])
+    cases = [(2, 333, 100, 16, True, 1.0), (1, 8192, 256, 16, True, 1.0), (4, 1000, 48, 5, False, 1.0),
+             (2, 500, 64, 16, True, 30.0)]
+    check_selective("cuda", dtype, tol, cases, reference=scan_module.selective_scan)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda: scan_module.selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 5, 2)] * 2), r"B must be"),
+    (lambda: scan_module.selective_scan(*[torch.rand(2, 0, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 0, 3)] * 2), "T > 0"),
+    (lambda: scan_module.selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 5, 3)] * 2,
+                                        torch.rand(2, 3, 4)), "h0 must be"),
+    (lambda: scan_module.selective_scan(torch.rand(2, 5, 4), torch.ones(2, 5, 4, dtype=torch.long), torch.rand(4, 3),
+                                        *[torch.rand(2, 5, 3)] * 2), "floating"),
+    (lambda: scan_module.selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3, device="meta"),
+                                        *[torch.rand(2, 5, 3)] * 2), "one device"),
+])
+def test_selective_scan_rejects_bad_input(bad, message):
+    with pytest.raises(ValueError, match=message):
+        bad()
 
 
 # ----------------------------------------------------------------------------- deltanet.py: a naive delta rule, beta 0 and 1, the gradient-step reading, the layer by hand, long and adversarial keys, init
