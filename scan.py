@@ -472,7 +472,7 @@ def selective_scan(x, dt, A, B, C, h0=None):
     """Mamba's selective scan. x, dt: [B, T, D]; A: [D, N]; B, C: [B, T, N]; h0: [B, D, N] or None.
     Returns y [B, T, D] in x's dtype and the final state h_T [B, D, N] (float32, float64 stays)."""
     _check_selective(x, dt, A, B, C, h0)
-    if torch.compiler.is_compiling():
+    if not _eager(x, dt, A, B, C, h0):
         return _selective_op(x, dt, A, B, C, h0)[:2]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, h0)):
         return _EagerSelective.apply(x, dt, A, B, C, h0)
