@@ -606,9 +606,9 @@ def _torch_selective_backward(x, dt, A, B, C, h0, dy, dhT):
 # program per tile, chained by _look_back over the flattened [BLOCK_D * BLOCK_N] carries, as in
 # _scan_kernel (same switch, own threshold: these programs are heavier).
 # The backward walks the tiles in reverse: it recomputes the tile's states from the saved state
-# entering it, scans the adjoint g_t = a_{t+1} g_{t+1} + C_t dy_t (a_{t+1} from dt one step later,
-# recomputed) and reads the gradients off g, h and h - b = a h_{t-1} (as mamba_ssm does: no shifted
-# h needed). Sums over channels (dB, dC: [B, T, N]) leave the kernel as one partial per channel
+# entering it (h_{t-1}, from the operands one step earlier), scans the adjoint
+# g_t = a_{t+1} g_{t+1} + C_t dy_t (a_{t+1} from dt one step later) and reads the gradients off g,
+# h and a_t h_{t-1}. Sums over channels (dB, dC: [B, T, N]) leave the kernel as one partial per channel
 # block, over time and batch (dA) one per program; PyTorch adds them (deterministic, no atomics).
 
 SELECTIVE_LOOP_GROUPS_PER_SM = 2  # not measured yet: gpu/bench_mamba.py times both modes
@@ -796,12 +796,19 @@ if triton is not None:
             Bt = _tile_td(Bm, pid_b, t, ns, sb_b, sb_t, sb_n, tn_ok)
             Ct = _tile_td(Cm, pid_b, t, ns, sc_b, sc_t, sc_n, tn_ok)
             dt_next = _tile_td(DT, pid_b, t + 1, d, sdt_b, sdt_t, sdt_d, (t + 1 < T)[:, None] & d_ok[None, :])
-            # the forward's states, from the one saved entering the tile
-            a = tl.exp(dt[:, :, None] * At[None, :, :])
-            b = (dt * x)[:, :, None] * Bt[:, None, :]
-            p, s = tl.associative_scan((a, b), 0, _combine)
+            # the forward's states h_{t-1} from the one saved entering the tile, by a scan of the
+            # operands one step earlier (row 0: the identity), so that a_t h_{t-1} is a product, not
+            # h_t - b_t: that difference cancels to noise where a_t underflows (dt A below ~-20)
+            prev_ok = (rows > 0) & (t < T)
+            dt_p = _tile_td(DT, pid_b, t - 1, d, sdt_b, sdt_t, sdt_d, prev_ok[:, None] & d_ok[None, :])
+            x_p = _tile_td(X, pid_b, t - 1, d, sx_b, sx_t, sx_d, prev_ok[:, None] & d_ok[None, :])
+            B_p = _tile_td(Bm, pid_b, t - 1, ns, sb_b, sb_t, sb_n, prev_ok[:, None] & n_ok[None, :])
+            p, s = tl.associative_scan((tl.exp(dt_p[:, :, None] * At[None, :, :]),
+                                        (dt_p * x_p)[:, :, None] * B_p[:, None, :]), 0, _combine)
             h0 = tl.load(SAVED + ((pid_b * n_tiles + tile) * D + d[:, None]) * N + ns[None, :], mask=dn_ok, other=0.0)
-            h = p * h0[None, :, :] + s
+            a = tl.exp(dt[:, :, None] * At[None, :, :])
+            ah = a * (p * h0[None, :, :] + s)  # a_t h_{t-1}
+            h = ah + (dt * x)[:, :, None] * Bt[:, None, :]
             # the adjoint, right to left
             a_next = tl.exp(dt_next[:, :, None] * At[None, :, :])
             pg, sg = tl.associative_scan((a_next, dy[:, :, None] * Ct[:, None, :]), 0, _combine, reverse=True)
@@ -813,7 +820,7 @@ if triton is not None:
             gc = _row(g, rows, 0)
             if not LOOP:
                 _selective_publish(CARRIES, FLAGS, group, n_tiles, order, gc, state_lanes, BLOCK_C)
-            q = g * (h - b)  # g_t a_t h_{t-1}: the gradient at dt A
+            q = g * ah  # the gradient at dt A
             gB = tl.sum(g * Bt[:, None, :], 2)
             offs = (pid_b * T + t[:, None]) * D + d[None, :]
             tl.store(DX + offs, (dt * gB).to(DX.dtype.element_ty), mask=td_ok)

@@ -1356,7 +1356,8 @@ def selective_reference(x, dt, A, B, C, h0=None):
 
 # (B, T, D, N, h0, dt scale): several tiles over time (16 on a GPU, 8 interpreted), several channel
 # blocks, ragged T, D and N, and dt up to 30 (gates ~1e-26: the backward's h_t - b_t = a_t h_{t-1})
-SELECTIVE_CASES = [(2, 21, 10, 4, True, 1.0), (1, 37, 9, 3, False, 1.0), (3, 8, 4, 4, True, 1.0), (2, 19, 6, 4, True, 30.0)]
+SELECTIVE_CASES = [(2, 21, 10, 4, True, 1.0), (1, 37, 9, 3, False, 1.0), (3, 8, 4, 4, True, 1.0), (2, 19, 6, 4, True, 30.0),
+                   (2, 19, 6, 4, True, 1000.0)]  # dt up to 1000: most a_t underflow to 0
 
 
 def check_selective(device, dtype, tol, cases=SELECTIVE_CASES, reference=None):
