@@ -1765,12 +1765,13 @@ def test_train_ddp_two_processes_match_one(train_data, tmp_path):
     assert "cpu x 2 processes" in run.stdout and "; 2 sequences per process" in run.stdout  # each half of a batch
     assert run.stdout.count("done: stopped") == 1  # rank 0 alone prints
     one, two = train_log(tmp_path / "one"), train_log(tmp_path / "two")
-    assert [r["type"] for r in one] == [r["type"] for r in two] and [r.get("step") for r in one] == [r.get("step") for r in two]
-    for a, b in zip(one, two):  # float32 sums in another order: 1e-6 relative, where a real difference is >= 1e-3
+    assert [(r["type"], r.get("step")) for r in one] == [(r["type"], r.get("step")) for r in two]
+    for a, b in zip(one, two):  # float32 sums in another order: 1e-6 relative (measured: 7e-8); a bug moves them 1e-3
         for k in ("train_loss", "val_loss", "acc", "best_val"):
-            assert (a.get(k) is None) == (b.get(k) is None) and abs((a.get(k) or 0) - (b.get(k) or 0)) <= 1e-6 * abs(a.get(k) or 1), (k, a, b)
+            if a.get(k) is not None or b.get(k) is not None:
+                assert abs(a[k] - b[k]) <= 1e-6 * abs(a[k]), (k, a, b)
     w1, w2 = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("one", "two"))
-    assert all(rel_err(w2[k], w1[k]) <= 1e-5 for k in w1)
+    assert all(rel_err(w2[k], w1[k]) <= 1e-6 for k in w1)  # measured: 1e-8
 
 
 TRAIN_MQAR = TRAIN_TINY + ["--task", "mqar", "--num-pairs", "3", "--mqar-vocab", "16"]

@@ -83,10 +83,10 @@ def get_data(path):
             raw = f.read()
         text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        sys.exit(f"cannot read --data {path}: {e}")
+        sys.exit(f"cannot read {path or cache}: {e}")
     if path is None and hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
         sys.exit(f"{cache} is not tiny Shakespeare (its sha256 differs): delete it to download it again")
-    return text or sys.exit(f"--data {path} is empty")
+    return text or sys.exit(f"{path or cache} is empty")
 
 
 def split(text, chars, block_size):
@@ -360,7 +360,7 @@ def get_config(args, world=1, local_rank=0):
     """Device (then task) defaults < what the checkpoint was trained with (--resume) < the flags passed."""
     passed = {k: v for k, v in vars(args).items() if v is not None}
     device = passed.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = f"cuda:{local_rank}" if world > 1 and device == "cuda" else device  # DDP: one process per GPU
+    device = f"cuda:{local_rank}" if world > 1 and device.startswith("cuda") else device  # DDP: a GPU per process
     out_dir = passed.get("out_dir") or os.path.join("out", passed["model"])
     ckpt, restored, path = None, {}, os.path.join(out_dir, "ckpt.pt")
     if passed.get("resume"):
