@@ -3,6 +3,7 @@
     python bench.py                      # all four sections on the GPU
     python bench.py --quick --only scan,chunked
     python bench.py --device cpu --quick # a tiny smoke run of every section (what the tests call)
+    python bench.py --report out         # train.py's runs out/*/log.jsonl as a table, out/showdown.png
 
 1. scan    scan.py forward and forward+backward: time and TB/s against the copy bandwidth, the
            forward replayed from a CUDA graph (no Python launch overhead), accelerated-scan beside.
@@ -15,9 +16,12 @@ timed once, after a warm-up on 16 tokens. Optional comparators are used only whe
 """
 import argparse
 import datetime
+import glob
 import importlib
 import inspect
+import json
 import math
+import os
 import time
 
 import torch
@@ -356,6 +360,41 @@ def decode(m, name, ctx, d, n_steps, dev, low):
 
 
 # ------------------------------------------------------------------------------------------ main
+def report(root):
+    """train.py's finished runs root/*/log.jsonl as a markdown table, their val-loss curves in root/showdown.png."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(root, "*", "log.jsonl"))):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if finals := [r for r in rows if r.get("type") == "final"]:
+            evals = [r for r in rows if r.get("type") == "eval"]
+            runs.append((os.path.basename(os.path.dirname(path)), evals, finals[-1]))
+        else:
+            print(f"{path}: no final line (running or interrupted), left out")
+    if not runs:
+        raise SystemExit(f"--report: no finished run in {root}/*/log.jsonl")
+    print("| run | model | task | params | d_model | tok/s | best val loss | accuracy | stopped on | sample |\n"
+          + "|---" * 10 + "|")
+    for name, _, f in runs:
+        text = "<br>".join([ln for ln in (f.get("sample") or "").splitlines() if ln.strip()][:2]).replace("|", "\\|")
+        print(f"| {name} | {f['model']} | {f['task']} | {f['params'] / 1e6:.2f}M | {f['d_model']} "
+              f"| {f['tok_s'] or 0:,.0f} | {f['best_val']:.4f} | {f['acc'] or 0:.3f} | {f['stop']} | {text} |")
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no display, no backend to pick
+    except ImportError:
+        return print("matplotlib is not installed: no showdown.png (pip install matplotlib)")
+    if curves := [(name, evals) for name, evals, f in runs if f["task"] == "text"]:
+        ax = (fig := Figure(figsize=(8, 5))).subplots()
+        for name, evals in curves:
+            ax.plot([r["train_time"] for r in evals], [r["val_loss"] for r in evals], label=name)
+        best = min(r["val_loss"] for _, evals in curves for r in evals)
+        ax.set(xlabel="training time (s), evaluation excluded", ylabel="val loss",
+               ylim=(best - 0.05, best + 0.6))  # the end of the race, not the first steps
+        ax.legend(), ax.grid(alpha=0.3)
+        fig.savefig(os.path.join(root, "showdown.png"), dpi=120, bbox_inches="tight")
+        print(f"wrote {os.path.join(root, 'showdown.png')}")
+
+
 def plot(decoded, contexts):
     """bench.png: decode tokens/s and the memory step() adds, against context, one line per model."""
     try:
@@ -384,7 +423,10 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--skip", action="append", default=[], metavar="NAME",
                    help="leave out the chunked cores whose name contains NAME (repeatable)")
+    p.add_argument("--report", metavar="DIR", help="no benchmark: train.py's runs DIR/*/log.jsonl, a table and a plot")
     args = p.parse_args(argv)
+    if args.report:
+        return report(args.report)
     SKIP[:] = args.skip
     only = [s for o in args.only or [",".join(SECTIONS)] for s in o.split(",") if s]
     if bad := [s for s in only if s not in SECTIONS]:

@@ -101,6 +101,8 @@ class Mamba2(nn.Module):
                  A_init_range=(1, 16), dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, eps=1e-5):
         super().__init__()
         d_inner = expand * d_model
+        if min(sizes := (d_state, d_conv, expand, headdim, ngroups, chunk_size)) < 1:
+            raise ValueError(f"sizes must be >= 1, got d_state, d_conv, expand, headdim, ngroups, chunk_size = {sizes}")
         if d_inner % headdim or (d_inner // headdim) % ngroups:
             raise ValueError(f"d_inner={d_inner} needs headdim={headdim} | d_inner, ngroups={ngroups} | n_heads")
         self.d_inner, self.d_state, self.d_conv, self.headdim = d_inner, d_state, d_conv, headdim

@@ -1,22 +1,21 @@
 """Train a character-level language model with any mixer of the zoo, then sample from it.
 
-    python train.py --model linear_attention                    # tiny Shakespeare (downloaded once), to out/<model>
-    python train.py --model mamba --data my.txt --max-iters 2000 --out-dir runs/mamba
-    python train.py --model mamba --resume                      # continue out/mamba/ckpt.pt
-    python train.py --model mamba --task mqar --max-time 600    # associative recall, 10 minutes of training
-    python train.py --model mamba --mixer-args d_state=32,expand=1 --compile   # Mamba(d_model, d_state=32, ...)
-    python train.py --report out                                # out/*/log.jsonl as a table, out/showdown.png
+    python train.py --model mamba2                          # tiny Shakespeare (downloaded once) to out/mamba2
+    python train.py --model mamba --data my.txt --out-dir runs/mamba --max-iters 2000
+    python train.py --model mamba --resume --patience 0     # continue out/mamba/ckpt.pt past its early stop
+    python train.py --model mamba --task mqar --max-time 600 --mixer-args d_state=32,expand=1
+    torchrun --nproc_per_node=4 train.py --model mamba2     # DDP: one process per GPU, the same global batch
 
 nanoGPT's model with <model>.py's mixer for attention: x += mixer(norm(x)); x += mlp(norm(x)), head tied to the
-embedding. Sampling prefills the prompt in parallel (forward), then runs each mixer's step(). Unless --d-model is
-passed, each model gets the width at which it has the attention LM's parameter count (at d_model 384 on a GPU,
-128 on the CPU). Batch i depends on (seed, i) alone, so --resume is bit-for-bit (not with --max-time: the LR
-schedule then follows the clock). Flags override the defaults (a GPU's, or a smaller CPU config) and the values
-a checkpoint was trained with (--resume).
+embedding; unless --d-model is passed, each model gets the width at which it has the attention LM's parameter count.
+<out-dir>/ckpt.pt is the latest state (--resume), best.pt the best val loss: training stops when that has not improved
+for --patience evaluations, and the sample (a parallel prefill of the prompt, then each mixer's step()) comes from
+best.pt. Batch i and step i's dropout are functions of (seed, i): --resume is bit-for-bit (not with --max-time, where
+the LR schedule follows the clock). Defaults (a GPU's, or a small CPU config) < a checkpoint's flags < flags passed.
 """
 import argparse
 import ast
-import glob
+import hashlib
 import importlib
 import inspect
 import json
@@ -30,54 +29,66 @@ import threading
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODELS = {"rnn": "RNN", "lstm": "LSTM", "attention": "Attention", "linear_attention": "LinearAttention",
-          "retnet": "RetNet", "gated_retention": "GatedRetention", "mamba": "Mamba", "mamba2": "Mamba2",
-          "deltanet": "DeltaNet", "gated_deltanet": "GatedDeltaNet",
-          "rwkv7": "RWKV7"}
+MODELS = {
+    "rnn": "RNN",
+    "lstm": "LSTM",
+    "attention": "Attention",
+    "linear_attention": "LinearAttention",
+    "retnet": "RetNet",
+    "gated_retention": "GatedRetention",
+    "mamba": "Mamba",
+    "mamba2": "Mamba2",
+    "deltanet": "DeltaNet",
+    "gated_deltanet": "GatedDeltaNet",
+    "rwkv7": "RWKV7",
+}
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+COMPILE_MODE = "default"  # torch.compile's mode for training and evaluation (and sampling, with COMPILE_STEP)
+COMPILE_STEP = False  # compile step() for sampling too: it pays only where decoding outlasts compiling it
 
 # mqar_vocab: 256, not Zoology's 8192: only the num_pairs keys of a sequence compete for a state, so recall is
 # as hard, while a small embedding trains in fewer steps and leaves the parameter budget to the mixers.
-COMMON = dict(lr=1e-3, seed=1337, sample_len=300, prompt="\n", compile=False, resume=False, data=None,
-              task="text", num_pairs=16, mqar_vocab=256, mixer_args="", max_time=None)
+COMMON = dict(lr=1e-3, seed=1337, sample_len=300, prompt="\n", temperature=0.8, task="text", num_pairs=16,
+              mqar_vocab=256, mixer_args="", patience=1, max_time=None, data=None)
 # nanoGPT's shakespeare-char size on a GPU; a small one that runs in minutes on a laptop's CPU. d_model is
-# attention's width there, the parameter budget every other model is matched to (unless --d-model). Dropout
-# 0.3 and 3000 steps, not nanoGPT's 0.2 and 5000: measured on an H100, attention's val loss is best at 2000-2500
-# steps (1.440) and overfits after; with 0.2 it peaks at 1.455 by step 1500 (README, "Results")
+# attention's width there, the parameter budget every other model is matched to (unless --d-model). Dropout 0.3
+# and 3000 steps, not nanoGPT's 0.2 and 5000: measured on an H100, attention's val loss is best at 2000-2500 steps
+# (1.440). Patience 1: mamba2's val loss is best at step 750, then climbs (README, "Results").
 GPU = dict(n_layer=6, d_model=384, block_size=256, batch_size=64, warmup=100, max_iters=3000,
-           eval_interval=250, eval_iters=100, log_interval=50, dropout=0.3)
+           eval_interval=250, eval_iters=100, log_interval=50, dropout=0.3, compile=True)
 CPU = dict(n_layer=2, d_model=128, block_size=128, batch_size=16, warmup=20, max_iters=1000,
-           eval_interval=50, eval_iters=10, log_interval=10, dropout=0.0)
-MQAR = dict(dropout=0.0)  # fresh random sequences every step leave nothing to overfit (Zoology trains without)
+           eval_interval=50, eval_iters=10, log_interval=10, dropout=0.0, compile=False)
+MQAR = dict(dropout=0.0, patience=0)  # fresh random sequences every step: nothing to overfit (Zoology: no dropout)
 
 
 # ----------------------------------------------------------------------------- data
 
 def get_data(path):
-    """The text at path, or tiny Shakespeare from the cache (downloaded and checked once)."""
-    if path is None:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-        path = os.path.join(cache, "zoo", "tinyshakespeare.txt")
-        if not os.path.exists(path):
-            print(f"downloading tiny Shakespeare to {path}")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:  # checks the sha256, and writes to a temporary file first: never a partial file at path
-                torch.hub.download_url_to_file(SHAKESPEARE_URL, path, hash_prefix=SHAKESPEARE_SHA256, progress=False)
-            except (OSError, RuntimeError) as e:  # offline, or an invalid hash value
-                sys.exit(f"could not download tiny Shakespeare ({e}); pass a text file with --data PATH")
+    """The text at path, or tiny Shakespeare from the cache (downloaded once; its sha256 checked at each use)."""
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "zoo",
+                         "tinyshakespeare.txt")
+    if path is None and not os.path.exists(cache):
+        print(f"downloading tiny Shakespeare to {cache}")
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        try:  # checks the sha256, and writes to a temporary file first: never a partial file at path
+            torch.hub.download_url_to_file(SHAKESPEARE_URL, cache, hash_prefix=SHAKESPEARE_SHA256, progress=False)
+        except (OSError, RuntimeError) as e:  # offline, or an invalid hash value
+            sys.exit(f"could not download tiny Shakespeare ({e}); pass a text file with --data PATH")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path or cache, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        sys.exit(f"cannot read --data {path}: {e}")
-    if not text:
-        sys.exit(f"--data {path} is empty")
-    return text
+        sys.exit(f"cannot read {path or cache}: {e}")
+    if path is None and hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
+        sys.exit(f"{cache} is not tiny Shakespeare (its sha256 differs): delete it to download it again")
+    return text or sys.exit(f"{path or cache} is empty")
 
 
 def split(text, chars, block_size):
@@ -177,10 +188,9 @@ class LM(nn.Module):
         return self(idx, states, step=True)
 
     def stats(self):
-        """Each mixer's `stats` dict (if it has one), averaged over layers."""
+        """Each mixer's `stats` dict (rnn's and lstm's Newton iterations), averaged over layers."""
         per_layer = [b.mixer.stats for b in self.blocks if isinstance(getattr(b.mixer, "stats", None), dict)]
-        keys = sorted(per_layer[0]) if per_layer else []  # every layer is the same class: the same keys
-        return {k: sum(float(s[k]) for s in per_layer) / len(per_layer) for k in keys}
+        return {k: sum(float(s[k]) for s in per_layer) / len(per_layer) for k in (per_layer or [{}])[0]}
 
 
 def parse_mixer_args(text):
@@ -198,10 +208,13 @@ def parse_mixer_args(text):
 
 
 def build(mixer_cls, vocab_size, n_layer, d_model, mixer_args, dropout=0.0):
+    """The LM, or a one-line error with what the mixer says of its arguments (its own ValueError where it has one)."""
     try:
         return LM(mixer_cls, vocab_size, n_layer, d_model, dropout, mixer_args)
     except TypeError as e:  # an unknown keyword
         sys.exit(f"--mixer-args {mixer_args}: {e}; {mixer_cls.__name__} takes {inspect.signature(mixer_cls)}")
+    except (ValueError, ArithmeticError, RuntimeError) as e:  # RuntimeError: a negative size reached torch
+        sys.exit(f"{mixer_cls.__name__}(d_model={d_model}, **{mixer_args}): {type(e).__name__}: {e}")
 
 
 def match_width(mixer_cls, vocab_size, n_layer, base, mixer_args):
@@ -210,13 +223,15 @@ def match_width(mixer_cls, vocab_size, n_layer, base, mixer_args):
     def count(cls, d, args):
         try:
             with torch.device("meta"):
-                return sum(p.numel() for p in build(cls, vocab_size, n_layer, d, args).parameters())
-        except ValueError:  # a width the mixer rejects (heads must divide it, ...)
+                return sum(p.numel() for p in LM(cls, vocab_size, n_layer, d, 0.0, args).parameters())
+        except (ValueError, ArithmeticError, RuntimeError):  # a width the mixer rejects (heads must divide it, ...)
             return None
 
     target = count(load_mixer("attention"), base, {})
     sizes = [(d, n) for d in range(base // 32 * 16 or 16, 2 * base + 1, 16) if (n := count(mixer_cls, d, mixer_args))]
     if not sizes:
+        with torch.device("meta"):  # the mixer's own complaint at the base width, if that is what it is
+            build(mixer_cls, vocab_size, n_layer, base, mixer_args)
         sys.exit(f"{mixer_cls.__name__} accepts no d_model in [{base // 2}, {2 * base}]: pass --d-model")
     return (*min(sizes, key=lambda dn: abs(dn[1] - target)), target)
 
@@ -239,6 +254,20 @@ def get_lr(step, lr, warmup, max_iters, time_frac=0.0):
     return lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - lr / 10)
 
 
+def compiled(fn, probe):
+    """torch.compile(fn), or fn itself where that fails. Compiling happens at the first call: probe makes it now."""
+    try:
+        probe(fast := torch.compile(fn, mode=COMPILE_MODE))
+        return fast
+    except Exception as e:
+        print(f"torch.compile failed ({type(e).__name__}: {first_line(e)}); running eager")
+        return fn
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [""])[0][:160]
+
+
 # ----------------------------------------------------------------------------- train, eval, sample
 
 def loss_of(model, x, y):
@@ -248,36 +277,40 @@ def loss_of(model, x, y):
 
 @torch.no_grad()
 def evaluate(model, batch, n, autocast):
-    """(mean loss, accuracy of the argmax on the labelled positions) over the batches batch(0..n-1)."""
+    """(mean loss, accuracy of the argmax on the labelled positions) over batch(0..n-1), in all processes."""
     model.eval()
-    losses, hits, total = [], 0, 0
+    sums = 0
     for k in range(n):
         x, y = batch(k)
         with autocast:
             loss, logits = loss_of(model, x, y)
-        losses.append(loss)
-        hits, total = hits + (logits.argmax(-1) == y).sum(), total + (y != -100).sum()
+        sums = sums + torch.stack([loss.float(), (logits.argmax(-1) == y).sum().float(), (y != -100).sum().float()])
     model.train()
-    return torch.stack(losses).mean().item(), (hits / total).item()
+    if dist.is_initialized():  # DDP: each process holds an equal share of every batch
+        dist.all_reduce(sums)
+        sums[0] /= dist.get_world_size()
+    return (sums[0] / n).item(), (sums[1] / sums[2]).item()
 
 
 @torch.no_grad()
-def sample(model, prompt, n, chars, device, autocast, seed, temperature=0.8):
-    """Parallel prefill of the prompt, then n tokens with each mixer's step()."""
-    if not prompt or set(prompt) - set(chars):
-        sys.exit(f"--prompt must be non-empty and use only the vocabulary's characters, got {prompt!r}")
+def sample(model, prompt, n, chars, temperature=0.8, seed=0, autocast=torch.autocast("cpu", enabled=False),
+           compile=False):
+    """Parallel prefill of the prompt, then n tokens with each mixer's step(); temperature 0 picks the argmax."""
     model.eval()
-    g = torch.Generator(device=device).manual_seed(seed)
-    out = prompt
+    device, step = model.wte.weight.device, model.step
+    g, out = torch.Generator(device=device).manual_seed(seed), [chars.index(c) for c in prompt]
     with autocast:
-        logits, states = model(torch.tensor([[chars.index(c) for c in prompt]], device=device))
+        logits, states = model(torch.tensor([out], device=device))
         logits = logits[:, -1]
+        if compile:  # decoding one token is a few hundred microseconds of launches (issue 12)
+            step = compiled(model.step, lambda fast: fast(logits.argmax(-1), states))
         for _ in range(n):
-            nxt = torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1, generator=g)[:, 0]
-            out += chars[nxt.item()]
-            logits, states = model.step(nxt, states)
+            nxt = (logits.argmax(-1) if temperature == 0
+                   else torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1, generator=g)[:, 0])
+            out.append(nxt.item())
+            logits, states = step(nxt, states)
     model.train()
-    return out
+    return "".join(chars[i] for i in out)
 
 
 def fmt_time(s):
@@ -286,132 +319,188 @@ def fmt_time(s):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=list(MODELS))
-    p.add_argument("--task", choices=["text", "mqar"])
-    p.add_argument("--resume", action="store_true", default=None)
-    p.add_argument("--compile", action="store_true", default=None)
-    ints = "max-iters batch-size block-size n-layer d-model warmup seed sample-len eval-interval eval-iters"
-    for flags, typ in ((ints + " log-interval num-pairs mqar-vocab", int), ("lr dropout max-time", float),
-                       ("data mixer-args device out-dir prompt report", str)):
-        for flag in flags.split():
-            p.add_argument("--" + flag, type=typ)
-    args = p.parse_args(argv)  # every default is None: device defaults < checkpoint < flags passed
-    if args.model is None and args.report is None:
-        p.error("the following arguments are required: --model (or --report DIR)")
-    return args
+
+    def add(flag, help, default=None, **kw):  # every help line ends with the default, on a GPU and on the CPU
+        gpu, cpu = ({**COMMON, **d}.get(flag.replace("-", "_")) for d in (GPU, CPU))
+        default = "required" if kw.get("required") else "default: " + (default or (
+            f"{gpu}" if gpu == cpu else f"GPU {gpu}, CPU {cpu}"))
+        p.add_argument("--" + flag, help=f"{help} ({default})".replace("%", "%%"), **kw)
+
+    add("model", "the mixer, <model>.py", choices=list(MODELS), required=True)
+    add("task", "text: predict the next character; mqar: multi-query associative recall", choices=["text", "mqar"])
+    add("data", "a UTF-8 text file for --task text", "tiny Shakespeare, kept in ~/.cache/zoo", metavar="PATH")
+    add("out-dir", "where ckpt.pt (latest), best.pt (best val) and log.jsonl go", "out/<model>", metavar="DIR")
+    add("resume", "continue <out-dir>/ckpt.pt with its flags, unless passed again", "off", action="store_true")
+    add("device", "cpu, cuda, cuda:1, mps, ...", "cuda if there is one, else cpu")
+    add("compile", f"torch.compile the model with mode {COMPILE_MODE!r}; eager if that fails", "GPU on, CPU off",
+        action=argparse.BooleanOptionalAction)
+    add("n-layer", "blocks", type=int)
+    add("d-model", "width", "matched to the attention LM's parameters at GPU 384, CPU 128", type=int)
+    add("block-size", "context length in tokens", type=int)
+    add("batch-size", "sequences per step, in all processes together", type=int)
+    add("lr", "peak learning rate (AdamW), after linear warmup, cosine decay to a tenth", type=float)
+    add("warmup", "warmup steps", type=int)
+    add("max-iters", "training steps", type=int)
+    add("max-time", "seconds of training (evaluation excluded); the LR schedule then follows the clock", "none",
+        type=float)
+    add("dropout", "on the embedding, residual branches, attention weights", "GPU 0.3, CPU 0.0; mqar 0", type=float)
+    add("patience", "stop after this many evaluations without a better val loss; 0: never", "1; mqar 0", type=int)
+    add("eval-interval", "steps between evaluations", type=int)
+    add("eval-iters", "batches per evaluation", type=int)
+    add("log-interval", "steps between log lines", type=int)
+    add("seed", "batches, init and dropout are functions of it", type=int)
+    add("sample-len", "characters to sample after training; 0: none", type=int)
+    add("prompt", "the sample's prompt", "a newline")
+    add("temperature", "sampling temperature; 0: greedy (argmax)", type=float)
+    add("mixer-args", "keyword arguments for the mixer's class, as k=v,k2=v2", "none")
+    add("num-pairs", "mqar: key-value pairs per sequence", type=int)
+    add("mqar-vocab", "mqar: vocabulary size", type=int)
+    return p.parse_args(argv)  # every default is None: device defaults < checkpoint < flags passed
 
 
-def get_config(args):
+def get_config(args, world=1, local_rank=0):
     """Device (then task) defaults < what the checkpoint was trained with (--resume) < the flags passed."""
     passed = {k: v for k, v in vars(args).items() if v is not None}
     device = passed.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = f"cuda:{local_rank}" if world > 1 and device.startswith("cuda") else device  # DDP: a GPU per process
     out_dir = passed.get("out_dir") or os.path.join("out", passed["model"])
-    path = os.path.join(out_dir, "ckpt.pt")
-    if passed.get("resume") and not os.path.exists(path):
-        sys.exit(f"--resume: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False) if passed.get("resume") else None
-    restored = {k: v for k, v in ckpt["args"].items() if k not in ("device", "resume")} if ckpt else {}
+    ckpt, restored, path = None, {}, os.path.join(out_dir, "ckpt.pt")
+    if passed.get("resume"):
+        if not os.path.exists(path):
+            sys.exit(f"--resume: no checkpoint at {path}")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            restored = {k: v for k, v in ckpt["args"].items() if k not in ("device", "resume", "compile")}
+        except Exception as e:
+            sys.exit(f"--resume: {path} is corrupt or not train.py's ({type(e).__name__}: {first_line(e)[:80]})")
+    elif files := [f for f in ("ckpt.pt", "best.pt", "log.jsonl") if os.path.exists(os.path.join(out_dir, f))]:
+        sys.exit(f"{out_dir} holds an earlier run ({', '.join(files)}): continue it with --resume, or start over "
+                 f"with another --out-dir (or delete {out_dir})")
     given, cuda = {**restored, **passed}, device.startswith("cuda")
     cfg = argparse.Namespace(**{**COMMON, **(GPU if cuda else CPU), **(MQAR if given.get("task") == "mqar" else {}),
                                 "d_model": None, **given, "device": device, "out_dir": out_dir})  # None: matched
-    shown = "n_layer d_model block_size batch_size lr dropout warmup max_iters eval_interval eval_iters max_time"
-    shown += " mixer_args" + (" task num_pairs mqar_vocab" if cfg.task == "mqar" else "")
+    shown = "n_layer d_model block_size batch_size lr dropout warmup max_iters eval_interval eval_iters patience"
+    shown += " max_time mixer_args compile" + (" task num_pairs mqar_vocab" if cfg.task == "mqar" else "")
     shown = {k: getattr(cfg, k) for k in shown.split()} | {"d_model": cfg.d_model or "matched"}
     shown = " ".join(f"{k.replace('_size', '')}={v}" for k, v in shown.items() if v not in (None, ""))
-    print(f"{device}: {'' if cuda else 'small config '}{shown}" + (f" (resumed from {path})" if ckpt else "")
-          + " -- any flag overrides")
+    print(f"{device}{f' x {world} processes' if world > 1 else ''}: {'' if cuda else 'small config '}{shown}"
+          + (f" (resumed from {path})" if ckpt else "") + " -- any flag overrides")
     return cfg, ckpt
 
 
-def try_compile(model, batch, autocast):
-    """torch.compile fails lazily, at the first call: run one forward and backward now."""
+def check(cfg, world=1):
+    """Every size, rate and the device, before anything is written: one line and a non-zero exit, no traceback."""
+    lows = dict.fromkeys("n_layer d_model block_size batch_size eval_interval eval_iters log_interval".split(), 1)
+    for k, low in (lows | dict.fromkeys("max_iters warmup sample_len patience".split(), 0)).items():
+        if (v := getattr(cfg, k)) is not None and not v >= low:
+            sys.exit(f"--{k.replace('_', '-')} must be >= {low}, got {v}")
+    for k, ok, rule in (("lr", 0 < cfg.lr < math.inf, "> 0"), ("dropout", 0 <= cfg.dropout < 1, "in [0, 1)"),
+                        ("max-time", cfg.max_time is None or cfg.max_time > 0, "> 0"),
+                        ("temperature", 0 <= cfg.temperature < math.inf, ">= 0"),
+                        ("batch-size", cfg.batch_size % world == 0, f"a multiple of the {world} processes")):
+        if not ok:
+            sys.exit(f"--{k} must be {rule}, got {getattr(cfg, k.replace('-', '_'))}")
     try:
-        compiled = torch.compile(model)
-        with autocast, torch.random.fork_rng():  # dropout here must not shift training's RNG (bit-for-bit resume)
-            loss_of(compiled, *batch)[0].backward()
-        return compiled
+        torch.empty(1, device=cfg.device)
     except Exception as e:
-        print(f"--compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:100]}); running eager")
-        return model
-    finally:
-        model.zero_grad(set_to_none=True)
-
-
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+        sys.exit(f"--device {cfg.device} is not usable here: {first_line(e)}")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.report:
-        return report(args.report)
-    cfg, ckpt = get_config(args)
+    rank, local_rank, world = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))  # torchrun's
+    world = max(world, 1)
+    if rank:  # DDP (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE): rank 0 alone prints and writes
+        sys.stdout = open(os.devnull, "w")
+    cfg, ckpt = get_config(args, world, local_rank)
+    check(cfg, world)
     device, cuda, seed, B, T = cfg.device, cfg.device.startswith("cuda"), cfg.seed, cfg.batch_size, cfg.block_size
-    ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
+    paths = {name: os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "best.pt", "log.jsonl")}
     mixer_cls, mixer_args = load_mixer(cfg.model), parse_mixer_args(cfg.mixer_args)
+    if world > 1:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    shard = lambda xy: tuple(t.chunk(world)[rank] for t in xy)  # noqa: E731  this process's rows of a batch
     if cfg.task == "mqar":
         P, V = cfg.num_pairs, cfg.mqar_vocab
         if not 1 <= P <= V // 2 or 4 * P > T:
             sys.exit(f"--task mqar needs 1 <= --num-pairs <= --mqar-vocab / 2 and 4 * num_pairs <= --block-size, "
                      f"got num_pairs={P}, mqar_vocab={V}, block_size={T}")
         chars, vocab_size, data_line = None, V, f"{P} key-value pairs per {T} tokens"
-        train_batch = lambda i: get_mqar_batch(i, seed, T, B, P, V, device)  # noqa: E731
+        train_batch = lambda i: shard(get_mqar_batch(i, seed, T, B, P, V, device))  # noqa: E731
         val_batch = lambda k: train_batch(-1 - k)  # noqa: E731  validation: i < 0
     else:
         text = get_data(cfg.data)
         chars = (ckpt or {}).get("vocab") or "".join(sorted(set(text)))
         train_data, val_data = split(text, chars, T)
+        if cfg.sample_len and (not cfg.prompt or set(cfg.prompt) - set(chars)):
+            sys.exit(f"--prompt must be non-empty and use only the vocabulary's characters, got {cfg.prompt!r}")
         vocab_size, data_line = len(chars), f"{len(train_data):,} train / {len(val_data):,} val characters"
-        train_batch = lambda i: get_batch(train_data, i, seed, T, B, device)  # noqa: E731
-        val_batch = lambda k: get_batch(val_data, k, seed, T, B, device)  # noqa: E731
-    matched = ""
-    if cfg.d_model is None:
+        train_batch = lambda i: shard(get_batch(train_data, i, seed, T, B, device))  # noqa: E731
+        val_batch = lambda k: shard(get_batch(val_data, k, seed, T, B, device))  # noqa: E731
+    if matched := cfg.d_model is None:
         base = (GPU if cuda else CPU)["d_model"]
         cfg.d_model, _, target = match_width(mixer_cls, vocab_size, cfg.n_layer, base, mixer_args)
-        matched = f" (matched: the attention LM at d_model {base} has {target:,})"
     torch.manual_seed(seed)
-    try:
-        model = build(mixer_cls, vocab_size, cfg.n_layer, cfg.d_model, mixer_args, cfg.dropout).to(device)
-    except ValueError as e:
-        sys.exit(f"{cfg.model}: {e}")
+    model = build(mixer_cls, vocab_size, cfg.n_layer, cfg.d_model, mixer_args, cfg.dropout).to(device)
+    if bad := {k: v for k, v in mixer_args.items() if type(v) is int and v < 1}:  # the mixers' ints are all sizes
+        sys.exit(f"--mixer-args {bad}: sizes must be >= 1")
     optimizer = make_optimizer(model, cfg.lr)
-    step, best_val, acc, train_time = 0, float("inf"), None, 0.0
+    step, best_val, best_step, stale, evaluated, acc, train_time = 0, math.inf, None, 0, None, None, 0.0
     if ckpt:
         try:
             model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            sys.exit(f"{ckpt_path} does not fit this model (different --model, --n-layer, --d-model, --task?): {e}")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val, acc, train_time = ckpt["step"], ckpt["best_val"], ckpt.get("acc"), ckpt.get("train_time", 0.0)
-        torch.set_rng_state(ckpt["rng"])
-        if cuda and ckpt.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    open(log_path, "a" if ckpt else "w").close()  # a fresh run starts a fresh log; --resume appends to it
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{cfg.model}: {n_params:,} parameters at d_model {cfg.d_model}{matched}, vocab {vocab_size}, {data_line}")
-
-    def log(**record):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def save():  # to .tmp first: a Ctrl-C mid-write never leaves a broken checkpoint
-        torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, vocab=chars,
-                        args=vars(cfg), rng=torch.get_rng_state(), best_val=best_val, acc=acc, train_time=train_time,
-                        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
-                   ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)
-
+            optimizer.load_state_dict(ckpt["optimizer"])
+            step, best_val, best_step, stale, evaluated, acc, train_time = (
+                ckpt[k] for k in "step best_val best_step stale evaluated acc train_time".split())
+        except (RuntimeError, ValueError, KeyError) as e:
+            sys.exit(f"{paths['ckpt.pt']} does not fit this model (another --model, --n-layer, --d-model, --task?) "
+                     f"or is no train.py checkpoint: {type(e).__name__}: {first_line(e)}")
+        old = {k: ckpt["args"][k] for k in ("lr", "warmup", "max_iters")}
+        if changed := [f"--{k.replace('_', '-')} {vars(cfg)[k]} (was {v})" for k, v in old.items()
+                       if vars(cfg)[k] != v]:
+            print(f"the learning-rate schedule changed with {', '.join(changed)}: step {step} gets lr "
+                  f"{get_lr(step, cfg.lr, cfg.warmup, cfg.max_iters):.3g}, not {get_lr(step, **old):.3g}")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-    fwd = try_compile(model, train_batch(0), autocast) if cfg.compile else model
 
-    interrupted = []  # first Ctrl-C: finish this step, save, stop; a second one aborts at once
+    def first_step(f):  # one forward and backward of batch 0
+        with autocast:
+            loss = loss_of(f, *train_batch(0))[0]
+        loss.backward()
+        return loss.item()
+
+    try:  # before anything is written: the mixer's own checks that need data, and a loss that is no number
+        if not math.isfinite(loss := first_step(model)):
+            sys.exit(f"{cfg.model}: the first batch's loss is {loss} (--mixer-args {cfg.mixer_args!r}?)")
+    except ValueError as e:
+        sys.exit(f"{cfg.model}: {e}")
+    net = compiled(model, first_step) if cfg.compile else model  # evaluation's; training's is DDP's wrapper of it
+    model.zero_grad(set_to_none=True)
+    fwd = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if cuda else None) if world > 1 else net
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{cfg.model}: {n_params:,} parameters at d_model {cfg.d_model}"
+          + (f" (matched: the attention LM at d_model {base} has {target:,})" if matched else "")
+          + f", vocab {vocab_size}, {data_line}"
+          + (f"; {len(train_batch(0)[0])} sequences per process" if world > 1 else ""))
+
+    def save(name, **record):  # rank 0; a checkpoint to .tmp first: a Ctrl-C mid-write never leaves a broken one
+        if rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            if name == "log.jsonl":  # a fresh run found none; --resume appends
+                with open(paths[name], "a") as f:
+                    return f.write(json.dumps(record) + "\n")
+            torch.save(dict(model=model.state_dict(), step=step, vocab=chars, args=vars(cfg), **record),
+                       paths[name] + ".tmp")
+            os.replace(paths[name] + ".tmp", paths[name])
+
+    def save_latest():
+        save("ckpt.pt", optimizer=optimizer.state_dict(), best_val=best_val, best_step=best_step, stale=stale,
+             evaluated=evaluated, acc=acc, train_time=train_time)
+
+    interrupted = []  # the first Ctrl-C: finish this step, save, stop; a second one aborts at once
 
     def on_sigint(signum, frame):
         if interrupted:
@@ -422,41 +511,48 @@ def main(argv=None):
     main_thread = threading.current_thread() is threading.main_thread()  # signals only work there
     old_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     t_start = t_last = time.time()  # t_last: when the current stretch of training (between log lines) began
-    start_step, last_step, train_losses = step, step, []
+    start_step, last_step, train_losses, stop = step, step, [], None
     try:
         while True:
-            out_of_time = cfg.max_time is not None and train_time + time.time() - t_last >= cfg.max_time
-            is_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters or out_of_time
-            if is_eval or step % cfg.log_interval == 0:
+            late = cfg.max_time is not None and train_time + time.time() - t_last >= cfg.max_time
+            if (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or step >= cfg.max_iters
+                    or world == 1 and (late or interrupted)):  # DDP: the processes agree on stopping here only
                 if cuda:
                     torch.cuda.synchronize()  # the steps still queued on the GPU are training time
                 now = time.time()
-                train_time += now - t_last
+                shared = torch.tensor([train_time + now - t_last, torch.stack(train_losses).mean().item()
+                                       if train_losses else 0.0, late, bool(interrupted)], dtype=torch.float64)
+                if world > 1:  # the same clock, mean train loss and reasons to stop in every process
+                    dist.all_reduce(shared := shared.to(device))
+                train_time, train_loss, late, interrupted_any = (shared / world).tolist()
                 stats = model.stats()  # the last training step's, before evaluate() overwrites them
-                train_loss = torch.stack(train_losses).mean().item() if train_losses else None
                 tok_s = (step - last_step) * B * T / (now - t_last) if step > last_step else None
                 line = f"step {step:5d}" + (f" | train {train_loss:.4f}" if train_losses else "")
-                if is_eval:
-                    val, acc = evaluate(fwd, val_batch, cfg.eval_iters, autocast)
-                    best_val = min(best_val, val)
+                if (step % cfg.eval_interval == 0 or step >= cfg.max_iters or late) and step != evaluated:
+                    val, acc = evaluate(net, val_batch, cfg.eval_iters, autocast)
+                    stale, evaluated = 0 if val < best_val else stale + 1, step
+                    if val < best_val:
+                        best_val, best_step = val, step
+                        save("best.pt", val=val)
                     line += f" | val {val:.4f} | acc {acc:.3f}"
-                    save()
-                    log(type="eval", step=step, tokens=step * B * T, train_time=train_time,
-                        train_loss=train_loss, val_loss=val, acc=acc, tok_s=tok_s)
+                    save_latest()
+                    save("log.jsonl", type="eval", step=step, tokens=step * B * T, train_time=train_time,
+                         train_loss=train_loss if train_losses else None, val_loss=val, acc=acc, tok_s=tok_s)
                 if tok_s is not None:
                     eta = (now - t_start) / (step - start_step) * (cfg.max_iters - step)
                     eta = eta if cfg.max_time is None else max(0.0, min(eta, cfg.max_time - train_time))
                     line += f" | {tok_s:,.0f} tok/s | {fmt_time(train_time)} trained, ETA {fmt_time(eta)}"
                 print(line + "".join(f" | {k} {v:.3g}" for k, v in stats.items()), flush=True)
                 t_last, last_step, train_losses = time.time(), step, []
-            if step >= cfg.max_iters or out_of_time or interrupted:
-                break
-            time_frac = (train_time + time.time() - t_last) / cfg.max_time if cfg.max_time else 0.0
+                if stop := ("steps" if step >= cfg.max_iters else "time" if late else "Ctrl-C" if interrupted_any
+                            else "patience" if cfg.patience and stale >= cfg.patience else None):
+                    break
+            time_frac = train_time / cfg.max_time if cfg.max_time else 0.0  # as of the last log line, in every process
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(step, cfg.lr, cfg.warmup, cfg.max_iters, time_frac)
-            x, y = train_batch(step)
+            torch.manual_seed((seed * 1_000_003 + step) * world + rank)  # dropout: a function of (seed, step, rank)
             with autocast:
-                loss, _ = loss_of(fwd, x, y)
+                loss, _ = loss_of(fwd, *train_batch(step))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -464,63 +560,36 @@ def main(argv=None):
             train_losses.append(loss.detach())
             step += 1
     except KeyboardInterrupt:
-        interrupted.append(True)
+        stop = "Ctrl-C"
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, old_handler)
-    if interrupted:
+    if stop == "Ctrl-C":
         train_time += time.time() - t_last
-        save()
-        return print(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
-    stop = "steps" if step >= cfg.max_iters else "time"
-    print(f"done: stopped on {stop} at step {step} after {fmt_time(train_time)} of training "
-          f"(this run: {fmt_time(time.time() - t_start)} wall), best val {best_val:.4f}, saved {ckpt_path}")
+        save_latest()
+        print(f"interrupted: saved {paths['ckpt.pt']} at step {step}; continue with --resume")
+        sys.exit(130)
     text_sample = None
-    if cfg.task == "text" and cfg.sample_len > 0:
-        text_sample = sample(model, cfg.prompt, cfg.sample_len, chars, device, autocast, seed)
-        print("-" * 40 + "\n" + text_sample)
-    log(type="final", model=cfg.model, task=cfg.task, params=n_params, d_model=cfg.d_model, n_layer=cfg.n_layer,
-        mixer_args=mixer_args, steps=step, tokens=step * B * T, train_time=train_time,
-        tok_s=step * B * T / train_time if train_time else None, best_val=best_val, acc=acc, stop=stop,
-        sample=text_sample, device=torch.cuda.get_device_name(device) if cuda else f"{device} ({os.cpu_count()} cores)",
-        commit=git_commit())
-
-
-def report(root):
-    """A markdown table of the finished runs root/*/log.jsonl, and their val-loss curves in root/showdown.png."""
-    runs = []
-    for path in sorted(glob.glob(os.path.join(root, "*", "log.jsonl"))):
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        if finals := [r for r in rows if r.get("type") == "final"]:
-            evals = [r for r in rows if r.get("type") == "eval"]
-            runs.append((os.path.basename(os.path.dirname(path)), evals, finals[-1]))
-        else:
-            print(f"{path}: no final line (running or interrupted), left out")
-    if not runs:
-        sys.exit(f"--report: no finished run in {root}/*/log.jsonl")
-    print("| run | model | task | params | d_model | tok/s | best val loss | accuracy | stopped on | sample |\n"
-          + "|---" * 10 + "|")
-    for name, _, f in runs:
-        text = "<br>".join([ln for ln in (f.get("sample") or "").splitlines() if ln.strip()][:2]).replace("|", "\\|")
-        print(f"| {name} | {f['model']} | {f['task']} | {f['params'] / 1e6:.2f}M | {f['d_model']} "
-              f"| {f['tok_s'] or 0:,.0f} | {f['best_val']:.4f} | {f['acc'] or 0:.3f} | {f['stop']} | {text} |")
+    if cfg.task == "text" and cfg.sample_len > 0 and rank == 0:
+        model.load_state_dict(torch.load(paths["best.pt"], map_location=device, weights_only=True)["model"])
+        text_sample = sample(model, cfg.prompt, cfg.sample_len, chars, cfg.temperature, seed, autocast,
+                             cfg.compile and COMPILE_STEP)
+        print("-" * 40 + f" sampled from best.pt (step {best_step})\n{text_sample}\n" + "-" * 40)
     try:
-        from matplotlib.figure import Figure  # no pyplot: no display, no backend to pick
-    except ImportError:
-        return print("matplotlib is not installed: no showdown.png (pip install matplotlib)")
-    curves = [(name, evals) for name, evals, f in runs if f["task"] == "text"]
-    if curves:
-        fig = Figure(figsize=(8, 5))
-        ax = fig.subplots()
-        for name, evals in curves:
-            ax.plot([r["train_time"] for r in evals], [r["val_loss"] for r in evals], label=name)
-        best = min(r["val_loss"] for _, evals in curves for r in evals)
-        ax.set(xlabel="training time (s), evaluation excluded", ylabel="val loss",
-               ylim=(best - 0.05, best + 0.6))  # the end of the race, not the first steps
-        ax.legend(), ax.grid(alpha=0.3)
-        fig.savefig(os.path.join(root, "showdown.png"), dpi=120, bbox_inches="tight")
-        print(f"wrote {os.path.join(root, 'showdown.png')}")
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                text=True).stdout
+    except OSError:  # no git
+        commit = ""
+    save("log.jsonl", type="final", model=cfg.model, task=cfg.task, params=n_params, d_model=cfg.d_model,
+         n_layer=cfg.n_layer, mixer_args=mixer_args, steps=step, tokens=step * B * T, train_time=train_time,
+         tok_s=step * B * T / train_time if train_time else None, best_val=best_val, best_step=best_step, acc=acc,
+         stop=stop, sample=text_sample, commit=commit.strip() or None,
+         device=torch.cuda.get_device_name(device) if cuda else f"{device} ({os.cpu_count()} cores)")
+    print(f"done: stopped on {stop} at step {step} after {fmt_time(train_time)} of training (this run: "
+          f"{fmt_time(time.time() - t_start)} wall); best val {best_val:.4f} at step {best_step}, in "
+          f"{paths['best.pt']}")
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
