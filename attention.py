@@ -32,9 +32,12 @@ def rotary(x, start, base=10000.0):
     acc = torch.float32 if x.device.type == "mps" else torch.float64  # angles up to T rad: float64 where we can
     inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=acc) / D)
     angle = torch.arange(start, start + T, device=x.device, dtype=acc)[:, None] * inv_freq  # [T, D/2]
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+    # the rotation in float32 or better, rounded once at the end; done in bf16, Inductor fused it into
+    # SDPA wrongly on an H100 (torch 2.11: compiled attention 35% off under autocast, eager 0.4%)
+    work = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = angle.cos().to(work), angle.sin().to(work)
+    x1, x2 = x.to(work).unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).to(x.dtype)
 
 
 def causal_mask(T, S, device):

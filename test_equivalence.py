@@ -1378,6 +1378,7 @@ def check_selective(device, dtype, tol, cases=SELECTIVE_CASES, reference=None):
         y, hT = scan_module.selective_scan(*leaves[:5], h0)
         assert y.dtype == x.dtype and y.shape == x.shape and hT.dtype == acc and hT.shape == (Bsz, D, N)
         gy, gh = torch.randn(y.shape, device=device, generator=g), torch.randn(hT.shape, device=device, generator=g)
+        gy = gy.to(y.dtype).float()  # autograd hands a bf16 output's gradient over in bf16: the reference gets the same
         grads = torch.autograd.grad((y.float() * gy).sum() + (hT * gh).sum(), leaves)
         ref = [t.detach().double().requires_grad_() for t in leaves]
         y_ref, h_ref = (reference or selective_reference)(*ref[:5], ref[5] if with_h0 else None)

@@ -49,7 +49,7 @@ MODELS = {
 }
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-COMPILE_MODE = "default"  # torch.compile's mode for training and evaluation (and sampling, with COMPILE_STEP)
+COMPILE_MODE = "reduce-overhead"  # torch.compile's mode for training and evaluation (and sampling, with COMPILE_STEP)
 COMPILE_STEP = False  # compile step() for sampling too: it pays only where decoding outlasts compiling it
 
 # mqar_vocab: 256, not Zoology's 8192: only the num_pairs keys of a sequence compete for a state, so recall is
