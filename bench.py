@@ -182,7 +182,7 @@ def bench_forms(dev, quick, low):
         for T in Ts:
             x = torch.randn(batch, T, d, device=dev, requires_grad=True)
             par = attempt(lambda: timeit(run(x, form), dev))
-            iters = int(m.stats["newton_iters"]) if "newton_iters" in m.stats else "-"
+            iters = int(m.stats["newton_iters"]) if "newton_iters" in getattr(m, "stats", {}) else "-"
             rec = attempt(lambda: timeit(run(x, "recurrent"), dev, once=True))
             speedup = f"{rec / par:.1f}" if isinstance(par, float) and isinstance(rec, float) else "-"
             rows.append([name, "fp32" if name in FP32 else str(low)[6:], form, T, par, rec, speedup, iters])
