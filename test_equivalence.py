@@ -281,6 +281,16 @@ def assert_xavier(layer, gain, what):
     assert_uniform(layer.weight, -bound, bound, f"{what}.weight (xavier, gain {gain:.4g})")
 
 
+def interpreted(code):
+    """Run code in a fresh Python with TRITON_INTERPRET=1 (read when scan.py is imported): Triton's
+    kernels then run on the CPU through its interpreter. Fails the test with the child's output."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", "import torch, scan, test_equivalence as t\n" + code], cwd=HERE, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- torch.compile: every default form, whole-graph, against eager
 
 def check_compiled(name, device, dtype, backend, tol, T=45, B=2):
@@ -335,11 +345,7 @@ def test_compiled_matches_eager_inductor_interpreted(name):
     """Inductor's own code on the CPU, for the models whose graphs compile fastest, with scan.py's
     Triton kernel run by the interpreter: AOTAutograd traces the Newton ops' backward formulas,
     which call scan, with functional tensors that no kernel may be launched on."""
-    pytest.importorskip("triton")
-    code = f"import torch, test_equivalence as t; t.check_compiled({name!r}, 'cpu', torch.float32, 'inductor', 1e-5)"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    interpreted(f"t.check_compiled({name!r}, 'cpu', torch.float32, 'inductor', 1e-5)")
 
 
 @needs_cuda
@@ -447,13 +453,8 @@ SCAN_MODES = {"lookback": 10 ** 9, "loop": 0}  # scan.LOOP_GROUPS_PER_SM forcing
 def test_scan_triton_kernel_interpreted(mode):
     """The real Triton kernel, run by Triton's interpreter on the CPU: small shapes, several
     time chunks (the interpreter's plan cuts time into 16-step tiles)."""
-    pytest.importorskip("triton")
-    code = (f"import torch, test_equivalence as t, scan; assert scan._use_triton(torch.zeros(1)); "
-            f"scan.LOOP_GROUPS_PER_SM = {SCAN_MODES[mode]}; t.check_scan('cpu', torch.float32, 1e-5); "
-            f"t.check_block_scan('cpu', torch.float32, 1e-5)")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
+    interpreted(f"assert scan._use_triton(torch.zeros(1)); scan.LOOP_GROUPS_PER_SM = {SCAN_MODES[mode]}; "
+                f"t.check_scan('cpu', torch.float32, 1e-5); t.check_block_scan('cpu', torch.float32, 1e-5)")
 
 
 if scan_module.triton is not None:
@@ -493,12 +494,8 @@ def check_look_back(block, flags, C=8):
 
 @pytest.mark.parametrize("block", [False, True], ids=["diagonal", "block"])
 def test_scan_look_back_composes_local_pairs_interpreted(block):
-    pytest.importorskip("triton")
-    code = (f"import test_equivalence as t\nfor flags in ([2], [2, 1], [2, 1, 1, 1], [2, 1, 2, 1, 1], [1, 2, 1], [2, 2, 1]):"
-            f"\n    t.check_look_back({block}, flags)")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
+    interpreted(f"for flags in ([2], [2, 1], [2, 1, 1, 1], [2, 1, 2, 1, 1], [1, 2, 1], [2, 2, 1]):\n"
+                f"    t.check_look_back({block}, flags)")
 
 
 @needs_cuda
@@ -537,11 +534,7 @@ def check_scan_compiled(device, quick=False):
 def test_scan_compiled_interpreted():
     """The custom ops under Inductor with the Triton kernel run by the interpreter: the kernel gets
     the tensors compiled code hands it, and reads their strides at run time."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", "import test_equivalence as t; t.check_scan_compiled('cpu', True)"],
-                          cwd=HERE, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
+    interpreted("t.check_scan_compiled('cpu', True)")
 
 
 @needs_cuda
@@ -1397,12 +1390,8 @@ def test_selective_scan_torch(dtype, tol):
 def test_selective_scan_triton_kernel_interpreted(mode):
     """The real kernels, forward and backward, run by Triton's interpreter: tiles of 8 steps by 4
     channels, chained in a loop or by the look-back."""
-    pytest.importorskip("triton")
-    code = (f"import torch, test_equivalence as t, scan; assert scan._use_triton(torch.zeros(1)); "
-            f"scan.SELECTIVE_LOOP_GROUPS_PER_SM = {SCAN_MODES[mode]}; t.check_selective('cpu', torch.float32, 1e-5)")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
+    interpreted(f"assert scan._use_triton(torch.zeros(1)); scan.SELECTIVE_LOOP_GROUPS_PER_SM = {SCAN_MODES[mode]}; "
+                f"t.check_selective('cpu', torch.float32, 1e-5)")
 
 
 @needs_cuda
