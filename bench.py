@@ -225,13 +225,22 @@ def core_cases(B, T, H, D, dev, low):
                                 ("retention", "chunk_retention", (q, k, v), {}),
                                 ("simple_gla", "chunk_simple_gla", (q, k, v), {"g": g}),
                                 ("delta_rule", "chunk_delta_rule", (q, kn, v, beta_low), {}),
-                                ("gated_delta_rule", "chunk_gated_delta_rule", (q, kn, v, g, beta_low), {})]:
+                                ("gated_delta_rule", "chunk_gated_delta_rule", (q, kn, v, g, beta_low), {}),
+                                ("rwkv7", "chunk_rwkv7", (q, log_w, k, v, kn, iclr), {})]:
         fn, ins = optional("fla.ops." + mod, name), [t for t in (*args, *kw.values()) if torch.is_tensor(t)]
+        if name == "chunk_rwkv7" and fn is not None:
+            fn = fla_rwkv7(fn, low)
         cases["fla " + name] = ("not installed" if fn is None else "cuda only" if dev.type != "cuda"
                                 else (lambda fn=fn, args=args, kw=kw: fn(*args, **kw), ins))
     cases["sdpa causal [B, H, T, D]"] = (
         lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True), (qh, kh, vh))
     return cases
+
+
+def fla_rwkv7(chunk_rwkv7, low):
+    """fla's chunk_rwkv7 called with the zoo's arguments: its S_t = S_{t-1} (diag(w_t) + a_t b_t^T) + v_t k_t^T
+    takes a = -kappa_hat and b = kappa_hat * a_t, all in the low dtype."""
+    return lambda r, log_w, k, v, kappa, a: chunk_rwkv7(r, log_w.to(low), k, v, -kappa, kappa * a.to(low))
 
 
 def bench_chunked(dev, quick, low):
