@@ -2915,3 +2915,20 @@ def test_bench_cpu_smoke_run_prints_every_table(capsys):
     for header in ("### scan.py", "### layers", "### chunked cores", "### decoding", "### training steps"):
         assert header in out, f"bench.py printed no {header!r} table"
     assert "Error" not in out and "OOM" not in out and "nan" not in out, out
+
+
+@pytest.mark.parametrize("name,conv", [(n, c) for n, c in [("deltanet", "conv_size"), ("gated_deltanet", "conv_size"),
+                                                           ("mamba", "d_conv"), ("mamba2", "d_conv")] if n in PRESENT])
+def test_conv_free_variant_forms_agree(name, conv):
+    """The recall study's conv-free variants (--mixer-args conv_size=1 / d_conv=1: a width-1 conv, no mixing in
+    time): every form and a loop of step() agree."""
+    torch.manual_seed(0)
+    m = make(name, **{conv: 1})
+    x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
+    state, ys = None, []
+    for t in range(x.shape[1]):
+        y, state = m.step(x[:, t], state)
+        ys.append(y)
+    for form in type(m).forms:
+        y, _ = m(x, form=form)
+        assert rel_err(y, torch.stack(ys, 1)) <= 1e-10, form
