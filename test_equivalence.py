@@ -2828,6 +2828,21 @@ def test_train_mqar_run_logs_accuracy_and_resumes_bit_for_bit(tmp_path, monkeypa
     assert not train_same_weights(no_dropout["model"], whole["model"])
 
 
+def test_train_final_record_has_the_study_fields_and_the_state_size(tmp_path, capsys):
+    """deltanet at d_model 32: 4 heads of an 8 x 8 matrix and its short conv's last 3 inputs of q, k, v (3 x 96);
+    conv-free, the matrix alone; attention's K and V grow with the tokens read."""
+    argv = TRAIN_MQAR + ["--model", "deltanet", "--n-layer", "2", "--max-iters", "1", "--lr", "0.003"]
+    train.main(argv + ["--out-dir", str(tmp_path / "a")])
+    final = train_log(tmp_path / "a")[-1]
+    assert final["state_size"] == 4 * 8 * 8 + 3 * 3 * 32 and "state 544 numbers per layer" in capsys.readouterr().out
+    assert (final["lr"], final["block_size"], final["batch_size"], final["num_pairs"]) == (0.003, 16, 4, 3)
+    train.main(argv + ["--mixer-args", "conv_size=1", "--out-dir", str(tmp_path / "b")])
+    assert train_log(tmp_path / "b")[-1]["state_size"] == 4 * 8 * 8
+    attn = train.LM(train.load_mixer("attention"), 16, 2, 32)
+    assert train.state_size(attn, 16) == 2 * 16 * 32 and train.state_size(attn.eval(), 40) == 2 * 40 * 32
+    assert not attn.training and train.state_size(attn.train(), 8) and attn.training  # its mode restored
+
+
 def test_train_mqar_needs_room_for_the_queries(tmp_path, capsys):
     argv = TRAIN_MQAR + ["--num-pairs", "5", "--out-dir", str(tmp_path / "out")]  # 4 * 5 > block 16
     assert "4 * num_pairs <= --block-size" in train_error_of(argv, capsys)

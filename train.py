@@ -302,6 +302,21 @@ def sample(model, prompt, n, chars, temperature=0.8, seed=0, autocast=torch.auto
     return "".join(chars[i] for i in out)
 
 
+@torch.no_grad()
+def state_size(model, T):
+    """Numbers each layer's mixer keeps as its state after reading T tokens (the recall study's x axis, Zoology's
+    figure 2): a recurrent model's constant, attention's KV cache of T tokens; a state's size, not its values, so
+    one sequence of zeros tells it."""
+    def numel(state):  # a tensor, None, or a tuple or list of them, nested
+        return state.numel() if isinstance(state, torch.Tensor) else sum(map(numel, state or ()))
+
+    training = model.training
+    model.eval()
+    _, states = model(torch.zeros(1, T, dtype=torch.long, device=model.wte.weight.device))
+    model.train(training)
+    return numel(states) // len(states)
+
+
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
@@ -565,14 +580,16 @@ def main(argv=None):
         print("-" * 40 + f" sampled from best.pt (step {best_step})\n{text_sample}\n" + "-" * 40)
     git = ["git", "rev-parse", "--short", "HEAD"]
     commit = subprocess.run(git, cwd=HERE, capture_output=True, text=True).stdout if shutil.which("git") else ""
+    state = state_size(model, T)
     save("log.jsonl", type="final", model=cfg.model, task=cfg.task, params=n_params, d_model=cfg.d_model,
-         n_layer=cfg.n_layer, mixer_args=mixer_args, steps=step, tokens=step * B * T, train_time=train_time,
-         tok_s=step * B * T / train_time if train_time else None, best_val=best_val, best_step=best_step, acc=acc,
-         stop=stop, sample=text_sample, commit=commit.strip() or None,
+         n_layer=cfg.n_layer, mixer_args=mixer_args, lr=cfg.lr, block_size=T, batch_size=B,
+         num_pairs=cfg.num_pairs if cfg.task == "mqar" else None, state_size=state, steps=step, tokens=step * B * T,
+         train_time=train_time, tok_s=step * B * T / train_time if train_time else None, best_val=best_val,
+         best_step=best_step, acc=acc, stop=stop, sample=text_sample, commit=commit.strip() or None,
          device=torch.cuda.get_device_name(device) if cuda else f"{device} ({os.cpu_count()} cores)")
     print(f"done: stopped on {stop} at step {step} after {fmt_time(train_time)} of training (this run: "
           f"{fmt_time(time.time() - t_start)} wall); best val {best_val:.4f} at step {best_step}, in "
-          f"{paths['best.pt']}")
+          f"{paths['best.pt']}; state {state:,} numbers per layer")
     if world > 1:
         dist.destroy_process_group()
 
