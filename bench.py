@@ -3,7 +3,7 @@
     python bench.py                      # all four sections on the GPU
     python bench.py --quick --only scan,chunked
     python bench.py --device cpu --quick # a tiny smoke run of every section (what the tests call)
-    python bench.py --report out         # train.py's runs out/*/log.jsonl as a table, out/showdown.png
+    python bench.py --report out         # train.py's runs out/*/log.jsonl as tables, out/showdown.png, out/mqar.png
 
 1. scan    scan.py forward and forward+backward: time and TB/s against the copy bandwidth, the
            forward replayed from a CUDA graph (no Python launch overhead), accelerated-scan beside.
@@ -370,7 +370,8 @@ def decode(m, name, ctx, d, n_steps, dev, low):
 
 # ------------------------------------------------------------------------------------------ main
 def report(root):
-    """train.py's finished runs root/*/log.jsonl as a markdown table, their val-loss curves in root/showdown.png."""
+    """train.py's finished runs root/*/log.jsonl as a markdown table, their val-loss curves in root/showdown.png;
+    the mqar runs also as the recall study's table and root/mqar.png (report_mqar)."""
     runs = []
     for path in sorted(glob.glob(os.path.join(root, "*", "log.jsonl"))):
         with open(path) as f:
@@ -388,10 +389,12 @@ def report(root):
         text = "<br>".join([ln for ln in (f.get("sample") or "").splitlines() if ln.strip()][:2]).replace("|", "\\|")
         print(f"| {name} | {f['model']} | {f['task']} | {f['params'] / 1e6:.2f}M | {f['d_model']} "
               f"| {f['tok_s'] or 0:,.0f} | {f['best_val']:.4f} | {f['acc'] or 0:.3f} | {f['stop']} | {text} |")
+    recall = report_mqar([(evals, f) for _, evals, f in runs if f["task"] == "mqar"])
     try:
         from matplotlib.figure import Figure  # no pyplot: no display, no backend to pick
     except ImportError:
-        return print("matplotlib is not installed: no showdown.png (pip install matplotlib)")
+        return print("matplotlib is not installed: no showdown.png" + (" or mqar.png" if recall else "")
+                     + " (pip install matplotlib)")
     if curves := [(name, evals) for name, evals, f in runs if f["task"] == "text"]:
         ax = (fig := Figure(figsize=(8, 5))).subplots()
         for name, evals in curves:
@@ -402,6 +405,73 @@ def report(root):
         ax.legend(), ax.grid(alpha=0.3)
         fig.savefig(os.path.join(root, "showdown.png"), dpi=120, bbox_inches="tight")
         print(f"wrote {os.path.join(root, 'showdown.png')}")
+    if recall:
+        plot_mqar(recall, root, Figure)
+
+
+def report_mqar(runs):
+    """The recall study's table: one row per configuration (model, mixer args, d_model, n_layer, block_size,
+    num_pairs) with its best run over the learning rates swept. Returns the rows, [(configuration, the best run's
+    final record, the first eval step at accuracy 0.99 or None, runs)], sorted by model, then state size."""
+    if not runs:
+        return []
+    configs = {}
+    for evals, f in runs:
+        args = ",".join(f"{k}={v}" for k, v in sorted((f.get("mixer_args") or {}).items()))
+        key = (f["model"], args, f["d_model"], f["n_layer"], f.get("block_size"), f.get("num_pairs"))
+        reached = min((r["step"] for r in evals if (r.get("acc") or 0) >= 0.99), default=None)
+        configs.setdefault(key, []).append((f, reached))
+    rows = []
+    for key, group in configs.items():  # the best final accuracy; among equals (1.0 at several lrs), the fastest
+        f, reached = max(group, key=lambda fr: (fr[0].get("acc") or 0, -(math.inf if fr[1] is None else fr[1])))
+        rows.append((key, f, reached, len(group)))
+
+    def order(row):  # model, state size (unknown last), then the rest of the configuration
+        (model, args, d_model, n_layer, block, pairs), f = row[:2]
+        state = f.get("state_size")
+        return model, state is None, state or 0, d_model, n_layer, block or 0, pairs or 0, args
+    rows.sort(key=order)
+    dash = lambda x, form="{}": "-" if x is None else form.format(x)  # noqa: E731  older logs lack the new fields
+    print("\n| model | mixer args | d_model | layers | block | pairs | state / layer | params | accuracy | lr "
+          "| steps to 0.99 | runs |\n" + "|---" * 12 + "|")
+    for (model, args, d_model, n_layer, block, pairs), f, reached, n in rows:
+        print(f"| {model} | {args or '-'} | {d_model} | {n_layer} | {dash(block)} | {dash(pairs)} "
+              f"| {dash(f.get('state_size'), '{:,}')} | {f['params'] / 1e6:.2f}M | {dash(f.get('acc'), '{:.3f}')} "
+              f"| {dash(f.get('lr'), '{:g}')} | {dash(reached)} | {n} |")
+    return rows
+
+
+def plot_mqar(rows, root, Figure):
+    """root/mqar.png, Zoology's figure 2: accuracy (best over lrs) against state size per layer, one line per
+    (model, mixer args), one panel per (block_size, num_pairs); conv-free variants dashed in their model's colour."""
+    def conv_free(f):  # the study's variants without the short conv: width 1
+        args = f.get("mixer_args") or {}
+        return args.get("conv_size") == 1 or args.get("d_conv") == 1
+
+    rows = [(key, f) for key, f, *_ in rows if f.get("state_size")]
+    if not rows:
+        return print("the mqar runs' logs have no state_size (an older train.py): no mqar.png")
+    colour = dict(zip(MODELS, [f"C{i}" for i in range(10)] + ["black"]))
+    settings = sorted({key[4:] for key, _ in rows})  # (block_size, num_pairs)
+    fig = Figure(figsize=(4.5 * len(settings), 4))
+    for ax, (block, pairs) in zip(fig.subplots(1, len(settings), sharey=True, squeeze=False)[0], settings):
+        lines = {}
+        for key, f in rows:
+            if key[4:] == (block, pairs):
+                lines.setdefault(key[:2], []).append(f)
+        for (model, args), fs in sorted(lines.items()):
+            fs.sort(key=lambda f: f["state_size"])
+            ax.plot([f["state_size"] for f in fs], [f.get("acc") or 0 for f in fs], "o--" if conv_free(fs[0]) else "o-",
+                    color=colour.get(model, "gray"), label=f"{model} {args}".strip())
+        ax.set(xscale="log", xlabel="state size per layer (numbers)", title=f"{pairs} pairs in {block} tokens",
+               ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    fig.axes[0].set_ylabel("accuracy (best over learning rates)")
+    handles = {h.get_label(): h for ax in fig.axes for h in ax.get_lines()}  # a variant once, whatever its panels
+    labels = sorted(handles)
+    fig.axes[-1].legend([handles[k] for k in labels], labels, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.savefig(os.path.join(root, "mqar.png"), dpi=120, bbox_inches="tight")
+    print(f"wrote {os.path.join(root, 'mqar.png')}")
 
 
 def plot(decoded, contexts):
@@ -432,7 +502,7 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--skip", action="append", default=[], metavar="NAME",
                    help="leave out the chunked cores whose name contains NAME (repeatable)")
-    p.add_argument("--report", metavar="DIR", help="no benchmark: train.py's runs DIR/*/log.jsonl, a table and a plot")
+    p.add_argument("--report", metavar="DIR", help="no benchmark: train.py's runs DIR/*/log.jsonl, tables and plots")
     args = p.parse_args(argv)
     if args.report:
         return report(args.report)

@@ -2917,9 +2917,57 @@ def test_train_report_tabulates_the_runs(train_data, tmp_path, capsys):
     importlib.import_module("bench").main(["--report", str(runs)])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert len(rows) == 3 and rows[1].startswith("| recall | linear_attention | mqar |")
+    assert len(rows) == 5 and rows[1].startswith("| recall | linear_attention | mqar |")  # then the recall table
     assert rows[2].startswith("| text | linear_attention | text |") and "unfinished" in out and "left out" in out
     assert os.path.exists(runs / "showdown.png") or "matplotlib is not installed" in out
+
+
+def test_train_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, capsys, monkeypatch):
+    def run(name, accs, lr, state=1600, model="deltanet", mixer_args=None, new=True):  # accs: evals every 100 steps
+        (tmp_path / name).mkdir()
+        final = dict(type="final", model=model, task="mqar", params=123456, d_model=64, n_layer=2,
+                     mixer_args=mixer_args or {}, tok_s=1e5, best_val=0.1, acc=accs[-1], stop="steps")
+        if new:
+            final.update(lr=lr, block_size=64, batch_size=16, num_pairs=4, state_size=state)
+        lines = [dict(type="eval", step=100 * i, acc=a, val_loss=1 - a, train_time=i) for i, a in enumerate(accs)]
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines + [final]))
+
+    run("dn_1e-3", [0.2, 0.995, 0.9], 1e-3)  # at 0.99 once, but its final accuracy is the lower
+    run("dn_3e-3", [0.1, 0.98, 0.992, 0.999], 3e-3)
+    run("free_1e-3", [0.5, 0.9, 0.9, 0.995, 1.0], 1e-3, 1024, mixer_args={"conv_size": 1})
+    run("free_3e-3", [0.5, 0.995, 1.0, 1.0, 1.0], 3e-3, 1024, mixer_args={"conv_size": 1})  # as good, sooner
+    run("attn", [0.3, 1.0], 1e-3, 2 * 64 * 64, "attention")
+    run("old", [0.0, 0.05], None, model="rnn", new=False)  # an older train.py: no lr, state_size, ...
+    figures = {}
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        Figure = None
+    else:
+        savefig = Figure.savefig
+
+        def spy(fig, path, **kw):  # the figures report() draws, to read their lines
+            figures[os.path.basename(path)] = fig
+            return savefig(fig, path, **kw)
+        monkeypatch.setattr(Figure, "savefig", spy)
+    importlib.import_module("bench").main(["--report", str(tmp_path)])
+    out = capsys.readouterr().out
+    table = out.split("| model | mixer args |")[1]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| ")]
+    # model, mixer args, d_model, layers, block, pairs, state, params, accuracy, lr, steps to 0.99, runs
+    assert rows == [["attention", "-", "64", "2", "64", "4", "8,192", "0.12M", "1.000", "0.001", "100", "1"],
+                    ["deltanet", "conv_size=1", "64", "2", "64", "4", "1,024", "0.12M", "1.000", "0.003", "100", "2"],
+                    ["deltanet", "-", "64", "2", "64", "4", "1,600", "0.12M", "0.999", "0.003", "200", "2"],
+                    ["rnn", "-", "64", "2", "-", "-", "-", "0.12M", "0.050", "-", "-", "1"]]
+    if Figure is None:
+        return
+    assert os.path.exists(tmp_path / "mqar.png") and "showdown.png" not in figures  # no text run, no curves
+    (ax,) = figures["mqar.png"].axes
+    lines = {line.get_label(): (line.get_linestyle(), list(line.get_xdata()), list(line.get_ydata()))
+             for line in ax.get_lines()}  # the old rnn run has no state size: no point
+    assert lines == {"attention": ("-", [8192], [1.0]), "deltanet": ("-", [1600], [0.999]),
+                     "deltanet conv_size=1": ("--", [1024], [1.0])}
+    assert ax.get_xscale() == "log"
 
 
 # ----------------------------------------------------------------------------- bench.py: imports, and its CPU smoke run
