@@ -2665,6 +2665,7 @@ TRAIN_BAD = [  # (flags, what the one-line error must name)
     (["--log-interval", "0"], "--log-interval"), (["--max-iters", "-1"], "--max-iters"), (["--patience", "-1"], "--patience"),
     (["--lr", "0"], "--lr must be > 0"), (["--lr", "-0.001"], "--lr"), (["--lr", "nan"], "--lr"),
     (["--dropout", "-0.1"], "--dropout"), (["--dropout", "1"], "--dropout"), (["--max-time", "0"], "--max-time"),
+    (["--stop-acc", "1.5"], "--stop-acc must be in [0, 1]"), (["--stop-acc", "nan"], "--stop-acc"),
     (["--temperature", "-1"], "--temperature"), (["--prompt", "Z"], "--prompt"),
     (["--device", "gpu"], "--device gpu"), (["--device", "cuda:99"], "--device cuda:99"),
     (["--model", "mamba2", "--mixer-args", "d_state=-4"], "sizes must be >= 1, got d_state"),  # Mamba2's own ValueError
@@ -2736,6 +2737,18 @@ def test_train_stops_early_and_samples_from_the_best(train_data, tmp_path, monke
     train.main(default + ["--out-dir", str(tmp_path / "b")])  # text: --patience 1 by default
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 4
     assert train.get_config(train.parse_args(default + ["--task", "mqar", "--out-dir", str(tmp_path / "c")]))[0].patience == 0
+
+
+def test_train_stops_once_the_accuracy_is_reached(train_data, tmp_path, monkeypatch, capsys):
+    accs = iter([0.1, 0.5, 0.98, 0.97, 0.99, 1.0, 1.0])  # evaluations at steps 0, 2, 4, ...
+    monkeypatch.setattr(train, "evaluate", lambda *args: (1.0, next(accs)))
+    ckpt = train_run(train_data, tmp_path / "a", "--max-iters", "30", "--stop-acc", "0.99")
+    assert ckpt["step"] == 8 and ckpt["acc"] == 0.99  # 0.98 at step 4 is not enough
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("done: stopped on accuracy at step 8")
+    final = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[-1])
+    assert final["type"] == "final" and final["stop"] == "accuracy" and final["steps"] == 8
+    accs = iter([1.0] * 20)
+    assert train_run(train_data, tmp_path / "b", "--max-iters", "6")["step"] == 6  # 0 by default: never
 
 
 def test_train_ddp_two_processes_match_one(train_data, tmp_path):

@@ -47,7 +47,7 @@ COMPILE_MODE = "reduce-overhead"
 # mqar_vocab: 256, not Zoology's 8192: only the num_pairs keys of a sequence compete for a state, so recall is
 # as hard, while a small embedding trains in fewer steps and leaves the parameter budget to the mixers.
 COMMON = dict(lr=1e-3, seed=1337, sample_len=300, prompt="\n", temperature=0.8, task="text", num_pairs=16,
-              mqar_vocab=256, mixer_args="", patience=1, max_time=None, data=None)
+              mqar_vocab=256, mixer_args="", patience=1, stop_acc=0.0, max_time=None, data=None)
 # nanoGPT's shakespeare-char size on a GPU; a small one that runs in minutes on a laptop's CPU. d_model is
 # attention's width there, the parameter budget every other model is matched to (unless --d-model). Dropout 0.3
 # and 3000 steps, not nanoGPT's 0.2 and 5000: measured on an H100, attention's val loss is best at 2000-2500 steps
@@ -349,6 +349,8 @@ def parse_args(argv):
         type=float)
     add("dropout", "on the embedding, residual branches, attention weights", "GPU 0.3, CPU 0.0; mqar 0", type=float)
     add("patience", "stop after this many evaluations without a better val loss; 0: never", "1; mqar 0", type=int)
+    add("stop-acc", "stop once the val accuracy reaches this (mqar: 0.99, the steps to recall); 0: never", "0",
+        type=float)
     add("eval-interval", "steps between evaluations", type=int)
     add("eval-iters", "batches per evaluation", type=int)
     add("log-interval", "steps between log lines", type=int)
@@ -385,6 +387,7 @@ def get_config(args, world=1, local_rank=0):
                                 "d_model": None, **given, "device": device, "out_dir": out_dir})  # None: matched
     shown = "n_layer d_model block_size batch_size lr dropout warmup max_iters eval_interval eval_iters patience"
     shown += " max_time mixer_args compile" + (" task num_pairs mqar_vocab" if cfg.task == "mqar" else "")
+    shown += " stop_acc" if cfg.stop_acc else ""
     shown = {k: getattr(cfg, k) for k in shown.split()} | {"d_model": cfg.d_model or "matched"}
     shown = " ".join(f"{k.replace('_size', '')}={v}" for k, v in shown.items() if v not in (None, ""))
     print(f"{device}{f' x {world} processes' if world > 1 else ''}: {'' if cuda else 'small config '}{shown}"
@@ -400,6 +403,7 @@ def check(cfg, world=1):
             sys.exit(f"--{k.replace('_', '-')} must be >= {low}, got {v}")
     for k, ok, rule in (("lr", 0 < cfg.lr < math.inf, "> 0"), ("dropout", 0 <= cfg.dropout < 1, "in [0, 1)"),
                         ("max-time", cfg.max_time is None or cfg.max_time > 0, "> 0"),
+                        ("stop-acc", 0 <= cfg.stop_acc <= 1, "in [0, 1]"),
                         ("temperature", 0 <= cfg.temperature < math.inf, ">= 0"),
                         ("batch-size", cfg.batch_size % world == 0, f"a multiple of the {world} processes")):
         if not ok:
@@ -549,7 +553,8 @@ def main(argv=None):
                 print(line + "".join(f" | {k} {v:.3g}" for k, v in stats.items()), flush=True)
                 t_last, last_step, train_losses = time.time(), step, []
                 if stop := ("steps" if step >= cfg.max_iters else "time" if late else "Ctrl-C" if interrupted_any
-                            else "patience" if cfg.patience and stale >= cfg.patience else None):
+                            else "patience" if cfg.patience and stale >= cfg.patience
+                            else "accuracy" if cfg.stop_acc and acc is not None and acc >= cfg.stop_acc else None):
                     break
             time_frac = train_time / cfg.max_time if cfg.max_time else 0.0  # as of the last log line, in every process
             for group in optimizer.param_groups:
