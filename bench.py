@@ -369,6 +369,9 @@ def decode(m, name, ctx, d, n_steps, dev, low):
 
 
 # ------------------------------------------------------------------------------------------ main
+COLOUR = dict(zip(MODELS, [f"C{i}" for i in range(10)] + ["black"]))  # a model's colour in every plot: 11, not 10
+
+
 def report(root):
     """train.py's finished runs root/*/log.jsonl as a markdown table, their val-loss curves in root/showdown.png;
     the mqar runs also as the recall study's table and root/mqar.png (report_mqar)."""
@@ -395,14 +398,15 @@ def report(root):
     except ImportError:
         return print("matplotlib is not installed: no showdown.png" + (" or mqar.png" if recall else "")
                      + " (pip install matplotlib)")
-    if curves := [(name, evals) for name, evals, f in runs if f["task"] == "text"]:
+    if curves := [(name, f["model"], evals) for name, evals, f in runs if f["task"] == "text"]:
         ax = (fig := Figure(figsize=(8, 5))).subplots()
-        for name, evals in curves:
-            ax.plot([r["train_time"] for r in evals], [r["val_loss"] for r in evals], label=name)
-        best = min(r["val_loss"] for _, evals in curves for r in evals)
+        for name, model, evals in curves:
+            ax.plot([r["train_time"] for r in evals], [r["val_loss"] for r in evals], label=name,
+                    color=COLOUR.get(model, "gray"))
+        best = min(r["val_loss"] for *_, evals in curves for r in evals)
         ax.set(xlabel="training time (s), evaluation excluded", ylabel="val loss",
                ylim=(best - 0.05, best + 0.6))  # the end of the race, not the first steps
-        ax.legend(), ax.grid(alpha=0.3)
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5)), ax.grid(alpha=0.3)
         fig.savefig(os.path.join(root, "showdown.png"), dpi=120, bbox_inches="tight")
         print(f"wrote {os.path.join(root, 'showdown.png')}")
     if recall:
@@ -412,7 +416,8 @@ def report(root):
 def report_mqar(runs):
     """The recall study's table: one row per configuration (model, mixer args, d_model, n_layer, block_size,
     num_pairs) with its best run over the learning rates swept. Returns the rows, [(configuration, the best run's
-    final record, the first eval step at accuracy 0.99 or None, runs)], sorted by model, then state size."""
+    final record, its first eval step at accuracy 0.99 or None, its first within 0.01 of its final accuracy (where
+    the curve flattens), runs)], sorted by model, then state size."""
     if not runs:
         return []
     configs = {}
@@ -420,11 +425,12 @@ def report_mqar(runs):
         args = ",".join(f"{k}={v}" for k, v in sorted((f.get("mixer_args") or {}).items()))
         key = (f["model"], args, f["d_model"], f["n_layer"], f.get("block_size"), f.get("num_pairs"))
         reached = min((r["step"] for r in evals if (r.get("acc") or 0) >= 0.99), default=None)
-        configs.setdefault(key, []).append((f, reached))
+        flat = min((r["step"] for r in evals if (r.get("acc") or 0) >= (f.get("acc") or 0) - 0.01), default=None)
+        configs.setdefault(key, []).append((f, reached, flat))
     rows = []
     for key, group in configs.items():  # the best final accuracy; among equals (1.0 at several lrs), the fastest
-        f, reached = max(group, key=lambda fr: (fr[0].get("acc") or 0, -(math.inf if fr[1] is None else fr[1])))
-        rows.append((key, f, reached, len(group)))
+        f, reached, flat = max(group, key=lambda r: (r[0].get("acc") or 0, -(math.inf if r[1] is None else r[1])))
+        rows.append((key, f, reached, flat, len(group)))
 
     def order(row):  # model, state size (unknown last), then the rest of the configuration
         (model, args, d_model, n_layer, block, pairs), f = row[:2]
@@ -433,11 +439,11 @@ def report_mqar(runs):
     rows.sort(key=order)
     dash = lambda x, form="{}": "-" if x is None else form.format(x)  # noqa: E731  older logs lack the new fields
     print("\n| model | mixer args | d_model | layers | block | pairs | state / layer | params | accuracy | lr "
-          "| steps to 0.99 | runs |\n" + "|---" * 12 + "|")
-    for (model, args, d_model, n_layer, block, pairs), f, reached, n in rows:
+          "| steps to 0.99 | flat from step | runs |\n" + "|---" * 13 + "|")
+    for (model, args, d_model, n_layer, block, pairs), f, reached, flat, n in rows:
         print(f"| {model} | {args or '-'} | {d_model} | {n_layer} | {dash(block)} | {dash(pairs)} "
               f"| {dash(f.get('state_size'), '{:,}')} | {f['params'] / 1e6:.2f}M | {dash(f.get('acc'), '{:.3f}')} "
-              f"| {dash(f.get('lr'), '{:g}')} | {dash(reached)} | {n} |")
+              f"| {dash(f.get('lr'), '{:g}')} | {dash(reached)} | {dash(flat)} | {n} |")
     return rows
 
 
@@ -451,7 +457,6 @@ def plot_mqar(rows, root, Figure):
     rows = [(key, f) for key, f, *_ in rows if f.get("state_size")]
     if not rows:
         return print("the mqar runs' logs have no state_size (an older train.py): no mqar.png")
-    colour = dict(zip(MODELS, [f"C{i}" for i in range(10)] + ["black"]))
     settings = sorted({key[4:] for key, _ in rows})  # (block_size, num_pairs)
     fig = Figure(figsize=(4.5 * len(settings), 4))
     for ax, (block, pairs) in zip(fig.subplots(1, len(settings), sharey=True, squeeze=False)[0], settings):
@@ -462,7 +467,7 @@ def plot_mqar(rows, root, Figure):
         for (model, args), fs in sorted(lines.items()):
             fs.sort(key=lambda f: f["state_size"])
             ax.plot([f["state_size"] for f in fs], [f.get("acc") or 0 for f in fs], "o--" if conv_free(fs[0]) else "o-",
-                    color=colour.get(model, "gray"), label=f"{model} {args}".strip())
+                    color=COLOUR.get(model, "gray"), label=f"{model} {args}".strip())
         ax.set(xscale="log", xlabel="state size per layer (numbers)", title=f"{pairs} pairs in {block} tokens",
                ylim=(0, 1.02))
         ax.grid(alpha=0.3)

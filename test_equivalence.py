@@ -2951,6 +2951,7 @@ def test_train_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, cap
     run("free_3e-3", [0.5, 0.995, 1.0, 1.0, 1.0], 3e-3, 1024, mixer_args={"conv_size": 1})  # as good, sooner
     run("attn", [0.3, 1.0], 1e-3, 2 * 64 * 64, "attention")
     run("old", [0.0, 0.05], None, model="rnn", new=False)  # an older train.py: no lr, state_size, ...
+    run("plateau", [0.0, 0.3, 0.5, 0.495, 0.51, 0.5], 1e-3, 64, "lstm")  # flat from step 200
     figures = {}
     try:
         from matplotlib.figure import Figure
@@ -2967,11 +2968,13 @@ def test_train_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, cap
     out = capsys.readouterr().out
     table = out.split("| model | mixer args |")[1]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| ")]
-    # model, mixer args, d_model, layers, block, pairs, state, params, accuracy, lr, steps to 0.99, runs
-    assert rows == [["attention", "-", "64", "2", "64", "4", "8,192", "0.12M", "1.000", "0.001", "100", "1"],
-                    ["deltanet", "conv_size=1", "64", "2", "64", "4", "1,024", "0.12M", "1.000", "0.003", "100", "2"],
-                    ["deltanet", "-", "64", "2", "64", "4", "1,600", "0.12M", "0.999", "0.003", "200", "2"],
-                    ["rnn", "-", "64", "2", "-", "-", "-", "0.12M", "0.050", "-", "-", "1"]]
+    # model, mixer args, d_model, layers, block, pairs, state, params, accuracy, lr, steps to 0.99, flat from, runs
+    assert rows == [["attention", "-", "64", "2", "64", "4", "8,192", "0.12M", "1.000", "0.001", "100", "100", "1"],
+                    ["deltanet", "conv_size=1", "64", "2", "64", "4", "1,024", "0.12M", "1.000", "0.003", "100", "100",
+                     "2"],
+                    ["deltanet", "-", "64", "2", "64", "4", "1,600", "0.12M", "0.999", "0.003", "200", "200", "2"],
+                    ["lstm", "-", "64", "2", "64", "4", "64", "0.12M", "0.500", "0.001", "-", "200", "1"],
+                    ["rnn", "-", "64", "2", "-", "-", "-", "0.12M", "0.050", "-", "-", "100", "1"]]
     if Figure is None:
         return
     assert os.path.exists(tmp_path / "mqar.png") and "showdown.png" not in figures  # no text run, no curves
@@ -2979,7 +2982,7 @@ def test_train_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, cap
     lines = {line.get_label(): (line.get_linestyle(), list(line.get_xdata()), list(line.get_ydata()))
              for line in ax.get_lines()}  # the old rnn run has no state size: no point
     assert lines == {"attention": ("-", [8192], [1.0]), "deltanet": ("-", [1600], [0.999]),
-                     "deltanet conv_size=1": ("--", [1024], [1.0])}
+                     "deltanet conv_size=1": ("--", [1024], [1.0]), "lstm": ("-", [64], [0.5])}
     assert ax.get_xscale() == "log"
 
 
