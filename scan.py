@@ -227,7 +227,7 @@ def _triton_scan(a, b, h0, reverse, block, h_for_da=None, h0_for_da=None):
     n_cblocks, n_tiles = -(-C // block_c), -(-T // block_t)
     # measured: the forward of many channel groups runs faster as loops, the backward (three loads
     # per element) faster with every tile its own program
-    loop = h_for_da is None and B * n_cblocks >= _loop_groups(b.device)
+    loop = h_for_da is None and B * n_cblocks >= _loop_groups(b.device, LOOP_GROUPS_PER_SM)
     h = torch.empty_like(b3)
     da = h if h_for_da is None else torch.empty(B, T, S * S * C, device=b.device, dtype=da_dtype)
     hs = b3 if h_for_da is None else h_for_da.contiguous()
@@ -283,14 +283,14 @@ def _next_power_of_2(n):
 LOOP_GROUPS_PER_SM = 4  # measured on an H100
 
 
-def _loop_groups(device):
+def _loop_groups(device, per_sm):
     """From this many channel groups (B * C / BLOCK_C) on, one program per group, walking its
     tiles in order with the carry in registers, fills the GPU, and no look-back is needed."""
     if device.type != "cuda":
-        return LOOP_GROUPS_PER_SM
+        return per_sm
     if device not in _SMS:
         _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return LOOP_GROUPS_PER_SM * _SMS[device]
+    return per_sm * _SMS[device]
 
 
 _SMS = {}
@@ -611,7 +611,7 @@ def _torch_selective_backward(x, dt, A, B, C, h0, dy, dhT):
 # h and a_t h_{t-1}. Sums over channels (dB, dC: [B, T, N]) leave the kernel as one partial per channel
 # block, over time and batch (dA) one per program; PyTorch adds them (deterministic, no atomics).
 
-SELECTIVE_LOOP_GROUPS_PER_SM = 2  # not measured yet: gpu/bench_mamba.py times both modes
+SELECTIVE_LOOP_GROUPS_PER_SM = 2  # a guess, not measured: below _scan_kernel's 4, as these programs are heavier
 
 
 def _selective_plan(N):
@@ -629,9 +629,7 @@ def _selective_launch(x, A, backward):
     block_t, block_d, block_n, warps_f, warps_b = _selective_plan(N)
     n_dblocks, n_tiles = -(-D // block_d), -(-T // block_t)
     groups = Bsz * n_dblocks
-    if x.device.type == "cuda" and x.device not in _SMS:
-        _SMS[x.device] = torch.cuda.get_device_properties(x.device).multi_processor_count
-    loop = groups >= SELECTIVE_LOOP_GROUPS_PER_SM * _SMS.get(x.device, 1)
+    loop = groups >= _loop_groups(x.device, SELECTIVE_LOOP_GROUPS_PER_SM)
     if loop:
         flags = carries = x.new_empty(1, dtype=torch.float32)
     else:

@@ -449,12 +449,34 @@ def check_block_scan(device, dtype, tol, cases=BLOCK_SCAN_CASES):
 SCAN_MODES = {"lookback": 10 ** 9, "loop": 0}  # scan.LOOP_GROUPS_PER_SM forcing each
 
 
+def spy_loop(*kernels):
+    """Wrap scan.py's named Triton kernels; the set returned fills with the LOOP of every launch, so a test can see
+    that the mode it forces is the mode that ran (the look-back's only: {False}; the loop's: True among them)."""
+    seen = set()
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.add(meta["LOOP"]) or self.kernel[grid](*args, **meta)
+    for name in kernels:
+        setattr(scan_module, name, Spy(getattr(scan_module, name)))
+    return seen
+
+
+def mode_ran(mode):
+    return f"assert (True in seen) if {mode == 'loop'} else seen == {{False}}, seen"
+
+
 @pytest.mark.parametrize("mode", SCAN_MODES)
 def test_scan_triton_kernel_interpreted(mode):
     """The real Triton kernel, run by Triton's interpreter on the CPU: small shapes, several
     time chunks (the interpreter's plan cuts time into 16-step tiles)."""
     interpreted(f"assert scan._use_triton(torch.zeros(1)); scan.LOOP_GROUPS_PER_SM = {SCAN_MODES[mode]}; "
-                f"t.check_scan('cpu', torch.float32, 1e-5); t.check_block_scan('cpu', torch.float32, 1e-5)")
+                f"seen = t.spy_loop('_scan_kernel'); "
+                f"t.check_scan('cpu', torch.float32, 1e-5); t.check_block_scan('cpu', torch.float32, 1e-5); "
+                + mode_ran(mode))
 
 
 if scan_module.triton is not None:
@@ -1391,7 +1413,8 @@ def test_selective_scan_triton_kernel_interpreted(mode):
     """The real kernels, forward and backward, run by Triton's interpreter: tiles of 8 steps by 4
     channels, chained in a loop or by the look-back."""
     interpreted(f"assert scan._use_triton(torch.zeros(1)); scan.SELECTIVE_LOOP_GROUPS_PER_SM = {SCAN_MODES[mode]}; "
-                f"t.check_selective('cpu', torch.float32, 1e-5)")
+                f"seen = t.spy_loop('_selective_fwd_kernel', '_selective_bwd_kernel'); "
+                f"t.check_selective('cpu', torch.float32, 1e-5); " + mode_ran(mode))
 
 
 @needs_cuda
