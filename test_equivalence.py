@@ -288,6 +288,10 @@ def interpreted(code):
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", "import torch, scan, test_equivalence as t\n" + code], cwd=HERE, env=env,
                           capture_output=True, text=True)
+    if done.returncode and "only 0-dimensional arrays can be converted to Python scalars" in done.stderr:
+        import numpy, triton  # the interpreter's int() of its 1-element scalars; Triton 3.9's squeezes them first
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run under NumPy {numpy.__version__} "
+                    "(pip install 'numpy<2.4', or a newer Triton)")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
