@@ -349,7 +349,7 @@ def parse_args(argv):
         type=float)
     add("dropout", "on the embedding, residual branches, attention weights", "GPU 0.3, CPU 0.0; mqar 0", type=float)
     add("patience", "stop after this many evaluations without a better val loss; 0: never", "1; mqar 0", type=int)
-    add("stop-acc", "stop once the val accuracy reaches this (mqar: 0.99, the steps to recall); 0: never", "0",
+    add("stop-acc", "stop once the val accuracy reaches this (e.g. 0.99 on mqar: the steps to recall); 0: never", "0",
         type=float)
     add("eval-interval", "steps between evaluations", type=int)
     add("eval-iters", "batches per evaluation", type=int)
