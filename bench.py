@@ -373,19 +373,26 @@ COLOUR = dict(zip(MODELS, [f"C{i}" for i in range(10)] + ["black"]))  # a model'
 
 
 def report(root):
-    """train.py's finished runs root/*/log.jsonl as a markdown table, their val-loss curves in root/showdown.png;
-    the mqar runs also as the recall study's table and root/mqar.png (report_mqar)."""
+    """train.py's runs root/*/log.jsonl (finished, or cut off: their last evaluation) as a markdown table, their
+    val-loss curves in root/showdown.png; the mqar runs also as the recall study's table and root/mqar.png (report_mqar)."""
     runs = []
     for path in sorted(glob.glob(os.path.join(root, "*", "log.jsonl"))):
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        if finals := [r for r in rows if r.get("type") == "final"]:
-            evals = [r for r in rows if r.get("type") == "eval"]
+        evals = [r for r in rows if r.get("type") == "eval"]
+        finals, starts = ([r for r in rows if r.get("type") == kind] for kind in ("final", "start"))
+        if not finals and starts and evals:  # cut off (killed, or still running): its last evaluation stands
+            last = evals[-1]
+            best = min(evals, key=lambda r: r["val_loss"])
+            finals = [dict(starts[-1], steps=last["step"], train_time=last["train_time"], acc=last.get("acc"),
+                           tok_s=last["tokens"] / last["train_time"] if last["train_time"] else None,
+                           best_val=best["val_loss"], best_step=best["step"], stop=f"cut at {last['step']}")]
+        if finals:
             runs.append((os.path.basename(os.path.dirname(path)), evals, finals[-1]))
         else:
-            print(f"{path}: no final line (running or interrupted), left out")
+            print(f"{path}: no final line and no start line with an evaluation (an older train.py?), left out")
     if not runs:
-        raise SystemExit(f"--report: no finished run in {root}/*/log.jsonl")
+        raise SystemExit(f"--report: no run to report in {root}/*/log.jsonl")
     print("| run | model | task | params | d_model | tok/s | best val loss | accuracy | stopped on | sample |\n"
           + "|---" * 10 + "|")
     for name, _, f in runs:
@@ -439,11 +446,11 @@ def report_mqar(runs):
     rows.sort(key=order)
     dash = lambda x, form="{}": "-" if x is None else form.format(x)  # noqa: E731  older logs lack the new fields
     print("\n| model | mixer args | d_model | layers | block | pairs | state / layer | params | accuracy | lr "
-          "| steps to 0.99 | flat from step | runs |\n" + "|---" * 13 + "|")
+          "| steps to 0.99 | flat from step | stopped on | runs |\n" + "|---" * 14 + "|")
     for (model, args, d_model, n_layer, block, pairs), f, reached, flat, n in rows:
         print(f"| {model} | {args or '-'} | {d_model} | {n_layer} | {dash(block)} | {dash(pairs)} "
               f"| {dash(f.get('state_size'), '{:,}')} | {f['params'] / 1e6:.2f}M | {dash(f.get('acc'), '{:.3f}')} "
-              f"| {dash(f.get('lr'), '{:g}')} | {dash(reached)} | {dash(flat)} | {n} |")
+              f"| {dash(f.get('lr'), '{:g}')} | {dash(reached)} | {dash(flat)} | {f['stop']} | {n} |")
     return rows
 
 

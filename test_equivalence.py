@@ -2868,13 +2868,16 @@ def test_train_mqar_run_logs_accuracy_and_resumes_bit_for_bit(tmp_path, monkeypa
     assert not train_same_weights(no_dropout["model"], whole["model"])
 
 
-def test_train_final_record_has_the_study_fields_and_the_state_size(tmp_path, capsys):
+def test_train_start_and_final_records_have_the_study_fields_and_the_state_size(tmp_path, capsys):
     """deltanet at d_model 32: 4 heads of an 8 x 8 matrix and its short conv's last 3 inputs of q, k, v (3 x 96);
     conv-free, the matrix alone; attention's K and V grow with the tokens read."""
     argv = TRAIN_MQAR + ["--model", "deltanet", "--n-layer", "2", "--max-iters", "1", "--lr", "0.003"]
     train.main(argv + ["--out-dir", str(tmp_path / "a")])
-    final = train_log(tmp_path / "a")[-1]
+    start, *_, final = train_log(tmp_path / "a")
     assert final["state_size"] == 4 * 8 * 8 + 3 * 3 * 32 and "state 544 numbers per layer" in capsys.readouterr().out
+    # the first line already names the run, so that one killed before its final line is still reported
+    assert start["type"] == "start" and start["step"] == 0 and all(final[k] == v for k, v in start.items()
+                                                                     if k not in ("type", "step"))
     assert (final["lr"], final["block_size"], final["batch_size"], final["num_pairs"]) == (0.003, 16, 4, 3)
     train.main(argv + ["--mixer-args", "conv_size=1", "--out-dir", str(tmp_path / "b")])
     assert train_log(tmp_path / "b")[-1]["state_size"] == 4 * 8 * 8
@@ -2979,6 +2982,12 @@ def test_train_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, cap
     run("attn", [0.3, 1.0], 1e-3, 2 * 64 * 64, "attention")
     run("old", [0.0, 0.05], None, model="rnn", new=False)  # an older train.py: no lr, state_size, ...
     run("plateau", [0.0, 0.3, 0.5, 0.495, 0.51, 0.5], 1e-3, 64, "lstm")  # flat from step 200
+    (tmp_path / "cut").mkdir()  # killed at step 200: its start line and evaluations, no final line
+    start = dict(type="start", step=0, model="lstm", task="mqar", params=123456, d_model=64, n_layer=2, mixer_args={},
+                 lr=3e-3, block_size=64, batch_size=16, num_pairs=4, state_size=64)
+    lines = [start] + [dict(type="eval", step=100 * i, tokens=102400 * i, acc=a, val_loss=1 - a, train_time=i)
+                       for i, a in enumerate([0.0, 0.4, 0.6])]
+    (tmp_path / "cut" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     figures = {}
     try:
         from matplotlib.figure import Figure
@@ -2995,13 +3004,17 @@ def test_train_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, cap
     out = capsys.readouterr().out
     table = out.split("| model | mixer args |")[1]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| ")]
-    # model, mixer args, d_model, layers, block, pairs, state, params, accuracy, lr, steps to 0.99, flat from, runs
-    assert rows == [["attention", "-", "64", "2", "64", "4", "8,192", "0.12M", "1.000", "0.001", "100", "100", "1"],
+    # model, mixer args, d_model, layers, block, pairs, state, params, accuracy, lr, steps to 0.99, flat from,
+    # stopped on, runs; the lstm's cut run is its best (0.6 at its last evaluation, against 0.5)
+    assert rows == [["attention", "-", "64", "2", "64", "4", "8,192", "0.12M", "1.000", "0.001", "100", "100",
+                     "steps", "1"],
                     ["deltanet", "conv_size=1", "64", "2", "64", "4", "1,024", "0.12M", "1.000", "0.003", "100", "100",
+                     "steps", "2"],
+                    ["deltanet", "-", "64", "2", "64", "4", "1,600", "0.12M", "0.999", "0.003", "200", "200", "steps",
                      "2"],
-                    ["deltanet", "-", "64", "2", "64", "4", "1,600", "0.12M", "0.999", "0.003", "200", "200", "2"],
-                    ["lstm", "-", "64", "2", "64", "4", "64", "0.12M", "0.500", "0.001", "-", "200", "1"],
-                    ["rnn", "-", "64", "2", "-", "-", "-", "0.12M", "0.050", "-", "-", "100", "1"]]
+                    ["lstm", "-", "64", "2", "64", "4", "64", "0.12M", "0.600", "0.003", "-", "200", "cut at 200",
+                     "2"],
+                    ["rnn", "-", "64", "2", "-", "-", "-", "0.12M", "0.050", "-", "-", "100", "steps", "1"]]
     if Figure is None:
         return
     assert os.path.exists(tmp_path / "mqar.png") and "showdown.png" not in figures  # no text run, no curves
@@ -3009,7 +3022,7 @@ def test_train_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, cap
     lines = {line.get_label(): (line.get_linestyle(), list(line.get_xdata()), list(line.get_ydata()))
              for line in ax.get_lines()}  # the old rnn run has no state size: no point
     assert lines == {"attention": ("-", [8192], [1.0]), "deltanet": ("-", [1600], [0.999]),
-                     "deltanet conv_size=1": ("--", [1024], [1.0]), "lstm": ("-", [64], [0.5])}
+                     "deltanet conv_size=1": ("--", [1024], [1.0]), "lstm": ("-", [64], [0.6])}
     assert ax.get_xscale() == "log"
 
 

@@ -504,6 +504,15 @@ def main(argv=None):
                        paths[name] + ".tmp")
             os.replace(paths[name] + ".tmp", paths[name])
 
+    git = ["git", "rev-parse", "--short", "HEAD"]
+    commit = subprocess.run(git, cwd=HERE, capture_output=True, text=True).stdout if shutil.which("git") else ""
+    run = dict(model=cfg.model, task=cfg.task, params=n_params, d_model=cfg.d_model, n_layer=cfg.n_layer,
+               mixer_args=mixer_args, lr=cfg.lr, block_size=T, batch_size=B,
+               num_pairs=cfg.num_pairs if cfg.task == "mqar" else None, state_size=state_size(model, T),
+               commit=commit.strip() or None,
+               device=torch.cuda.get_device_name(device) if cuda else f"{device} ({os.cpu_count()} cores)")
+    save("log.jsonl", type="start", step=step, **run)  # first, so that a run killed before its final line is known
+
     def save_latest():
         save("ckpt.pt", optimizer=optimizer.state_dict(), best_val=best_val, best_step=best_step, stale=stale,
              evaluated=evaluated, acc=acc, train_time=train_time)
@@ -583,18 +592,12 @@ def main(argv=None):
         model.load_state_dict(torch.load(paths["best.pt"], map_location=device, weights_only=True)["model"])
         text_sample = sample(model, cfg.prompt, cfg.sample_len, chars, cfg.temperature, seed, autocast)
         print("-" * 40 + f" sampled from best.pt (step {best_step})\n{text_sample}\n" + "-" * 40)
-    git = ["git", "rev-parse", "--short", "HEAD"]
-    commit = subprocess.run(git, cwd=HERE, capture_output=True, text=True).stdout if shutil.which("git") else ""
-    state = state_size(model, T)
-    save("log.jsonl", type="final", model=cfg.model, task=cfg.task, params=n_params, d_model=cfg.d_model,
-         n_layer=cfg.n_layer, mixer_args=mixer_args, lr=cfg.lr, block_size=T, batch_size=B,
-         num_pairs=cfg.num_pairs if cfg.task == "mqar" else None, state_size=state, steps=step, tokens=step * B * T,
-         train_time=train_time, tok_s=step * B * T / train_time if train_time else None, best_val=best_val,
-         best_step=best_step, acc=acc, stop=stop, sample=text_sample, commit=commit.strip() or None,
-         device=torch.cuda.get_device_name(device) if cuda else f"{device} ({os.cpu_count()} cores)")
+    save("log.jsonl", type="final", **run, steps=step, tokens=step * B * T, train_time=train_time,
+         tok_s=step * B * T / train_time if train_time else None, best_val=best_val, best_step=best_step, acc=acc,
+         stop=stop, sample=text_sample)
     print(f"done: stopped on {stop} at step {step} after {fmt_time(train_time)} of training (this run: "
           f"{fmt_time(time.time() - t_start)} wall); best val {best_val:.4f} at step {best_step}, in "
-          f"{paths['best.pt']}; state {state:,} numbers per layer")
+          f"{paths['best.pt']}; state {run['state_size']:,} numbers per layer")
     if world > 1:
         dist.destroy_process_group()
 
