@@ -374,7 +374,8 @@ COLOUR = dict(zip(MODELS, [f"C{i}" for i in range(10)] + ["black"]))  # a model'
 
 def report(root):
     """train.py's runs root/*/log.jsonl (finished, or cut off: their last evaluation) as a markdown table, their
-    val-loss curves in root/showdown.png; the mqar runs also as the recall study's table and root/mqar.png (report_mqar)."""
+    val-loss curves in root/showdown.png; the mqar runs also as the recall study's table and root/mqar.png
+    (report_mqar)."""
     runs = []
     for path in sorted(glob.glob(os.path.join(root, "*", "log.jsonl"))):
         with open(path) as f:

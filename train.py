@@ -504,12 +504,15 @@ def main(argv=None):
                        paths[name] + ".tmp")
             os.replace(paths[name] + ".tmp", paths[name])
 
-    git = ["git", "rev-parse", "--short", "HEAD"]
-    commit = subprocess.run(git, cwd=HERE, capture_output=True, text=True).stdout if shutil.which("git") else ""
+    commit = ""
+    if shutil.which("git"):  # " (modified)" where the tracked files differ from HEAD: a log of uncommitted code says so
+        git = lambda *args: subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True)  # noqa: E731
+        commit = git("rev-parse", "--short", "HEAD").stdout.strip()
+        commit += " (modified)" if commit and git("diff", "--quiet", "HEAD").returncode == 1 else ""
     run = dict(model=cfg.model, task=cfg.task, params=n_params, d_model=cfg.d_model, n_layer=cfg.n_layer,
                mixer_args=mixer_args, lr=cfg.lr, block_size=T, batch_size=B,
                num_pairs=cfg.num_pairs if cfg.task == "mqar" else None, state_size=state_size(model, T),
-               commit=commit.strip() or None,
+               commit=commit or None,
                device=torch.cuda.get_device_name(device) if cuda else f"{device} ({os.cpu_count()} cores)")
     save("log.jsonl", type="start", step=step, **run)  # first, so that a run killed before its final line is known
 
