@@ -14,6 +14,7 @@ import importlib
 import inspect
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -2948,6 +2949,23 @@ def test_train_max_time_stops_on_time_and_anneals(tmp_path, capsys):
     assert 0 < ckpt["step"] < 100000 and ckpt["train_time"] >= 0.5 and final["stop"] == "time"
     assert train.get_lr(500, 1.0, 10, 1000, time_frac=1.0) == pytest.approx(0.1)  # the clock ends the schedule
     assert train.get_lr(500, 1.0, 10, 1000, time_frac=0.0) > 0.5
+
+
+@pytest.mark.skipif(not shutil.which("git"), reason="needs git")
+def test_train_commit_of_names_uncommitted_code(tmp_path):
+    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)  # noqa
+    assert train.commit_of(tmp_path) == ""  # no repository
+    git("init", "-q")
+    (tmp_path / "m.py").write_text("x = 1\n")
+    git("add", "m.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "m")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert len(head) >= 7 and train.commit_of(tmp_path) == head
+    (tmp_path / "untracked.txt").write_text("data")  # not the code: still clean
+    assert train.commit_of(tmp_path) == head
+    (tmp_path / "m.py").write_text("x = 2\n")
+    assert train.commit_of(tmp_path) == head + " (modified)"
 
 
 def test_train_report_tabulates_the_runs(train_data, tmp_path, capsys):

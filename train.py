@@ -317,6 +317,16 @@ def state_size(model, T):
     return numel(states) // len(states)
 
 
+def commit_of(folder):
+    """The short hash of folder's git HEAD, with " (modified)" where the tracked files differ from it (a log of
+    uncommitted code says so); "" outside a repository or without git."""
+    if not shutil.which("git"):
+        return ""
+    git = lambda *args: subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True)  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD").stdout.strip()
+    return commit + (" (modified)" if commit and git("diff", "--quiet", "HEAD").returncode == 1 else "")
+
+
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
@@ -504,11 +514,7 @@ def main(argv=None):
                        paths[name] + ".tmp")
             os.replace(paths[name] + ".tmp", paths[name])
 
-    commit = ""
-    if shutil.which("git"):  # " (modified)" where the tracked files differ from HEAD: a log of uncommitted code says so
-        git = lambda *args: subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True)  # noqa: E731
-        commit = git("rev-parse", "--short", "HEAD").stdout.strip()
-        commit += " (modified)" if commit and git("diff", "--quiet", "HEAD").returncode == 1 else ""
+    commit = commit_of(HERE)
     run = dict(model=cfg.model, task=cfg.task, params=n_params, d_model=cfg.d_model, n_layer=cfg.n_layer,
                mixer_args=mixer_args, lr=cfg.lr, block_size=T, batch_size=B,
                num_pairs=cfg.num_pairs if cfg.task == "mqar" else None, state_size=state_size(model, T),
