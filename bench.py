@@ -407,14 +407,20 @@ def report(root):
         return print("matplotlib is not installed: no showdown.png" + (" or mqar.png" if recall else "")
                      + " (pip install matplotlib)")
     if curves := [(name, f["model"], evals) for name, evals, f in runs if f["task"] == "text"]:
-        ax = (fig := Figure(figsize=(8, 5))).subplots()
+        # against time (what a budget of seconds buys) and against tokens (what each token teaches)
+        by_time, by_tokens = (fig := Figure(figsize=(13, 5))).subplots(1, 2, sharey=True)
         for name, model, evals in curves:
-            ax.plot([r["train_time"] for r in evals], [r["val_loss"] for r in evals], label=name,
-                    color=COLOUR.get(model, "gray"))
+            colour = COLOUR.get(model, "gray")
+            by_time.plot([r["train_time"] for r in evals], [r["val_loss"] for r in evals], label=name, color=colour)
+            seen = [r for r in evals if r.get("tokens")]  # a log axis: not step 0
+            by_tokens.plot([r["tokens"] for r in seen], [r["val_loss"] for r in seen], label=name, color=colour)
         best = min(r["val_loss"] for *_, evals in curves for r in evals)
-        ax.set(xlabel="training time (s), evaluation excluded", ylabel="val loss",
-               ylim=(best - 0.05, best + 0.6))  # the end of the race, not the first steps
-        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5)), ax.grid(alpha=0.3)
+        by_time.set(xlabel="training time (s), evaluation excluded", ylabel="val loss",
+                    ylim=(best - 0.05, best + 0.6))  # the end of the race, not the first steps
+        by_tokens.set(xlabel="training tokens", xscale="log")
+        for ax in (by_time, by_tokens):
+            ax.grid(alpha=0.3)
+        by_tokens.legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.savefig(os.path.join(root, "showdown.png"), dpi=120, bbox_inches="tight")
         print(f"wrote {os.path.join(root, 'showdown.png')}")
     if recall:
@@ -436,8 +442,16 @@ def report_mqar(runs):
         flat = min((r["step"] for r in evals if (r.get("acc") or 0) >= (f.get("acc") or 0) - 0.01), default=None)
         configs.setdefault(key, []).append((f, reached, flat))
     rows = []
-    for key, group in configs.items():  # the best final accuracy; among equals (1.0 at several lrs), the fastest
-        f, reached, flat = max(group, key=lambda r: (r[0].get("acc") or 0, -(math.inf if r[1] is None else r[1])))
+
+    def rank(run):
+        """Runs that end at 0.99 or above first, the sooner there the better (with --stop-acc 0.99 they stop at
+        0.990 to 0.999, digits of evaluation noise); then the rest by final accuracy."""
+        f, reached, _ = run
+        recalls = (f.get("acc") or 0) >= 0.99 and reached is not None
+        return recalls, -reached if recalls else f.get("acc") or 0
+
+    for key, group in configs.items():
+        f, reached, flat = max(group, key=rank)
         rows.append((key, f, reached, flat, len(group)))
 
     def order(row):  # model, state size (unknown last), then the rest of the configuration
