@@ -445,10 +445,12 @@ def report_mqar(runs):
 
     def rank(run):
         """Runs that end at 0.99 or above first, the sooner there the better (with --stop-acc 0.99 they stop at
-        0.990 to 0.999, digits of evaluation noise); then the rest by final accuracy."""
+        0.990 to 0.999, digits of evaluation noise), of two at the same step the more accurate; then the rest
+        by final accuracy."""
         f, reached, _ = run
-        recalls = (f.get("acc") or 0) >= 0.99 and reached is not None
-        return recalls, -reached if recalls else f.get("acc") or 0
+        acc = f.get("acc") or 0
+        recalls = acc >= 0.99 and reached is not None
+        return recalls, -reached if recalls else acc, acc
 
     for key, group in configs.items():
         f, reached, flat = max(group, key=rank)

@@ -3020,6 +3020,7 @@ def test_train_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, cap
     run("dn_1e-3", [0.2, 0.995, 0.9], 1e-3)  # at 0.99 once, but its final accuracy is the lower
     run("dn_3e-3", [0.1, 0.98, 0.992, 0.999], 3e-3)
     run("dn_3e-4", [0.1, 0.991], 3e-4)  # at 0.99 first: 0.991 and 0.999 above the stop are both "recalls"
+    run("dn_1e-4", [0.1, 0.990], 1e-4)  # as soon: the more accurate wins, whichever is read first
     run("free_1e-3", [0.5, 0.9, 0.9, 0.995, 1.0], 1e-3, 1024, mixer_args={"conv_size": 1})
     run("free_3e-3", [0.5, 0.995, 1.0, 1.0, 1.0], 3e-3, 1024, mixer_args={"conv_size": 1})  # as good, sooner
     run("attn", [0.3, 1.0], 1e-3, 2 * 64 * 64, "attention")
@@ -3042,7 +3043,7 @@ def test_train_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, cap
                     ["deltanet", "conv_size=1", "64", "2", "64", "4", "1,024", "0.12M", "1.000", "0.003", "100", "100",
                      "steps", "2"],
                     ["deltanet", "-", "64", "2", "64", "4", "1,600", "0.12M", "0.991", "0.0003", "100", "100", "steps",
-                     "3"],
+                     "4"],
                     ["lstm", "-", "64", "2", "64", "4", "64", "0.12M", "0.600", "0.003", "-", "200", "cut at 200",
                      "2"],
                     ["rnn", "-", "64", "2", "-", "-", "-", "0.12M", "0.050", "-", "-", "100", "steps", "1"]]
