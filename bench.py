@@ -400,6 +400,7 @@ def report(root):
         text = "<br>".join([ln for ln in (f.get("sample") or "").splitlines() if ln.strip()][:2]).replace("|", "\\|")
         print(f"| {name} | {f['model']} | {f['task']} | {f['params'] / 1e6:.2f}M | {f['d_model']} "
               f"| {f['tok_s'] or 0:,.0f} | {f['best_val']:.4f} | {f['acc'] or 0:.3f} | {f['stop']} | {text} |")
+    report_seeds([(name, f) for name, _, f in runs if f["task"] == "text"])
     recall = report_mqar([(evals, f) for _, evals, f in runs if f["task"] == "mqar"])
     try:
         from matplotlib.figure import Figure  # no pyplot: no display, no backend to pick
@@ -425,6 +426,22 @@ def report(root):
         print(f"wrote {os.path.join(root, 'showdown.png')}")
     if recall:
         plot_mqar(recall, root, Figure)
+
+
+def report_seeds(runs):
+    """The spread over seeds: text runs [(name, final record)] of one configuration (model, d_model, n_layer, lr,
+    block_size, batch_size; the seed aside) with more than one run, as one row each, lowest mean first."""
+    groups = {}
+    for name, f in runs:
+        key = tuple(f.get(k) for k in ("model", "d_model", "n_layer", "lr", "block_size", "batch_size"))
+        groups.setdefault(key, []).append((name, f))
+    rows = sorted((sum(f["best_val"] for _, f in g) / len(g), g) for g in groups.values() if len(g) > 1)
+    if rows:
+        print("\n| model | runs | best val loss: mean | min | max | at steps |\n" + "|---" * 6 + "|")
+    for mean, g in rows:
+        best = [f["best_val"] for _, f in g]
+        print(f"| {g[0][1]['model']} | {', '.join(name for name, _ in g)} | {mean:.4f} | {min(best):.4f} "
+              f"| {max(best):.4f} | {', '.join(str(f['best_step']) for _, f in g)} |")
 
 
 def report_mqar(runs):

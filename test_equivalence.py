@@ -2875,13 +2875,14 @@ def test_train_start_and_final_records_have_the_study_fields_and_the_state_size(
     """deltanet at d_model 32: 4 heads of an 8 x 8 matrix and its short conv's last 3 inputs of q, k, v (3 x 96);
     conv-free, the matrix alone; attention's K and V grow with the tokens read."""
     argv = TRAIN_MQAR + ["--model", "deltanet", "--n-layer", "2", "--max-iters", "1", "--lr", "0.003"]
-    train.main(argv + ["--out-dir", str(tmp_path / "a")])
+    train.main(argv + ["--seed", "5", "--out-dir", str(tmp_path / "a")])
     start, *_, final = train_log(tmp_path / "a")
     assert final["state_size"] == 4 * 8 * 8 + 3 * 3 * 32 and "state 544 numbers per layer" in capsys.readouterr().out
     # the first line already names the run, so that one killed before its final line is still reported
     assert start["type"] == "start" and start["step"] == 0 and all(final[k] == v for k, v in start.items()
                                                                      if k not in ("type", "step"))
-    assert (final["lr"], final["block_size"], final["batch_size"], final["num_pairs"]) == (0.003, 16, 4, 3)
+    assert (final["lr"], final["block_size"], final["batch_size"], final["num_pairs"], final["seed"]) == (0.003, 16, 4,
+                                                                                                        3, 5)
     train.main(argv + ["--mixer-args", "conv_size=1", "--out-dir", str(tmp_path / "b")])
     assert train_log(tmp_path / "b")[-1]["state_size"] == 4 * 8 * 8
     attn = train.LM(train.load_mixer("attention"), 16, 2, 32)
@@ -3005,6 +3006,20 @@ def test_train_report_tabulates_the_runs(train_data, tmp_path, capsys, figures):
     assert [list(line.get_xdata()) for line in by_time.get_lines()] == [[r["train_time"] for r in evals]]
     assert [list(line.get_xdata()) for line in by_tokens.get_lines()] == [[r["tokens"] for r in evals[1:]]]
     assert evals[0]["tokens"] == 0 and evals[-1]["tokens"] == 2 * 4 * 16 and by_tokens.get_xscale() == "log"
+
+
+def test_train_report_spreads_the_seeds_of_each_text_configuration(capsys):
+    def run(name, best_val, best_step, model="attention", lr=1e-3):
+        return name, dict(model=model, d_model=64, n_layer=2, lr=lr, block_size=32, batch_size=8, best_val=best_val,
+                          best_step=best_step)
+    importlib.import_module("bench").report_seeds([
+        run("attn", 1.44, 2750), run("rnn_s2", 1.47, 2000, "rnn"), run("attn_s2", 1.43, 2250),
+        run("attn_lr3e-3", 1.30, 500, lr=3e-3),  # another configuration, one run: no row
+        run("rnn", 1.46, 1750, "rnn"), run("attn_s3", 1.45, 2250), run("mamba", 1.51, 750, "mamba")])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")]
+    assert rows[1:] == [["attention", "attn, attn_s2, attn_s3", "1.4400", "1.4300", "1.4500", "2750, 2250, 2250"],
+                        ["rnn", "rnn_s2, rnn", "1.4650", "1.4600", "1.4700", "2000, 1750"]]
 
 
 def test_train_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, capsys, figures):

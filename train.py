@@ -10,8 +10,9 @@ nanoGPT's model with <model>.py's mixer for attention: x += mixer(norm(x)); x +=
 embedding; unless --d-model is passed, each model gets the width at which it has the attention LM's parameter count.
 <out-dir>/ckpt.pt is the latest state (--resume), best.pt the best val loss: training stops when that has not improved
 for --patience evaluations, and the sample (a parallel prefill of the prompt, then each mixer's step()) comes from
-best.pt. Batch i and step i's dropout are functions of (seed, i): --resume is bit-for-bit (not with --max-time, where
-the LR schedule follows the clock). Defaults (a GPU's, or a small CPU config) < a checkpoint's flags < flags passed.
+best.pt. Batch i and step i's dropout are functions of (seed, i): --resume is bit-for-bit on the CPU (not with
+--max-time, where the LR schedule follows the clock; on a GPU two runs of one seed already drift apart). Defaults (a
+GPU's, or a small CPU config) < a checkpoint's flags < flags passed.
 """
 import argparse
 import ast
@@ -516,7 +517,7 @@ def main(argv=None):
 
     commit = commit_of(HERE)
     run = dict(model=cfg.model, task=cfg.task, params=n_params, d_model=cfg.d_model, n_layer=cfg.n_layer,
-               mixer_args=mixer_args, lr=cfg.lr, block_size=T, batch_size=B,
+               mixer_args=mixer_args, lr=cfg.lr, block_size=T, batch_size=B, seed=cfg.seed,
                num_pairs=cfg.num_pairs if cfg.task == "mqar" else None, state_size=state_size(model, T),
                commit=commit or None,
                device=torch.cuda.get_device_name(device) if cuda else f"{device} ({os.cpu_count()} cores)")
