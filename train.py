@@ -596,7 +596,7 @@ def main(argv=None):
         train_time += time.time() - t_last
         save_latest()
         print(f"interrupted: saved {paths['ckpt.pt']} at step {step}; continue with --resume")
-        sys.exit(130)
+        end_process(world, 130)
     text_sample = None
     if cfg.task == "text" and cfg.sample_len > 0 and rank == 0:
         model.load_state_dict(torch.load(paths["best.pt"], map_location=device, weights_only=True)["model"])
@@ -608,13 +608,20 @@ def main(argv=None):
     print(f"done: stopped on {stop} at step {step} after {fmt_time(train_time)} of training (this run: "
           f"{fmt_time(time.time() - t_start)} wall); best val {best_val:.4f} at step {best_step}, in "
           f"{paths['best.pt']}; state {run['state_size']:,} numbers per layer")
+    end_process(world, 0)
+
+
+def end_process(world, code):
+    """Exit with code (0: return); a DDP process leaves its process group and ends at once."""
     if world > 1:
         dist.destroy_process_group()
         # gloo's worker threads drop a finished collective's tensors a moment later; if the interpreter is shutting
         # down by then, taking the GIL for them aborts the process ("terminate called without an active exception",
         # 3 to 7 runs in 100 on 2 CPU cores, seen in gdb): end here, with no shutdown for them to race
         sys.stdout.flush(), sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
