@@ -2801,7 +2801,6 @@ def test_train_ddp_two_processes_match_one(train_data, tmp_path):
     assert all(rel_err(w2[k], w1[k]) <= 1e-6 for k in w1)  # measured: 1e-8
 
 
-
 def test_train_ddp_ctrl_c_saves_at_one_step_and_leaves_the_group(train_data, tmp_path):
     """A terminal's Ctrl-C under torchrun (SIGINT to the whole session): both processes stop at the same log line, rank
     0 saves there, and each leaves through end_process; a bare sys.exit there could abort in gloo's teardown."""
@@ -2811,11 +2810,15 @@ def test_train_ddp_ctrl_c_saves_at_one_step_and_leaves_the_group(train_data, tmp
                             "--monitor-interval=0.1", os.path.join(HERE, "train.py"), *argv], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in run.stdout:
-        if line.startswith("step     6"):
-            os.killpg(run.pid, signal.SIGINT)
-            break
-    out = run.communicate(timeout=120)[0]
+    try:
+        for line in run.stdout:
+            if line.startswith("step     6"):
+                os.killpg(run.pid, signal.SIGINT)
+                break
+        out = run.communicate(timeout=120)[0]
+    finally:  # a hang or a failure here must not leave torchrun and its workers running
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
     # torchrun itself ends on the signal with a traceback of its own (SignalException) and rc 1: no other traceback
     assert "terminate called" not in out and out.count("Traceback") == out.count("SignalException: Process"), out
     assert "done: stopped" not in out  # no final line, no sample: the run is to be resumed
@@ -2823,6 +2826,7 @@ def test_train_ddp_ctrl_c_saves_at_one_step_and_leaves_the_group(train_data, tmp
     assert len(saved) == 1, out[-3000:]  # rank 0 alone prints
     step = int(saved[0].split(" at step ")[1].split(";")[0])
     assert 6 < step < 2000 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == step
+
 
 TRAIN_MQAR = TRAIN_TINY + ["--task", "mqar", "--num-pairs", "3", "--mqar-vocab", "16"]
 
