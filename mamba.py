@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scan import selective_scan
+from selective_scan import selective_scan
 
 
 class Mamba(nn.Module):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import scan as scan_module
+import selective_scan as selective_scan_module
 from scan import scan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -455,7 +456,7 @@ def check_block_scan(device, dtype, tol, cases=BLOCK_SCAN_CASES):
 SCAN_MODES = {"lookback": 10 ** 9, "loop": 0}  # scan.LOOP_GROUPS_PER_SM forcing each
 
 
-def spy_loop(*kernels):
+def spy_loop(*kernels, module=scan_module):
     """Wrap scan.py's named Triton kernels; the set returned fills with the LOOP of every launch, so a test can see
     that the mode it forces is the mode that ran (the look-back's only: {False}; the loop's: True among them)."""
     seen = set()
@@ -467,7 +468,7 @@ def spy_loop(*kernels):
         def __getitem__(self, grid):
             return lambda *args, **meta: seen.add(meta["LOOP"]) or self.kernel[grid](*args, **meta)
     for name in kernels:
-        setattr(scan_module, name, Spy(getattr(scan_module, name)))
+        setattr(module, name, Spy(getattr(module, name)))
     return seen
 
 
@@ -1397,7 +1398,7 @@ def check_selective(device, dtype, tol, cases=SELECTIVE_CASES, reference=None):
         leaves = [x, dt, A, B, C] + ([h0] if with_h0 else [])
         for t in leaves:
             t.requires_grad_()
-        y, hT = scan_module.selective_scan(*leaves[:5], h0)
+        y, hT = selective_scan_module.selective_scan(*leaves[:5], h0)
         assert y.dtype == x.dtype and y.shape == x.shape and hT.dtype == acc and hT.shape == (Bsz, D, N)
         gy, gh = torch.randn(y.shape, device=device, generator=g), torch.randn(hT.shape, device=device, generator=g)
         gy = gy.to(y.dtype).float()  # autograd hands a bf16 output's gradient over in bf16: the reference gets the same
@@ -1419,8 +1420,8 @@ def test_selective_scan_torch(dtype, tol):
 def test_selective_scan_triton_kernel_interpreted(mode):
     """The real kernels, forward and backward, run by Triton's interpreter: tiles of 8 steps by 4
     channels, chained in a loop or by the look-back."""
-    interpreted(f"assert scan._use_triton(torch.zeros(1)); scan.SELECTIVE_LOOP_GROUPS_PER_SM = {SCAN_MODES[mode]}; "
-                f"seen = t.spy_loop('_selective_fwd_kernel', '_selective_bwd_kernel'); "
+    interpreted(f"assert scan._use_triton(torch.zeros(1)); import selective_scan as ss; ss.SELECTIVE_LOOP_GROUPS_PER_SM = {SCAN_MODES[mode]}; "
+                f"seen = t.spy_loop('_selective_fwd_kernel', '_selective_bwd_kernel', module=ss); "
                 f"t.check_selective('cpu', torch.float32, 1e-5); " + mode_ran(mode))
 
 
@@ -1429,20 +1430,20 @@ def test_selective_scan_triton_kernel_interpreted(mode):
 # bf16: x, dt, B, C rounded to 8 bits before both; y and dx rounded once more, the sums stay float32
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["f32", "bf16"])
 def test_selective_scan_triton_cuda(dtype, tol, mode, monkeypatch):
-    monkeypatch.setattr(scan_module, "SELECTIVE_LOOP_GROUPS_PER_SM", SCAN_MODES[mode])
+    monkeypatch.setattr(selective_scan_module, "SELECTIVE_LOOP_GROUPS_PER_SM", SCAN_MODES[mode])
     cases = [(2, 333, 100, 16, True, 1.0), (1, 8192, 256, 16, True, 1.0), (4, 1000, 48, 5, False, 1.0),
              (2, 500, 64, 16, True, 30.0)]
-    check_selective("cuda", dtype, tol, cases, reference=scan_module.selective_scan)
+    check_selective("cuda", dtype, tol, cases, reference=selective_scan_module.selective_scan)
 
 
 @pytest.mark.parametrize("bad,message", [
-    (lambda: scan_module.selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 5, 2)] * 2), r"B must be"),
-    (lambda: scan_module.selective_scan(*[torch.rand(2, 0, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 0, 3)] * 2), "T > 0"),
-    (lambda: scan_module.selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 5, 3)] * 2,
+    (lambda: selective_scan_module.selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 5, 2)] * 2), r"B must be"),
+    (lambda: selective_scan_module.selective_scan(*[torch.rand(2, 0, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 0, 3)] * 2), "T > 0"),
+    (lambda: selective_scan_module.selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 5, 3)] * 2,
                                         torch.rand(2, 3, 4)), "h0 must be"),
-    (lambda: scan_module.selective_scan(torch.rand(2, 5, 4), torch.ones(2, 5, 4, dtype=torch.long), torch.rand(4, 3),
+    (lambda: selective_scan_module.selective_scan(torch.rand(2, 5, 4), torch.ones(2, 5, 4, dtype=torch.long), torch.rand(4, 3),
                                         *[torch.rand(2, 5, 3)] * 2), "floating"),
-    (lambda: scan_module.selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3, device="meta"),
+    (lambda: selective_scan_module.selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3, device="meta"),
                                         *[torch.rand(2, 5, 3)] * 2), "one device"),
 ])
 def test_selective_scan_rejects_bad_input(bad, message):
