@@ -376,6 +376,9 @@ def scan_reference(a, b, h0=None, reverse=False):
 
 SCAN_CASES = [  # (b shape, a shape): full, per-head gate, broadcast over batch and time, T=1, odd T
     ((2, 37, 3), (2, 37, 3)),
+    ((2, 40, 2, 16), (2, 40, 2, 1)),  # a gate per head over 16 channels: da summed over a tile's channels
+    ((2, 40, 3, 16), (1, 1, 3, 1)),  # one per head, constant over batch and time: summed over both
+    ((2, 40, 16), (2, 1, 16)),  # constant over time: summed over a tile's steps
     ((2, 70, 2, 4), (2, 70, 2, 1)),
     ((2, 45, 3, 4), (1, 45, 1, 4)),
     ((3, 1, 5), (3, 1, 5)),
@@ -452,13 +455,14 @@ def check_block_scan(device, dtype, tol, cases=BLOCK_SCAN_CASES):
                 assert o.shape == r.shape and rel_err(o, r) <= tol, f"{n} {what}: {rel_err(o, r):.1e}"
 
 
-# the kernel's two modes: tiles chained by the decoupled look-back, or one program per channel group
-SCAN_MODES = {"lookback": 10 ** 9, "loop": 0}  # scan.LOOP_GROUPS_PER_SM forcing each
+# the kernels' two modes: every channel block walks the whole sequence in one pass, or the sequence is cut into
+# chunks side by side (each reduced to its map, the maps scanned, each chunk rescanned from its entering state)
+SCAN_MODES = {"chunks": (10 ** 6, 1), "one pass": (0, 10 ** 6)}  # scan.PROGRAMS_PER_SM, scan.TILES_PER_CHUNK
 
 
-def spy_loop(*kernels, module=scan_module):
-    """Wrap scan.py's named Triton kernels; the set returned fills with the LOOP of every launch, so a test can see
-    that the mode it forces is the mode that ran (the look-back's only: {False}; the loop's: True among them)."""
+def spy_reduce(*kernels, module=scan_module):
+    """Wrap the named Triton kernels of module; the set returned fills with the REDUCE of every launch, so a test
+    can see that the mode it forces is the mode that ran (chunks: True among them; one pass: {False})."""
     seen = set()
 
     class Spy:
@@ -466,65 +470,28 @@ def spy_loop(*kernels, module=scan_module):
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            return lambda *args, **meta: seen.add(meta["LOOP"]) or self.kernel[grid](*args, **meta)
+            return lambda *args, **meta: seen.add(meta["REDUCE"]) or self.kernel[grid](*args, **meta)
     for name in kernels:
         setattr(module, name, Spy(getattr(module, name)))
     return seen
 
 
+def force_mode(mode):
+    """Code that sets scan.py's chunking to `mode`, for an interpreted child."""
+    return f"scan.PROGRAMS_PER_SM, scan.TILES_PER_CHUNK = {SCAN_MODES[mode]}; "
+
+
 def mode_ran(mode):
-    return f"assert (True in seen) if {mode == 'loop'} else seen == {{False}}, seen"
+    return f"assert (True in seen) if {mode == 'chunks'} else seen == {{False}}, seen"
 
 
 @pytest.mark.parametrize("mode", SCAN_MODES)
 def test_scan_triton_kernel_interpreted(mode):
-    """The real Triton kernel, run by Triton's interpreter on the CPU: small shapes, several
-    time chunks (the interpreter's plan cuts time into 16-step tiles)."""
-    interpreted(f"assert scan._use_triton(torch.zeros(1)); scan.LOOP_GROUPS_PER_SM = {SCAN_MODES[mode]}; "
-                f"seen = t.spy_loop('_scan_kernel'); "
-                f"t.check_scan('cpu', torch.float32, 1e-5); t.check_block_scan('cpu', torch.float32, 1e-5); "
+    """The real Triton kernel, run by Triton's interpreter on the CPU: small shapes, several 16-step tiles, the
+    gradient of a broadcast a summed inside the kernel (over time, over a tile's channels, both, or by atomics)."""
+    interpreted("assert scan.use_triton(torch.zeros(1)); " + force_mode(mode) + "seen = t.spy_reduce('_scan_kernel'); "
+                "t.check_scan('cpu', torch.float32, 1e-5); t.check_block_scan('cpu', torch.float32, 1e-5); "
                 + mode_ran(mode))
-
-
-if scan_module.triton is not None:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _look_back_probe(CARRIES, FLAGS, OUT, j, BLOCK2: tl.constexpr, BLOCK_C: tl.constexpr):
-        lanes = tl.arange(0, BLOCK_C)
-        cx, cy = scan_module._look_back(CARRIES, FLAGS, 0, j, lanes, BLOCK2, BLOCK_C)
-        tl.store(OUT + lanes, cx)
-        tl.store(OUT + BLOCK_C + lanes, cy)
-
-
-def check_look_back(block, flags, C=8):
-    """The walk-back of the decoupled look-back from tile len(flags) - 1, predecessors' flags given:
-    2 (inclusive state published) or 1 (only the local pair). On the GPU tiles race and both kinds
-    occur; the interpreter runs tiles in order, so the scan never meets a flag-1 tile. Here: the
-    composition of the local pairs after the nearest flag-2 tile, applied to its inclusive state.
-    What the walk must not read (local pairs of flag-2 tiles, inclusive states of flag-1 tiles) is NaN."""
-    n_carry, n = (8 if block else 3), len(flags)
-    g = torch.Generator().manual_seed(len(flags))
-    carries = torch.full((n, n_carry, C), float("nan"))
-    expected = None
-    for j, flag in enumerate(flags):
-        A = torch.rand(2, 2, C, generator=g) - 0.5 if block else torch.rand(1, 1, C, generator=g)
-        b = torch.randn(2 if block else 1, C, generator=g)
-        if flag == 2:
-            carries[j, n_carry - b.shape[0]:] = expected = b  # an inclusive state
-        else:
-            carries[j, :n_carry - b.shape[0]] = torch.cat([A.flatten(0, 1), b])
-            expected = None if expected is None else (A * expected[None]).sum(1) + b  # before any flag 2: unread
-    out = torch.zeros(2, C)
-    _look_back_probe[(1,)](carries, torch.tensor(flags + [0], dtype=torch.int32), out, n - 1, BLOCK2=block, BLOCK_C=C)
-    assert torch.allclose(out[:expected.shape[0]], expected, rtol=1e-5, atol=1e-6), (flags, out, expected)
-
-
-@pytest.mark.parametrize("block", [False, True], ids=["diagonal", "block"])
-def test_scan_look_back_composes_local_pairs_interpreted(block):
-    interpreted(f"for flags in ([2], [2, 1], [2, 1, 1, 1], [2, 1, 2, 1, 1], [1, 2, 1], [2, 2, 1]):\n"
-                f"    t.check_look_back({block}, flags)")
 
 
 @needs_cuda
@@ -532,7 +499,8 @@ def test_scan_look_back_composes_local_pairs_interpreted(block):
 # bf16 inputs and h are rounded to 8 bits (4e-3 each); the sums stay float32, so errors do not compound
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["f32", "bf16"])
 def test_scan_triton_cuda(dtype, tol, mode, monkeypatch):
-    monkeypatch.setattr(scan_module, "LOOP_GROUPS_PER_SM", SCAN_MODES[mode])
+    monkeypatch.setattr(scan_module, "PROGRAMS_PER_SM", SCAN_MODES[mode][0])
+    monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
     check_scan("cuda", dtype, tol)
     check_block_scan("cuda", dtype, tol)
     long_thin = [((1, 65536, 8), (1, 65536, 8)), ((2, 3000, 300), (2, 3000, 1))]  # chunked over time
@@ -1418,11 +1386,11 @@ def test_selective_scan_torch(dtype, tol):
 
 @pytest.mark.parametrize("mode", SCAN_MODES)
 def test_selective_scan_triton_kernel_interpreted(mode):
-    """The real kernels, forward and backward, run by Triton's interpreter: tiles of 8 steps by 4
-    channels, chained in a loop or by the look-back."""
-    interpreted(f"assert scan._use_triton(torch.zeros(1)); import selective_scan as ss; ss.SELECTIVE_LOOP_GROUPS_PER_SM = {SCAN_MODES[mode]}; "
-                f"seen = t.spy_loop('_selective_fwd_kernel', '_selective_bwd_kernel', module=ss); "
-                f"t.check_selective('cpu', torch.float32, 1e-5); " + mode_ran(mode))
+    """The real kernels, forward and backward, run by Triton's interpreter: tiles of 8 steps by 4 channels, in one
+    pass or in chunks."""
+    interpreted("assert scan.use_triton(torch.zeros(1)); import selective_scan as ss; " + force_mode(mode)
+                + "seen = t.spy_reduce('_selective_fwd_kernel', '_selective_bwd_kernel', module=ss); "
+                "t.check_selective('cpu', torch.float32, 1e-5); " + mode_ran(mode))
 
 
 @needs_cuda
@@ -1430,7 +1398,8 @@ def test_selective_scan_triton_kernel_interpreted(mode):
 # bf16: x, dt, B, C rounded to 8 bits before both; y and dx rounded once more, the sums stay float32
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["f32", "bf16"])
 def test_selective_scan_triton_cuda(dtype, tol, mode, monkeypatch):
-    monkeypatch.setattr(selective_scan_module, "SELECTIVE_LOOP_GROUPS_PER_SM", SCAN_MODES[mode])
+    monkeypatch.setattr(scan_module, "PROGRAMS_PER_SM", SCAN_MODES[mode][0])
+    monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
     cases = [(2, 333, 100, 16, True, 1.0), (1, 8192, 256, 16, True, 1.0), (4, 1000, 48, 5, False, 1.0),
              (2, 500, 64, 16, True, 30.0)]
     check_selective("cuda", dtype, tol, cases, reference=selective_scan_module.selective_scan)
