@@ -2459,7 +2459,7 @@ def test_lstm_init_forget_bias_one_on_the_gate_that_keeps_c():
         f"c_{{t-1}} is multiplied by {forget.mean():.4f}, not sigmoid(1) = 0.7311"
 
 
-# ----------------------------------------------------------------------------- train.py: a tiny run, checkpoints (latest and best), early stopping, bit-for-bit resume, Ctrl-C, compile, clear errors, --help, DDP, sampling continues the state, MQAR, width matching, --mixer-args, --max-time, dropout, --report (CPU, seconds)
+# ----------------------------------------------------------------------------- train.py: a tiny run, checkpoints (latest and best), early stopping, bit-for-bit resume (and its best), Ctrl-C, the warmup lr, weight decay's groups, compile, clear errors, --help, DDP, sampling continues the state, MQAR, width matching, --mixer-args, --max-time, dropout, --report (CPU, seconds)
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -2561,6 +2561,23 @@ def test_train_resume_with_more_steps_says_the_schedule_changed(train_data, tmp_
     assert train_run(train_data, tmp_path, "--max-iters", "8", "--resume")["step"] == 8
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "learning-rate schedule" in ln]
     assert len(lines) == 1 and "--max-iters 8 (was 4)" in lines[0] and "step 4 gets lr 0.000" in lines[0], lines
+
+
+def test_train_resume_keeps_the_best_of_both_legs(train_data, tmp_path, monkeypatch, capsys):
+    """A resumed run knows its first leg's best: when the second leg never beats it, the final record, the checkpoint,
+    the done line and the sample name step 2 and its val loss, and best.pt is left as the first leg wrote it."""
+    vals = iter([3.0, 1.0, 2.0, 1.5, 1.2])  # evaluations at steps 0, 2, 4, then, resumed, 6 and 8
+    monkeypatch.setattr(train, "evaluate", lambda *args: (next(vals), 0.5))
+    train_run(train_data, tmp_path, "--max-iters", "4")
+    best = (tmp_path / "best.pt").read_bytes()
+    capsys.readouterr()
+    ckpt = train_run(train_data, tmp_path, "--max-iters", "8", "--resume")
+    assert next(vals, None) is None  # step 4 is not evaluated again
+    final = train_log(tmp_path)[-1]
+    assert (final["type"], final["steps"], final["best_val"], final["best_step"]) == ("final", 8, 1.0, 2), final
+    assert (ckpt["best_val"], ckpt["best_step"]) == (1.0, 2) and (tmp_path / "best.pt").read_bytes() == best
+    out = capsys.readouterr().out
+    assert "sampled from best.pt (step 2)" in out and "best val 1.0000 at step 2," in out.strip().splitlines()[-1]
 
 
 def test_train_compile_failure_falls_back_to_eager(train_data, tmp_path, monkeypatch, capsys):
@@ -2707,6 +2724,18 @@ def test_train_never_overwrites_an_earlier_run(train_data, tmp_path, capsys):
                          capsys)
     assert "--batch-size" in msg  # and the log is not truncated:
     assert {f: (out / f).read_bytes() for f in files} == files
+
+
+def test_train_never_overwrites_a_directory_that_holds_only_a_log(train_data, tmp_path, capsys):
+    """A run killed before its first checkpoint leaves log.jsonl alone: a new run there stops with the one-line
+    message and writes nothing, the log byte for byte as it was."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text(json.dumps(dict(type="start", step=0, model="linear_attention")) + "\n")
+    log = (out / "log.jsonl").read_bytes()
+    msg = train_error_of(TRAIN_TINY + ["--data", train_data, "--out-dir", str(out), "--max-iters", "2"], capsys)
+    assert "holds an earlier run (log.jsonl)" in msg and "--resume" in msg and "\n" not in msg.strip()
+    assert os.listdir(out) == ["log.jsonl"] and (out / "log.jsonl").read_bytes() == log
 
 
 def test_train_corrupt_checkpoint_is_named(train_data, tmp_path, capsys):
@@ -2951,6 +2980,44 @@ def test_train_max_time_stops_on_time_and_anneals(tmp_path, capsys):
     assert train.get_lr(500, 1.0, 10, 1000, time_frac=0.0) > 0.5
 
 
+def test_train_warmup_then_cosine_as_the_optimizer_sees_it(train_data, tmp_path, monkeypatch):
+    """The lr of each optimizer step in both groups, as the loop sets it: lr / warmup at step 0, lr at step
+    warmup - 1, then the cosine from lr down towards lr / 10 at max_iters (written out here, not get_lr's)."""
+    seen, make_optimizer = [], train.make_optimizer
+
+    def spy(model, lr):
+        optimizer = make_optimizer(model, lr)
+        optimizer.register_step_pre_hook(lambda opt, *_: seen.append([g["lr"] for g in opt.param_groups]))
+        return optimizer
+
+    monkeypatch.setattr(train, "make_optimizer", spy)
+    lr, warmup, steps = 0.01, 3, 8
+    train_run(train_data, tmp_path, "--max-iters", str(steps), "--warmup", str(warmup), "--lr", str(lr))
+    expected = [lr * (s + 1) / warmup if s < warmup
+                else lr / 10 + 0.9 * lr * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))) / 2
+                for s in range(steps)]
+    assert len(seen) == steps and all(len(group_lrs) == 2 for group_lrs in seen), seen
+    for group in (0, 1):
+        assert [s[group] for s in seen] == pytest.approx(expected, rel=1e-12), (group, seen)
+    assert seen[0][0] == pytest.approx(lr / warmup) and seen[warmup - 1][0] == pytest.approx(lr)
+
+
+@pytest.mark.parametrize("name,mixer", [
+    ("rwkv7", {"receptance.weight", "key.weight", "value.weight", "output.weight"}),  # not the LoRAs, not r_k
+    ("mamba", {"in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight"}),  # not A_log
+])
+def test_train_weight_decay_on_the_matrices_not_marked(name, mixer):
+    """AdamW's groups on a real LM: weight decay 0.1 on exactly the matrices (the embedding, the MLP's, the mixer's
+    named here) and 0 on the rest: every vector and scalar, and the matrices the mixer marks _no_weight_decay."""
+    model = train.LM(train.load_mixer(name), 11, 1, 64)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert any(p.dim() >= 2 and getattr(p, "_no_weight_decay", False) for p in model.parameters())  # marks to obey
+    decayed = {"wte.weight", "blocks.0.mlp.0.weight", "blocks.0.mlp.2.weight"} | {f"blocks.0.mixer.{n}" for n in mixer}
+    groups = [(g["weight_decay"], {names[id(p)] for p in g["params"]})
+              for g in train.make_optimizer(model, 1e-3).param_groups]
+    assert groups == [(0.1, decayed), (0.0, set(names.values()) - decayed)], groups
+
+
 @pytest.mark.skipif(not shutil.which("git"), reason="needs git")
 def test_train_commit_of_names_uncommitted_code(tmp_path):
     git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)  # noqa
@@ -3004,6 +3071,25 @@ def test_train_report_tabulates_the_runs(train_data, tmp_path, capsys, figures):
     assert [list(line.get_xdata()) for line in by_time.get_lines()] == [[r["train_time"] for r in evals]]
     assert [list(line.get_xdata()) for line in by_tokens.get_lines()] == [[r["tokens"] for r in evals[1:]]]
     assert evals[0]["tokens"] == 0 and evals[-1]["tokens"] == 2 * 4 * 16 and by_tokens.get_xscale() == "log"
+
+
+def test_train_report_takes_a_cut_runs_best_evaluation_not_its_last(tmp_path, capsys):
+    """Text runs cut before their final line (killed, or still running): the report's best val loss and the seeds
+    table's step of it are each run's best evaluation's (1.5 at step 100, 1.7 at 200), not its last."""
+    config = dict(model="attention", task="text", params=123456, d_model=64, n_layer=2, mixer_args={}, lr=1e-3,
+                  block_size=32, batch_size=8, num_pairs=None, state_size=4096)
+    for name, seed, vals in (("cut", 1337, [3.0, 1.5, 2.0]), ("cut_s2", 1338, [3.0, 1.8, 1.7, 1.75])):
+        evals = [dict(type="eval", step=100 * i, tokens=25600 * i, train_time=1.0 * i, train_loss=v, val_loss=v,
+                      acc=0.4, tok_s=None) for i, v in enumerate(vals)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in [dict(type="start", step=0, seed=seed, **config)] + evals))
+    importlib.import_module("bench").main(["--report", str(tmp_path)])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")]
+    assert [row[6] for row in rows[1:3]] == ["1.5000", "1.7000"]  # best val loss
+    assert [row[8] for row in rows[1:3]] == ["cut at 200", "cut at 300"]  # stopped on
+    assert rows[4] == ["attention", "cut, cut_s2", "1.6000", "1.5000", "1.7000", "100, 200"], rows
 
 
 def test_train_report_spreads_the_seeds_of_each_text_configuration(capsys):

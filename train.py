@@ -16,6 +16,7 @@ GPU's, or a small CPU config) < a checkpoint's flags < flags passed.
 """
 import argparse
 import ast
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -123,6 +124,28 @@ def get_mqar_batch(i, seed, block_size, batch_size, num_pairs, vocab, device):
     x.scatter_(1, pos, keys)
     y = torch.full((B, T), -100).scatter_(1, pos, values)
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def get_batches(cfg, ckpt, rank=0, world=1):
+    """(chars, vocab_size, the data in words, train_batch(i), val_batch(k)): this process's rows of each batch
+    (DDP: its share of the global batch). A resumed text run keeps its checkpoint's vocabulary."""
+    seed, T, B, device = cfg.seed, cfg.block_size, cfg.batch_size, cfg.device
+    shard = lambda xy: tuple(t.chunk(world)[rank] for t in xy)  # noqa: E731
+    if cfg.task == "mqar":
+        P, V = cfg.num_pairs, cfg.mqar_vocab
+        if not 1 <= P <= V // 2 or 4 * P > T:
+            sys.exit(f"--task mqar needs 1 <= --num-pairs <= --mqar-vocab / 2 and 4 * num_pairs <= --block-size, "
+                     f"got num_pairs={P}, mqar_vocab={V}, block_size={T}")
+        train_batch = lambda i: shard(get_mqar_batch(i, seed, T, B, P, V, device))  # noqa: E731
+        return None, V, f"{P} key-value pairs per {T} tokens", train_batch, lambda k: train_batch(-1 - k)  # val: i < 0
+    text = get_data(cfg.data)
+    chars = (ckpt or {}).get("vocab") or "".join(sorted(set(text)))
+    train_data, val_data = split(text, chars, T)
+    if cfg.sample_len and (not cfg.prompt or set(cfg.prompt) - set(chars)):
+        sys.exit(f"--prompt must be non-empty and use only the vocabulary's characters, got {cfg.prompt!r}")
+    return (chars, len(chars), f"{len(train_data):,} train / {len(val_data):,} val characters",
+            lambda i: shard(get_batch(train_data, i, seed, T, B, device)),
+            lambda k: shard(get_batch(val_data, k, seed, T, B, device)))
 
 
 # ----------------------------------------------------------------------------- model
@@ -259,6 +282,37 @@ def compiled(fn, probe):
 
 def first_line(e):
     return (str(e).strip().splitlines() or [""])[0][:160]
+
+
+def start_or_resume(cfg, ckpt, mixer_cls, mixer_args, vocab_size):
+    """(model, optimizer, progress, matched): the LM (its width matched to the attention LM's parameters where
+    --d-model is not given) and its AdamW, loaded from ckpt where resuming; progress is (step, best_val, best_step,
+    stale, evaluated, acc, train_time), the checkpoint's or a fresh run's; matched says what the width matched."""
+    matched = ""
+    if cfg.d_model is None:
+        base = (GPU if cfg.device.startswith("cuda") else CPU)["d_model"]
+        cfg.d_model, _, target = match_width(mixer_cls, vocab_size, cfg.n_layer, base, mixer_args)
+        matched = f" (matched: the attention LM at d_model {base} has {target:,})"
+    torch.manual_seed(cfg.seed)
+    model = build(mixer_cls, vocab_size, cfg.n_layer, cfg.d_model, mixer_args, cfg.dropout).to(cfg.device)
+    if bad := {k: v for k, v in mixer_args.items() if type(v) is int and v < 1}:  # the mixers' ints are all sizes
+        sys.exit(f"--mixer-args {bad}: sizes must be >= 1")
+    optimizer = make_optimizer(model, cfg.lr)
+    progress = (0, math.inf, None, 0, None, None, 0.0)
+    if ckpt:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            progress = tuple(ckpt[k] for k in "step best_val best_step stale evaluated acc train_time".split())
+        except (RuntimeError, ValueError, KeyError) as e:
+            sys.exit(f"{os.path.join(cfg.out_dir, 'ckpt.pt')} does not fit this model (another --model, --n-layer, "
+                     f"--d-model, --task?) or is no train.py checkpoint: {type(e).__name__}: {first_line(e)}")
+        old, step = {k: ckpt["args"][k] for k in ("lr", "warmup", "max_iters")}, progress[0]
+        if changed := [f"--{k.replace('_', '-')} {vars(cfg)[k]} (was {v})" for k, v in old.items()
+                       if vars(cfg)[k] != v]:
+            print(f"the learning-rate schedule changed with {', '.join(changed)}: step {step} gets lr "
+                  f"{get_lr(step, cfg.lr, cfg.warmup, cfg.max_iters):.3g}, not {get_lr(step, **old):.3g}")
+    return model, optimizer, progress, matched
 
 
 # ----------------------------------------------------------------------------- train, eval, sample
@@ -425,6 +479,71 @@ def check(cfg, world=1):
         sys.exit(f"--device {cfg.device} is not usable here: {first_line(e)}")
 
 
+def ready_to_train(model, cfg, batch, local_rank=0, world=1):
+    """(net, fwd, autocast): the model compiled where --compile (net, for evaluation), DDP's wrapper of it (fwd, for
+    training) and bf16 autocast on a GPU, after one forward and backward of batch(0) that checks the model before
+    anything is written: the mixer's own checks that need data, and a loss that is no number (one-line errors)."""
+    cuda = cfg.device.startswith("cuda")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+
+    def first_step(f):
+        with autocast:
+            loss = loss_of(f, *batch(0))[0]
+        loss.backward()
+        return loss.item()
+
+    try:
+        if not math.isfinite(loss := first_step(model)):
+            sys.exit(f"{cfg.model}: the first batch's loss is {loss} (--mixer-args {cfg.mixer_args!r}?)")
+    except ValueError as e:
+        sys.exit(f"{cfg.model}: {e}")
+    net = compiled(model, first_step) if cfg.compile else model  # compiling happens in the probe: first_step again
+    model.zero_grad(set_to_none=True)
+    fwd = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if cuda else None) if world > 1 else net
+    return net, fwd, autocast
+
+
+def run_record(cfg, model, mixer_args):
+    """What log.jsonl's start and final lines say of the run: bench.py --report's columns."""
+    return dict(model=cfg.model, task=cfg.task, params=sum(p.numel() for p in model.parameters()),
+                d_model=cfg.d_model, n_layer=cfg.n_layer, mixer_args=mixer_args, lr=cfg.lr, block_size=cfg.block_size,
+                batch_size=cfg.batch_size, seed=cfg.seed, num_pairs=cfg.num_pairs if cfg.task == "mqar" else None,
+                state_size=state_size(model, cfg.block_size), commit=commit_of(HERE) or None,
+                device=torch.cuda.get_device_name(cfg.device) if cfg.device.startswith("cuda")
+                else f"{cfg.device} ({os.cpu_count()} cores)")
+
+
+@contextlib.contextmanager
+def ctrl_c_ends_the_step():
+    """Yields a list that the first Ctrl-C fills (finish this step, save, stop); a second one raises
+    KeyboardInterrupt at once. Signals reach the main thread only: in another, nothing is installed."""
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+        print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit at once)", flush=True)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    try:
+        yield interrupted
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, old_handler)
+
+
+def agree(world, device, *numbers):
+    """numbers averaged over the DDP processes: each gets the same clock, train loss and reasons to stop."""
+    shared = torch.tensor(numbers, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(shared := shared.to(device))
+    return (shared / world).tolist()
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, local_rank, world = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))  # torchrun's
@@ -433,77 +552,20 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
     cfg, ckpt = get_config(args, world, local_rank)
     check(cfg, world)
-    device, cuda, seed, B, T = cfg.device, cfg.device.startswith("cuda"), cfg.seed, cfg.batch_size, cfg.block_size
+    device, cuda, B, T = cfg.device, cfg.device.startswith("cuda"), cfg.batch_size, cfg.block_size
     paths = {name: os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "best.pt", "log.jsonl")}
     mixer_cls, mixer_args = load_mixer(cfg.model), parse_mixer_args(cfg.mixer_args)
     if world > 1:
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
-    shard = lambda xy: tuple(t.chunk(world)[rank] for t in xy)  # noqa: E731  this process's rows of a batch
-    if cfg.task == "mqar":
-        P, V = cfg.num_pairs, cfg.mqar_vocab
-        if not 1 <= P <= V // 2 or 4 * P > T:
-            sys.exit(f"--task mqar needs 1 <= --num-pairs <= --mqar-vocab / 2 and 4 * num_pairs <= --block-size, "
-                     f"got num_pairs={P}, mqar_vocab={V}, block_size={T}")
-        chars, vocab_size, data_line = None, V, f"{P} key-value pairs per {T} tokens"
-        train_batch = lambda i: shard(get_mqar_batch(i, seed, T, B, P, V, device))  # noqa: E731
-        val_batch = lambda k: train_batch(-1 - k)  # noqa: E731  validation: i < 0
-    else:
-        text = get_data(cfg.data)
-        chars = (ckpt or {}).get("vocab") or "".join(sorted(set(text)))
-        train_data, val_data = split(text, chars, T)
-        if cfg.sample_len and (not cfg.prompt or set(cfg.prompt) - set(chars)):
-            sys.exit(f"--prompt must be non-empty and use only the vocabulary's characters, got {cfg.prompt!r}")
-        vocab_size, data_line = len(chars), f"{len(train_data):,} train / {len(val_data):,} val characters"
-        train_batch = lambda i: shard(get_batch(train_data, i, seed, T, B, device))  # noqa: E731
-        val_batch = lambda k: shard(get_batch(val_data, k, seed, T, B, device))  # noqa: E731
-    if matched := cfg.d_model is None:
-        base = (GPU if cuda else CPU)["d_model"]
-        cfg.d_model, _, target = match_width(mixer_cls, vocab_size, cfg.n_layer, base, mixer_args)
-    torch.manual_seed(seed)
-    model = build(mixer_cls, vocab_size, cfg.n_layer, cfg.d_model, mixer_args, cfg.dropout).to(device)
-    if bad := {k: v for k, v in mixer_args.items() if type(v) is int and v < 1}:  # the mixers' ints are all sizes
-        sys.exit(f"--mixer-args {bad}: sizes must be >= 1")
-    optimizer = make_optimizer(model, cfg.lr)
-    step, best_val, best_step, stale, evaluated, acc, train_time = 0, math.inf, None, 0, None, None, 0.0
-    if ckpt:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            step, best_val, best_step, stale, evaluated, acc, train_time = (
-                ckpt[k] for k in "step best_val best_step stale evaluated acc train_time".split())
-        except (RuntimeError, ValueError, KeyError) as e:
-            sys.exit(f"{paths['ckpt.pt']} does not fit this model (another --model, --n-layer, --d-model, --task?) "
-                     f"or is no train.py checkpoint: {type(e).__name__}: {first_line(e)}")
-        old = {k: ckpt["args"][k] for k in ("lr", "warmup", "max_iters")}
-        if changed := [f"--{k.replace('_', '-')} {vars(cfg)[k]} (was {v})" for k, v in old.items()
-                       if vars(cfg)[k] != v]:
-            print(f"the learning-rate schedule changed with {', '.join(changed)}: step {step} gets lr "
-                  f"{get_lr(step, cfg.lr, cfg.warmup, cfg.max_iters):.3g}, not {get_lr(step, **old):.3g}")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-
-    def first_step(f):  # one forward and backward of batch 0
-        with autocast:
-            loss = loss_of(f, *train_batch(0))[0]
-        loss.backward()
-        return loss.item()
-
-    try:  # before anything is written: the mixer's own checks that need data, and a loss that is no number
-        if not math.isfinite(loss := first_step(model)):
-            sys.exit(f"{cfg.model}: the first batch's loss is {loss} (--mixer-args {cfg.mixer_args!r}?)")
-    except ValueError as e:
-        sys.exit(f"{cfg.model}: {e}")
-    net = compiled(model, first_step) if cfg.compile else model  # evaluation's; training's is DDP's wrapper of it
-    model.zero_grad(set_to_none=True)
-    fwd = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if cuda else None) if world > 1 else net
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{cfg.model}: {n_params:,} parameters at d_model {cfg.d_model}"
-          + (f" (matched: the attention LM at d_model {base} has {target:,})" if matched else "")
-          + f", vocab {vocab_size}, {data_line}"
-          + (f"; {len(train_batch(0)[0])} sequences per process" if world > 1 else ""))
+    chars, vocab_size, data_line, train_batch, val_batch = get_batches(cfg, ckpt, rank, world)
+    model, optimizer, progress, matched = start_or_resume(cfg, ckpt, mixer_cls, mixer_args, vocab_size)
+    step, best_val, best_step, stale, evaluated, acc, train_time = progress
+    net, fwd, autocast = ready_to_train(model, cfg, train_batch, local_rank, world)
+    run = run_record(cfg, model, mixer_args)
+    print(f"{cfg.model}: {run['params']:,} parameters at d_model {cfg.d_model}{matched}, vocab {vocab_size}, "
+          f"{data_line}" + (f"; {len(train_batch(0)[0])} sequences per process" if world > 1 else ""))
 
     def save(name, **record):  # rank 0; a checkpoint to .tmp first: a Ctrl-C mid-write never leaves a broken one
         if rank == 0:
@@ -515,83 +577,66 @@ def main(argv=None):
                        paths[name] + ".tmp")
             os.replace(paths[name] + ".tmp", paths[name])
 
-    commit = commit_of(HERE)
-    run = dict(model=cfg.model, task=cfg.task, params=n_params, d_model=cfg.d_model, n_layer=cfg.n_layer,
-               mixer_args=mixer_args, lr=cfg.lr, block_size=T, batch_size=B, seed=cfg.seed,
-               num_pairs=cfg.num_pairs if cfg.task == "mqar" else None, state_size=state_size(model, T),
-               commit=commit or None,
-               device=torch.cuda.get_device_name(device) if cuda else f"{device} ({os.cpu_count()} cores)")
-    save("log.jsonl", type="start", step=step, **run)  # first, so that a run killed before its final line is known
-
     def save_latest():
         save("ckpt.pt", optimizer=optimizer.state_dict(), best_val=best_val, best_step=best_step, stale=stale,
              evaluated=evaluated, acc=acc, train_time=train_time)
 
-    interrupted = []  # the first Ctrl-C: finish this step, save, stop; a second one aborts at once
-
-    def on_sigint(signum, frame):
-        if interrupted:
-            raise KeyboardInterrupt
-        interrupted.append(True)
-        print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit at once)", flush=True)
-
-    main_thread = threading.current_thread() is threading.main_thread()  # signals only work there
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    save("log.jsonl", type="start", step=step, **run)  # first, so that a run killed before its final line is known
     t_start = t_last = time.time()  # t_last: when the current stretch of training (between log lines) began
     start_step, last_step, train_losses, stop = step, step, [], None
-    try:
-        while True:
-            late = cfg.max_time is not None and train_time + time.time() - t_last >= cfg.max_time
-            if (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or step >= cfg.max_iters
-                    or world == 1 and (late or interrupted)):  # DDP: the processes agree on stopping here only
-                if cuda:
-                    torch.cuda.synchronize()  # the steps still queued on the GPU are training time
-                now = time.time()
-                shared = torch.tensor([train_time + now - t_last, torch.stack(train_losses).mean().item()
-                                       if train_losses else 0.0, late, bool(interrupted)], dtype=torch.float64)
-                if world > 1:  # the same clock, mean train loss and reasons to stop in every process
-                    dist.all_reduce(shared := shared.to(device))
-                train_time, train_loss, late, interrupted_any = (shared / world).tolist()
-                stats = model.stats()  # the last training step's, before evaluate() overwrites them
-                tok_s = (step - last_step) * B * T / (now - t_last) if step > last_step else None
-                line = f"step {step:5d}" + (f" | train {train_loss:.4f}" if train_losses else "")
-                if (step % cfg.eval_interval == 0 or step >= cfg.max_iters or late) and step != evaluated:
-                    val, acc = evaluate(net, val_batch, cfg.eval_iters, autocast)
-                    stale, evaluated = 0 if val < best_val else stale + 1, step
-                    if val < best_val:
-                        best_val, best_step = val, step
-                        save("best.pt", val=val)
-                    line += f" | val {val:.4f} | acc {acc:.3f}"
-                    save_latest()
-                    save("log.jsonl", type="eval", step=step, tokens=step * B * T, train_time=train_time,
-                         train_loss=train_loss if train_losses else None, val_loss=val, acc=acc, tok_s=tok_s)
-                if tok_s is not None:
-                    eta = (now - t_start) / (step - start_step) * (cfg.max_iters - step)
-                    eta = eta if cfg.max_time is None else max(0.0, min(eta, cfg.max_time - train_time))
-                    line += f" | {tok_s:,.0f} tok/s | {fmt_time(train_time)} trained, ETA {fmt_time(eta)}"
-                print(line + "".join(f" | {k} {v:.3g}" for k, v in stats.items()), flush=True)
-                t_last, last_step, train_losses = time.time(), step, []
-                if stop := ("steps" if step >= cfg.max_iters else "time" if late else "Ctrl-C" if interrupted_any
-                            else "patience" if cfg.patience and stale >= cfg.patience
-                            else "accuracy" if cfg.stop_acc and acc is not None and acc >= cfg.stop_acc else None):
-                    break
-            time_frac = train_time / cfg.max_time if cfg.max_time else 0.0  # as of the last log line, in every process
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(step, cfg.lr, cfg.warmup, cfg.max_iters, time_frac)
-            torch.manual_seed((seed * 1_000_003 + step) * world + rank)  # dropout: a function of (seed, step, rank)
-            with autocast:
-                loss, _ = loss_of(fwd, *train_batch(step))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            train_losses.append(loss.detach())
-            step += 1
-    except KeyboardInterrupt:
-        stop = "Ctrl-C"
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, old_handler)
+    with ctrl_c_ends_the_step() as interrupted:
+        try:
+            while True:
+                late = cfg.max_time is not None and train_time + time.time() - t_last >= cfg.max_time
+                if (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or step >= cfg.max_iters
+                        or world == 1 and (late or interrupted)):  # a log line: DDP's processes agree here only
+                    if cuda:
+                        torch.cuda.synchronize()  # the steps still queued on the GPU are training time
+                    now, stats = time.time(), model.stats()  # stats: the last training step's, before evaluate()
+                    train_time, train_loss, late, interrupted_any = agree(
+                        world, device, train_time + now - t_last,
+                        torch.stack(train_losses).mean().item() if train_losses else 0.0, late, bool(interrupted))
+                    tok_s = (step - last_step) * B * T / (now - t_last) if step > last_step else None
+                    line = f"step {step:5d}" + (f" | train {train_loss:.4f}" if train_losses else "")
+                    # evaluate, checkpoint
+                    if (step % cfg.eval_interval == 0 or step >= cfg.max_iters or late) and step != evaluated:
+                        val, acc = evaluate(net, val_batch, cfg.eval_iters, autocast)
+                        stale, evaluated = 0 if val < best_val else stale + 1, step
+                        if val < best_val:
+                            best_val, best_step = val, step
+                            save("best.pt", val=val)
+                        line += f" | val {val:.4f} | acc {acc:.3f}"
+                        save_latest()
+                        save("log.jsonl", type="eval", step=step, tokens=step * B * T, train_time=train_time,
+                             train_loss=train_loss if train_losses else None, val_loss=val, acc=acc, tok_s=tok_s)
+                    # log
+                    if tok_s is not None:
+                        eta = (now - t_start) / (step - start_step) * (cfg.max_iters - step)
+                        eta = eta if cfg.max_time is None else max(0.0, min(eta, cfg.max_time - train_time))
+                        line += f" | {tok_s:,.0f} tok/s | {fmt_time(train_time)} trained, ETA {fmt_time(eta)}"
+                    print(line + "".join(f" | {k} {v:.3g}" for k, v in stats.items()), flush=True)
+                    t_last, last_step, train_losses = time.time(), step, []
+                    # stop
+                    if stop := ("steps" if step >= cfg.max_iters else "time" if late else "Ctrl-C" if interrupted_any
+                                else "patience" if cfg.patience and stale >= cfg.patience
+                                else "accuracy" if cfg.stop_acc and acc is not None and acc >= cfg.stop_acc else None):
+                        break
+                # the lr: on the clock as of the last log line, the same in every process
+                time_frac = train_time / cfg.max_time if cfg.max_time else 0.0
+                for group in optimizer.param_groups:
+                    group["lr"] = get_lr(step, cfg.lr, cfg.warmup, cfg.max_iters, time_frac)
+                # step
+                torch.manual_seed((cfg.seed * 1_000_003 + step) * world + rank)  # dropout: (seed, step, rank)'s
+                with autocast:
+                    loss, _ = loss_of(fwd, *train_batch(step))
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                train_losses.append(loss.detach())
+                step += 1
+        except KeyboardInterrupt:  # a second Ctrl-C
+            stop = "Ctrl-C"
     if stop == "Ctrl-C":
         train_time += time.time() - t_last
         save_latest()
@@ -600,7 +645,7 @@ def main(argv=None):
     text_sample = None
     if cfg.task == "text" and cfg.sample_len > 0 and rank == 0:
         model.load_state_dict(torch.load(paths["best.pt"], map_location=device, weights_only=True)["model"])
-        text_sample = sample(model, cfg.prompt, cfg.sample_len, chars, cfg.temperature, seed, autocast)
+        text_sample = sample(model, cfg.prompt, cfg.sample_len, chars, cfg.temperature, cfg.seed, autocast)
         print("-" * 40 + f" sampled from best.pt (step {best_step})\n{text_sample}\n" + "-" * 40)
     save("log.jsonl", type="final", **run, steps=step, tokens=step * B * T, train_time=train_time,
          tok_s=step * B * T / train_time if train_time else None, best_val=best_val, best_step=best_step, acc=acc,
