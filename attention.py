@@ -1,20 +1,21 @@
 """Causal multi-head softmax attention: Vaswani et al. 2017, "Attention Is All You Need" (arXiv:1706.03762).
 
-    y_t = sum_{s <= t} softmax_s(q_t . k_s / sqrt(D)) v_s          (eq. 1, with the causal mask)
+    y_t = sum_{s <= t} softmax_s(q_t . k_s / sqrt(Dk)) v_s         (eq. 1, with the causal mask)
 
 Positions come from rotary embeddings (Su et al. 2021, RoFormer, arXiv:2104.09864), applied here
 because the shared backbone adds none: q and k at absolute position m are rotated pairwise,
-dims (2i, 2i+1) by the angle m * base^(-2i/D) (eq. 34), so q_m . k_n depends on m - n alone.
+dims (2i, 2i+1) by the angle m * base^(-2i/Dk) (eq. 34), so q_m . k_n depends on m - n alone.
 
-As an RNN, the state is the KV cache (k_cache, v_cache) [B, H, t, D]: the keys (already rotated)
-and values of every token seen so far, t of them; t is also the position of the next token.
-Each step appends one k and one v and reads the whole cache. That is the price the lecture
-notes talk about: the state is the whole past, O(T) memory per token and O(T) work per step,
-where the recurrent models of the zoo carry an O(1) state at O(1) work per step.
+Shapes, heads before time as PyTorch's attention kernels take them: q, k [B, H, T, Dk],
+v [B, H, T, Dv] (Dk = Dv = d_model / H). As an RNN, the state is the KV cache (k_cache [B, H, t, Dk],
+v_cache [B, H, t, Dv]): the keys (already rotated) and values of every token seen so far, t of
+them; t is also the position of the next token. Each step appends one k and one v and reads the
+whole cache: the state is the whole past, O(t) memory and O(t) work per step, where the other
+models of the zoo carry a state of fixed size at fixed work per step.
 
 Three forms of the same function:
     recurrent  the loop: append k_t, v_t to the cache, attend q_t to all of it
-    parallel   softmax(Q K^T / sqrt(D) + causal mask) V written out, the T x (t + T) scores in memory
+    parallel   softmax(Q K^T / sqrt(Dk) + causal mask) V written out, the T x (t + T) scores in memory
     sdpa       torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels)
 A forward with a cache puts its queries at positions t..t+T-1: query i sees the cache and new keys
 0..i (a boolean mask, tril offset by t; is_causal only when there is no cache).
@@ -27,11 +28,11 @@ import torch.nn.functional as F
 
 
 def rotary(x, start, base=10000.0):
-    """x [B, H, T, D] at positions start..start+T-1 -> x with dims (2i, 2i+1) rotated by pos * base^(-2i/D)."""
-    T, D = x.shape[-2:]
+    """x [B, H, T, Dk] at positions start..start+T-1 -> x with dims (2i, 2i+1) rotated by pos * base^(-2i/Dk)."""
+    T, Dk = x.shape[-2:]
     acc = torch.float32 if x.device.type == "mps" else torch.float64  # angles up to T rad: float64 where we can
-    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=acc) / D)
-    angle = torch.arange(start, start + T, device=x.device, dtype=acc)[:, None] * inv_freq  # [T, D/2]
+    inv_freq = base ** (-torch.arange(0, Dk, 2, device=x.device, dtype=acc) / Dk)
+    angle = torch.arange(start, start + T, device=x.device, dtype=acc)[:, None] * inv_freq  # [T, Dk/2]
     # the rotation in float32 or better, rounded once at the end; done in bf16, Inductor fused it into
     # SDPA wrongly on an H100 (torch 2.11: compiled attention 35% off under autocast, eager 0.4%)
     work = torch.promote_types(x.dtype, torch.float32)
@@ -40,13 +41,14 @@ def rotary(x, start, base=10000.0):
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).to(x.dtype)
 
 
-def causal_mask(T, S, device):
-    """[T, S] boolean, True where query i (at position S - T + i) may read key j: j <= S - T + i."""
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+def causal_mask(T, t, device):
+    """[T, t + T] boolean, True where query i (at position t + i, after t cached keys) may read key j: j <= t + i."""
+    return torch.ones(T, t + T, dtype=torch.bool, device=device).tril(t)
 
 
 def attention_recurrent(q, k, v, k_cache, v_cache, dropout=0.0):
-    """q, k, v: [B, H, T, D]; caches [B, H, t, D] -> y [B, H, T, D], caches [B, H, t + T, D].
+    """q, k: [B, H, T, Dk], v: [B, H, T, Dv]; caches [B, H, t, Dk or Dv] -> y [B, H, T, Dv], caches
+    [B, H, t + T, Dk or Dv].
     dropout: the probability of dropping each attention weight (training only)."""
     ys = []
     for t in range(q.shape[2]):
@@ -58,23 +60,24 @@ def attention_recurrent(q, k, v, k_cache, v_cache, dropout=0.0):
 
 
 def attention_parallel(q, k, v, dropout=0.0):
-    """q [B, H, T, D], k, v [B, H, S, D] (cache + new, S >= T) -> y [B, H, T, D]."""
+    """q [B, H, T, Dk], k [B, H, t + T, Dk], v [B, H, t + T, Dv] (t cached, T new) -> y [B, H, T, Dv]."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    mask = causal_mask(q.shape[2], k.shape[2], q.device)  # every row keeps its own key: no all -inf row
+    T = q.shape[2]
+    mask = causal_mask(T, k.shape[2] - T, q.device)  # every row keeps its own key: no all -inf row
     return F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(-1), dropout) @ v
 
 
 def attention_sdpa(q, k, v, dropout=0.0):
     """Same signature, through PyTorch's fused kernels."""
-    T, S = q.shape[2], k.shape[2]
-    if S == T:  # no cache: is_causal (top-left aligned) is right and lets the flash kernel run
+    T, t = q.shape[2], k.shape[2] - q.shape[2]
+    if t == 0:  # no cache: is_causal (top-left aligned) is right and lets the flash kernel run
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, t, q.device), dropout_p=dropout)
 
 
 class Attention(nn.Module):
     """Multi-head causal softmax attention with rotary positions;
-    forward(x [B, T, d_model], state) -> (y, state = (k_cache, v_cache) [B, H, t, D]).
+    forward(x [B, T, d_model], state) -> (y, state = (k_cache [B, H, t, Dk], v_cache [B, H, t, Dv])).
 
     n_head=8 is the paper's (d_model 512 = 8 heads of 64). d_model // 64 would keep heads at 64
     dims but gives 0 heads below d_model = 64 (the tests use 32); a fixed count, like the other
@@ -98,7 +101,7 @@ class Attention(nn.Module):
     def forward(self, x, state=None, form="sdpa"):
         if form not in self.forms:
             raise ValueError(f"unknown form {form!r}; Attention has {self.forms}")
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_head, -1)).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, D]
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_head, -1)).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dk]
         if state is None:  # the empty cache
             state = (k[:, :, :0], v[:, :, :0])
         k_cache, v_cache = (s.to(k.dtype) for s in state)

@@ -7,40 +7,42 @@ Rule" (ICLR 2025, arXiv:2412.06464). DeltaNet's delta rule with Mamba2's forgett
 Reading: decay the whole state by alpha_t (Mamba2's gate: clear memory fast), then take DeltaNet's
 gradient step of size beta_t on 1/2 ||S k_t - v_t||^2 (rewrite one key's slot). alpha = 1 is
 DeltaNet; alpha = 0 forgets everything but the current token. Only g_t = log alpha_t <= 0 is ever
-computed; decays between tokens are exps of differences of its cumulative sums, masked before the
-exp, so nothing overflows.
+computed; the decay between two tokens is the exp of a sum of g's, never above 1, and the matrix
+of them is decay_mask(g): segment sums masked to -inf above the diagonal before the exp.
 
-The layer is fla's GatedDeltaNet (fla/layers/gated_deltanet.py) with its defaults: q, k, v
-projections, each through a causal depthwise conv (kernel 4, no bias) and SiLU; q and k
-L2-normalised per head (eps 1e-6), q scaled by d_k^-1/2; beta_t = sigmoid(W_b x_t) per head;
+Around it: q, k, v projections, each through a causal depthwise conv (kernel 4, no bias) and SiLU;
+q and k L2-normalised per head (eps 1e-6), q scaled by Dk^-1/2; beta_t = sigmoid(W_b x_t) per head;
 A_log = log U(0, 16), dt_bias = softplus^-1(dt) with dt log-uniform in [1e-3, 0.1] (Mamba2's); the
-output through a per-head RMSNorm (eps 1e-5, weight shared by heads) times silu(W_g x) (fla's
-FusedRMSNormGated), then the output projection. Six heads, keys 0.75 d_model wide in all, values
-twice the keys (1.5 d_model): about 6 d_model^2 parameters. Projections and conv keep PyTorch's
-default init, as fla's layer does (fla's model classes re-draw them from a normal). The official
-layer (NVlabs/GatedDeltaNet, lit_gpt/gated_delta_net.py) is the same, but for a bias on its beta
-projection and a head count set per config. Departures: fla fixes head_dim (256 at d_model 2048);
-here head_dim = 0.75 d_model / n_head, so that small widths work (with 6 heads, any multiple of 8;
-the tests build d_model 32 with 2 heads); q, k, v come from one fused projection (the same function
-and init as fla's three).
+output through a per-head RMSNorm (eps 1e-5, weight shared by heads) times silu(W_g x), then the
+output projection. Six heads, keys 0.75 d_model wide in all, values twice the keys (1.5 d_model):
+about 6 d_model^2 parameters. Shapes: q, k [B, T, H, Dk], v [B, T, H, Dv], beta, g [B, T, H].
 State: (S [B, H, Dv, Dk] float32 or better, conv [B, 3, 2 key + value]: the conv's left context).
 
 Three forms of the same function:
     recurrent  the update above, one token at a time
     parallel   the whole sequence at once: the UT transform with the decay folded in (below),
                one unit lower-triangular T x T solve per head; O(T^2) memory
-    chunked    the same inside chunks of L tokens (c restarted at each chunk), and across them a
-               log-depth scan of the chunks' affine maps, as deltanet.py
+    chunked    the same inside chunks of L tokens (c restarted at each chunk), and across them
+               chunk_states, a log-depth scan of the chunks' affine maps, as deltanet.py
 
 UT transform with decay: with c_t = g_1 + ... + g_t, write S_t = alpha_t S_{t-1} + d_t k_t^T, where
 d_t = beta_t (v_t - alpha_t S_{t-1} k_t). Unrolled, S_t = e^{c_t} S_0 + sum_{j<=t} e^{c_t - c_j} d_j k_j^T,
-so with Gamma = e^{c_t - c_j} for t > j (else 0) and T = (I + diag(beta) (K K^T * Gamma))^-1 diag(beta),
-W = T (e^c K), U = T V:
-    D = U - W S_0^T,   Y = (e^c Q) S_0^T + (Q K^T * e^{c_t - c_j}, t >= j) D,
+so with Gamma = decay_mask(g), e^{c_t - c_j} for t >= j (else 0), and
+A = I + diag(beta) (K K^T * tril(Gamma, -1)), W = A^-1 diag(beta) (e^c K), U = A^-1 diag(beta) V:
+    D = U - W S_0^T,   Y = (e^c Q) S_0^T + (Q K^T * Gamma) D,
     S_L = e^{c_L} S_0 + D^T (e^{c_L - c} K) = S_0 (e^{c_L} I - W^T K~) + U^T K~,   K~ = e^{c_L - c} K.
-The last line is chunk n's affine map S -> S M_n + C_n, and the maps compose associatively:
+The last line is chunk c's affine map S -> S M_c + C_c, and the maps compose associatively:
 (M1, C1) then (M2, C2) = (M1 M2, C1 M2 + C2). A Hillis-Steele scan over the T/L chunks passes every
 chunk state in log2(T/L) rounds of batched Dk x Dk matmuls, accumulated in float32 or better.
+
+Origin: the layer is fla's GatedDeltaNet (fla/layers/gated_deltanet.py) with its defaults; the RMSNorm
+times the gate is fla's FusedRMSNormGated. Projections and conv keep PyTorch's default init, as
+fla's layer does (fla's model classes re-draw them from a normal). The official layer
+(NVlabs/GatedDeltaNet, lit_gpt/gated_delta_net.py) is the same, but for a bias on its beta
+projection and a head count set per config. Departures: fla fixes head_dim (256 at d_model 2048);
+here head_dim = 0.75 d_model / n_head, so that small widths work (with 6 heads, any multiple of 8;
+the tests build d_model 32 with 2 heads); q, k, v come from one fused projection (the same function
+and init as fla's three).
 """
 import math
 
@@ -53,12 +55,14 @@ def l2norm(x, eps=1e-6):
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
 
 
-def decay_mask(c, diagonal=0):
-    """c: cumulative log-decays [..., L] -> [..., L, L]: exp(c_t - c_s) where t - s >= diagonal, else 0.
-    Masked to -inf before the exp: above the diagonal c_t - c_s >= 0, possibly huge."""
-    L = c.shape[-1]
-    keep = torch.ones(L, L, dtype=torch.bool, device=c.device).tril(-diagonal)
-    return torch.where(keep, c[..., :, None] - c[..., None, :], float("-inf")).exp()
+def decay_mask(g):
+    """g: per-step log decays [..., L] -> [..., L, L]: exp(g_{s+1} + ... + g_t) for t >= s, 0 above the
+    diagonal. Segment sums of masked copies, not differences of cumsums (no cancellation when the
+    sums are large), masked to -inf before the exp."""
+    L = g.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=g.device).tril()
+    sums = g[..., :, None].expand(*g.shape, L).masked_fill(~causal.tril(-1), 0).cumsum(-2)  # g_{s+1} + .. + g_t
+    return sums.masked_fill(~causal, float("-inf")).exp()
 
 
 def gated_delta_rule_recurrent(q, k, v, beta, g, S):
@@ -75,10 +79,11 @@ def gated_delta_rule_recurrent(q, k, v, beta, g, S):
     return torch.stack(ys, 1), S
 
 
-def gated_ut_transform(k, v, beta, c):
-    """k: [..., L, Dk], v: [..., L, Dv], beta, c (cumulative log alpha from the block's start): [..., L]
-    -> W = T (e^c K), U = T V, by one unit lower-triangular solve (float32 or better)."""
-    A = torch.eye(k.shape[-2], dtype=c.dtype, device=c.device) + beta[..., None] * (k @ k.mT) * decay_mask(c, 1)
+def gated_ut_transform(k, v, beta, c, decay):
+    """k: [..., L, Dk], v: [..., L, Dv], beta, c (cumulative log alpha from the block's start): [..., L],
+    decay = decay_mask(g) [..., L, L] -> W = A^-1 diag(beta) (e^c K), U = A^-1 diag(beta) V, by one unit
+    lower-triangular solve (float32 or better)."""
+    A = torch.eye(k.shape[-2], dtype=c.dtype, device=c.device) + beta[..., None] * (k @ k.mT) * decay.tril(-1)
     rhs = beta[..., None] * torch.cat([k * c.exp()[..., None], v], -1)
     WU = torch.linalg.solve_triangular(A, rhs.to(c.dtype), upper=False, unitriangular=True)
     return WU.split([k.shape[-1], v.shape[-1]], -1)
@@ -87,46 +92,48 @@ def gated_ut_transform(k, v, beta, c):
 def gated_delta_rule_parallel(q, k, v, beta, g, S):
     """Same signature; the whole sequence as one decayed UT transform and one masked matmul."""
     q, k, v, beta, g = (x.to(S.dtype).transpose(1, 2) for x in (q, k, v, beta, g))  # [B, H, T, *]
-    c = g.cumsum(-1)
-    W, U = gated_ut_transform(k, v, beta, c)
+    c, decay = g.cumsum(-1), decay_mask(g)
+    W, U = gated_ut_transform(k, v, beta, c, decay)
     D = U - W @ S.mT
-    y = (q * c.exp()[..., None]) @ S.mT + ((q @ k.mT) * decay_mask(c)) @ D
+    y = (q * c.exp()[..., None]) @ S.mT + ((q @ k.mT) * decay) @ D
     k_end = k * (c[..., -1:] - c).exp()[..., None]  # each key decayed to the end
     return y.transpose(1, 2), c[..., -1, None, None].exp() * S + D.mT @ k_end
 
 
-def chunk_scan(M, C, S):
-    """Compose the chunks' maps S -> S M_n + C_n: M [N, B, H, Dk, Dk], C [N, B, H, Dv, Dk], S entering
-    chunk 0 [B, H, Dv, Dk] -> the state entering each chunk [N, B, H, Dv, Dk] and the final state."""
-    C = torch.cat([S @ M[:1] + C[:1], C[1:]])  # C_0 := the state after chunk 0; M_0 is then never read
-    N, d = M.shape[0], 1
-    while d < N:  # now C_n = state after chunk n if n < d, else the map of chunks n-d+1 .. n applied to 0
-        C = torch.cat([C[:d], C[:-d] @ M[d:] + C[d:]])
-        M = torch.cat([M[:d], M[:-d] @ M[d:]]) if 2 * d < N else M  # the last round needs no M
+def chunk(x, L):
+    """[B, T, H, *] -> [B, T/L, H, L, *], T padded with zeros to a multiple of L."""
+    x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, -x.shape[1] % L))
+    return x.unflatten(1, (-1, L)).transpose(2, 3)
+
+
+def chunk_states(M, C, S):
+    """Chunk maps S -> S M_c + C_c, M [B, T/L, H, Dk, Dk], C [B, T/L, H, Dv, Dk], from S [B, H, Dv, Dk]
+    -> the state entering each chunk [B, T/L, H, Dv, Dk] and the final state, by Hillis-Steele doubling,
+    out of place (autograd records log2(T/L) batched matmuls, not T/L small steps)."""
+    C = torch.cat([S[:, None] @ M[:, :1] + C[:, :1], C[:, 1:]], 1)  # C_0 := the state after chunk 0
+    n, d = M.shape[1], 1
+    while d < n:  # now C_c = the state after chunk c if c < d, else the map of chunks c-d+1 .. c applied to 0
+        C = torch.cat([C[:, :d], C[:, :-d] @ M[:, d:] + C[:, d:]], 1)  # (M1, C1) then (M2, C2) = (M1 M2, C1 M2 + C2)
+        M = torch.cat([M[:, :d], M[:, :-d] @ M[:, d:]], 1) if 2 * d < n else M  # the last round needs no M
         d *= 2
-    return torch.cat([S[None], C[:-1]]), C[-1]
+    return torch.cat([S[:, None], C[:, :-1]], 1), C[:, -1]
 
 
 def gated_delta_rule_chunked(q, k, v, beta, g, S, chunk_size):
-    """Same signature; the decayed UT transform inside chunks of chunk_size tokens, chunk_scan across."""
-    T, L = q.shape[1], chunk_size
-    pad = -T % L  # padded tokens: k = 0, beta = 0 and g = 0 (alpha = 1) leave the state alone
-
-    def chunks(x):  # [B, T, H, *] -> [N, B, H, L, *]
-        x = F.pad(x.to(S.dtype), (0, 0) * (x.dim() - 2) + (0, pad))
-        return x.unflatten(1, (-1, L)).permute(1, 0, 3, 2, *range(4, x.dim() + 1))
-
-    q, k, v, beta, g = chunks(q), chunks(k), chunks(v), chunks(beta), chunks(g)
-    c = g.cumsum(-1)  # from each chunk's start
-    W, U = gated_ut_transform(k, v, beta, c)
+    """Same signature; the decayed UT transform inside chunks of chunk_size tokens, chunk_states across."""
+    T = q.shape[1]
+    # [B, T/L, H, L, *]; padded tokens: k = 0, beta = 0 and g = 0 (alpha = 1) leave the state alone
+    q, k, v, beta, g = (chunk(x.to(S.dtype), chunk_size) for x in (q, k, v, beta, g))
+    c, decay = g.cumsum(-1), decay_mask(g)  # c from each chunk's start
+    W, U = gated_ut_transform(k, v, beta, c, decay)
     k_end = k * (c[..., -1:] - c).exp()[..., None]
     with torch.autocast(S.device.type, enabled=False):  # the maps and their products in the state's dtype
         eye = torch.eye(k.shape[-1], dtype=S.dtype, device=S.device)
         M = c[..., -1, None, None].exp() * eye - W.mT @ k_end
-        S_in, S = chunk_scan(M, U.mT @ k_end, S)
+        S_in, S = chunk_states(M, U.mT @ k_end, S)
     D = U - W @ S_in.mT  # d_t from each chunk's entering state
-    y = (q * c.exp()[..., None]) @ S_in.mT + ((q @ k.mT) * decay_mask(c)) @ D
-    return y.permute(1, 0, 3, 2, 4).flatten(1, 2)[:, :T], S
+    y = (q * c.exp()[..., None]) @ S_in.mT + ((q @ k.mT) * decay) @ D
+    return y.transpose(2, 3).flatten(1, 2)[:, :T], S
 
 
 class GatedDeltaNet(nn.Module):

@@ -2,28 +2,32 @@
 Sun et al. 2024, "You Only Cache Once: Decoder-Decoder Architectures for Language Models"
 (arXiv:2405.05254), sec. 2.1.2; the same family as GLA and fla's "simple GLA".
 
-    gamma_t = sigmoid(w^T x_t + b)^(1/tau)      (tau = 16, YOCO's gate_logit_normalizer)
+    gamma_t = sigmoid(w^T x_t + b)^(1/tau)      (tau = 16)
     S_t = gamma_t S_{t-1} + v_t k_t^T
     y_t = S_t q_t                               (y_t = sum_{s<=t} (prod_{s<r<=t} gamma_r) (q_t . k_s) v_s)
 
-log gamma_t = logsigmoid(w^T x_t + b) / tau <= 0 is all that is ever computed; products of gates
-are exps of differences of its cumulative sums, masked before the exp, so nothing overflows.
+g_t = log gamma_t = logsigmoid(w^T x_t + b) / tau <= 0 is all that is ever computed: a product of
+gates is the exp of a sum of g's, never above 1; the matrix of them is decay_mask(g), segment sums
+masked to -inf above the diagonal before the exp, so nothing overflows.
 
-Taken from YOCO's GateRetention (microsoft/unilm YOCO/yoco/models/decoder/gate_retention.py):
-q, k, v, g projections d_model -> d_model without bias (value width d_model, not RetNet's 2x);
-rotary on q and k, interleaved pairs, angles 1/10000^linspace(0, 1, D/2) (YOCO's build_rel_pos),
-offset by the step counter the state carries; k scaled by D^-0.5; per-head RMSNorm without affine
-(YOCO's subln); swish(g) output gate; out projection. Init as YOCO: xavier_uniform with gain
-2^-2.5 on q, k, v, g and the gate, 2^-1 on out. One departure: the gate projection has a bias b
-(as fla's simple_gla gk_proj has, and the formula above), where YOCO's gt_proj has none.
+Around it: q, k, v, g projections d_model -> d_model without bias (value width d_model, not
+RetNet's 2x); rotary on q and k, interleaved pairs, angles 1/10000^linspace(0, 1, Dk/2), offset by
+the step counter the state carries; k scaled by Dk^-0.5; per-head RMSNorm without affine;
+swish(g) output gate; out projection.
 
-Shapes: q, k [B, T, H, D], v [B, T, H, E], log gates [B, T, H]; state (S [B, H, E, D], pos [B]).
+Shapes: q, k [B, T, H, Dk], v [B, T, H, Dv], log gates g [B, T, H]; state (S [B, H, Dv, Dk], pos [B]).
 
 Three forms of the same function:
     recurrent  the loop above, one token at a time: O(T) steps, O(1) state
-    parallel   (Q K^T * D) V with D_ts = exp(c_t - c_s) for t >= s, c = cumsum(log gamma): O(T^2)
-    chunked    the parallel form inside chunks of L tokens (c restarted at each chunk), the chunk
-               states through scan.py with a = exp(sum of log gamma over the chunk) per head
+    parallel   (Q K^T * Gamma) V with Gamma = decay_mask(g): prod_{s<r<=t} gamma_r for t >= s: O(T^2)
+    chunked    the parallel form inside chunks of L tokens, the chunk states through scan.py with
+               a = exp(sum of g over the chunk) per head
+
+Origin: YOCO's GateRetention (microsoft/unilm YOCO/yoco/models/decoder/gate_retention.py): tau
+is its gate_logit_normalizer, the rotary angles its build_rel_pos, the RMSNorm its subln. Init as
+YOCO: xavier_uniform with gain 2^-2.5 on q, k, v, g and the gate, 2^-1 on out. One departure: the
+gate projection has a bias b (as fla's simple_gla gk_proj has, and the formula above), where
+YOCO's gt_proj has none.
 """
 import torch
 import torch.nn as nn
@@ -33,25 +37,33 @@ from scan import scan
 
 
 def rotate(x, pos, base=10000.0):
-    """Rotary positions on interleaved pairs of x [B, T, H, D] at positions pos [B, T]."""
+    """Rotary positions on interleaved pairs of x [B, T, H, Dk] at positions pos [B, T]."""
     acc = torch.promote_types(x.dtype, torch.float32)
     theta = base ** -torch.linspace(0, 1, x.shape[-1] // 2, dtype=acc, device=x.device)
-    angle = pos[:, :, None, None].to(acc) * theta  # [B, T, 1, D/2]
+    angle = pos[:, :, None, None].to(acc) * theta  # [B, T, 1, Dk/2]
     cos, sin = angle.cos(), angle.sin()
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).to(x.dtype)
 
 
-def decay_mask(c):
-    """c: cumulative log gates [..., T] -> [..., T, T]: exp(c_t - c_s) for t >= s, else 0.
-    The upper triangle (c_t - c_s >= 0 there, possibly huge) is masked to -inf before the exp."""
-    T = c.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=c.device).tril()
-    return torch.where(causal, c[..., :, None] - c[..., None, :], float("-inf")).exp()
+def decay_mask(g):
+    """g: per-step log decays [..., L] -> [..., L, L]: exp(g_{s+1} + ... + g_t) for t >= s, 0 above the
+    diagonal. Segment sums of masked copies, not differences of cumsums (no cancellation when the
+    sums are large), masked to -inf before the exp."""
+    L = g.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=g.device).tril()
+    sums = g[..., :, None].expand(*g.shape, L).masked_fill(~causal.tril(-1), 0).cumsum(-2)  # g_{s+1} + .. + g_t
+    return sums.masked_fill(~causal, float("-inf")).exp()
+
+
+def chunk(x, L):
+    """[B, T, H, *] -> [B, T/L, H, L, *], T padded with zeros to a multiple of L."""
+    x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, -x.shape[1] % L))
+    return x.unflatten(1, (-1, L)).transpose(2, 3)
 
 
 def gated_retention_recurrent(q, k, v, g, S):
-    """q, k: [B, T, H, D], v: [B, T, H, E], g (log gates): [B, T, H], S: [B, H, E, D] -> y, S."""
+    """q, k: [B, T, H, Dk], v: [B, T, H, Dv], g (log gates): [B, T, H], S: [B, H, Dv, Dk] -> y, S."""
     ys = []
     for t in range(q.shape[1]):
         S = g[:, t, :, None, None].exp().to(S.dtype) * S + (v[:, t, :, :, None] * k[:, t, :, None, :]).to(S.dtype)
@@ -62,7 +74,7 @@ def gated_retention_recurrent(q, k, v, g, S):
 def gated_retention_parallel(q, k, v, g, S):
     """Same signature; the whole sequence as one decay-masked matmul, plus what S0 contributes."""
     c = g.cumsum(1)  # [B, T, H]: log of gamma_1 ... gamma_t
-    scores = torch.einsum("bthd,bshd->bhts", q, k) * decay_mask(c.transpose(1, 2)).to(q.dtype)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * decay_mask(g.transpose(1, 2)).to(q.dtype)
     y = torch.einsum("bhts,bshe->bthe", scores, v)
     y = y + torch.einsum("bhed,bthd->bthe", S.to(q.dtype), q * c.exp()[..., None].to(q.dtype))
     to_end = (c[:, -1:] - c).exp()[..., None].to(k.dtype)  # prod_{s<r<=T} gamma_r <= 1
@@ -72,26 +84,23 @@ def gated_retention_parallel(q, k, v, g, S):
 
 def gated_retention_chunked(q, k, v, g, S, chunk_size):
     """Same signature; quadratic inside chunks of chunk_size tokens, scan.py across them."""
-    B, T, H, _ = q.shape
-    L = chunk_size
-    pad = -T % L  # padding: zero keys and values, gates of exactly 1 (log 0): the state passes intact
-    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, L)) for x in (q, k, v))  # [B, N, L, H, *]
-    c = F.pad(g, (0, 0, 0, pad)).unflatten(1, (-1, L)).cumsum(2)  # [B, N, L, H], from each chunk's start
-    scores = torch.einsum("bnthd,bnshd->bnhts", q, k) * decay_mask(c.transpose(2, 3)).to(q.dtype)
-    y_intra = torch.einsum("bnhts,bnshe->bnthe", scores, v)
-    last = c[:, :, -1:]  # [B, N, 1, H]: log of the chunk's whole decay
+    T, L = q.shape[1], chunk_size
+    # [B, T/L, H, L, *]; padding: zero keys and values, gates of exactly 1 (log 0): the state passes intact
+    q, k, v, g = (chunk(x, L) for x in (q, k, v, g))
+    c = g.cumsum(-1)  # [B, T/L, H, L], from each chunk's start
+    y_intra = ((q @ k.mT) * decay_mask(g).to(q.dtype)) @ v
+    last = c[..., -1:]  # [B, T/L, H, 1]: log of the chunk's whole decay
     k_end = k * (last - c).exp()[..., None].to(k.dtype)  # each key decayed to its chunk's end
-    chunk_kv = torch.einsum("bnthe,bnthd->bnhed", v, k_end).to(S.dtype)
-    a = last[:, :, 0, :, None, None].exp().to(S.dtype)  # [B, N, H, 1, 1], broadcast over E, D
+    chunk_kv = (v.mT @ k_end).to(S.dtype)  # [B, T/L, H, Dv, Dk]
+    a = last[..., None].exp().to(S.dtype)  # [B, T/L, H, 1, 1], broadcast over Dv, Dk
     S_after = scan(a, chunk_kv, S)
     S_before = torch.cat([S[:, None], S_after[:, :-1]], 1)
-    y_inter = torch.einsum("bnhed,bnthd->bnthe", S_before.to(q.dtype), q * c.exp()[..., None].to(q.dtype))
-    y = (y_intra + y_inter).flatten(1, 2)[:, :T]
-    return y, S_after[:, -1]
+    y = y_intra + (q * c.exp()[..., None].to(q.dtype)) @ S_before.to(q.dtype).mT
+    return y.transpose(2, 3).flatten(1, 2)[:, :T], S_after[:, -1]
 
 
 class GatedRetention(nn.Module):
-    """Gated retention; forward(x [B, T, d_model], state) -> (y, state (S [B, H, E, D], pos [B]))."""
+    """Gated retention; forward(x [B, T, d_model], state) -> (y, state (S [B, H, Dv, Dk], pos [B]))."""
 
     forms = ("recurrent", "parallel", "chunked")
 

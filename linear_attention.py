@@ -7,10 +7,10 @@ matrix that never forgets (f_A = identity, f_B writes v k^T, f_C reads with q):
     z_t = z_{t-1} + phi(k_t)                    (eq. 19, the normaliser)
     y_t = S_t phi(q_t) / (z_t . phi(q_t))       (eq. 20)
 
-Feature map and normaliser as in the paper: phi(x) = elu(x) + 1 > 0, so the denominator is
-positive. The normaliser rides along as one extra row of the state: append a 1 to every v, and
-the last output channel is z_t . phi(q_t). Shapes: q, k [B, T, H, D], v [B, T, H, E], state
-S [B, H, E + 1, D].
+with the paper's feature map phi(x) = elu(x) + 1 > 0, so the denominator is positive. The
+normaliser rides along as one extra row of the state: append a 1 to every v, and the last output
+channel is z_t . phi(q_t). Shapes: q, k [B, T, H, Dk], v [B, T, H, Dv + 1] (the row of ones
+included), state S [B, H, Dv + 1, Dk].
 
 Three forms of the same function:
     recurrent  the loop above, one token at a time: O(T) steps, O(1) state
@@ -29,8 +29,14 @@ def feature_map(x):
     return F.elu(x) + 1
 
 
+def chunk(x, L):
+    """[B, T, H, *] -> [B, T/L, H, L, *], T padded with zeros to a multiple of L."""
+    x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, -x.shape[1] % L))
+    return x.unflatten(1, (-1, L)).transpose(2, 3)
+
+
 def linear_attention_recurrent(q, k, v, S):
-    """q, k: [B, T, H, D] (after phi), v: [B, T, H, E], S: [B, H, E, D] -> y [B, T, H, E], S."""
+    """q, k: [B, T, H, Dk] (after phi), v: [B, T, H, Dv], S: [B, H, Dv, Dk] -> y [B, T, H, Dv], S."""
     ys = []
     for t in range(q.shape[1]):
         S = S + (v[:, t, :, :, None] * k[:, t, :, None, :]).to(S.dtype)
@@ -50,23 +56,19 @@ def linear_attention_parallel(q, k, v, S):
 
 def linear_attention_chunked(q, k, v, S, chunk_size):
     """Same signature; quadratic inside chunks of chunk_size tokens, scan.py across them."""
-    B, T, H, D = q.shape
-    L = chunk_size
-    pad = -T % L  # zero keys and values add nothing to any state
-    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, L)) for x in (q, k, v))  # [B, N, L, H, *]
+    T, L = q.shape[1], chunk_size
+    q, k, v = (chunk(x, L) for x in (q, k, v))  # [B, T/L, H, L, *]; zero keys and values add nothing
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    scores = torch.einsum("bnthd,bnshd->bnhts", q, k).masked_fill(~causal, 0)
-    y_intra = torch.einsum("bnhts,bnshe->bnthe", scores, v)
-    chunk_kv = torch.einsum("bnthe,bnthd->bnhed", v, k).to(S.dtype)  # what each chunk writes
+    y_intra = (q @ k.mT).masked_fill(~causal, 0) @ v
+    chunk_kv = (v.mT @ k).to(S.dtype)  # [B, T/L, H, Dv, Dk]: what each chunk writes
     S_after = scan(torch.ones(1, 1, 1, 1, 1, dtype=S.dtype, device=S.device), chunk_kv, S)
     S_before = torch.cat([S[:, None], S_after[:, :-1]], 1)
-    y_inter = torch.einsum("bnhed,bnthd->bnthe", S_before.to(q.dtype), q)
-    y = (y_intra + y_inter).flatten(1, 2)[:, :T]
-    return y, S_after[:, -1]
+    y = y_intra + q @ S_before.to(q.dtype).mT
+    return y.transpose(2, 3).flatten(1, 2)[:, :T], S_after[:, -1]
 
 
 class LinearAttention(nn.Module):
-    """Multi-head linear attention; forward(x [B, T, d_model], state) -> (y, state [B, H, E+1, D])."""
+    """Multi-head linear attention; forward(x [B, T, d_model], state) -> (y, state [B, H, Dv + 1, Dk])."""
 
     forms = ("recurrent", "parallel", "chunked")
 

@@ -5,7 +5,7 @@
 
 Hochreiter & Schmidhuber 1997, with the forget gate of Gers et al. 2000 (its bias starts at 1).
 The recurrent weights r are diagonal, one per gate per channel (as ParaRNN, Danieli et al. 2025,
-arXiv:2510.21450), r ~ U(-1, 1). State (c, h), d_hidden channels (default d_model).
+arXiv:2510.21450), r ~ U(-1, 1). State (c, h), D = d_hidden channels each (default d_model).
 
 Parallel form (DEER, Lim et al. 2024, arXiv:2309.12252; ParaRNN): Newton on all T steps at once.
 With s_t = (c_t, h_t) and s_t = F(s_{t-1}, x_t), the update delta = s^{k+1} - s^k solves
@@ -18,13 +18,14 @@ A_t the per-channel 2x2 Jacobian dF/ds_{t-1} at the guess (a = dc_t/dh_{t-1}, k 
      [k f,    o(1-o) r_o tanh(c_t) + k a ]]
 
 Exact Newton (jacobian="full", the default) solves this 2x2-block recurrence with scan.py's
-block_scan (one Triton kernel on the GPU, log-depth doubling elsewhere). Quasi-Newton (jacobian="diag", ParaRNN's cheaper
-option) keeps only the diagonal of A_t and calls scan.py. Measured (fresh layer, x ~ N(0, 1),
-T=2048, CPU; three seeds): float32 full 6, 6, 6 iterations, diag 45, 42, 38 (float64: 7 vs
-68-84); in a strongly nonlinear case (r up to 5, T=256, float64) full 40, diag 256 = the cap
-(at r up to 10 diag even ends the cap 1e-2 off: its diagonal products overstate the true ones and
-amplify rounding). A diag step costs about a third of a full one on the CPU (forward 0.43 s vs
-0.21 s at T=2048), so full wins: it is the default.
+block_scan (one Triton kernel on the GPU, log-depth doubling elsewhere). Quasi-Newton
+(jacobian="diag", ParaRNN's cheaper option) keeps only the diagonal of A_t and calls scan.py.
+Measured (fresh layer, x ~ N(0, 1), T=2048, CPU; three seeds): float32 full 6, 6, 6 iterations,
+diag 45, 42, 38 (float64: 7 vs 68-84); in a strongly nonlinear case (r up to 5, T=256, float64)
+full 40, diag 256 = the cap (at r up to 10 diag even ends the cap 1e-2 off: its diagonal products
+overstate the true ones and amplify rounding). On the CPU a diag iteration cost about a third of a
+full one, but diag takes about 7 times as many: a whole forward at T=2048 took 0.43 s with diag,
+0.21 s with full, so full wins: it is the default.
 Start: s^0 = F(0, x_t). Stop when max |delta| / (1 + |s|) <= tol (float64 1e-12, float32 1e-6,
 bf16/fp16 inputs 1e-3), or once it is below sqrt(tol) and has made no new minimum for 3
 iterations (stuck at rounding level). Guarantee: after k iterations s_0 .. s_{k-1} are exact
@@ -49,8 +50,8 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.fl
 
 
 def cell(u, r, c, h, jacobian=False):
-    """One LSTM step, any leading dims: u = W x + b [..., 4, H], r [4, H], c, h [..., H] the
-    previous state -> new c, h (and the 2x2 Jacobians [..., 2, 2, H] w.r.t. (c, h))."""
+    """One LSTM step, any leading dims: u = W x + b [..., 4, D], r [4, D], c, h [..., D] the
+    previous state -> new c, h (and the 2x2 Jacobians [..., 2, 2, D] w.r.t. (c, h))."""
     z = u + r * h[..., None, :]
     i, f, o = torch.sigmoid(z[..., :3, :]).unbind(-2)
     g = torch.tanh(z[..., 3, :])
@@ -66,7 +67,7 @@ def cell(u, r, c, h, jacobian=False):
 
 
 def lstm_recurrent(u, r, c, h):
-    """The loop, one token at a time: u [B, T, 4, H], c, h [B, H] -> all h [B, T, H], final (c, h)."""
+    """The loop, one token at a time: u [B, T, 4, D], c, h [B, D] -> all h [B, T, D], final (c, h)."""
     hs = []
     for t in range(u.shape[1]):
         c, h = cell(u[:, t], r, c, h)
@@ -80,8 +81,8 @@ def shift(s, s0):
 
 
 def lstm_newton(u, r, s0, tol, full=True, cap=None):
-    """Newton (DEER) on all T steps at once, at most cap (default T) steps: u [B, T, 4, H],
-    s0 [B, 2, H] = (c, h) -> (states [B, T, 2, H], iterations)."""
+    """Newton (DEER) on all T steps at once, at most cap (default T) steps: u [B, T, 4, D],
+    s0 [B, 2, D] = (c, h) -> (states [B, T, 2, D], iterations)."""
     T = u.shape[1]
     s = torch.stack(cell(u, r, 0 * u[:, :, 0], 0 * u[:, :, 0]), 2)
     c_max = s0[:, None, 0].abs() + torch.arange(1, T + 1, dtype=u.dtype, device=u.device)[:, None]
@@ -104,7 +105,7 @@ def lstm_newton(u, r, s0, tol, full=True, cap=None):
 @torch.library.custom_op("zoo::lstm_parallel", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def lstm_parallel(u: torch.Tensor, r: torch.Tensor, s0: torch.Tensor, tol: float,
                   full: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """All states [B, T, 2, H] by Newton, and the iteration count as a tensor (reading it waits for
+    """All states [B, T, 2, D] by Newton, and the iteration count as a tensor (reading it waits for
     the GPU). A custom op: its loop stops on the data, so torch.compile sees one opaque op."""
     s, k = lstm_newton(u, r, s0, tol, full)
     return s, torch.full((), k, dtype=torch.int32, device=u.device)
@@ -136,7 +137,7 @@ lstm_parallel.register_autograd(_lstm_parallel_backward, setup_context=_lstm_par
 
 
 class LSTM(nn.Module):
-    """Diagonal LSTM; forward(x [B, T, d_model], state (c, h) [B, d_hidden] each) -> (y, state)."""
+    """Diagonal LSTM; forward(x [B, T, d_model], state (c, h) [B, D] each) -> (y, state)."""
 
     forms = ("recurrent", "parallel")
 

@@ -2,29 +2,36 @@
 (arXiv:2312.00752). The block of Fig. 3 with the selective SSM of Algorithm 2 (S6).
 
 An S4D-real state space model whose step size dt and projections B, C depend on the token
-(the selection mechanism, section 3.2), so every channel d of the inner width is its own RNN with
-an N-dimensional state, a diagonal gate between 0 and 1 and an input-dependent read-out:
+(the selection mechanism, section 3.2), so every channel d of the inner width D = d_inner is its
+own RNN with an N-dimensional state, a diagonal gate between 0 and 1 and an input-dependent
+read-out. With u_t the SSM's input (below):
 
-    dt_t = softplus(dt_proj(x_proj_dt(u_t)))               [d_inner]    (s_Delta, tau_Delta)
-    h_t  = exp(dt_t A) * h_{t-1} + (dt_t u_t) B_t          [d_inner, N] (ZOH for A, Euler for B)
-    y_t  = h_t C_t + D u_t                                 [d_inner]
+    dt_t = softplus(dt_proj(x_proj_dt(u_t)))               [D]     (s_Delta, tau_Delta)
+    B_t, C_t = x_proj_B(u_t), x_proj_C(u_t)                [N]     (s_B, s_C)
+    h_t  = exp(dt_t A) * h_{t-1} + (dt_t u_t) B_t          [D, N]  (ZOH for A, Euler for B)
+    y_t  = h_t C_t + D * u_t                               [D]     (D: a learned skip per channel)
 
 A = -exp(A_log) < 0 and dt > 0, so the gate exp(dt A) lies in (0, 1]. Around it (section 3.4):
-in_proj to u and z (expand 2), a causal depthwise conv1d (width d_conv) then SiLU on u, the SSM,
-the gate y * silu(z), out_proj. State: (conv [B, d_inner, d_conv - 1], the last inputs of the
-conv; ssm [B, d_inner, N]), both float32 or better.
+in_proj of x to w and z (expand 2), u = SiLU(causal depthwise conv1d of w, width d_conv), the
+SSM, the gate y * silu(z), out_proj. State: (conv [B, D, d_conv - 1], the last inputs w of the
+conv; ssm h [B, D, N]), both float32 or better. Shapes: u, dt [B, T, D], A [D, N], B, C [B, T, N].
 
-Two forms of the same function:
-    recurrent  one token at a time: conv window, projections and one SSM step per token
-    parallel   the conv over the whole sequence (the conv state as its left context instead of
-               zero padding) and the selective scan through scan.py (the SSM state as h0)
+Two forms of the selective SSM, the same function of (u, dt, A, B, C, h0):
+    recurrent  the loop above, one token at a time
+    parallel   selective_scan.py's fused scan (the SSM state as h0)
+The block runs the conv over the whole sequence in both forms, with the conv state as its left
+context instead of zero padding, so a call continues where the last one stopped.
 
 Memory of the parallel form: the gate a = exp(dt A), the input b = dt u B and the states h are
-each [B, T, d_inner, N], N times the activations of the block. scan.py's selective_scan, like the
-official CUDA kernel (selective_scan_cuda), never writes them to memory: it reads dt, u
-([B, T, d_inner]), A, B and C ([B, T, N]), builds a and b, scans and reads out y = C . h tile by
-tile in registers, and keeps only the state entering each tile (16 steps on a GPU) for the
-backward, which recomputes the states from it. On the CPU and in float64 it runs the plain form.
+each [B, T, D, N], N times the activations of the block. selective_scan.py, like the official CUDA
+kernel (selective_scan_cuda), never writes them to memory: it reads dt, u ([B, T, D]), A, B and
+C ([B, T, N]), builds a and b, scans and reads out y = C . h tile by tile in registers, and keeps
+only the state entering each tile (16 steps on a GPU) for the backward, which recomputes the
+states from it. On the CPU and in float64 it runs the plain form.
+
+Origin: parameter names, defaults and init as mamba_ssm's Mamba (mamba_ssm/modules/mamba_simple.py):
+A = -(1..N) in every channel (S4D-real), D = 1, dt at init log-uniform in [dt_min, dt_max] through
+dt_proj's bias (its inverse softplus), dt_proj's weight U(-dt_rank^-0.5, dt_rank^-0.5).
 """
 import math
 
@@ -35,8 +42,22 @@ import torch.nn.functional as F
 from selective_scan import selective_scan
 
 
+def selective_ssm_recurrent(u, dt, A, B, C, h):
+    """u, dt: [B, T, D], A: [D, N], B, C: [B, T, N], h: [B, D, N] -> y [B, T, D] (without the D skip), h."""
+    ys = []
+    for t in range(u.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :].to(h.dtype)).sum(-1))
+    return torch.stack(ys, 1), h
+
+
+def selective_ssm_parallel(u, dt, A, B, C, h):
+    """Same signature; the whole sequence through selective_scan.py (y in u's dtype, h in float32 or better)."""
+    return selective_scan(u, dt, A, B, C, h)
+
+
 class Mamba(nn.Module):
-    """Mamba block; forward(x [B, T, d_model], state) -> (y, state (conv, ssm))."""
+    """Mamba block; forward(x [B, T, d_model], state) -> (y, state (conv [B, D, d_conv - 1], ssm [B, D, N]))."""
 
     forms = ("recurrent", "parallel")
 
@@ -60,47 +81,27 @@ class Mamba(nn.Module):
             dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
             dt = dt.clamp(min=dt_init_floor)
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.dt_proj.bias._no_reinit = True
-
-    def _dt_B_C(self, v, dtype):
-        """Selection: dt [.., d_inner], B, C [.., N] from the conv output v, in the state's dtype."""
-        dt, B, C = self.x_proj(v).split([self.dt_rank, self.d_state, self.d_state], -1)
-        dt = F.linear(dt, self.dt_proj.weight).to(dtype) + self.dt_proj.bias.to(dtype)  # bias in float32
-        return F.softplus(dt), B.to(dtype), C
-
-    def _recurrent(self, u, conv, h, A):
-        w = self.conv1d.weight[:, 0]  # [d_inner, d_conv]
-        ys = []
-        for t in range(u.shape[1]):
-            window = torch.cat([conv, u[:, t, :, None].to(conv.dtype)], -1)  # [B, d_inner, d_conv]
-            conv = window[..., 1:]
-            v = F.silu((window.to(w.dtype) * w).sum(-1) + self.conv1d.bias)
-            dt, B, C = self._dt_B_C(v, h.dtype)
-            h = torch.exp(dt[..., None] * A) * h + (dt * v)[..., None] * B[:, None, :]
-            ys.append((h * C[:, None, :].to(h.dtype)).sum(-1) + self.D * v)
-        return torch.stack(ys, 1), conv, h
-
-    def _parallel(self, u, conv, h0, A):
-        window = torch.cat([conv, u.transpose(1, 2).to(conv.dtype)], -1)  # [B, d_inner, d_conv - 1 + T]
-        v = F.conv1d(window.to(self.conv1d.weight.dtype), self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
-        v = F.silu(v).transpose(1, 2)  # [B, T, d_inner]
-        dt, B, C = self._dt_B_C(v, h0.dtype)
-        y, h = selective_scan(v, dt, A, B, C, h0)  # y in v's dtype, h [B, d_inner, N] in float32
-        return y + self.D * v, window[..., window.shape[-1] - (self.d_conv - 1):], h
 
     def forward(self, x, state=None, form="parallel"):
         if form not in self.forms:
             raise ValueError(f"unknown form {form!r}; Mamba has {self.forms}")
-        u, z = self.in_proj(x).chunk(2, -1)
+        w, z = self.in_proj(x).chunk(2, -1)
         if state is None:
             acc = torch.promote_types(x.dtype, torch.float32)  # states in float32 or better
             state = (x.new_zeros(x.shape[0], self.d_inner, self.d_conv - 1, dtype=acc),
                      x.new_zeros(x.shape[0], self.d_inner, self.d_state, dtype=acc))
         conv, h = state
+        window = torch.cat([conv, w.transpose(1, 2).to(conv.dtype)], -1)  # [B, D, d_conv - 1 + T]
+        u = F.conv1d(window.to(self.conv1d.weight.dtype), self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
+        u = F.silu(u).transpose(1, 2)  # [B, T, D]
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], -1)  # selection
+        dt = F.linear(dt, self.dt_proj.weight).to(h.dtype) + self.dt_proj.bias.to(h.dtype)  # the bias in float32
+        dt = F.softplus(dt)
         A = -torch.exp(self.A_log.to(h.dtype))
-        y, conv, h = (self._recurrent if form == "recurrent" else self._parallel)(u, conv, h, A)
-        y = y * F.silu(z)
-        return self.out_proj(y.to(x.dtype)), (conv, h)
+        ssm = selective_ssm_recurrent if form == "recurrent" else selective_ssm_parallel
+        y, h = ssm(u, dt, A, B.to(h.dtype), C, h)
+        y = (y + self.D * u) * F.silu(z)
+        return self.out_proj(y.to(x.dtype)), (window[..., window.shape[-1] - (self.d_conv - 1):], h)
 
     def step(self, x, state=None):
         """One token: x [B, d_model] -> y [B, d_model], state."""

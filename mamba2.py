@@ -7,19 +7,23 @@ data-dependent decay (eq. 16-17 and the Mamba-2 block, Fig. 6):
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T      h [H, P, N]: one P x N matrix per head
     y_t = h_t C_t + D x_t                           A < 0 and D per head; B, C shared by groups
 
-dt = softplus(dt_raw + dt_bias) per head and token. Around the SSM, as in the official block
-(mamba_ssm/modules/mamba2.py): one input projection to (z, x, B, C, dt), a causal depthwise
-conv of width d_conv with SiLU over (x, B, C), a gated RMSNorm norm(y * silu(z)) and an output
-projection. State: (conv [B, conv_dim, d_conv - 1], the last inputs of the conv; ssm [B, H, P, N]),
-both float32 or better; every form starts the conv from the conv state, never from zeros.
+dt = softplus(dt_raw + dt_bias) per head and token. Around the SSM: one input projection to
+(z, x, B, C, dt), a causal depthwise conv of width d_conv with SiLU over (x, B, C), a gated
+RMSNorm norm(y * silu(z)) and an output projection. Shapes: x [B, T, H, P], dt [B, T, H],
+B, C [B, T, G, N]. State: (conv [B, conv_dim, d_conv - 1], the last inputs of the conv;
+ssm h [B, H, P, N]), both float32 or better; every form starts the conv from the conv state,
+never from zeros.
 
 Three forms of the same function:
     recurrent  the loop above, one token at a time: O(T) steps, O(1) state
-    parallel   the dual "attention" form y = (L * C B^T) (dt x), L_ts = exp(sum_{s<k<=t} dt_k A)
-               (the 1-semiseparable mask, segsum masked to -inf before exp): O(T^2), no loop
-    chunked    the SSD algorithm (ssd_minimal.py): the parallel form inside chunks of L tokens,
-               the chunk states passed on by scan.py with a = exp(sum of dt A over the chunk)
-               per head, read [B, N, H, 1, 1] against states [B, N, H, P, N]: O(T L) work
+    parallel   the dual "attention" form y = (Gamma * C B^T) (dt x), Gamma = decay_mask(dt A):
+               exp(sum_{s<k<=t} dt_k A) for t >= s (the paper's 1-semiseparable mask): O(T^2), no loop
+    chunked    the SSD algorithm: the parallel form inside chunks of L tokens, the chunk states
+               [B, T/L, H, P, N] passed on by scan.py with a = exp(sum of dt A over the chunk) per
+               head, [B, T/L, H, 1, 1], broadcast: O(T L) work
+
+Origin: the block as the official one (mamba_ssm/modules/mamba2.py), with its init and defaults;
+the chunked form follows ssd_minimal.py.
 """
 import math
 
@@ -30,14 +34,20 @@ import torch.nn.functional as F
 from scan import scan
 
 
-def segsum(a):
-    """a [..., T] -> [..., T, T]: out[t, s] = sum_{s<k<=t} a_k for s <= t, -inf above the diagonal.
-    Sums of masked copies, not differences of cumsums: no cancellation when the sums are large."""
-    T = a.shape[-1]
-    a = a[..., :, None].expand(*a.shape, T)  # a[..., k, s] = a_k
-    below = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
-    out = a.masked_fill(~below, 0).cumsum(-2)
-    return out.masked_fill(~torch.ones_like(below).tril(), -math.inf)
+def decay_mask(g):
+    """g: per-step log decays [..., L] -> [..., L, L]: exp(g_{s+1} + ... + g_t) for t >= s, 0 above the
+    diagonal. Segment sums of masked copies, not differences of cumsums (no cancellation when the
+    sums are large), masked to -inf before the exp."""
+    L = g.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=g.device).tril()
+    sums = g[..., :, None].expand(*g.shape, L).masked_fill(~causal.tril(-1), 0).cumsum(-2)  # g_{s+1} + .. + g_t
+    return sums.masked_fill(~causal, float("-inf")).exp()
+
+
+def chunk(x, L):
+    """[B, T, H, *] -> [B, T/L, H, L, *], T padded with zeros to a multiple of L."""
+    x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, -x.shape[1] % L))
+    return x.unflatten(1, (-1, L)).transpose(2, 3)
 
 
 def heads(t, G, dim):
@@ -59,37 +69,35 @@ def ssd_recurrent(x, dtA, dt, B, C, h):
 def ssd_parallel(x, dtA, dt, B, C, h):
     """Same signature; the whole sequence as one masked matmul, plus what h0 contributes."""
     G = B.shape[2]
-    Lm = heads(torch.exp(segsum(dtA.transpose(1, 2))), G, 1)  # [B, G, h, T, S]
+    decay = heads(decay_mask(dtA.transpose(1, 2)), G, 1)  # [B, G, H/G, T, T]
     xdt = heads(x * dt[..., None], G, 2)
     CB = torch.einsum("btgn,bsgn->bgts", C, B)
-    y = torch.einsum("bgts,bghts,bsghp->btghp", CB, Lm, xdt)
+    y = torch.einsum("bgts,bghts,bsghp->btghp", CB, decay, xdt)
     decay_in = torch.exp(dtA.cumsum(1))  # [B, T, H]: what is left of h0 at t
     h0 = heads(h, G, 1)
     y = y + torch.einsum("btgn,bghpn,btgh->btghp", C, h0.to(C.dtype), heads(decay_in, G, 2))
     h_new = decay_in[:, -1, :, None, None] * h + torch.einsum(
-        "bsgn,bghs,bsghp->bghpn", B, Lm[..., -1, :], xdt).flatten(1, 2).to(h.dtype)
+        "bsgn,bghs,bsghp->bghpn", B, decay[..., -1, :], xdt).flatten(1, 2).to(h.dtype)
     return y.flatten(2, 3), h_new
 
 
 def ssd_chunked(x, dtA, dt, B, C, h, chunk_size):
     """Same signature; quadratic inside chunks of chunk_size tokens, scan.py across them."""
     T, G, L = x.shape[1], B.shape[2], chunk_size
-    pad = -T % L  # dt = 0 pads: decay 1, nothing written, the state passes through unchanged
-    x, dtA, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (-1, L))
-                        for t in (x, dtA, dt, B, C))  # [B, N, L, *]
-    Lm = torch.exp(segsum(dtA.transpose(2, 3)))  # [B, N, H, L, S]
-    xdt = heads(x * dt[..., None], G, 3)  # [B, N, S, G, h, P]
-    Lg = heads(Lm, G, 2)  # [B, N, G, h, L, S]
-    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)
-    y_diag = torch.einsum("bcgls,bcghls,bcsghp->bclghp", CB, Lg, xdt)
-    states = torch.einsum("bcsgn,bcghs,bcsghp->bcghpn", B, Lg[..., -1, :], xdt).flatten(2, 3)
-    a = torch.exp(dtA.sum(2))[..., None, None]  # [B, N, H, 1, 1], broadcast by scan, never expanded
-    h_after = scan(a.to(h.dtype), states.to(h.dtype), h)  # [B, N, H, P, N]
+    # [B, T/L, H or G, L, *]; dt = 0 pads: decay 1, nothing written, the state passes through unchanged
+    x, dtA, dt, B, C = (chunk(t, L) for t in (x, dtA, dt, B, C))
+    decay = heads(decay_mask(dtA), G, 2)  # [B, T/L, G, H/G, L, L]
+    xdt = heads(x * dt[..., None], G, 2)  # [B, T/L, G, H/G, L, P]
+    CB = C @ B.mT  # [B, T/L, G, L, L]
+    y_diag = torch.einsum("bcgls,bcghls,bcghsp->bcghlp", CB, decay, xdt)
+    states = torch.einsum("bcgsn,bcghs,bcghsp->bcghpn", B, decay[..., -1, :], xdt).flatten(2, 3)
+    a = torch.exp(dtA.sum(-1))[..., None, None]  # [B, T/L, H, 1, 1], broadcast by scan, never expanded
+    h_after = scan(a.to(h.dtype), states.to(h.dtype), h)  # [B, T/L, H, P, N]
     h_before = torch.cat([h[:, None], h_after[:, :-1]], 1)
-    decay_in = Lm[..., 0].transpose(2, 3) * torch.exp(dtA[:, :, :1])  # [B, N, L, H]: exp(dtA_0 + .. + dtA_l)
-    y_off = torch.einsum("bclgn,bcghpn,bclgh->bclghp", C, heads(h_before, G, 2).to(C.dtype),
-                         heads(decay_in, G, 3))
-    return (y_diag + y_off).flatten(1, 2)[:, :T].flatten(2, 3), h_after[:, -1]
+    decay_in = torch.exp(dtA.cumsum(-1))  # [B, T/L, H, L]: exp(dtA_0 + .. + dtA_l), what is left of h_before
+    y_off = torch.einsum("bcgln,bcghpn,bcghl->bcghlp", C, heads(h_before, G, 2).to(C.dtype),
+                         heads(decay_in, G, 2))
+    return (y_diag + y_off).flatten(2, 3).transpose(2, 3).flatten(1, 2)[:, :T], h_after[:, -1]
 
 
 class Mamba2(nn.Module):

@@ -6,27 +6,30 @@ Linear attention with a fixed forgetting factor per head and no normaliser (sec.
     S_t = gamma S_{t-1} + v_t k_t^T             (the state forgets geometrically)
     y_t = S_t q_t                               (so y_t = sum_{s<=t} gamma^(t-s) (q_t . k_s) v_s)
 
-Multi-scale (sec. 2.2): head h has gamma_h = 1 - 2^(-5-h), h = 0..H-1, the paper's
-1 - 2^(-5-arange(0, H)) and torchscale's RetNetRelPos decay alike. Positions: the paper's xPos
-factor (gamma e^{i theta})^(n-m) splits into the decay gamma^(n-m) above and a pure rotation of q
-and k, so q and k get plain rotary, with torchscale's angles 1/10000^linspace(0, 1, D/2) on
-interleaved pairs; the state carries the step counter, so rotations go on where a prefill stopped.
-k is scaled by D^-0.5. Output (sec. 2.2, eq. 8): GroupNorm per head (the paper's; torchscale now
-uses an RMSNorm without affine), swish(x W_G) gate, W_O. Value width 2 d_model, as in the paper
-(its parameter budget: 8 d_model^2 per layer). Init as torchscale 0.3.0, its last release:
-xavier_uniform, gain 2^-2.5 on W_Q, W_K, W_V, W_G, gain 1 on W_O (torchscale's main branch later
-moved W_O to gain 2^-1). The paper's extra normalisations of the retention scores
-(sec. 3.3: dividing D by its row sums' sqrt, Q K^T by |row sums|) are per-token, per-head scalars
-that the GroupNorm cancels up to its eps; they only guard fp16 ranges, which the decay already
-bounds here (|S| <= 2^(5+h) times the largest v k^T), so they are left out.
+Multi-scale (sec. 2.2): head h has gamma_h = 1 - 2^(-5-h), h = 0..H-1. Positions: the paper's
+xPos factor (gamma e^{i theta})^(n-m) splits into the decay gamma^(n-m) above and a pure rotation
+of q and k, so q and k get plain rotary on interleaved pairs, with angles 1/10000^linspace(0, 1,
+Dk/2); the state carries the step counter, so rotations go on where a prefill stopped. k is
+scaled by Dk^-0.5. Output (sec. 2.2, eq. 8): GroupNorm per head, swish(x W_G) gate, W_O. Value
+width 2 d_model, as in the paper (its parameter budget: 8 d_model^2 per layer).
 
-Shapes: q, k [B, T, H, D], v [B, T, H, E]; state (S [B, H, E, D], pos [B] int64: tokens seen).
+Shapes: q, k [B, T, H, Dk], v [B, T, H, Dv]; state (S [B, H, Dv, Dk], pos [B] int64: tokens seen).
 
 Three forms of the same function:
     recurrent  the loop above, one token at a time: O(T) steps, O(1) state
-    parallel   (Q K^T * D) V with D_ts = gamma^(t-s) for t >= s, built as exp of a masked log
+    parallel   (Q K^T * Gamma) V with Gamma = decay_mask(log gamma): gamma^(t-s) for t >= s, 0 above
+               the diagonal, masked in log space before the exp: O(T^2), no loop
     chunked    sec. 2.3: parallel inside chunks of L tokens, the chunk states through scan.py with
                a = gamma^L per head, broadcast: O(T L) work
+
+Origin: gamma_h as the paper's 1 - 2^(-5-arange(0, H)) and torchscale's RetNetRelPos decay alike;
+rotary angles as torchscale's. The GroupNorm is the paper's (torchscale now uses an RMSNorm
+without affine). Init as torchscale 0.3.0, its last release: xavier_uniform, gain 2^-2.5 on W_Q,
+W_K, W_V, W_G, gain 1 on W_O (torchscale's main branch later moved W_O to gain 2^-1). Left out:
+the paper's extra normalisations of the retention scores (sec. 3.3: dividing the decay matrix by
+its row sums' sqrt, Q K^T by |row sums|) are per-token, per-head scalars that the GroupNorm
+cancels up to its eps; they only guard fp16 ranges, which the decay already bounds here
+(|S| <= 2^(5+h) times the largest v k^T).
 """
 import torch
 import torch.nn as nn
@@ -36,24 +39,33 @@ from scan import scan
 
 
 def rotate(x, pos, base=10000.0):
-    """Rotary positions on interleaved pairs of x [B, T, H, D] at positions pos [B, T]."""
+    """Rotary positions on interleaved pairs of x [B, T, H, Dk] at positions pos [B, T]."""
     acc = torch.promote_types(x.dtype, torch.float32)
     theta = base ** -torch.linspace(0, 1, x.shape[-1] // 2, dtype=acc, device=x.device)
-    angle = pos[:, :, None, None].to(acc) * theta  # [B, T, 1, D/2]
+    angle = pos[:, :, None, None].to(acc) * theta  # [B, T, 1, Dk/2]
     cos, sin = angle.cos(), angle.sin()
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).to(x.dtype)
 
 
-def decay_matrix(log_gamma, T):
-    """[H, T, T]: gamma^(t-s) for t >= s, 0 above the diagonal; masked in log space, then exp."""
-    t = torch.arange(T, device=log_gamma.device)
-    diff = t[:, None] - t[None, :]
-    return torch.where(diff >= 0, log_gamma[:, None, None] * diff, float("-inf")).exp()
+def decay_mask(g):
+    """g: per-step log decays [..., L] -> [..., L, L]: exp(g_{s+1} + ... + g_t) for t >= s, 0 above the
+    diagonal. Segment sums of masked copies, not differences of cumsums (no cancellation when the
+    sums are large), masked to -inf before the exp."""
+    L = g.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=g.device).tril()
+    sums = g[..., :, None].expand(*g.shape, L).masked_fill(~causal.tril(-1), 0).cumsum(-2)  # g_{s+1} + .. + g_t
+    return sums.masked_fill(~causal, float("-inf")).exp()
+
+
+def chunk(x, L):
+    """[B, T, H, *] -> [B, T/L, H, L, *], T padded with zeros to a multiple of L."""
+    x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, -x.shape[1] % L))
+    return x.unflatten(1, (-1, L)).transpose(2, 3)
 
 
 def retention_recurrent(q, k, v, log_gamma, S):
-    """q, k: [B, T, H, D], v: [B, T, H, E], log_gamma: [H], S: [B, H, E, D] -> y [B, T, H, E], S."""
+    """q, k: [B, T, H, Dk], v: [B, T, H, Dv], log_gamma: [H], S: [B, H, Dv, Dk] -> y [B, T, H, Dv], S."""
     gamma = log_gamma.exp().to(S.dtype)[:, None, None]
     ys = []
     for t in range(q.shape[1]):
@@ -66,7 +78,8 @@ def retention_parallel(q, k, v, log_gamma, S):
     """Same signature; the whole sequence as one decay-masked matmul, plus what S0 contributes."""
     T = q.shape[1]
     t = torch.arange(T, device=q.device)
-    scores = torch.einsum("bthd,bshd->bhts", q, k) * decay_matrix(log_gamma, T).to(q.dtype)
+    decay = decay_mask(log_gamma[:, None].expand(-1, T))  # [H, T, T]
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * decay.to(q.dtype)
     y = torch.einsum("bhts,bshe->bthe", scores, v)
     faded = (log_gamma[:, None] * (t + 1)).exp().T[:, :, None].to(q.dtype)  # [T, H, 1]: gamma^(t+1)
     y = y + torch.einsum("bhed,bthd->bthe", S.to(q.dtype), q * faded)
@@ -77,31 +90,27 @@ def retention_parallel(q, k, v, log_gamma, S):
 
 def retention_chunked(q, k, v, log_gamma, S, chunk_size):
     """Same signature; quadratic inside chunks of chunk_size tokens, scan.py across them."""
-    B, T, H, _ = q.shape
-    L = chunk_size
-    pad = -T % L  # zero keys and values write nothing; the last chunk's decay is fixed below
-    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, L)) for x in (q, k, v))  # [B, N, L, H, *]
-    N = q.shape[1]
-    scores = torch.einsum("bnthd,bnshd->bnhts", q, k) * decay_matrix(log_gamma, L).to(q.dtype)
-    y_intra = torch.einsum("bnhts,bnshe->bnthe", scores, v)
+    T, L = q.shape[1], chunk_size
+    q, k, v = (chunk(x, L) for x in (q, k, v))  # [B, T/L, H, L, *]; zero keys and values write nothing
+    n = q.shape[1]
+    y_intra = ((q @ k.mT) * decay_mask(log_gamma[:, None].expand(-1, L)).to(q.dtype)) @ v
     # what each chunk writes, decayed to the chunk's last real token (the last chunk ends at T)
-    pos = torch.arange(N * L, device=q.device).view(N, L)
-    ends = (torch.arange(1, N + 1, device=q.device) * L).clamp(max=T) - 1
-    to_end = ((ends[:, None] - pos).clamp(min=0)[..., None] * log_gamma).exp()  # [N, L, H]
-    chunk_kv = torch.einsum("bnthe,bnthd->bnhed", v, k * to_end[..., None].to(k.dtype)).to(S.dtype)
+    pos = torch.arange(n * L, device=q.device).view(n, 1, L)
+    ends = (torch.arange(1, n + 1, device=q.device) * L).clamp(max=T) - 1
+    to_end = ((ends[:, None, None] - pos).clamp(min=0) * log_gamma[:, None]).exp()  # [T/L, H, L]
+    chunk_kv = (v.mT @ (k * to_end[..., None].to(k.dtype))).to(S.dtype)  # [B, T/L, H, Dv, Dk]
     a = (log_gamma * L).exp().to(S.dtype)[None, None, :, None, None]  # gamma^L per head, broadcast
     S_after = scan(a, chunk_kv, S)
     S_before = torch.cat([S[:, None], S_after[:, :-1]], 1)
-    faded = (torch.arange(1, L + 1, device=q.device)[:, None] * log_gamma).exp()[:, :, None]  # [L, H, 1]
-    y_inter = torch.einsum("bnhed,bnthd->bnthe", S_before.to(q.dtype), q * faded.to(q.dtype))
-    y = (y_intra + y_inter).flatten(1, 2)[:, :T]
-    r = T - (N - 1) * L  # real tokens in the last chunk: S_after[:, -1] decayed over the padding too
+    faded = (log_gamma[:, None] * torch.arange(1, L + 1, device=q.device)).exp()[..., None]  # [H, L, 1]
+    y = y_intra + (q * faded.to(q.dtype)) @ S_before.to(q.dtype).mT
+    r = T - (n - 1) * L  # real tokens in the last chunk: S_after[:, -1] decayed over the padding too
     S_final = S_before[:, -1] * (log_gamma * r).exp().to(S.dtype)[:, None, None] + chunk_kv[:, -1]
-    return y, S_final
+    return y.transpose(2, 3).flatten(1, 2)[:, :T], S_final
 
 
 class RetNet(nn.Module):
-    """Multi-scale retention; forward(x [B, T, d_model], state) -> (y, state (S [B, H, E, D], pos [B]))."""
+    """Multi-scale retention; forward(x [B, T, d_model], state) -> (y, state (S [B, H, Dv, Dk], pos [B]))."""
 
     forms = ("recurrent", "parallel", "chunked")
 

@@ -3,8 +3,8 @@
     h_t = tanh(W_x x_t + w_h * h_{t-1} + b),        y_t = W_o h_t
 
 Elman (1990) with a diagonal recurrent weight w_h (a vector, as IndRNN, Li et al. 2018,
-arXiv:1803.04831, and ParaRNN). h has d_hidden channels (default d_model); W_o maps it back to
-d_model. w_h ~ U(0, 1): every channel has memory and |dh_t/dh_{t-1}| < 1, so none blows up.
+arXiv:1803.04831, and ParaRNN). h has D = d_hidden channels (default d_model); W_o maps it back
+to d_model. w_h ~ U(0, 1): every channel has memory and |dh_t/dh_{t-1}| < 1, so none blows up.
 
 f_A = tanh is nonlinear, so no scan solves the recurrence directly. DEER (Lim et al. 2024,
 arXiv:2309.12252) and ParaRNN (Danieli et al. 2025, arXiv:2510.21450) solve all T equations
@@ -44,7 +44,7 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.fl
 
 
 def rnn_recurrent(u, w, h):
-    """u = W_x x + b: [B, T, H], w: [H], h: [B, H] -> all states [B, T, H]."""
+    """u = W_x x + b: [B, T, D], w: [D], h: [B, D] -> all states [B, T, D]."""
     hs = []
     for t in range(u.shape[1]):
         h = torch.tanh(u[:, t] + w * h)
@@ -58,7 +58,7 @@ def shift(h, h0):
 
 
 def rnn_newton(u, w, h0, tol, cap=None):
-    """Newton (DEER) on all T steps at once, at most cap (default T) steps: (states [B, T, H], iterations)."""
+    """Newton (DEER) on all T steps at once, at most cap (default T) steps: (states [B, T, D], iterations)."""
     h, T, best, stall = torch.tanh(u), u.shape[1], float("inf"), 0
     for k in range(1, (cap or T) + 1):
         f = torch.tanh(u + w * shift(h, h0))
@@ -74,7 +74,7 @@ def rnn_newton(u, w, h0, tol, cap=None):
 
 @torch.library.custom_op("zoo::rnn_parallel", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def rnn_parallel(u: torch.Tensor, w: torch.Tensor, h0: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """All states [B, T, H] by Newton, and the iteration count as a tensor (reading it waits for the GPU).
+    """All states [B, T, D] by Newton, and the iteration count as a tensor (reading it waits for the GPU).
     A custom op: its loop stops on the data, so torch.compile sees one opaque op of known output shape."""
     h, k = rnn_newton(u, w, h0, tol)
     return h, torch.full((), k, dtype=torch.int32, device=u.device)
@@ -102,7 +102,7 @@ rnn_parallel.register_autograd(_rnn_parallel_backward, setup_context=_rnn_parall
 
 
 class RNN(nn.Module):
-    """Diagonal Elman RNN; forward(x [B, T, d_model], state h [B, d_hidden]) -> (y, state)."""
+    """Diagonal Elman RNN; forward(x [B, T, d_model], state h [B, D]) -> (y, state)."""
 
     forms = ("recurrent", "parallel")
 

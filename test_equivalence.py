@@ -1593,22 +1593,23 @@ def test_deltanet_layer_scales_q_as_fla_at_the_showdown_width():
 
 
 def affine_maps_in_order(M, C, S):
-    """The chunk states of S -> S M_n + C_n, one chunk after another."""
+    """The chunk states of S -> S M_c + C_c, one chunk after another (chunks along dim 1)."""
     states = []
-    for n in range(M.shape[0]):
+    for c in range(M.shape[1]):
         states.append(S)
-        S = S @ M[n] + C[n]
-    return torch.stack(states), S
+        S = S @ M[:, c] + C[:, c]
+    return torch.stack(states, 1), S
 
 
-@pytest.mark.parametrize("N", [1, 2, 3, 5, 8, 33])
-def test_deltanet_chunk_scan_composes_affine_maps(N):
+@pytest.mark.parametrize("n_chunks", [1, 2, 3, 5, 8, 33])
+def test_deltanet_chunk_states_composes_affine_maps(n_chunks):
     """The scan alone, on maps that are not contractions (so any misplaced factor shows)."""
-    g = torch.Generator().manual_seed(N)
-    M = torch.eye(4, dtype=torch.float64) + 0.3 * torch.randn(N, 2, 3, 4, 4, generator=g, dtype=torch.float64)
-    C = torch.randn(N, 2, 3, 5, 4, generator=g, dtype=torch.float64)
+    g = torch.Generator().manual_seed(n_chunks)
+    M = torch.eye(4, dtype=torch.float64) + 0.3 * torch.randn(n_chunks, 2, 3, 4, 4, generator=g, dtype=torch.float64)
+    C = torch.randn(n_chunks, 2, 3, 5, 4, generator=g, dtype=torch.float64)
+    M, C = M.transpose(0, 1), C.transpose(0, 1)  # [B, T/L, H, *]
     S = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
-    ins, last = deltanet.chunk_scan(M, C, S)
+    ins, last = deltanet.chunk_states(M, C, S)
     ins_ref, last_ref = affine_maps_in_order(M, C, S)
     assert rel_err(ins, ins_ref) <= 1e-12 and rel_err(last, last_ref) <= 1e-12
 
