@@ -41,6 +41,7 @@ MODELS = {
     "deltanet": ("DeltaNet", dict(n_head=2, chunk_size=8)),
     "gated_deltanet": ("GatedDeltaNet", dict(n_head=2, chunk_size=8)),
     "rwkv7": ("RWKV7", dict(head_size=16, chunk_size=8, decay_lora=4, a_lora=4, gate_lora=8)),
+    "kda": ("KDA", dict(head_dim=8, chunk_size=8)),
     "attention": ("Attention", dict(n_head=2)),
     "rnn": ("RNN", dict()),
     "lstm": ("LSTM", dict()),
