@@ -37,6 +37,7 @@ MODELS = {
     "retnet": ("RetNet", dict(n_head=2, chunk_size=8)),
     "gated_retention": ("GatedRetention", dict(n_head=2, chunk_size=8)),
     "mamba2": ("Mamba2", dict(headdim=8, d_state=8, chunk_size=8)),
+    "mamba3": ("Mamba3", dict(headdim=8, d_state=8, chunk_size=8)),
     "mamba": ("Mamba", dict(d_state=4)),
     "deltanet": ("DeltaNet", dict(n_head=2, chunk_size=8)),
     "gated_deltanet": ("GatedDeltaNet", dict(n_head=2, chunk_size=8)),
