@@ -33,7 +33,7 @@ from scan import scan
 MODELS = {"rnn": "RNN", "lstm": "LSTM", "attention": "Attention", "linear_attention": "LinearAttention",
           "retnet": "RetNet", "gated_retention": "GatedRetention", "mamba": "Mamba", "mamba2": "Mamba2",
           "deltanet": "DeltaNet", "gated_deltanet": "GatedDeltaNet",
-          "rwkv7": "RWKV7"}
+          "rwkv7": "RWKV7", "mlstm": "MLSTM"}
 FP32 = {"rnn", "lstm"}  # Newton's method wants float32; the others run under bf16 autocast
 SECTIONS = ("scan", "forms", "chunked", "decode", "train")
 SKIP = []  # --skip: case names (substrings) left out, e.g. a comparator whose compilation hangs

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {"rnn": "RNN", "lstm": "LSTM", "attention": "Attention", "linear_attention": "LinearAttention",
           "retnet": "RetNet", "gated_retention": "GatedRetention", "mamba": "Mamba", "mamba2": "Mamba2",
-          "deltanet": "DeltaNet", "gated_deltanet": "GatedDeltaNet", "rwkv7": "RWKV7"}
+          "deltanet": "DeltaNet", "gated_deltanet": "GatedDeltaNet", "rwkv7": "RWKV7", "mlstm": "MLSTM"}
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 # torch.compile's mode for training and evaluation, measured on an H100 (bench.py --only train): CUDA graphs,
