@@ -46,6 +46,7 @@ MODELS = {
     "attention": ("Attention", dict(n_head=2)),
     "rnn": ("RNN", dict()),
     "lstm": ("LSTM", dict()),
+    "mlstm": ("MLSTM", dict(chunk_size=8)),
 }
 PRESENT = [m for m in MODELS if os.path.exists(os.path.join(HERE, m + ".py"))]
 D_MODEL = 32
