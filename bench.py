@@ -9,7 +9,8 @@
            forward replayed from a CUDA graph (no Python launch overhead), accelerated-scan beside.
 2. forms   each model's default (parallel or chunked) form against its recurrent loop, fwd+bwd.
 3. chunked the chunked cores, eager and compiled, against flash-linear-attention (when installed) and SDPA.
-4. decode  tokens/s and peak memory of step() after a parallel prefill, against context length.
+4. decode  tokens/s and peak memory of step() after a parallel prefill, against context length; train.py's
+           whole LM at batch 1 through train.generate, eager and replaying a CUDA graph per token.
 5. train   tokens/s of train.py's training step for every model, eager and compiled, at the showdown size.
 GPU times are medians of triton.testing.do_bench; the recurrent loops (a Python loop over T) are
 timed once, after a warm-up on 16 tokens. Optional comparators are used only where installed.
@@ -171,15 +172,21 @@ def bench_forms(dev, quick, low):
         for T in Ts:
             x = torch.randn(batch, T, d, device=dev, requires_grad=True)
             par = attempt(lambda: timeit(run(x, form), dev))
-            iters = int(m.stats["newton_iters"]) if "newton_iters" in getattr(m, "stats", {}) else "-"
+            iters = per_iter = "-"
+            if "newton_iters" in getattr(m, "stats", {}):  # rnn, lstm: forward ms over the Newton iterations
+                iters = float(m.stats["newton_iters"])
+                fwd = attempt(lambda: timeit(torch.no_grad()(lambda: m(x, form=form)), dev))
+                per_iter = fwd / iters if isinstance(fwd, float) else fwd
+                iters = f"{iters:.3g}"
             rec = attempt(lambda: timeit(run(x, "recurrent"), dev, once=True))
             speedup = f"{rec / par:.1f}" if isinstance(par, float) and isinstance(rec, float) else "-"
-            rows.append([name, "fp32" if name in FP32 else str(low)[6:], form, T, par, rec, speedup, iters])
+            rows.append([name, "fp32" if name in FP32 else str(low)[6:], form, T, par, rec, speedup, iters, per_iter])
             del x
         del m
         torch.cuda.empty_cache() if gpu else None
-    table(f"layers Cls({d}) at batch {batch}: default form vs recurrent loop, fwd+bwd ms",
-          ["model", "dtype", "form", "T", "form ms", "recurrent ms", "speedup", "newton iters"], rows)
+    table(f"layers Cls({d}) at batch {batch}: default form vs recurrent loop, fwd+bwd ms; rnn and lstm: Newton "
+          f"iterations (newton.py's kernel: the mean over its tiles) and forward ms per iteration",
+          ["model", "dtype", "form", "T", "form ms", "recurrent ms", "speedup", "newton iters", "fwd ms / iter"], rows)
 
 
 # --------------------------------------------------------------------------------------- 3. chunked
@@ -335,6 +342,7 @@ def bench_decode(dev, quick, low):
         add_row(row)
         del m
         torch.cuda.empty_cache() if gpu else None
+    decode_lm(dev, contexts, low)
     return results, contexts
 
 
@@ -355,6 +363,50 @@ def decode(m, name, ctx, d, n_steps, dev, low):
         elapsed = time.perf_counter() - t0
     mib = f"{(torch.cuda.max_memory_allocated() - base) / 2 ** 20:.1f}" if gpu else "n/a"
     return n_steps / elapsed, mib
+
+
+def decode_lm(dev, contexts, low):
+    """train.py's LM at its GPU configuration (widths matched as train.py matches them), batch 1, bf16 autocast as
+    train.py samples: train.generate's decoding tokens/s, eager and replaying one CUDA graph per step, from the
+    difference of two lengths (the prefill and the graph's capture cancel); peak MiB of the longer call, prefill
+    included, above the weights."""
+    import train
+    gpu = dev.type == "cuda"
+    V, (n_layer, base), (short, long) = 65, ((train.GPU["n_layer"], train.GPU["d_model"]) if gpu else (1, 32)), (
+        (16, 272) if gpu else (1, 9))
+    add_row = table(f"decoding train.py's LM ({n_layer} layers, batch 1, {str(low)[6:]}) with train.generate: "
+                    "tokens/s / peak MiB, eager and in a CUDA graph",
+                    ["model", "d_model"] + [f"context {c:,} {how}" for c in contexts for how in ("eager", "graphed")])
+
+    def rate(model, idx, graphed):
+        with torch.autocast(dev.type, dtype=low, enabled=low != torch.float32):
+            seconds = []
+            for n in (short, long):
+                sync(dev)
+                if gpu:
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                train.generate(model, idx, n, temperature=0, cuda_graph=graphed)
+                sync(dev)
+                seconds.append(time.perf_counter() - t0)
+        peak = f"{(torch.cuda.max_memory_allocated() - weights) / 2 ** 20:.0f}" if gpu else "n/a"
+        return (long - short) / (seconds[1] - seconds[0]), peak
+
+    for name in MODELS:
+        cls = train.load_mixer(name)
+        d = train.match_width(cls, V, n_layer, base, {})[0]
+        torch.manual_seed(0)
+        model = train.build(cls, V, n_layer, d, {}).to(dev)
+        weights = torch.cuda.memory_allocated() if gpu else 0
+        row = [name, d]
+        for ctx in contexts:
+            idx = torch.randint(0, V, (1, ctx), device=dev)
+            for graphed in (False, True):
+                cell = attempt(lambda: rate(model, idx, graphed)) if gpu or not graphed else "cuda only"
+                row.append(f"{cell[0]:,.0f} / {cell[1]}" if isinstance(cell, tuple) else cell)
+        add_row(row)
+        del model
+        torch.cuda.empty_cache() if gpu else None
 
 
 # ------------------------------------------------------------------------------------------ main

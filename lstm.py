@@ -39,11 +39,16 @@ lam_t = dL/ds_t + A_{t+1}^T lam_{t+1} is one 2x2-block recurrence run backwards,
 vectorised vector-Jacobian product of F over all t gives dL/dx, dL/dr, dL/db and dL/ds_{-1}.
 
 Forms: recurrent (the loop, one token at a time) and parallel (Newton, the default: a custom op,
-since its loop stops on the data). The parallel form sets self.stats["newton_iters"], a tensor.
+since its loop stops on the data). Two engines solve it: lstm_newton below, on the whole sequence
+(CPU, MPS, float64: each iteration a block scan and a host sync for the test), and on CUDA in
+float32 newton.py's kernel, the same Newton per tile of steps, entered from the previous tile's
+exact state, with no host sync, so CUDA graphs capture it. The parallel form sets
+self.stats["newton_iters"], a tensor: the iterations (the kernel's: the mean over its tiles).
 """
 import torch
 import torch.nn as nn
 
+import newton
 from scan import block_scan, scan
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-3}
@@ -105,15 +110,17 @@ def lstm_newton(u, r, s0, tol, full=True, cap=None):
 @torch.library.custom_op("zoo::lstm_parallel", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def lstm_parallel(u: torch.Tensor, r: torch.Tensor, s0: torch.Tensor, tol: float,
                   full: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """All states [B, T, 2, D] by Newton, and the iteration count as a tensor (reading it waits for
-    the GPU). A custom op: its loop stops on the data, so torch.compile sees one opaque op."""
+    """All states [B, T, 2, D] by lstm_newton, and the iteration count as a tensor. A custom op: its
+    loop stops on the data, so torch.compile sees one opaque op; its host syncs keep it out of CUDA graphs."""
     s, k = lstm_newton(u, r, s0, tol, full)
-    return s, torch.full((), k, dtype=torch.int32, device=u.device)
+    return s, torch.full((), k, dtype=torch.float32, device=u.device)
 
 
-@lstm_parallel.register_fake
-def _(u, r, s0, tol, full):
-    return u.new_empty(u.shape[:2] + s0.shape[1:]), u.new_empty((), dtype=torch.int32)
+@torch.library.custom_op("zoo::lstm_parallel_tiles", mutates_args=())
+def lstm_parallel_tiles(u: torch.Tensor, r: torch.Tensor, s0: torch.Tensor, tol: float,
+                        full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same by newton.py's kernel (float32): it stops on the data with no host sync, so CUDA graphs capture it."""
+    return newton.lstm(u, r, s0, tol, full)
 
 
 def _lstm_parallel_backward(ctx, gs, _):
@@ -131,9 +138,13 @@ def _lstm_parallel_backward(ctx, gs, _):
 
 def _lstm_parallel_setup(ctx, inputs, output):
     ctx.save_for_backward(output[0], *inputs[:3])
+    ctx.mark_non_differentiable(output[1])  # the iteration count
 
 
-lstm_parallel.register_autograd(_lstm_parallel_backward, setup_context=_lstm_parallel_setup)
+for op in (lstm_parallel, lstm_parallel_tiles):
+    op.register_fake(lambda u, r, s0, tol, full: (u.new_empty(u.shape[:2] + s0.shape[1:]),
+                                                  u.new_empty((), dtype=torch.float32)))
+    op.register_autograd(_lstm_parallel_backward, setup_context=_lstm_parallel_setup)
 
 
 class LSTM(nn.Module):
@@ -168,7 +179,8 @@ class LSTM(nn.Module):
         if form == "recurrent":
             hs, (c, h) = lstm_recurrent(u, r, c, h)
         else:
-            s, self.stats["newton_iters"] = lstm_parallel(u, r, torch.stack([c, h], 1), tol, self.full)
+            solve = lstm_parallel_tiles if newton.runs(u) else lstm_parallel
+            s, self.stats["newton_iters"] = solve(u, r, torch.stack([c, h], 1), tol, self.full)
             hs, c, h = s[:, :, 1], s[:, -1, 0], s[:, -1, 1]
         return self.out(hs.to(x.dtype)), (c, h)
 

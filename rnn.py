@@ -33,11 +33,16 @@ is one linear recurrence run backwards (scan(..., reverse=True)) with the soluti
     dL/d(W_x x_t + b) = dz_t,   dL/dw_h = sum_t dz_t h_{t-1},   dL/dh0 = w_h dz_0.
 
 Forms: recurrent (the loop, one token at a time) and parallel (Newton, the default: a custom op,
-since its loop stops on the data). The parallel form sets self.stats["newton_iters"], a tensor.
+since its loop stops on the data). Two engines solve it: rnn_newton below, on the whole sequence
+(CPU, MPS, float64: each iteration a scan and a host sync for the test), and on CUDA in float32
+newton.py's kernel, the same Newton per tile of steps, entered from the previous tile's exact
+state, with no host sync, so CUDA graphs capture it. The parallel form sets
+self.stats["newton_iters"], a tensor: the iterations (the kernel's: the mean over its tiles).
 """
 import torch
 import torch.nn as nn
 
+import newton
 from scan import scan
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-3}
@@ -74,15 +79,18 @@ def rnn_newton(u, w, h0, tol, cap=None):
 
 @torch.library.custom_op("zoo::rnn_parallel", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def rnn_parallel(u: torch.Tensor, w: torch.Tensor, h0: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """All states [B, T, D] by Newton, and the iteration count as a tensor (reading it waits for the GPU).
-    A custom op: its loop stops on the data, so torch.compile sees one opaque op of known output shape."""
+    """All states [B, T, D] by rnn_newton, and the iteration count as a tensor. A custom op: its loop
+    stops on the data, so torch.compile sees one opaque op of known output shape; its host syncs
+    keep it out of CUDA graphs."""
     h, k = rnn_newton(u, w, h0, tol)
-    return h, torch.full((), k, dtype=torch.int32, device=u.device)
+    return h, torch.full((), k, dtype=torch.float32, device=u.device)
 
 
-@rnn_parallel.register_fake
-def _(u, w, h0, tol):
-    return u.new_empty(u.shape), u.new_empty((), dtype=torch.int32)
+@torch.library.custom_op("zoo::rnn_parallel_tiles", mutates_args=())
+def rnn_parallel_tiles(u: torch.Tensor, w: torch.Tensor, h0: torch.Tensor,
+                       tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same by newton.py's kernel (float32): it stops on the data with no host sync, so CUDA graphs capture it."""
+    return newton.rnn(u, w, h0, tol)
 
 
 def _rnn_parallel_backward(ctx, gh, _):
@@ -96,9 +104,12 @@ def _rnn_parallel_backward(ctx, gh, _):
 
 def _rnn_parallel_setup(ctx, inputs, output):
     ctx.save_for_backward(output[0], inputs[1], inputs[2])
+    ctx.mark_non_differentiable(output[1])  # the iteration count
 
 
-rnn_parallel.register_autograd(_rnn_parallel_backward, setup_context=_rnn_parallel_setup)
+for op in (rnn_parallel, rnn_parallel_tiles):
+    op.register_fake(lambda u, w, h0, tol: (u.new_empty(u.shape), u.new_empty((), dtype=torch.float32)))
+    op.register_autograd(_rnn_parallel_backward, setup_context=_rnn_parallel_setup)
 
 
 class RNN(nn.Module):
@@ -125,7 +136,8 @@ class RNN(nn.Module):
         if form == "recurrent":
             h = rnn_recurrent(u, w, h0)
         else:
-            h, self.stats["newton_iters"] = rnn_parallel(u, w, h0, tol)
+            solve = rnn_parallel_tiles if newton.runs(u) else rnn_parallel
+            h, self.stats["newton_iters"] = solve(u, w, h0, tol)
         return self.out(h.to(x.dtype)), h[:, -1]
 
     def step(self, x, state=None):

@@ -2228,7 +2228,8 @@ def test_attention_init_is_torch_default():
 # ----------------------------------------------------------------------------- rnn.py: torch.nn.RNNCell as reference, the Newton iteration cap, Newton's exact prefix, iteration counts, init
 # (pytest -s prints the iteration counts)
 
-from rnn import RNN, rnn_newton  # noqa: E402
+import newton  # noqa: E402
+from rnn import RNN, rnn_newton, rnn_recurrent  # noqa: E402
 
 
 def rnn_naive(model, x, h):
@@ -2314,6 +2315,99 @@ def test_rnn_iteration_counts_fresh_layer(dtype, most):
             y_ref, _ = model(x, form="recurrent")
         print(f"\nrnn fresh layer, T={T}, {dtype}: {k} Newton iterations")
         assert k <= most and rel_err(y, y_ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+# newton.py's kernel, on the CPU through Triton's interpreter (tiles of 8 steps by 8 channels there)
+
+def spy_newton():
+    """Wrap newton.rnn and newton.lstm; the set returned fills with the names of those called, so a test can
+    see that the kernel, not rnn_newton or lstm_newton, solved."""
+    seen = set()
+    for name in ("rnn", "lstm"):
+        solve = getattr(newton, name)
+        setattr(newton, name, lambda *args, name=name, solve=solve: seen.add(name) or solve(*args))
+    return seen
+
+
+def check_newton_kernel_ragged(name, full=True, B=2, T=19, C=12, seed=0):
+    """newton.rnn or newton.lstm against the loop in float64: T = 19 (the last tile ragged), C = 12 (a full and a
+    partial block of channels), a random initial state, strong recurrent weights (many iterations)."""
+    g = torch.Generator().manual_seed(seed)
+    if name == "rnn":
+        u, w = torch.randn(B, T, C, generator=g), 3 * torch.rand(C, generator=g)
+        h0 = torch.randn(B, C, generator=g).tanh()
+        h, k = newton.rnn(u, w, h0, 1e-6)
+        ref = rnn_recurrent(u.double(), w.double(), h0.double())
+    else:
+        u, r = torch.randn(B, T, 4, C, generator=g), 5 * (2 * torch.rand(4, C, generator=g) - 1)
+        s0 = torch.stack([torch.randn(B, C, generator=g), torch.randn(B, C, generator=g).tanh()], 1)
+        h, k = newton.lstm(u, r, s0, 1e-6, full)
+        c, ref, ss = s0[:, 0].double(), s0[:, 1].double(), []
+        for t in range(T):
+            c, ref = cell(u[:, t].double(), r.double(), c, ref)
+            ss.append(torch.stack([c, ref], 1))
+        ref = torch.stack(ss, 1)
+    assert h.shape == ref.shape and rel_err(h, ref) <= 1e-5, (name, full, rel_err(h, ref))
+    assert 1 <= k <= 8, k
+
+
+def check_newton_kernel_iterations(name, full=True):
+    """On one tile (B = 1, T = 8 = BLOCK_T, 8 channels) the kernel is rnn_newton's or lstm_newton's Newton: the same
+    iteration count, over seeds and recurrent weights up to 1 and 3 (a wrong Jacobian still converges, slower)."""
+    for seed in range(2):
+        for scale in (1, 3):
+            g = torch.Generator().manual_seed(seed)
+            if name == "rnn":
+                u, w, h0 = torch.randn(1, 8, 8, generator=g), scale * torch.rand(8, generator=g), torch.zeros(1, 8)
+                got, ref = newton.rnn(u, w, h0, 1e-6)[1], rnn_newton(u, w, h0, 1e-6)[1]
+            else:
+                u, r = torch.randn(1, 8, 4, 8, generator=g), scale * (2 * torch.rand(4, 8, generator=g) - 1)
+                s0 = torch.stack([torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g).tanh()], 1)
+                got, ref = newton.lstm(u, r, s0, 1e-6, full)[1], lstm_newton(u, r, s0, 1e-6, full)[1]
+            assert got == ref, (name, full, seed, scale, float(got), ref)
+
+
+def check_newton_hard_float32(model, x, s0, device="cpu"):
+    """A hard case (rnn_hard's or lstm_hard's model, input and state) in float32, parallel form against the
+    recurrent one: outputs, final state and gradients w.r.t. the input, the initial state and every parameter, to
+    float32's 1e-4. Returns the parallel form's iteration count."""
+    model = model.to(device, torch.float32)
+
+    def run(form):
+        xf, sf = x.to(device, torch.float32).requires_grad_(), map_state(lambda t: t.to(device, torch.float32)
+                                                                         .requires_grad_(), s0)
+        y, state = model(xf, sf, form=form)
+        loss = (y * gy).sum() + sum((t * (i + 2)).sum() for i, t in enumerate(tensors(state)))
+        return [y, *tensors(state)], torch.autograd.grad(loss, [xf, *tensors(sf), *model.parameters()])
+    gy = torch.randn(*x.shape[:2], model.out.out_features, generator=torch.Generator().manual_seed(3)).to(device)
+    (out, grads), (ref, ref_grads) = run("parallel"), run("recurrent")
+    for i, (o, r) in enumerate(zip(out + list(grads), ref + list(ref_grads))):
+        assert rel_err(o, r) <= 1e-4, f"output/grad {i}: rel err {rel_err(o, r):.2e}"
+    return float(model.stats["newton_iters"])
+
+
+def test_rnn_newton_kernel_interpreted():
+    """newton.py's kernel: the layer against its loop from a prefix's state (T = 21: three tiles, the last ragged;
+    outputs, state, gradients), ragged channels, and rnn_hard at T = 20, where tiles need 5 to all 8 iterations
+    (the cap that makes a tile exact)."""
+    interpreted("import newton; seen = t.spy_newton(); t.check_form('rnn', 'parallel', torch.float32, 'cpu'); "
+                "t.check_newton_kernel_ragged('rnn'); t.check_newton_kernel_iterations('rnn'); "
+                "k = t.check_newton_hard_float32(*t.rnn_hard(20)); "
+                "print(f'rnn hard case, T=20, float32, kernel: {k:.2f} Newton iterations per tile of 8'); "
+                "assert 5 <= k <= 8, k; assert seen == {'rnn'}, seen")
+
+
+@needs_cuda
+def test_rnn_newton_kernel_cuda():
+    """On the GPU (tiles of newton.PLAN): the kernel against rnn_newton and the loop at B=4, T=1000 (16 tiles, ragged
+    channels), and rnn_hard at T=256 in float32 with gradients."""
+    torch.manual_seed(0)
+    u, w, h0 = (torch.randn(4, 1000, 200, device="cuda"), 2 * torch.rand(200, device="cuda"),
+                torch.rand(4, 200, device="cuda"))
+    h, k = newton.rnn(u, w, h0, 1e-6)
+    assert rel_err(h, rnn_newton(u, w, h0, 1e-6)[0]) <= 1e-5 and rel_err(h, rnn_recurrent(u, w, h0)) <= 1e-5
+    assert 1 <= float(k) <= newton.PLAN["rnn"][0]
+    check_newton_hard_float32(*rnn_hard(256), device="cuda")
 
 
 def test_rnn_init_as_documented():
@@ -2435,6 +2529,61 @@ def test_lstm_iteration_counts_fresh_layer(dtype=torch.float32):
         assert rel_err(y, y_ref) <= 1e-5
     print(f"\nlstm fresh layer, T=2048, {dtype}: Newton iterations {counts}")
     assert counts["full"] <= 12 < counts["diag"]
+
+
+def test_lstm_newton_kernel_interpreted():
+    """newton.py's kernel: the layer against its loop from a prefix's state (three tiles, the last ragged; outputs,
+    state, gradients); with exact and diagonal Jacobians ragged channels and the reference's iteration counts; and
+    lstm_hard at T = 20, where tiles need many of their 8 iterations."""
+    interpreted("import newton; seen = t.spy_newton(); t.check_form('lstm', 'parallel', torch.float32, 'cpu')\n"
+                "for full in (True, False):\n"
+                "    t.check_newton_kernel_ragged('lstm', full)\n"
+                "    t.check_newton_kernel_iterations('lstm', full)\n"
+                "k = t.check_newton_hard_float32(*t.lstm_hard(20))\n"
+                "print(f'lstm hard case, T=20, float32, kernel: {k:.2f} Newton iterations per tile of 8')\n"
+                "assert 5 <= k <= 8, k\n"
+                "assert seen == {'lstm'}, seen")
+
+
+@needs_cuda
+def test_lstm_newton_kernel_cuda():
+    """On the GPU: the kernel against lstm_newton and the loop at B=4, T=1000, ragged channels, both Jacobians;
+    lstm_hard at T=256 in float32 with gradients."""
+    torch.manual_seed(0)
+    u, r = torch.randn(4, 1000, 4, 200, device="cuda"), 2 * torch.rand(4, 200, device="cuda") - 1
+    s0 = torch.stack([torch.randn(4, 200, device="cuda"), torch.rand(4, 200, device="cuda")], 1)
+    c, h, ref = s0[:, 0], s0[:, 1], []
+    for t in range(u.shape[1]):
+        c, h = cell(u[:, t], r, c, h)
+        ref.append(torch.stack([c, h], 1))
+    ref = torch.stack(ref, 1)
+    for full in (True, False):
+        s, k = newton.lstm(u, r, s0, 1e-6, full)
+        assert rel_err(s, lstm_newton(u, r, s0, 1e-6, full)[0]) <= 1e-5 and rel_err(s, ref) <= 1e-5
+        assert 1 <= float(k) <= newton.PLAN["lstm"][0]
+    for jacobian, r_scale in LSTM_HARD:
+        check_newton_hard_float32(*lstm_hard(256, r_scale, jacobian), device="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["rnn", "lstm"])
+def test_newton_kernel_in_a_cuda_graph(name):
+    """The parallel form needs no host sync: captured in a CUDA graph, replayed on new inputs, it gives eager's
+    outputs, state and iteration count."""
+    model = make(name, torch.float32, "cuda")
+    x, s0 = torch.randn(2, 300, D_MODEL, device="cuda"), None
+    with torch.no_grad():
+        model(x)  # kernels compiled and loaded before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y, state = model(x)
+            iters = model.stats["newton_iters"]
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        y_ref, state_ref = model(x)
+    for o, r in zip([y, *tensors(state)], [y_ref, *tensors(state_ref)]):
+        assert torch.equal(o, r)
+    assert torch.equal(iters, model.stats["newton_iters"])
 
 
 def test_lstm_init_forget_bias_one_on_the_gate_that_keeps_c():
@@ -2656,6 +2805,66 @@ def test_train_sample_continues_the_state(name, options):
         logits, _ = model.eval()(idx)
     expected = logits[0, len(prompt) - 1:-1].argmax(-1)
     assert "".join(chars[i] for i in expected) == text[len(prompt):]
+
+
+def generation_lm(name, device="cpu"):
+    """A 2-layer LM of width 32 with the small test options, and weights that make the context matter (at init the
+    tied embedding repeats a token)."""
+    torch.manual_seed(0)
+    model = train.LM(train.load_mixer(name), 28, 2, 32, mixer_args=MODELS[name][1])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5 * (0.1 if n == "wte.weight" else 3))
+    return model.to(device)
+
+
+def eager_decoding(model, idx, n, temperature, seed):
+    """Decoding written out: the prompt in one pass, then step() on each sampled token (the argmax at temperature
+    0, else softmax(logits / temperature) sampled by a generator seeded with seed)."""
+    g, training = torch.Generator(device=idx.device).manual_seed(seed), model.training
+    with torch.no_grad():
+        logits, states = model.eval()(idx)
+        logits, out = logits[:, -1], [idx]
+        for _ in range(n):
+            token = (logits.argmax(-1) if temperature == 0 else
+                     torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=g)[:, 0])
+            out.append(token[:, None])
+            logits, states = model.step(token, states)
+    model.train(training)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("name", ["rnn", "lstm", "attention", "retnet", "mamba2"])
+def test_train_generate_is_the_eager_decoding_loop(name):
+    """On the CPU generate() runs eager: the loop's tokens for a batch of two prompts, at temperature 0 and 0.8 (the
+    same draws), and the model left in the mode it came in."""
+    model = generation_lm(name).train()
+    idx = torch.randint(28, (2, 11), generator=torch.Generator().manual_seed(1))
+    for temperature in (0, 0.8):
+        out = train.generate(model, idx, 17, temperature, seed=5)
+        assert out.shape == (2, 28) and torch.equal(out[:, :11], idx)
+        assert torch.equal(out, eager_decoding(model, idx, 17, temperature, seed=5)), temperature
+    assert model.training
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", PRESENT)
+def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
+    """generate() replaying one CUDA graph per token gives the tokens of eager decoding (cuda_graph=False), float32
+    and bf16 autocast, temperature 0 and 0.8; every model but attention (its KV cache grows) is graphed."""
+    model = generation_lm(name, "cuda")
+    graphs = []
+    step_graph = train.step_graph
+    monkeypatch.setattr(train, "step_graph", lambda *args: graphs.append(1) or step_graph(*args))
+    idx = torch.randint(28, (1, 23), device="cuda")
+    for low in (False, True):
+        for temperature in (0, 0.8):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low):
+                eager = train.generate(model, idx, 40, temperature, seed=2, cuda_graph=False)
+                graphed = train.generate(model, idx, 40, temperature, seed=2)
+            assert torch.equal(graphed, eager), (low, temperature)
+    assert len(graphs) == (0 if name == "attention" else 4), graphs
 
 
 @pytest.mark.parametrize("content,message", [(None, "cannot read"), ("", "is empty"), ("x" * 50, "too short")])

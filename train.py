@@ -342,20 +342,82 @@ def evaluate(model, batch, n, autocast):
 
 @torch.no_grad()
 def sample(model, prompt, n, chars, temperature=0.8, seed=0, autocast=torch.autocast("cpu", enabled=False)):
-    """Parallel prefill of the prompt, then n tokens with each mixer's step(); temperature 0 picks the argmax."""
-    model.eval()
-    device = model.wte.weight.device
-    g, out = torch.Generator(device=device).manual_seed(seed), [chars.index(c) for c in prompt]
+    """The prompt and n characters after it, by generate(); temperature 0 picks the argmax."""
     with autocast:
-        logits, states = model(torch.tensor([out], device=device))
-        logits = logits[:, -1]
-        for _ in range(n):
-            nxt = (logits.argmax(-1) if temperature == 0
-                   else torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1, generator=g)[:, 0])
-            out.append(nxt.item())
-            logits, states = model.step(nxt, states)
-    model.train()
-    return "".join(chars[i] for i in out)
+        out = generate(model, torch.tensor([[chars.index(c) for c in prompt]], device=model.wte.weight.device), n,
+                       temperature, seed)
+    return "".join(chars[i] for i in out[0].tolist())
+
+
+@torch.no_grad()
+def generate(model, idx, n, temperature=0.8, seed=0, cuda_graph=True):
+    """idx [B, T] -> [B, T + n]: a parallel prefill of idx, then n tokens, each from one model.step; temperature 0
+    picks the argmax. On CUDA (unless cuda_graph=False) the steps after the first replay one CUDA graph of
+    model.step (step_graph): one launch for the whole model where eager decoding at batch 1 spends its time
+    launching each op's kernels. Where a state changes shape from step to step (attention's KV cache grows), and
+    off CUDA, the steps run eager. Graphed or not, the same kernels on the same numbers: the same tokens."""
+    training, T = model.training, idx.shape[1]
+    model.eval()
+    g, out = torch.Generator(device=idx.device).manual_seed(seed), torch.cat([idx, idx.new_empty(idx.shape[0], n)], 1)
+    logits, states = model(idx)
+    logits, graphed = logits[:, -1], None
+    for i in range(n):
+        out[:, T + i] = token = (logits.argmax(-1) if temperature == 0 else torch.multinomial(
+            F.softmax(logits.float() / temperature, dim=-1), 1, generator=g)[:, 0])
+        if i + 1 == n:
+            break
+        if graphed:
+            logits = graphed(token)
+            continue
+        logits, new = model.step(token, states)
+        if i == 0 and n > 2 and cuda_graph and idx.is_cuda and shapes(new) == shapes(states):
+            graphed = step_graph(model, token, new)
+        states = new
+    model.train(training)
+    return out
+
+
+def state_tensors(state):
+    """The tensors of a state (a tensor, None, or a tuple or list of them, nested), in order."""
+    return [state] if isinstance(state, torch.Tensor) else [t for s in state or () for t in state_tensors(s)]
+
+
+def shapes(state):
+    return [t.shape for t in state_tensors(state)]
+
+
+def step_graph(model, token, states):
+    """model.step captured as one CUDA graph, on static copies of token [B] and states: returns run(token), which
+    copies token in, replays the graph (the new states are copied back into the static ones inside it) and returns
+    the next logits [B, V] (a static buffer: the next run overwrites it)."""
+    def copy(state):
+        return type(state)(copy(s) for s in state) if isinstance(state, (tuple, list)) else (
+            state if state is None else state.clone())
+
+    token, states = token.clone(), copy(states)
+
+    def step():
+        logits, new = model.step(token, states)
+        for s, t in zip(state_tensors(states), state_tensors(new), strict=True):
+            if (s.shape, s.dtype) != (t.shape, t.dtype):
+                raise ValueError(f"step_graph: a state changed from {s.shape} {s.dtype} to {t.shape} {t.dtype}")
+            s.copy_(t)
+        return logits
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on copies (kernels compiled and loaded); the static states stay
+        model.step(token.clone(), copy(states))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = step()
+
+    def run(next_token):
+        token.copy_(next_token)
+        graph.replay()
+        return logits
+    return run
 
 
 @torch.no_grad()

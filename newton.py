@@ -1,0 +1,197 @@
+"""Diagonal nonlinear recurrences solved by Newton's method tile by tile, in one Triton kernel per layer.
+
+    rnn:   h_t = tanh(u_t + w * h_{t-1})                                        (rnn.py)
+    lstm:  (c_t, h_t) = F((c_{t-1}, h_{t-1}), u_t), gates from u_t + r * h_{t-1}   (lstm.py's cell)
+
+Why: rnn.py's and lstm.py's reference solvers (rnn_newton, lstm_newton) run Newton (DEER, Lim et al.
+2024, arXiv:2309.12252; ParaRNN, Danieli et al. 2025, arXiv:2510.21450) on the whole sequence, each
+iteration about 30 eager PyTorch launches and a host sync for the convergence test, so the ops ran
+outside train.py's CUDA graphs: on an H100 (bench.py --only train) lstm trained at 104k tokens/s
+compiled (0.05x compiled attention's 2.07M), rnn at 575k (0.28x).
+
+What: `rnn(u, w, h0, tol)` and `lstm(u, r, s0, tol, full)` return the same states as those solvers,
+and the mean number of Newton iterations per tile as a tensor, with no host sync: one launch, which
+a CUDA graph can capture. A program owns one batch row and BLOCK_C channels and walks T in tiles of
+BLOCK_T steps, in order. The state entering a tile is exact (the previous tile's last state, or
+h0), so inside the tile Newton solves only BLOCK_T steps, in registers: the residual and the
+Jacobians elementwise, the update delta_t = J_t delta_{t-1} + r_t by tl.associative_scan (a
+diagonal J for rnn; a 2x2 block per channel for lstm, scan.py's _combine2), the same clipping,
+Picard fallback and stopping rule as the reference (max |delta| <= tol, relative to 1 + |s| for
+lstm; or below sqrt(tol) with no new minimum for 3 iterations). After k iterations the tile's
+first k steps are exact (each waits only for its predecessor), so BLOCK_T iterations solve it
+exactly from any guess: the loop stops on the data, inside the kernel.
+
+Each iteration evaluates the cell at the iterate shifted by one step, h_{t-1}. The kernel stores the
+iterate into the output, waits at a barrier, and reads it back one row earlier (row 0 reads the
+previous tile's final state, or h0), then waits again before the next store overwrites it.
+
+Engines: the kernel on CUDA (and on the CPU under TRITON_INTERPRET=1, for the tests), in float32;
+rnn.py's and lstm.py's PyTorch solvers elsewhere (CPU, MPS, float64). The backward is theirs
+(implicit differentiation at the solution, scan.py's adjoint scans).
+"""
+import math
+
+import torch
+
+from scan import _INTERPRET, _combine, _combine2, _next_power_of_2, _use_triton, triton
+
+if triton is not None:
+    import triton.language as tl
+
+
+def runs(u):
+    """Whether the kernel solves for u (float32 on CUDA, or on the CPU under TRITON_INTERPRET=1)."""
+    return _use_triton(u) and u.dtype == torch.float32
+
+
+# BLOCK_T, BLOCK_C, warps on a GPU: 8 (rnn) and 4 (lstm) tile elements per thread, where ptxas for sm_90 spills
+# nothing (registers: 127 and 182 with Triton 3.6, 122 and 150 with 3.9; on 4 warps lstm needs all 255 and spills,
+# and so does rnn under 3.9). Not yet timed against other tilings.
+PLAN = {"rnn": (64, 32, 8), "lstm": (32, 32, 8)}
+
+
+def _plan(kind, C):
+    if _INTERPRET:  # the interpreter's scan pays per element, and a tile up to BLOCK_T iterations
+        return 8, min(8, _next_power_of_2(C)), 1
+    block_t, block_c, warps = PLAN[kind]
+    return block_t, min(block_c, _next_power_of_2(C)), warps
+
+
+def rnn(u, w, h0, tol):
+    """u [B, T, H], w [H], h0 [B, H] (float32) -> (states [B, T, H], mean Newton iterations per tile)."""
+    (B, T, C), (block_t, block_c, warps) = u.shape, _plan("rnn", u.shape[2])
+    n_cblocks, n_tiles = -(-C // block_c), -(-T // block_t)
+    h = torch.empty_like(u, memory_format=torch.contiguous_format)
+    iters = torch.empty(B * n_cblocks * n_tiles, dtype=torch.int32, device=u.device)
+    _rnn_kernel[(B * n_cblocks,)](u.contiguous(), w.contiguous(), h0.contiguous(), h, iters, T, C, n_cblocks,
+                                  n_tiles, tol, math.sqrt(tol), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
+    return h, iters.float().mean()
+
+
+def lstm(u, r, s0, tol, full):
+    """u [B, T, 4, H], r [4, H], s0 [B, 2, H] = (c, h) (float32); full: the exact 2x2 Jacobian, else its
+    diagonal -> (states [B, T, 2, H], mean Newton iterations per tile)."""
+    (B, T, _, C), (block_t, block_c, warps) = u.shape, _plan("lstm", u.shape[3])
+    n_cblocks, n_tiles = -(-C // block_c), -(-T // block_t)
+    s = u.new_empty(B, T, 2, C)
+    iters = torch.empty(B * n_cblocks * n_tiles, dtype=torch.int32, device=u.device)
+    _lstm_kernel[(B * n_cblocks,)](u.contiguous(), r.contiguous(), s0.contiguous(), s, iters, T, C, n_cblocks,
+                                   n_tiles, tol, math.sqrt(tol), FULL=full, BLOCK_T=block_t, BLOCK_C=block_c,
+                                   num_warps=warps)
+    return s, iters.float().mean()
+
+
+if triton is not None:
+    @triton.jit
+    def _tanh(x):
+        """tanh from exp(-2|x|) <= 1: no overflow (the interpreter has no libdevice)."""
+        e = tl.exp(-2.0 * tl.abs(x))
+        y = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -y, y)
+
+    @triton.jit
+    def _shifted(S, x, offs, mask, t, first, stride_t):
+        """x_{t-1} for every row of a tile: x is stored into S (the output), then read back one step
+        (stride_t) earlier; the row before t = 0 is first [BLOCK_C]. The barriers: every row is
+        written before any is read, and read before the next iteration overwrites it."""
+        tl.store(S + offs, x, mask=mask)
+        tl.debug_barrier()
+        later = (t >= 1)[:, None]
+        prev = tl.load(S + offs - stride_t, mask=mask & later, other=0.0, volatile=True)
+        tl.debug_barrier()
+        return tl.where(later, prev, first[None, :])
+
+    @triton.jit
+    def _stopped(size, best, stall, k, tol, tol_stuck, BLOCK_T: tl.constexpr):
+        """The reference's stopping rule (converged, or stuck at rounding level), and the cap of
+        BLOCK_T iterations: (stop, best, stall)."""
+        stall = tl.where(size >= best, stall + 1, 0)
+        best = tl.minimum(best, size)
+        return (size <= tol) | ((size <= tol_stuck) & (stall >= 3)) | (k >= BLOCK_T), best, stall
+
+    @triton.jit
+    def _rnn_kernel(U, W, H0, H, ITERS, T, C, n_cblocks, n_tiles, tol, tol_stuck,
+                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        group = tl.program_id(0)
+        pid_b, pid_c = group // n_cblocks, group % n_cblocks
+        rows = tl.arange(0, BLOCK_T)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        w = tl.load(W + cols, mask=col_ok, other=0.0)[None, :]
+        h0 = tl.load(H0 + pid_b * C + cols, mask=col_ok, other=0.0)
+        for tile in range(n_tiles):
+            t = tile * BLOCK_T + rows
+            mask = (t < T)[:, None] & col_ok[None, :]
+            offs = (pid_b.to(tl.int64) * T + t[:, None]) * C + cols[None, :]
+            u = tl.load(U + offs, mask=mask, other=0.0)
+            h = _tanh(u)  # the reference's guess: h_{t-1} = 0
+            prev = _shifted(H, h, offs, mask, t, h0, C)
+            k, best, stall, stop = 0, float("inf"), 0, False
+            while not stop:
+                f = _tanh(u + w * prev)
+                res = f - h
+                _, delta = tl.associative_scan(((1.0 - f * f) * w, res), 0, _combine)
+                delta = tl.where(tl.abs(delta) < float("inf"), delta, res)  # overflow: the Picard step there
+                h = tl.minimum(tl.maximum(h + delta, -1.0), 1.0)
+                k += 1
+                size = tl.max(tl.max(tl.where(mask, tl.abs(delta), 0.0), 1), 0)
+                stop, best, stall = _stopped(size, best, stall, k, tol, tol_stuck, BLOCK_T)
+                prev = _shifted(H, h, offs, mask, t, h0, C)
+            tl.store(ITERS + group * n_tiles + tile, k)
+
+    @triton.jit
+    def _lstm_kernel(U, R, S0, S, ITERS, T, C, n_cblocks, n_tiles, tol, tol_stuck,
+                     FULL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        group = tl.program_id(0)
+        pid_b, pid_c = group // n_cblocks, group % n_cblocks
+        rows = tl.arange(0, BLOCK_T)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        r_i = tl.load(R + cols, mask=col_ok, other=0.0)[None, :]
+        r_f = tl.load(R + C + cols, mask=col_ok, other=0.0)[None, :]
+        r_o = tl.load(R + 2 * C + cols, mask=col_ok, other=0.0)[None, :]
+        r_g = tl.load(R + 3 * C + cols, mask=col_ok, other=0.0)[None, :]
+        c0 = tl.load(S0 + pid_b * 2 * C + cols, mask=col_ok, other=0.0)
+        h0 = tl.load(S0 + pid_b * 2 * C + C + cols, mask=col_ok, other=0.0)
+        for tile in range(n_tiles):
+            t = tile * BLOCK_T + rows
+            mask = (t < T)[:, None] & col_ok[None, :]
+            row = pid_b.to(tl.int64) * T + t[:, None]
+            u_offs, s_offs = row * 4 * C + cols[None, :], row * 2 * C + cols[None, :]
+            u_i = tl.load(U + u_offs, mask=mask, other=0.0)
+            u_f = tl.load(U + u_offs + C, mask=mask, other=0.0)
+            u_o = tl.load(U + u_offs + 2 * C, mask=mask, other=0.0)
+            u_g = tl.load(U + u_offs + 3 * C, mask=mask, other=0.0)
+            c_max = tl.abs(c0)[None, :] + (t + 1).to(tl.float32)[:, None]  # |c_t| <= |c_{-1}| + t + 1
+            c = tl.sigmoid(u_i) * _tanh(u_g)  # the reference's guess: the cell from (0, 0)
+            h = tl.sigmoid(u_o) * _tanh(c)
+            c_prev = _shifted(S, c, s_offs, mask, t, c0, 2 * C)
+            h_prev = _shifted(S + C, h, s_offs, mask, t, h0, 2 * C)
+            k, best, stall, stop = 0, float("inf"), 0, False
+            while not stop:
+                i = tl.sigmoid(u_i + r_i * h_prev)  # lstm.py's cell and its Jacobian d(c_t, h_t)/d(c_{t-1}, h_{t-1})
+                f = tl.sigmoid(u_f + r_f * h_prev)
+                o = tl.sigmoid(u_o + r_o * h_prev)
+                g = _tanh(u_g + r_g * h_prev)
+                c_new = f * c_prev + i * g
+                tc = _tanh(c_new)
+                res_c, res_h = c_new - c, o * tc - h
+                a = c_prev * f * (1.0 - f) * r_f + g * i * (1.0 - i) * r_i + i * (1.0 - g * g) * r_g
+                kk = o * (1.0 - tc * tc)
+                a_hh = o * (1.0 - o) * r_o * tc + kk * a
+                if FULL:
+                    a_ch, a_hc = a, kk * f
+                else:  # the diagonal quasi-Newton
+                    a_ch, a_hc = tl.zeros_like(a), tl.zeros_like(a)
+                _, _, _, _, d_c, d_h = tl.associative_scan((f, a_ch, a_hc, a_hh, res_c, res_h), 0, _combine2)
+                d_c = tl.where(tl.abs(d_c) < float("inf"), d_c, res_c)  # overflow: the Picard step there
+                d_h = tl.where(tl.abs(d_h) < float("inf"), d_h, res_h)
+                c = tl.minimum(tl.maximum(c + d_c, -c_max), c_max)
+                h = tl.minimum(tl.maximum(h + d_h, -1.0), 1.0)
+                k += 1
+                rel = tl.maximum(tl.abs(d_c) / (1.0 + tl.abs(c)), tl.abs(d_h) / (1.0 + tl.abs(h)))
+                size = tl.max(tl.max(tl.where(mask, rel, 0.0), 1), 0)
+                stop, best, stall = _stopped(size, best, stall, k, tol, tol_stuck, BLOCK_T)
+                c_prev = _shifted(S, c, s_offs, mask, t, c0, 2 * C)
+                h_prev = _shifted(S + C, h, s_offs, mask, t, h0, 2 * C)
+            tl.store(ITERS + group * n_tiles + tile, k)
