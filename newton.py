@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from scan import _INTERPRET, _combine, _combine2, _next_power_of_2, _use_triton, triton
+from scan import INTERPRET, _combine2, _next_power_of_2, combine, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -41,7 +41,7 @@ if triton is not None:
 
 def runs(u):
     """Whether the kernel solves for u (float32 on CUDA, or on the CPU under TRITON_INTERPRET=1)."""
-    return _use_triton(u) and u.dtype == torch.float32
+    return use_triton(u) and u.dtype == torch.float32
 
 
 # BLOCK_T, BLOCK_C, warps on a GPU: 8 (rnn) and 4 (lstm) tile elements per thread, where ptxas for sm_90 spills
@@ -51,14 +51,14 @@ PLAN = {"rnn": (64, 32, 8), "lstm": (32, 32, 8)}
 
 
 def _plan(kind, C):
-    if _INTERPRET:  # the interpreter's scan pays per element, and a tile up to BLOCK_T iterations
+    if INTERPRET:  # the interpreter's scan pays per element, and a tile up to BLOCK_T iterations
         return 8, min(8, _next_power_of_2(C)), 1
     block_t, block_c, warps = PLAN[kind]
     return block_t, min(block_c, _next_power_of_2(C)), warps
 
 
 def rnn(u, w, h0, tol):
-    """u [B, T, H], w [H], h0 [B, H] (float32) -> (states [B, T, H], mean Newton iterations per tile)."""
+    """u [B, T, D], w [D], h0 [B, D] (float32) -> (states [B, T, D], mean Newton iterations per tile)."""
     (B, T, C), (block_t, block_c, warps) = u.shape, _plan("rnn", u.shape[2])
     n_cblocks, n_tiles = -(-C // block_c), -(-T // block_t)
     h = torch.empty_like(u, memory_format=torch.contiguous_format)
@@ -69,8 +69,8 @@ def rnn(u, w, h0, tol):
 
 
 def lstm(u, r, s0, tol, full):
-    """u [B, T, 4, H], r [4, H], s0 [B, 2, H] = (c, h) (float32); full: the exact 2x2 Jacobian, else its
-    diagonal -> (states [B, T, 2, H], mean Newton iterations per tile)."""
+    """u [B, T, 4, D], r [4, D], s0 [B, 2, D] = (c, h) (float32); full: the exact 2x2 Jacobian, else its
+    diagonal -> (states [B, T, 2, D], mean Newton iterations per tile)."""
     (B, T, _, C), (block_t, block_c, warps) = u.shape, _plan("lstm", u.shape[3])
     n_cblocks, n_tiles = -(-C // block_c), -(-T // block_t)
     s = u.new_empty(B, T, 2, C)
@@ -130,7 +130,7 @@ if triton is not None:
             while not stop:
                 f = _tanh(u + w * prev)
                 res = f - h
-                _, delta = tl.associative_scan(((1.0 - f * f) * w, res), 0, _combine)
+                _, delta = tl.associative_scan(((1.0 - f * f) * w, res), 0, combine)
                 delta = tl.where(tl.abs(delta) < float("inf"), delta, res)  # overflow: the Picard step there
                 h = tl.minimum(tl.maximum(h + delta, -1.0), 1.0)
                 k += 1
