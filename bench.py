@@ -410,7 +410,7 @@ def decode_lm(dev, contexts, low):
 
 
 # ------------------------------------------------------------------------------------------ main
-COLOUR = dict(zip(MODELS, [f"C{i}" for i in range(10)] + ["black"]))  # a model's colour in every plot: 11, not 10
+COLOUR = dict(zip(MODELS, [f"C{i}" for i in range(10)] + ["black", "navy", "magenta", "teal"]))  # one per model
 
 
 def report(root):
