@@ -1,7 +1,12 @@
 """Every form of every model computes the same function, forward and backward; scan.py is exact.
 
-    pytest test_equivalence.py            # CPU: float64 and float32, the Triton kernel interpreted
+    pytest test_equivalence.py            # the default set: CPU float64 and float32, each Triton kernel interpreted
+    SLOW=1 pytest test_equivalence.py     # and the slow cases (more interpreter runs, T = 65536 scans, ...)
     pytest test_equivalence.py -k mamba2  # one model
+
+In order: scan.py and selective_scan.py; the model contract, one test for every model of MODELS and each of its
+forms; each model against its independent reference (<model>_reference), at its extremes, and its init; train.py;
+bench.py. A test imports the model file it needs (module()): a missing or broken file fails its own tests only.
 
 References are plain sequential loops; inputs are fresh random draws. Tolerances are relative
 errors ||out - ref|| / ||ref||: float64 1e-8 (the forms differ only in summation order, ~1e-15,
@@ -10,10 +15,13 @@ float32 1e-4 (~1e-7 per rounding, accumulated over a few hundred operations), bf
 5e-2 (8-bit mantissa: 4e-3 per rounding, matmuls in bf16 against a float32 reference).
 GPU-only cases skip on a machine without CUDA.
 """
+import hashlib
 import importlib
-import inspect
+import json
 import math
 import os
+import random
+import re
 import shutil
 import signal
 import subprocess
@@ -23,34 +31,61 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
 import scan as scan_module
-import selective_scan as selective_scan_module
+import train
 from scan import scan
+from selective_scan import selective_scan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+slow = pytest.mark.skipif(os.environ.get("SLOW") != "1", reason="slow: run with SLOW=1")
 
-# file -> (class, small options for tests: several chunks, a few heads)
+# file -> (class, small options for tests: several chunks, a few heads, Mamba2's groups, DeltaNet's gate)
 MODELS = {
     "linear_attention": ("LinearAttention", dict(n_head=2, chunk_size=8)),
     "retnet": ("RetNet", dict(n_head=2, chunk_size=8)),
     "gated_retention": ("GatedRetention", dict(n_head=2, chunk_size=8)),
-    "mamba2": ("Mamba2", dict(headdim=8, d_state=8, chunk_size=8)),
-    "mamba3": ("Mamba3", dict(headdim=8, d_state=8, chunk_size=8)),
+    "mamba2": ("Mamba2", dict(headdim=8, d_state=8, chunk_size=8, ngroups=2)),
     "mamba": ("Mamba", dict(d_state=4)),
-    "deltanet": ("DeltaNet", dict(n_head=2, chunk_size=8)),
+    "deltanet": ("DeltaNet", dict(n_head=2, chunk_size=8, use_gate=True)),
     "gated_deltanet": ("GatedDeltaNet", dict(n_head=2, chunk_size=8)),
     "rwkv7": ("RWKV7", dict(head_size=16, chunk_size=8, decay_lora=4, a_lora=4, gate_lora=8)),
-    "kda": ("KDA", dict(head_dim=8, chunk_size=8)),
     "attention": ("Attention", dict(n_head=2)),
     "rnn": ("RNN", dict()),
     "lstm": ("LSTM", dict()),
-    "mlstm": ("MLSTM", dict(chunk_size=8)),
 }
-PRESENT = [m for m in MODELS if os.path.exists(os.path.join(HERE, m + ".py"))]
+CHUNKED = [m for m in MODELS if "chunk_size" in MODELS[m][1]]
 D_MODEL = 32
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+# each model's gates at their ends, as edits make() applies: name -> {regime: edit(model)}
+EXTREMES = {
+    "gated_retention": {  # gamma exactly 1 (log gamma = -0), ~0 (log gamma = -625), one head each, jumping per token
+        "one": lambda m: m.gate.bias.fill_(1e4), "zero": lambda m: m.gate.bias.fill_(-1e4),
+        "mixed": lambda m: m.gate.bias.copy_(torch.tensor([1e4, -1e4])), "jumpy": lambda m: m.gate.weight.mul_(1e4)},
+    "mamba2": {
+        "dt_huge": lambda m: m.dt_bias.fill_(30.0),  # dt ~ 30: decay exp(-30 A) ~ 0
+        "dt_tiny": lambda m: m.dt_bias.fill_(-30.0),  # dt ~ 1e-13: decay ~ 1, nothing written
+        "A_near_0": lambda m: m.A_log.fill_(-20.0),  # A ~ -2e-9: decay ~ 1
+        "A_huge": lambda m: m.A_log.fill_(6.0),  # A ~ -400
+        "mixed": lambda m: (m.dt_bias.copy_(torch.linspace(-20, 20, m.n_head)),
+                            m.A_log.copy_(torch.linspace(-20, 5, m.n_head)))},
+    "mamba": {f"dt_bias={b:g}": (lambda m, b=b: m.dt_proj.bias.fill_(b)) for b in (20.0, -20.0, 50.0, -50.0)},
+    "gated_deltanet": {  # alpha exactly 1 (A_log = -inf); alpha = 0 (log alpha ~ -2e5); jumping between the two
+        "one": lambda m: m.A_log.fill_(-math.inf), "zero": lambda m: (m.A_log.fill_(10.0), m.dt_bias.fill_(10.0)),
+        "jumpy": lambda m: (m.A_log.fill_(10.0), m.a.weight.mul_(1e3))},
+    "rwkv7": {r: (lambda m, dw=dw, da=da: (m.w0.add_(dw), m.a0.add_(da))) for r, (dw, da) in {
+        # w0 and a0 shifted until sigmoid saturates: w_t = exp(-e^-1/2) = 0.545 (the fastest decay the soft clamp
+        # allows) or 1 (no decay), a_t = 0 (nothing removed: S only decays and adds v k^T) or 1 (the full delta rule)
+        "w_min": (1e3, 0.0), "w_one": (-1e3, 0.0), "a_zero": (0.0, -1e3), "a_one": (0.0, 1e3),
+        "w_min_a_one": (1e3, 1e3), "w_one_a_one": (-1e3, 1e3)}.items()},
+}
+EXTREME_CASES = [(name, regime) for name in EXTREMES for regime in EXTREMES[name]]
+# the parameters of a gate that can underflow: their gradients are ~0 in the recurrence there (see check_form)
+GATES = {"gated_retention": ("gate.",), "gated_deltanet": ("A_log", "dt_bias", "a.")}
 
 
 def rel_err(out, ref):
@@ -71,18 +106,6 @@ def tensors(state):
     return [t for s in state for t in tensors(s)]
 
 
-def make(name, dtype=torch.float64, device="cpu", seed=0, **options):
-    torch.manual_seed(seed)
-    cls_name, small = MODELS[name]
-    module = importlib.import_module(name)
-    model = getattr(module, cls_name)(D_MODEL, **{**small, **options})
-    with torch.no_grad():  # leave the paper's init; nudge zero-initialised parameters so their gradients matter
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.to(device=device, dtype=dtype)
-
-
 def map_state(fn, state):
     """Apply fn to every tensor of a state, keeping its structure (tensor, tuple, list, dict)."""
     if state is None or torch.is_tensor(state):
@@ -92,170 +115,655 @@ def map_state(fn, state):
     return type(state)(map_state(fn, s) for s in state)
 
 
-def run(model, x, state, form, gy, gs):
-    """Outputs, final state and the gradients of a random projection of both w.r.t. everything."""
-    y, new_state = model(x, state, form=form)
-    floats = [t for t in tensors(new_state) if t.is_floating_point()]
-    loss = (y.float() * gy).sum() + sum((s.float() * g).sum() for s, g in zip(floats, gs))
-    leaves = [x] + [t for t in tensors(state) if t.requires_grad] + list(model.parameters())
-    return [y] + tensors(new_state), torch.autograd.grad(loss, leaves, allow_unused=True)
+def assert_states_equal(got, want, tol, what):
+    """Every tensor of two states: the same shapes, floats within tol, integers (step counters) equal."""
+    for i, (a, b) in enumerate(zip(tensors(got), tensors(want), strict=True)):
+        assert a.shape == b.shape, f"{what} state[{i}]: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        if b.is_floating_point():
+            assert rel_err(a, b) <= tol, f"{what} state[{i}]: rel err {rel_err(a, b):.2e}"
+        else:
+            assert torch.equal(a, b), f"{what} state[{i}] differs"
 
 
-def forms_of(name):
-    return [(name, f) for f in getattr(importlib.import_module(name), MODELS[name][0]).forms if f != "recurrent"]
+def module(name):
+    """The model file name.py, imported by the test that needs it."""
+    return importlib.import_module(name)
 
 
-ALL_FORMS = [pair for m in PRESENT for pair in forms_of(m)]
+def model_class(name):
+    return getattr(module(name), MODELS[name][0])
 
 
-def check_form(name, form, dtype, device, T=21, B=2, tol=None):
-    """form against the recurrent form, from a state a real prefix left behind: outputs, final
-    state, and gradients w.r.t. the input, the initial state and every parameter."""
-    param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype  # bf16: autocast, as train.py runs
-    model = make(name, param_dtype, device)
+def make(name, dtype=torch.float64, device="cpu", seed=0, edit=None, **options):
+    """MODELS[name] at width D_MODEL with its small options (options override them), seeded. The paper's init stays,
+    but parameters initialised to a constant (zeros; ones: a norm's weight, Mamba's D) get 0.1 N(0, 1) added, so
+    their gradients matter and a wrong index into them shows; edit(model) then sets a regime (EXTREMES); then to
+    dtype and device."""
+    torch.manual_seed(seed)
+    cls_name, small = MODELS[name]
+    model = getattr(module(name), cls_name)(D_MODEL, **{**small, **options})
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.min() == p.max():
+                p.add_(0.1 * torch.randn_like(p))
+        if edit is not None:
+            edit(model)
+    return model.to(device=device, dtype=dtype)
+
+
+def interpreted(code):
+    """Run code in a fresh Python with TRITON_INTERPRET=1 (read when scan.py is imported): Triton's
+    kernels then run on the CPU through its interpreter. Fails the test with the child's output."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", "import torch, scan, test_equivalence as t\n" + code], cwd=HERE, env=env,
+                          capture_output=True, text=True)
+    if done.returncode and "only 0-dimensional arrays can be converted to Python scalars" in done.stderr:
+        import numpy, triton  # the interpreter's int() of its 1-element scalars; Triton 3.9's squeezes them first
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run under NumPy {numpy.__version__} "
+                    "(pip install 'numpy<2.4', or a newer Triton)")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+# ========== scan.py and selective_scan.py =======================================================
+
+def scan_reference(a, b, h0=None, reverse=False):
+    """The recurrence exactly as written, one step at a time."""
+    a = a.expand(b.shape)
+    h = torch.zeros_like(b[:, 0]) if h0 is None else h0
+    out = [None] * b.shape[1]
+    for t in (reversed(range(b.shape[1])) if reverse else range(b.shape[1])):
+        h = a[:, t] * h + b[:, t]
+        out[t] = h
+    return torch.stack(out, 1)
+
+
+def block_scan_reference(a, b, h0=None, reverse=False):
+    """h_t = a_t @ h_{t-1} + b_t one step at a time, a [B, T, 2, 2, *], b [B, T, 2, *]."""
+    h = torch.zeros_like(b[:, 0]) if h0 is None else h0
+    out = [None] * b.shape[1]
+    for t in (reversed(range(b.shape[1])) if reverse else range(b.shape[1])):
+        h = torch.stack([a[:, t, 0, 0] * h[:, 0] + a[:, t, 0, 1] * h[:, 1],
+                         a[:, t, 1, 0] * h[:, 0] + a[:, t, 1, 1] * h[:, 1]], 1) + b[:, t]
+        out[t] = h
+    return torch.stack(out, 1)
+
+
+def selective_scan_reference(x, dt, A, B, C, h0=None):
+    """h_t = exp(dt_t A) * h_{t-1} + (dt_t x_t) B_t, y_t = C_t . h_t, one step at a time."""
+    h = torch.zeros(x.shape[0], x.shape[2], A.shape[1], dtype=x.dtype) if h0 is None else h0
+    ys = []
+    for t in range(x.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return torch.stack(ys, 1), h
+
+
+SCAN_CASES = [  # (b shape, a shape): full, per-head gate, broadcast over batch and time, T=1, odd T
+    ((2, 37, 3), (2, 37, 3)),
+    ((2, 40, 2, 16), (2, 40, 2, 1)),  # a gate per head over 16 channels: da summed over a tile's channels
+    ((2, 40, 3, 16), (1, 1, 3, 1)),  # one per head, constant over batch and time: summed over both
+    ((2, 40, 16), (2, 1, 16)),  # constant over time: summed over a tile's steps
+    ((2, 70, 2, 4), (2, 70, 2, 1)),
+    ((2, 45, 3, 4), (1, 45, 1, 4)),
+    ((3, 1, 5), (3, 1, 5)),
+    ((2, 50, 4), (1, 1, 4)),
+    ((2, 33, 2, 3, 2), (2, 33, 2, 1, 1)),
+]
+BLOCK_SCAN_CASES = [(b, b[:2] + (2,) + b[2:]) for b in [(2, 37, 2, 3), (1, 70, 2, 5), (3, 1, 2, 4), (2, 45, 2, 3, 2)]]
+# (B, T, D, N, h0, dt scale): several tiles over time (16 on a GPU, 8 interpreted), several channel
+# blocks, ragged T, D and N, and dt up to 30 (gates ~1e-26: the backward's h_t - b_t = a_t h_{t-1})
+SELECTIVE_CASES = [(2, 21, 10, 4, True, 1.0), (1, 37, 9, 3, False, 1.0), (3, 8, 4, 4, True, 1.0), (2, 19, 6, 4, True, 30.0),
+                   (2, 19, 6, 4, True, 1000.0)]  # dt up to 1000: most a_t underflow to 0
+
+
+def check_scan(device, dtype, tol, cases=SCAN_CASES + BLOCK_SCAN_CASES, reference=None):
+    """scan (block_scan where a has the block's 2 x 2) against `reference` (default: the loop) in float64: h and
+    the gradients w.r.t. a, b and h0, both directions, with and without h0."""
+    g = torch.Generator(device=device).manual_seed(0)
+    for shape, a_shape in cases:
+        block = len(a_shape) > len(shape)
+        fn, loop = (scan_module.block_scan, block_scan_reference) if block else (scan, scan_reference)
+        for reverse in (False, True):
+            for with_h0 in (False, True):
+                b = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_()
+                a = torch.rand(a_shape, device=device, dtype=dtype, generator=g)
+                a = (a - 0.5 if block else a * 1.2 - 0.1).requires_grad_()  # blocks: |a| <= 1
+                h0 = torch.randn(shape[:1] + shape[2:], device=device, dtype=dtype, generator=g).requires_grad_()
+                h0, leaves = (h0, [a, b, h0]) if with_h0 else (None, [a, b])
+                h = fn(a, b, h0, reverse)
+                assert h.shape == b.shape and h.dtype == b.dtype
+                gh = torch.randn(h.shape, device=device, dtype=dtype, generator=g)
+                grads = torch.autograd.grad((h * gh).sum(), leaves)
+                ref64 = [x.detach().double().requires_grad_() for x in leaves]
+                h_ref = (reference or loop)(ref64[0], ref64[1], ref64[2] if with_h0 else None, reverse)
+                ref_grads = torch.autograd.grad((h_ref * gh.double()).sum(), ref64)
+                what = f"{shape} a{a_shape} reverse={reverse} h0={with_h0}"
+                assert rel_err(h, h_ref) <= tol, what
+                for n, o, r in zip(("da", "db", "dh0"), grads, ref_grads):
+                    assert o.shape == r.shape and rel_err(o, r) <= tol, f"{n} {what}: {rel_err(o, r):.1e}"
+
+
+def check_selective(device, dtype, tol, cases=SELECTIVE_CASES, reference=None):
+    """y, h_T and the gradients w.r.t. x, dt, A, B, C, h0 (through y and h_T) against the loop in
+    float64, or against `reference` (selective_scan in float64: the PyTorch engine). x is passed
+    transposed ([B, D, T] in memory, as the parallel form's conv leaves it)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    for Bsz, T, D, N, with_h0, scale in cases:
+        x = torch.randn(Bsz, D, T, device=device, generator=g).to(dtype).transpose(1, 2)
+        dt = scale * torch.rand(Bsz, T, D, device=device, generator=g).to(dtype)
+        A = -torch.rand(D, N, device=device, generator=g).to(dtype) * 2
+        B, C = (torch.randn(Bsz, T, N, device=device, generator=g).to(dtype) for _ in range(2))
+        acc = torch.promote_types(dtype, torch.float32)  # the state's dtype
+        h0 = torch.randn(Bsz, D, N, device=device, generator=g).to(acc) if with_h0 else None
+        leaves = [x, dt, A, B, C] + ([h0] if with_h0 else [])
+        for t in leaves:
+            t.requires_grad_()
+        y, hT = selective_scan(*leaves[:5], h0)
+        assert y.dtype == x.dtype and y.shape == x.shape and hT.dtype == acc and hT.shape == (Bsz, D, N)
+        gy, gh = torch.randn(y.shape, device=device, generator=g), torch.randn(hT.shape, device=device, generator=g)
+        gy = gy.to(y.dtype).float()  # autograd hands a bf16 output's gradient over in bf16: the reference gets the same
+        grads = torch.autograd.grad((y.float() * gy).sum() + (hT * gh).sum(), leaves)
+        ref = [t.detach().double().requires_grad_() for t in leaves]
+        y_ref, h_ref = (reference or selective_scan_reference)(*ref[:5], ref[5] if with_h0 else None)
+        ref_grads = torch.autograd.grad((y_ref * gy.double()).sum() + (h_ref * gh.double()).sum(), ref)
+        what = f"B={Bsz} T={T} D={D} N={N} h0={with_h0} dt*{scale} {dtype}"
+        for n, o, r in zip(("y", "h_T", "dx", "ddt", "dA", "dB", "dC", "dh0"), [y, hT, *grads], [y_ref, h_ref, *ref_grads]):
+            assert o.shape == r.shape and rel_err(o, r) <= tol, f"{n} {what}: {rel_err(o, r):.1e}"
+
+
+# the kernels' two modes: every channel block walks the whole sequence in one pass, or the sequence is cut into
+# chunks side by side (each reduced to its map, the maps scanned, each chunk rescanned from its entering state)
+SCAN_MODES = {"chunks": (10 ** 6, 1), "one pass": (0, 10 ** 6)}  # scan.PROGRAMS_PER_SM, scan.TILES_PER_CHUNK
+# the interpreter runs each kernel file in one mode by default, in both with SLOW=1
+INTERPRETED_MODES = ["chunks", pytest.param("one pass", marks=slow)]
+
+
+def spy_reduce(*kernels, module=scan_module):
+    """Wrap the named Triton kernels of module; the set returned fills with the REDUCE of every launch, so a test
+    can see that the mode it forces is the mode that ran (chunks: True among them; one pass: {False})."""
+    seen = set()
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.add(meta["REDUCE"]) or self.kernel[grid](*args, **meta)
+    for name in kernels:
+        setattr(module, name, Spy(getattr(module, name)))
+    return seen
+
+
+def force_mode(mode):
+    """Code that sets scan.py's chunking to `mode`, for an interpreted child."""
+    return f"scan.PROGRAMS_PER_SM, scan.TILES_PER_CHUNK = {SCAN_MODES[mode]}; "
+
+
+def mode_ran(mode):
+    return f"assert (True in seen) if {mode == 'chunks'} else seen == {{False}}, seen"
+
+
+def check_scan_compiled(device, quick=False):
+    """scan and block_scan inside torch.compile(fullgraph=True), against eager: a broadcast a read
+    with stride 0 ([1, 1, H, 1, 1] as retnet passes it, [B, N, H, 1, 1] as gated retention does),
+    h0, reverse, and the gradients."""
+    g = torch.Generator(device=device).manual_seed(3)
+    cases = [((2, 9, 3, 4, 5), (1, 1, 3, 1, 1)), ((2, 9, 3, 4, 5), (2, 9, 3, 1, 1)), ((2, 37, 6), (2, 37, 6))]
+    fn = lambda a, b, h0, rev: scan(a * 1.0, b * 1.0, h0, rev) * 2  # noqa: E731  ops around it, as in a model
+    block = lambda a, b, h0, rev: scan_module.block_scan(a * 1.0, b, h0, rev) * 2  # noqa: E731
+    for shape, a_shape in cases + [((2, 21, 2, 3), (2, 21, 2, 2, 3))]:
+        for rev in ([len(shape) == 4] if quick else (False, True)):  # quick: one direction each
+            a = torch.rand(a_shape, device=device, generator=g).requires_grad_()
+            b = torch.randn(shape, device=device, generator=g).requires_grad_()
+            h0 = torch.randn(shape[:1] + shape[2:], device=device, generator=g).requires_grad_()
+            f = block if len(a_shape) > len(shape) else fn
+            torch._dynamo.reset()
+            outs = [(h, *torch.autograd.grad(h.square().sum(), (a, b, h0))) for h in
+                    (f(a, b, h0, rev), torch.compile(f, fullgraph=True)(a, b, h0, rev))]
+            for what, e, c in zip(("h", "da", "db", "dh0"), *outs):
+                assert rel_err(c, e) <= 1e-5, f"{shape} a{a_shape} reverse={rev} {what}: {rel_err(c, e):.1e}"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
+def test_scan_torch(dtype, tol):
+    check_scan("cpu", dtype, tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_scan_accumulates_in_float32(dtype, device):
+    """bf16 and fp16 in, float32 sums (the docstring's promise), rounded once on the way out: h_t = 1 + t e / 2 (e the
+    dtype's epsilon), exact in float32, is 1 + t e / 2 rounded once; a running sum in the input's dtype drops the
+    halves (1 + e / 2 rounds to 1). The gradient w.r.t. b, the adjoint's sums, the same way."""
+    T = 1000
+    b = torch.full((2, T, 3), torch.finfo(dtype).eps / 2, device=device, dtype=dtype)
+    b[:, 0] = 1
+    b.requires_grad_()
+    a = torch.ones(2, T, 3, device=device, dtype=dtype)
+    h = scan(a, b)
+    exact = torch.cumsum(b.detach().double(), 1)
+    assert h.dtype == dtype and torch.equal(h, exact.to(dtype)), "h is not the float32 sum rounded once"
+    (db,) = torch.autograd.grad(h, b, b.detach().flip(1))  # dL/db_t = sum_{s >= t} dL/dh_s
+    assert torch.equal(db, exact.flip(1).to(dtype)), "dL/db is not the float32 sum rounded once"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scan_gates_at_zero_and_one(device):
+    b = torch.randn(2, 300, 8, device=device)
+    a = torch.randint(0, 2, (2, 300, 8), device=device).float()  # forget everything, or keep everything
+    assert rel_err(scan(a, b), scan_reference(a.double(), b.double())) <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scan_long_sequence_is_finite(device):
+    b = torch.randn(2, 16384, 8, device=device, requires_grad=True)
+    a = torch.rand(2, 16384, 8, device=device).requires_grad_()
+    h = scan(a, b)
+    h.sum().backward()
+    assert torch.isfinite(h).all() and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    assert rel_err(h[:, -100:], scan_reference(a[:, -200:].double(), b[:, -200:].double())[:, -100:]) <= 1e-5
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda: scan(torch.rand(2, 5, 3), torch.rand(2, 5, 4)), "broadcast"),
+    (lambda: scan(torch.rand(2, 5, 4), torch.rand(2, 0, 4)), "T > 0"),
+    (lambda: scan(torch.rand(2, 5, 4), torch.ones(2, 5, 4, dtype=torch.long)), "floating"),
+    (lambda: scan(torch.rand(2, 5, 4), torch.rand(2, 5, 4), torch.rand(2, 5)), "h0"),
+    (lambda: scan(torch.rand(2, 5, 4), torch.rand(5)), r"\[B, T"),
+    (lambda: scan(torch.rand(2, 5, 4, device="meta"), torch.rand(2, 5, 4)), "device"),
+    (lambda: selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 5, 2)] * 2), r"B must be"),
+    (lambda: selective_scan(*[torch.rand(2, 0, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 0, 3)] * 2), "T > 0"),
+    (lambda: selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 5, 3)] * 2,
+                            torch.rand(2, 3, 4)), "h0 must be"),
+    (lambda: selective_scan(torch.rand(2, 5, 4), torch.ones(2, 5, 4, dtype=torch.long), torch.rand(4, 3),
+                            *[torch.rand(2, 5, 3)] * 2), "floating"),
+    (lambda: selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3, device="meta"), *[torch.rand(2, 5, 3)] * 2),
+     "one device"),
+])
+def test_scans_reject_bad_input(bad, message):
+    with pytest.raises(ValueError, match=message):
+        bad()
+
+
+@pytest.mark.parametrize("mode", INTERPRETED_MODES)
+def test_scan_triton_kernel_interpreted(mode):
+    """The real Triton kernel, run by Triton's interpreter on the CPU: small shapes, several 16-step tiles, the
+    gradient of a broadcast a summed inside the kernel (over time, over a tile's channels, both, or by atomics)."""
+    interpreted("assert scan.use_triton(torch.zeros(1)); " + force_mode(mode) + "seen = t.spy_reduce('_scan_kernel'); "
+                "t.check_scan('cpu', torch.float32, 1e-5); "
+                + mode_ran(mode))
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", SCAN_MODES)
+# bf16 inputs and h are rounded to 8 bits (4e-3 each); the sums stay float32, so errors do not compound
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["f32", "bf16"])
+def test_scan_triton_cuda(dtype, tol, mode, monkeypatch):
+    monkeypatch.setattr(scan_module, "PROGRAMS_PER_SM", SCAN_MODES[mode][0])
+    monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
+    check_scan("cuda", dtype, tol)
+
+
+@slow
+@needs_cuda
+@pytest.mark.parametrize("mode", SCAN_MODES)
+def test_scan_triton_cuda_long(mode, monkeypatch):
+    """Long, thin sequences (T = 65536 by 8 channels; 3000 steps by 300 channels, a per-row gate): chunked over time,
+    against the PyTorch engine in float64, itself checked against the loop (which takes 8 to 15 s a call here)."""
+    monkeypatch.setattr(scan_module, "PROGRAMS_PER_SM", SCAN_MODES[mode][0])
+    monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
+    check_scan("cuda", torch.float32, 1e-4, [((1, 65536, 8), (1, 65536, 8)), ((2, 3000, 300), (2, 3000, 1))], scan)
+
+
+@slow
+def test_scan_compiled_interpreted():
+    """The custom ops under Inductor with the Triton kernel run by the interpreter: the kernel gets
+    the tensors compiled code hands it, and reads their strides at run time."""
+    interpreted("t.check_scan_compiled('cpu', True)")
+
+
+@needs_cuda
+def test_scan_compiled_cuda():
+    check_scan_compiled("cuda")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
+def test_selective_scan_torch(dtype, tol):
+    check_selective("cpu", dtype, tol)
+
+
+@pytest.mark.parametrize("mode", INTERPRETED_MODES)
+def test_selective_scan_triton_kernel_interpreted(mode):
+    """The real kernels, forward and backward, run by Triton's interpreter: tiles of 8 steps by 4 channels, in one
+    pass or in chunks."""
+    interpreted("assert scan.use_triton(torch.zeros(1)); import selective_scan as ss; " + force_mode(mode)
+                + "seen = t.spy_reduce('_selective_fwd_kernel', '_selective_bwd_kernel', module=ss); "
+                "t.check_selective('cpu', torch.float32, 1e-5); " + mode_ran(mode))
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", SCAN_MODES)
+# bf16: x, dt, B, C rounded to 8 bits before both; y and dx rounded once more, the sums stay float32
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["f32", "bf16"])
+def test_selective_scan_triton_cuda(dtype, tol, mode, monkeypatch):
+    monkeypatch.setattr(scan_module, "PROGRAMS_PER_SM", SCAN_MODES[mode][0])
+    monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
+    cases = [(2, 333, 100, 16, True, 1.0), (1, 8192, 256, 16, True, 1.0), (4, 1000, 48, 5, False, 1.0),
+             (2, 500, 64, 16, True, 30.0)]
+    check_selective("cuda", dtype, tol, cases, reference=selective_scan)
+
+
+def custom_op_args(op, device, T=37):
+    """Arguments of zoo::<op> at a ragged T (no multiple of any tile): a broadcast gate for the scan (its gradient
+    summed to a's shape), h0 where the op takes one, a backward's saved tensors from a real forward."""
+    g = torch.Generator(device=device).manual_seed(0)
+    r = lambda *shape: torch.rand(shape, device=device, generator=g)  # noqa: E731
+    a, b, h0 = r(2, T, 3, 1), r(2, T, 3, 5), r(2, 3, 5)
+    x, dt, A, B, C = r(2, T, 6), r(2, T, 6), -r(6, 4), r(2, T, 4), r(2, T, 4)
+    return {
+        "scan": lambda: (a, b, h0, False, False),
+        "scan_block": lambda: (r(2, T, 2, 2, 4), r(2, T, 2, 4), None, True, True),
+        "scan_backward": lambda: (a, torch.ops.zoo.scan(a, b, h0, False, False), h0, r(2, T, 3, 5), False, False),
+        "selective_scan": lambda: (x, dt, A, B, C, r(2, 6, 4)),
+        "selective_scan_backward": lambda: (x, dt, A, B, C, None, torch.ops.zoo.selective_scan(x, dt, A, B, C, None)[2],
+                                            r(2, T, 6), r(2, 6, 4)),
+        "rnn_parallel": lambda: (r(2, T, 5), r(5), r(2, 5), 1e-6),
+        "lstm_parallel": lambda: (r(2, T, 4, 5), r(4, 5), r(2, 2, 5), 1e-6, True),
+    }[op]()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["scan", "scan_block", "scan_backward", "selective_scan", "selective_scan_backward",
+                                "rnn_parallel", "lstm_parallel"])
+def test_custom_op_fakes_match_real(op, device):
+    """What torch.compile sees of each custom op (its fake: shapes, strides, dtypes) is what the op returns, at a
+    ragged T. The selective scan's third output (the states kept for the backward) depends on the engine: [B, 0, D,
+    N] from the PyTorch engine, [B, T/BLOCK_T, D, N] from the kernels; its fake asks the same question."""
+    for name in ("rnn", "lstm"):
+        if op.startswith(name):
+            module(name)  # registers zoo::<name>_parallel
+    name = op.removesuffix("_block")
+    torch.library.opcheck(getattr(torch.ops.zoo, name).default, custom_op_args(op, device),
+                          test_utils=("test_faketensor",))
+
+
+# ========== the model contract: every model, every form =========================================
+
+def forms(name, recurrent=False):
+    return [f for f in model_class(name).forms if recurrent or f != "recurrent"]
+
+
+def check_form(name, form, dtype, device, T=21, B=2, tol=None, edit=None, gates=(), backend=None, **options):
+    """form against the recurrent form, from a state a real prefix left behind: outputs, final state, and gradients
+    w.r.t. the input, the initial state and every parameter; bf16: under autocast (as train.py runs) against float32.
+    With a backend: the default form under torch.compile(fullgraph=True) against eager, in bf16 no further from
+    float32 than eager is, plus tol. The gradients of the parameters named in gates are measured against the input's:
+    where a gate underflows, dL/dlog(gate) = gate dL/dgate is ~1e-42 in the recurrence, while the log-space forms get
+    it as a sum of O(1) terms that cancel (exp(c_t - c_s) on the diagonal, etc.), equal only to their rounding."""
+    param_dtype, low = (torch.float32, True) if dtype == torch.bfloat16 else (dtype, False)
+    model = make(name, param_dtype, device, edit=edit, **options)
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(B, T, D_MODEL, device=device, dtype=param_dtype, generator=g, requires_grad=True)
     with torch.no_grad():
         _, s0 = model(torch.randn(B, 5, D_MODEL, device=device, dtype=param_dtype, generator=g), form="recurrent")
+        y, state = model(x, s0, form="recurrent")
     s0 = map_state(lambda t: t.clone().requires_grad_(t.is_floating_point()), s0)
+    gy = torch.randn(y.shape, device=device, generator=g)
+    gs = [torch.randn(t.shape, device=device, generator=g) for t in tensors(state) if t.is_floating_point()]
+    leaves = [x] + [t for t in tensors(s0) if t.requires_grad] + list(model.parameters())
+    params = [n for n, _ in model.named_parameters()]
+    names = (["y"] + [f"state[{i}]" for i in range(len(tensors(state)))] + ["grad x"]
+             + [f"grad state0[{i}]" for i in range(len(leaves) - 1 - len(params))] + ["grad " + n for n in params])
+    gate_grads = {"grad " + n for n in params if n.startswith(gates)}
+
+    def outputs(fn, low=False, **form):
+        """Outputs, final state and the gradients of a random projection of both w.r.t. every leaf."""
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=low):
+            y, state = fn(x, s0, **form)
+        floats = [t for t in tensors(state) if t.is_floating_point()]
+        loss = (y.float() * gy).sum() + sum((t.float() * w).sum() for t, w in zip(floats, gs))
+        return [y] + tensors(state) + list(torch.autograd.grad(loss, leaves, allow_unused=True))
+
+    if backend is None:
+        ref, out, eager = outputs(model, form="recurrent"), outputs(model, low, form=form), None
+    else:
+        ref = outputs(model)
+        torch._dynamo.reset()
+        out = outputs(torch.compile(model, fullgraph=True, backend=backend), low)
+        eager = outputs(model, True) if low else None
+    tol, dx = tol or TOL[dtype], ref[names.index("grad x")].norm().item()
+    for i, (what, o, r) in enumerate(zip(names, out, ref, strict=True)):
+        where = f"{name}/{form or 'compiled'} T={T} {what}"
+        assert (o is None) == (r is None), f"{where}: only one has one"
+        if r is None:
+            continue
+        assert o.shape == r.shape, f"{where}: shape {tuple(o.shape)} != {tuple(r.shape)}"
+        if not r.is_floating_point():
+            assert torch.equal(o, r), f"{where} differs"
+            continue
+        err = rel_err(o, r)
+        if what in gate_grads:
+            err = (o.double() - r.double()).norm().item() / max(r.double().norm().item(), dx)
+        bound = tol + (rel_err(eager[i], r) if eager else 0.0)
+        assert err <= bound, f"{where}: rel err {err:.2e} > {bound:.2e}"
+
+
+def check_long(name, regime, device):
+    """T = 16384 (attention on the CPU: 4096, its T x T scores) in float32 through the default (training) form, under
+    bf16 autocast on a GPU, forward and backward, chunks of 8 (2048 composed) and 64 (the largest factors inside a
+    chunk): the output, the state and every gradient finite."""
+    T = 4096 if name == "attention" and device == "cpu" else 16384
+    for chunk in [dict(chunk_size=8), dict(chunk_size=64)] if name in CHUNKED else [{}]:
+        model = make(name, torch.float32, device, edit=EXTREMES.get(name, {}).get(regime), **chunk)
+        x = torch.randn(1 if device == "cpu" else 2, T, D_MODEL, device=device, requires_grad=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            y, state = model(x)
+        floats = [t for t in tensors(state) if t.is_floating_point()]
+        (y.float().square().mean() + sum(t.float().square().mean() for t in floats)).backward()
+        what = f"{name} {regime} {chunk}"
+        assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in floats), f"{what}: non-finite output"
+        bad = [n for n, p in [("x", x), *model.named_parameters()]
+               if p.grad is not None and not p.grad.isfinite().all()]
+        assert not bad, f"{what}: non-finite gradients of {bad}"
+
+
+@pytest.mark.parametrize("device,dtype,tol", [  # a GPU: bf16 autocast, and float32 with tf32 matmuls (~3e-4)
+    pytest.param("cpu", torch.float64, TOL[torch.float64], id="f64"),
+    pytest.param("cpu", torch.float32, TOL[torch.float32], id="f32"),
+    pytest.param("cuda", torch.bfloat16, TOL[torch.bfloat16], id="cuda-bf16", marks=needs_cuda),
+    pytest.param("cuda", torch.float32, 1e-3, id="cuda-f32", marks=needs_cuda)])
+@pytest.mark.parametrize("name", MODELS)
+def test_forms_match_recurrent(name, device, dtype, tol):
+    """Every form against the recurrent form (check_form): T = 21 on the CPU, 300 on a GPU."""
+    for form in forms(name):
+        check_form(name, form, dtype, device, T=21 if device == "cpu" else 300, tol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["f64", "f32"])
+@pytest.mark.parametrize("name,regime", EXTREME_CASES)
+def test_forms_match_recurrent_at_the_extremes(name, regime, dtype, tol):
+    """Each form against the recurrent one with the model's gates at their ends (EXTREMES), at T = 1, one chunk and
+    a ragged 27: outputs, final states, all gradients."""
+    if (name, regime) == ("gated_deltanet", "jumpy"):  # log alpha down to -2e7 a token, sums of them to ~1e8
+        if dtype == torch.float32:
+            pytest.skip("float32 cannot: the gate's slope (exp(A_log) e^10 times a's weight x 1e3, ~2e7) amplifies "
+                        "the rounding of dL/dlog(alpha) (see check_form) into dL/dx, 7e-2 measured")
+        tol = TOL[dtype]  # float64 sums of log alpha ~1e8 are good to ~1e-8: 2.7e-9 measured
+    for T in (1, 8, 27):
+        for form in forms(name):
+            check_form(name, form, dtype, "cpu", T=T, tol=tol, edit=EXTREMES[name][regime], gates=GATES.get(name, ()))
+
+
+@pytest.mark.parametrize("name,regime", [(name, "plain") for name in MODELS] + EXTREME_CASES)
+def test_forms_match_reference(name, regime):
+    """Every form against the model's independent reference (<model>_reference, each model's section: written from
+    the paper or by someone else), from an empty state and from the state the form left after a prefix (the
+    reference reads the prefix's tokens too): outputs, and the final state where the reference keeps one."""
+    reference = globals()[name + "_reference"]
+    model = make(name, edit=EXTREMES.get(name, {}).get(regime))
+    x = torch.randn(2, 23, D_MODEL, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        y_ref, s_ref = model(x, s0, form="recurrent")
-    gy = torch.randn(y_ref.shape, device=device, generator=g)
-    gs = [torch.randn(t.shape, device=device, generator=g) for t in tensors(s_ref) if t.is_floating_point()]
-    ref, ref_grads = run(model, x, s0, "recurrent", gy, gs)
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        out, grads = run(model, x, s0, form, gy, gs)
-    tol = tol or TOL[dtype]
-    for i, (o, r) in enumerate(zip(out, ref)):
-        what = f"{name}/{form} " + ("y" if i == 0 else f"state[{i - 1}]")
-        assert o.shape == r.shape, f"{what}: shape {tuple(o.shape)} != {tuple(r.shape)}"
-        if r.is_floating_point():
-            assert rel_err(o, r) <= tol, f"{what}: rel err {rel_err(o, r):.2e} > {tol}"
-        else:
-            assert torch.equal(o, r), f"{what} differs"
-    n_state = len(grads) - 1 - len(list(model.parameters()))
-    leaf_names = ["x"] + [f"state0[{i}]" for i in range(n_state)] + [n for n, _ in model.named_parameters()]
-    for n, o, r in zip(leaf_names, grads, ref_grads):
-        assert (o is None) == (r is None), f"{name}/{form} grad {n}: only one form has one"
-        if r is not None:
-            assert rel_err(o, r) <= tol, f"{name}/{form} grad {n}: rel err {rel_err(o, r):.2e} > {tol}"
+        y_ref, s_ref = reference(model, x)
+        for form in forms(name, recurrent=True):
+            y, s = model(x, form=form)
+            y_cont, s_cont = model(x[:, 6:], model(x[:, :6], form=form)[1], form=form)
+            for what, got, want in (("y", y, y_ref), ("y after a prefix", y_cont, y_ref[:, 6:])):
+                assert rel_err(got, want) <= 1e-12, f"{name}/{form} {what}: rel err {rel_err(got, want):.2e}"
+            if s_ref is not None:
+                assert_states_equal(s, s_ref, 1e-12, f"{name}/{form}")
+                assert_states_equal(s_cont, s_ref, 1e-12, f"{name}/{form} after a prefix:")
 
 
-# ----------------------------------------------------------------------------- models
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("name,form", ALL_FORMS)
-def test_form_matches_recurrent(name, form, dtype):
-    check_form(name, form, dtype, "cpu")
-
-
-@needs_cuda
-@pytest.mark.parametrize("name,form", ALL_FORMS)
-def test_form_matches_recurrent_cuda_bf16(name, form):
-    check_form(name, form, torch.bfloat16, "cuda", T=300)
-
-
-@needs_cuda
-@pytest.mark.parametrize("name,form", ALL_FORMS)
-def test_form_matches_recurrent_cuda_f32(name, form):
-    check_form(name, form, torch.float32, "cuda", T=300, tol=1e-3)  # tf32 matmuls: ~3e-4
-
-
-@pytest.mark.parametrize("name,form", ALL_FORMS)
-def test_prefill_then_step(name, form):
-    """Prefill part of the sequence in parallel, go on token by token or with a second parallel
-    call: the same outputs and final state as one parallel pass."""
+@pytest.mark.parametrize("name", MODELS)
+def test_prefill_then_step(name):
+    """Prefill part of the sequence in each form, go on token by token or with a second call of
+    the form: the same outputs and final state as one pass. step() from no state: the first token's."""
     model = make(name)
     x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
-    y_full, s_full = model(x, form=form)
-    y_pre, state = model(x[:, :7], form=form)
-    ys = [y_pre]
-    for t in range(7, 19):
-        y_t, state = model.step(x[:, t], state)
-        ys.append(y_t[:, None])
-    assert rel_err(torch.cat(ys, 1), y_full) <= 1e-8
-    for a, b in zip(tensors(state), tensors(s_full)):
-        assert rel_err(a, b) <= 1e-8
-    y_rest, _ = model(x[:, 7:], model(x[:, :7], form=form)[1], form=form)
-    assert rel_err(y_rest, y_full[:, 7:]) <= 1e-8
+    y, _ = model.step(x[:, 0])
+    assert y.shape == (2, D_MODEL) and rel_err(y, model(x[:, :1], form="recurrent")[0][:, 0]) <= 1e-12
+    for form in forms(name):
+        y_full, s_full = model(x, form=form)
+        y_pre, state = model(x[:, :7], form=form)
+        ys = [y_pre]
+        for t in range(7, 19):
+            y_t, state = model.step(x[:, t], state)
+            ys.append(y_t[:, None])
+        assert rel_err(torch.cat(ys, 1), y_full) <= 1e-8, form
+        assert_states_equal(state, s_full, 1e-8, f"{name}/{form}")
+        y_rest, _ = model(x[:, 7:], model(x[:, :7], form=form)[1], form=form)
+        assert rel_err(y_rest, y_full[:, 7:]) <= 1e-8, form
 
 
-@pytest.mark.parametrize("name", PRESENT)
-def test_step_from_empty_state(name):
+@pytest.mark.parametrize("name", MODELS)
+def test_short_calls_chain_like_one_call(name):
+    """Calls of each form, each from the state the last one left: shorter than the conv windows (whose state then
+    reaches back several calls), ending mid-chunk, crossing chunks. The outputs and the final state of one call."""
     model = make(name)
-    x = torch.randn(3, D_MODEL, dtype=torch.float64)
-    y, _ = model.step(x)
-    y_ref, _ = model(x[:, None], form="recurrent")
-    assert y.shape == (3, D_MODEL) and rel_err(y, y_ref[:, 0]) <= 1e-12
-
-
-@pytest.mark.parametrize("name", PRESENT)
-def test_unknown_form_is_an_error(name):
-    with pytest.raises(ValueError, match="form"):
-        make(name)(torch.randn(1, 3, D_MODEL, dtype=torch.float64), form="no-such-form")
-
-
-@pytest.mark.parametrize("name", PRESENT)
-def test_long_sequence_is_finite(name):
-    """T = 16384 in float32 through the default (training) form: no NaN, no inf."""
-    T = 4096 if name == "attention" else 16384  # attention's T x T scores: as far as CPU memory allows
-    model = make(name, torch.float32)
-    x = torch.randn(1, T, D_MODEL)
+    x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
     with torch.no_grad():
-        y, state = model(x)
-    assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in tensors(state) if t.is_floating_point())
+        for form in forms(name, recurrent=True):
+            y_full, s_full = model(x, form=form)
+            for sizes in ([1, 1, 1, 1, 2, 13], [1, 2, 1, 5, 10], [2, 3, 14], [3, 16], [5, 1, 13], [9, 10]):
+                ys, state, t = [], None, 0
+                for n in sizes:
+                    y, state = model(x[:, t:t + n], state, form=form)
+                    ys.append(y)
+                    t += n
+                assert rel_err(torch.cat(ys, 1), y_full) <= 1e-12, f"{form}, calls of {sizes}"
+                assert_states_equal(state, s_full, 1e-12, f"{name}/{form}, calls of {sizes}")
 
 
-@needs_cuda
-@pytest.mark.parametrize("name", PRESENT)
-def test_long_sequence_is_finite_cuda_bf16(name):
-    model = make(name, torch.float32, "cuda")
-    x = torch.randn(2, 16384, D_MODEL, device="cuda", requires_grad=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y, state = model(x)
-    y.float().square().mean().backward()
-    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+@pytest.mark.parametrize("name", CHUNKED)
+def test_chunked_every_length(name):
+    """The chunked form at chunk lengths L = 1, 3, 8, 64, from a prefix's state, against the recurrent form: a
+    padded last chunk (T not a multiple of L), T < L, one chunk, many (T / L up to 65: seven doubling steps)."""
+    model = make(name)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        _, s0 = model(torch.randn(2, 5, D_MODEL, dtype=torch.float64, generator=g), form="recurrent")
+        for T in (1, 7, 8, 9, 16, 23, 64, 65):
+            x = torch.randn(2, T, D_MODEL, dtype=torch.float64, generator=g)
+            y_ref, s_ref = model(x, s0, form="recurrent")
+            for L in (1, 3, 8, 64):
+                model.chunk_size = L
+                y, s = model(x, s0, form="chunked")
+                assert rel_err(y, y_ref) <= 1e-12, f"T={T} L={L}: rel err {rel_err(y, y_ref):.2e}"
+                assert_states_equal(s, s_ref, 1e-12, f"{name} T={T} L={L}")
 
 
-# long decoding: a 37-token prefill, then 300 steps, against one pass of the default form. 37 and
-# 337 cross chunk boundaries (chunk 16) and the conv windows (4), and 337 passes 256, where a cache
-# or a counter of a power-of-two size would wrap.
-LONG_PREFILL, LONG_TOTAL = 37, 337
-
-
-@pytest.mark.parametrize("name", PRESENT)
-def test_long_decoding_matches_one_parallel_pass(name):
-    """Every step's output, and the final state, equal one default-form pass over all 337 tokens;
-    so does a second default-form call that continues from the prefill's state (the chunked forms
-    carry an initial state across 19 chunks)."""
-    cls = getattr(importlib.import_module(name), MODELS[name][0])
-    chunk = {"chunk_size": 16} if "chunk_size" in inspect.signature(cls).parameters else {}
-    model = make(name, **chunk)
-    x = torch.randn(2, LONG_TOTAL, D_MODEL, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    P, tol = LONG_PREFILL, TOL[torch.float64]
+@pytest.mark.parametrize("name", MODELS)
+def test_long_decoding_matches_one_pass(name):
+    """A 37-token prefill, then 300 step() calls, against one default-form pass over all 337 tokens:
+    every step's output and the final state; so do a default-form call that continues from the
+    prefill's state (the chunked forms carry an initial state across 19 chunks) and a pass of every
+    other form. 37 and 337 cross chunk boundaries (chunk 16) and the conv windows (4), and 337 passes
+    256, where a cache or a counter of a power-of-two size would wrap."""
+    model = make(name, **({"chunk_size": 16} if name in CHUNKED else {}))
+    x = torch.randn(2, 337, D_MODEL, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    P, tol = 37, 1e-12  # float64: the summation order alone
     with torch.no_grad():
         y_full, s_full = model(x)
         y_pre, s_pre = model(x[:, :P])
         y_rest, s_rest = model(x[:, P:], s_pre)
         state = s_pre
-        for t in range(P, LONG_TOTAL):
+        for t in range(P, x.shape[1]):
             y_t, state = model.step(x[:, t], state)
             err = rel_err(y_t, y_full[:, t])
             assert err <= tol, f"{name}: step() at token {t}: rel err {err:.2e}"
+        for form in forms(name, recurrent=True):
+            y, s = model(x, form=form)
+            assert rel_err(y, y_full) <= tol, f"{name}: one {form} pass: rel err {rel_err(y, y_full):.2e}"
+            assert_states_equal(s, s_full, tol, f"{name}: one {form} pass:")
     assert rel_err(y_pre, y_full[:, :P]) <= tol, f"{name}: the prefill: rel err {rel_err(y_pre, y_full[:, :P]):.2e}"
     err = rel_err(y_rest, y_full[:, P:])
     assert err <= tol, f"{name}: a forward continuing from the prefill's state: rel err {err:.2e}"
-    for how, s in (("step()", state), ("a continuing forward", s_rest)):
-        for i, (a, b) in enumerate(zip(tensors(s), tensors(s_full), strict=True)):
-            assert a.shape == b.shape, f"{name}: state[{i}] after {how}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-            if b.is_floating_point():
-                assert rel_err(a, b) <= tol, f"{name}: state[{i}] after {how}: rel err {rel_err(a, b):.2e}"
-            else:
-                assert torch.equal(a, b), f"{name}: state[{i}] after {how} differs"
+    assert_states_equal(state, s_full, tol, f"{name}: after step():")
+    assert_states_equal(s_rest, s_full, tol, f"{name}: after a continuing forward:")
 
 
-# initialisation: each model's section checks its parameters against the paper, the reference code
-# its docstring names, or PyTorch's defaults where the docstring claims none, with these helpers.
+# the models with a short conv, and the option that sets its width
+@pytest.mark.parametrize("name,conv", [("deltanet", "conv_size"), ("gated_deltanet", "conv_size"), ("mamba", "d_conv"),
+                                       ("mamba2", "d_conv")])
+def test_conv_free_variant_forms_agree(name, conv):
+    """The recall study's conv-free variants (--mixer-args conv_size=1 / d_conv=1: a width-1 conv, no mixing in
+    time): every form and a loop of step() agree."""
+    m = make(name, **{conv: 1})
+    x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
+    state, ys = None, []
+    for t in range(x.shape[1]):
+        y, state = m.step(x[:, t], state)
+        ys.append(y)
+    for form in forms(name, recurrent=True):
+        y, _ = m(x, form=form)
+        assert rel_err(y, torch.stack(ys, 1)) <= 1e-10, form
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unknown_form_is_an_error(name):
+    with pytest.raises(ValueError, match="form"):
+        make(name)(torch.randn(1, 3, D_MODEL, dtype=torch.float64), form="no-such-form")
+
+
+@pytest.mark.parametrize("name,d_model,options,message", [
+    ("rwkv7", 32, dict(head_size=24), "head_size"), ("rwkv7", 32, dict(head_size=1), "head_size"),
+    ("rwkv7", 32, dict(chunk_size=65), "chunk_size"), ("rwkv7", 32, dict(chunk_size=0), "chunk_size"),
+    ("attention", 32, dict(n_head=3), "n_head"), ("attention", 24, dict(n_head=8), "even"),  # head dim 3: no pairs
+    ("attention", 32, dict(dropout=1.0), "dropout"), ("gated_deltanet", 30, dict(n_head=4), "n_head"),
+])
+def test_bad_options_are_errors(name, d_model, options, message):
+    with pytest.raises(ValueError, match=message):
+        model_class(name)(d_model, **options)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("name,regime", [(name, "plain") for name in MODELS] + EXTREME_CASES)
+def test_long_sequence_is_finite(name, regime, device):
+    check_long(name, regime, device)
+
+
+@pytest.mark.parametrize("device,backend,dtype,tol", [
+    pytest.param("cpu", "aot_eager", torch.float32, 1e-5, id="cpu"),
+    pytest.param("cuda", "inductor", torch.float32, 1e-3, id="cuda-f32", marks=needs_cuda),
+    pytest.param("cuda", "inductor", torch.bfloat16, 1e-2, id="cuda-bf16", marks=needs_cuda)])
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_matches_eager(name, device, backend, dtype, tol):
+    """On the CPU: Dynamo's whole graph and AOTAutograd's functionalised forward and backward
+    (backend aot_eager: Inductor's C++ codegen takes ~40 s a model on two cores); on a GPU, Inductor."""
+    check_form(name, None, dtype, device, T=45, tol=tol, backend=backend)
+
+
+@slow
+@pytest.mark.parametrize("name", ["rnn", "lstm"])
+def test_compiled_matches_eager_inductor_interpreted(name):
+    """Inductor's own code on the CPU, for the models whose graphs compile fastest, with scan.py's
+    Triton kernel run by the interpreter: AOTAutograd traces the Newton ops' backward formulas,
+    which call scan, with functional tensors that no kernel may be launched on."""
+    interpreted(f"t.check_form({name!r}, None, torch.float32, 'cpu', T=45, tol=1e-5, backend='inductor')")
+
+
+# ========== each model: its reference, its extremes, its init ===================================
 
 def assert_uniform(w, low, high, what):
     """The entries of w are draws from U(low, high): all inside, and the Kolmogorov-Smirnov distance
@@ -286,303 +794,13 @@ def assert_xavier(layer, gain, what):
     assert_uniform(layer.weight, -bound, bound, f"{what}.weight (xavier, gain {gain:.4g})")
 
 
-def interpreted(code):
-    """Run code in a fresh Python with TRITON_INTERPRET=1 (read when scan.py is imported): Triton's
-    kernels then run on the CPU through its interpreter. Fails the test with the child's output."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", "import torch, scan, test_equivalence as t\n" + code], cwd=HERE, env=env,
-                          capture_output=True, text=True)
-    if done.returncode and "only 0-dimensional arrays can be converted to Python scalars" in done.stderr:
-        import numpy, triton  # the interpreter's int() of its 1-element scalars; Triton 3.9's squeezes them first
-        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run under NumPy {numpy.__version__} "
-                    "(pip install 'numpy<2.4', or a newer Triton)")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
-# ----------------------------------------------------------------------------- torch.compile: every default form, whole-graph, against eager
-
-def check_compiled(name, device, dtype, backend, tol, T=45, B=2):
-    """torch.compile(fullgraph=True) of the default (training) form against eager, from a state a
-    prefix left behind: output, final state and the gradients w.r.t. the input, the initial state
-    and every parameter. bf16 (autocast, as train.py runs): compiled must be no further from the
-    float32 result than eager is, plus tol."""
-    param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
-    model = make(name, param_dtype, device)
-    g = torch.Generator(device=device).manual_seed(2)
-    x = torch.randn(B, T, D_MODEL, device=device, dtype=param_dtype, generator=g, requires_grad=True)
-    with torch.no_grad():
-        _, s0 = model(torch.randn(B, 5, D_MODEL, device=device, dtype=param_dtype, generator=g))
-    s0 = map_state(lambda t: t.clone().requires_grad_(t.is_floating_point()), s0)
-
-    def outputs(fn, low):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=low):
-            y, state = fn(x, s0)
-        floats = [t for t in tensors(state) if t.is_floating_point()]
-        loss = (y.float() * gy).sum() + sum((t.float() * w).sum() for t, w in zip(floats, gs))
-        leaves = [x] + [t for t in tensors(s0) if t.requires_grad] + list(model.parameters())
-        return [y] + floats + list(torch.autograd.grad(loss, leaves, allow_unused=True))
-
-    with torch.no_grad():
-        y, state = model(x, s0)
-    gy = torch.randn(y.shape, device=device, generator=g)
-    gs = [torch.randn(t.shape, device=device, generator=g) for t in tensors(state) if t.is_floating_point()]
-    ref = outputs(model, False)
-    torch._dynamo.reset()
-    compiled = outputs(torch.compile(model, fullgraph=True, backend=backend), dtype == torch.bfloat16)
-    eager = outputs(model, True) if dtype == torch.bfloat16 else ref
-    n_state0 = len([t for t in tensors(s0) if t.requires_grad])
-    names = (["y"] + [f"state[{i}]" for i in range(len(gs))] + ["grad x"] + [f"grad state0[{i}]" for i in range(n_state0)]
-             + ["grad " + n for n, _ in model.named_parameters()])
-    for what, c, e, r in zip(names, compiled, eager, ref):
-        assert (c is None) == (r is None), f"{name} {what}: only one has a gradient"
-        if r is not None:
-            bound = tol + (rel_err(e, r) if dtype == torch.bfloat16 else 0.0)
-            assert rel_err(c, r) <= bound, f"{name} compiled {what}: rel err {rel_err(c, r):.2e} > {bound:.2e}"
-
-
-@pytest.mark.parametrize("name", PRESENT)
-def test_compiled_matches_eager(name):
-    """On the CPU: Dynamo's whole graph and AOTAutograd's functionalised forward and backward
-    (backend aot_eager: Inductor's C++ codegen takes ~40 s a model on two cores; the GPU test
-    below runs Inductor)."""
-    check_compiled(name, "cpu", torch.float32, "aot_eager", 1e-5)
-
-
-@pytest.mark.parametrize("name", ["rnn", "lstm"])
-def test_compiled_matches_eager_inductor_interpreted(name):
-    """Inductor's own code on the CPU, for the models whose graphs compile fastest, with scan.py's
-    Triton kernel run by the interpreter: AOTAutograd traces the Newton ops' backward formulas,
-    which call scan, with functional tensors that no kernel may be launched on."""
-    interpreted(f"t.check_compiled({name!r}, 'cpu', torch.float32, 'inductor', 1e-5)")
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)], ids=["f32", "bf16"])
-@pytest.mark.parametrize("name", PRESENT)
-def test_compiled_matches_eager_cuda(name, dtype, tol):
-    check_compiled(name, "cuda", dtype, "inductor", tol)
-
-
-# ----------------------------------------------------------------------------- scan.py
-
-def scan_reference(a, b, h0=None, reverse=False):
-    """The recurrence exactly as written, one step at a time."""
-    a = a.expand(b.shape)
-    h = torch.zeros_like(b[:, 0]) if h0 is None else h0
-    out = [None] * b.shape[1]
-    for t in (reversed(range(b.shape[1])) if reverse else range(b.shape[1])):
-        h = a[:, t] * h + b[:, t]
-        out[t] = h
-    return torch.stack(out, 1)
-
-
-SCAN_CASES = [  # (b shape, a shape): full, per-head gate, broadcast over batch and time, T=1, odd T
-    ((2, 37, 3), (2, 37, 3)),
-    ((2, 40, 2, 16), (2, 40, 2, 1)),  # a gate per head over 16 channels: da summed over a tile's channels
-    ((2, 40, 3, 16), (1, 1, 3, 1)),  # one per head, constant over batch and time: summed over both
-    ((2, 40, 16), (2, 1, 16)),  # constant over time: summed over a tile's steps
-    ((2, 70, 2, 4), (2, 70, 2, 1)),
-    ((2, 45, 3, 4), (1, 45, 1, 4)),
-    ((3, 1, 5), (3, 1, 5)),
-    ((2, 50, 4), (1, 1, 4)),
-    ((2, 33, 2, 3, 2), (2, 33, 2, 1, 1)),
-]
-
-
-def check_scan(device, dtype, tol, cases=SCAN_CASES, reference=scan_reference):
-    """scan against `reference` in float64: h and the gradients w.r.t. a, b and h0, both directions."""
-    g = torch.Generator(device=device).manual_seed(0)
-    for shape, a_shape in cases:
-        for reverse in (False, True):
-            for with_h0 in (False, True):
-                b = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_()
-                a = (torch.rand(a_shape, device=device, dtype=dtype, generator=g) * 1.2 - 0.1).requires_grad_()
-                h0 = torch.randn(shape[:1] + shape[2:], device=device, dtype=dtype, generator=g).requires_grad_() if with_h0 else None
-                leaves = [a, b] + ([h0] if with_h0 else [])
-                h = scan(a, b, h0, reverse)
-                assert h.shape == b.shape and h.dtype == b.dtype
-                gh = torch.randn(h.shape, device=device, dtype=dtype, generator=g)
-                grads = torch.autograd.grad((h * gh).sum(), leaves)
-                ref64 = [x.detach().double().requires_grad_() for x in leaves]
-                h_ref = reference(ref64[0], ref64[1], ref64[2] if with_h0 else None, reverse)
-                ref_grads = torch.autograd.grad((h_ref * gh.double()).sum(), ref64)
-                what = f"{shape} a{a_shape} reverse={reverse} h0={with_h0}"
-                assert rel_err(h, h_ref) <= tol, what
-                for n, o, r in zip(("da", "db", "dh0"), grads, ref_grads):
-                    assert o.shape == r.shape and rel_err(o, r) <= tol, f"{n} {what}: {rel_err(o, r):.1e}"
-
-
-def test_scan_torch_float64():
-    check_scan("cpu", torch.float64, 1e-12)
-    check_block_scan("cpu", torch.float64, 1e-12)
-
-
-def test_scan_torch_float32():
-    check_scan("cpu", torch.float32, 1e-5)
-    check_block_scan("cpu", torch.float32, 1e-5)
-
-
-def block_scan_reference(a, b, h0=None, reverse=False):
-    """h_t = a_t @ h_{t-1} + b_t one step at a time, a [B, T, 2, 2, *], b [B, T, 2, *]."""
-    h = torch.zeros_like(b[:, 0]) if h0 is None else h0
-    out = [None] * b.shape[1]
-    for t in (reversed(range(b.shape[1])) if reverse else range(b.shape[1])):
-        h = torch.stack([a[:, t, 0, 0] * h[:, 0] + a[:, t, 0, 1] * h[:, 1],
-                         a[:, t, 1, 0] * h[:, 0] + a[:, t, 1, 1] * h[:, 1]], 1) + b[:, t]
-        out[t] = h
-    return torch.stack(out, 1)
-
-
-BLOCK_SCAN_CASES = [(2, 37, 2, 3), (1, 70, 2, 5), (3, 1, 2, 4), (2, 45, 2, 3, 2)]  # [B, T, 2, *]
-
-
-def check_block_scan(device, dtype, tol, cases=BLOCK_SCAN_CASES):
-    """block_scan against the loop: h and the gradients w.r.t. a, b and h0, both directions."""
-    g = torch.Generator(device=device).manual_seed(0)
-    for shape in cases:
-        for reverse in (False, True):
-            b = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_()
-            a_shape = shape[:2] + (2,) + shape[2:]
-            a = (torch.rand(a_shape, device=device, dtype=dtype, generator=g) - 0.5).requires_grad_()  # |a| <= 1
-            h0 = torch.randn(shape[:1] + shape[2:], device=device, dtype=dtype, generator=g).requires_grad_()
-            h = scan_module.block_scan(a, b, h0, reverse)
-            gh = torch.randn(h.shape, device=device, dtype=dtype, generator=g)
-            grads = torch.autograd.grad((h * gh).sum(), (a, b, h0))
-            ref64 = [x.detach().double().requires_grad_() for x in (a, b, h0)]
-            h_ref = block_scan_reference(*ref64, reverse)
-            ref_grads = torch.autograd.grad((h_ref * gh.double()).sum(), ref64)
-            what = f"block {shape} reverse={reverse}"
-            assert h.shape == b.shape and h.dtype == b.dtype and rel_err(h, h_ref) <= tol, what
-            for n, o, r in zip(("da", "db", "dh0"), grads, ref_grads):
-                assert o.shape == r.shape and rel_err(o, r) <= tol, f"{n} {what}: {rel_err(o, r):.1e}"
-
-
-# the kernels' two modes: every channel block walks the whole sequence in one pass, or the sequence is cut into
-# chunks side by side (each reduced to its map, the maps scanned, each chunk rescanned from its entering state)
-SCAN_MODES = {"chunks": (10 ** 6, 1), "one pass": (0, 10 ** 6)}  # scan.PROGRAMS_PER_SM, scan.TILES_PER_CHUNK
-
-
-def spy_reduce(*kernels, module=scan_module):
-    """Wrap the named Triton kernels of module; the set returned fills with the REDUCE of every launch, so a test
-    can see that the mode it forces is the mode that ran (chunks: True among them; one pass: {False})."""
-    seen = set()
-
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **meta: seen.add(meta["REDUCE"]) or self.kernel[grid](*args, **meta)
-    for name in kernels:
-        setattr(module, name, Spy(getattr(module, name)))
-    return seen
-
-
-def force_mode(mode):
-    """Code that sets scan.py's chunking to `mode`, for an interpreted child."""
-    return f"scan.PROGRAMS_PER_SM, scan.TILES_PER_CHUNK = {SCAN_MODES[mode]}; "
-
-
-def mode_ran(mode):
-    return f"assert (True in seen) if {mode == 'chunks'} else seen == {{False}}, seen"
-
-
-@pytest.mark.parametrize("mode", SCAN_MODES)
-def test_scan_triton_kernel_interpreted(mode):
-    """The real Triton kernel, run by Triton's interpreter on the CPU: small shapes, several 16-step tiles, the
-    gradient of a broadcast a summed inside the kernel (over time, over a tile's channels, both, or by atomics)."""
-    interpreted("assert scan.use_triton(torch.zeros(1)); " + force_mode(mode) + "seen = t.spy_reduce('_scan_kernel'); "
-                "t.check_scan('cpu', torch.float32, 1e-5); t.check_block_scan('cpu', torch.float32, 1e-5); "
-                + mode_ran(mode))
-
-
-@needs_cuda
-@pytest.mark.parametrize("mode", SCAN_MODES)
-# bf16 inputs and h are rounded to 8 bits (4e-3 each); the sums stay float32, so errors do not compound
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["f32", "bf16"])
-def test_scan_triton_cuda(dtype, tol, mode, monkeypatch):
-    monkeypatch.setattr(scan_module, "PROGRAMS_PER_SM", SCAN_MODES[mode][0])
-    monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
-    check_scan("cuda", dtype, tol)
-    check_block_scan("cuda", dtype, tol)
-    long_thin = [((1, 65536, 8), (1, 65536, 8)), ((2, 3000, 300), (2, 3000, 1))]  # chunked over time
-    # against the PyTorch engine in float64, itself checked against the loop: the loop takes 8 to 15 s a call here
-    check_scan("cuda", torch.float32, 1e-4, long_thin, reference=scan)
-
-
-def check_scan_compiled(device, quick=False):
-    """scan and block_scan inside torch.compile(fullgraph=True), against eager: a broadcast a read
-    with stride 0 ([1, 1, H, 1, 1] as retnet passes it, [B, N, H, 1, 1] as gated retention does),
-    h0, reverse, and the gradients."""
-    g = torch.Generator(device=device).manual_seed(3)
-    cases = [((2, 9, 3, 4, 5), (1, 1, 3, 1, 1)), ((2, 9, 3, 4, 5), (2, 9, 3, 1, 1)), ((2, 37, 6), (2, 37, 6))]
-    fn = lambda a, b, h0, rev: scan(a * 1.0, b * 1.0, h0, rev) * 2  # noqa: E731  ops around it, as in a model
-    block = lambda a, b, h0, rev: scan_module.block_scan(a * 1.0, b, h0, rev) * 2  # noqa: E731
-    for shape, a_shape in cases + [((2, 21, 2, 3), (2, 21, 2, 2, 3))]:
-        for rev in ([len(shape) == 4] if quick else (False, True)):  # quick: one direction each
-            a = torch.rand(a_shape, device=device, generator=g).requires_grad_()
-            b = torch.randn(shape, device=device, generator=g).requires_grad_()
-            h0 = torch.randn(shape[:1] + shape[2:], device=device, generator=g).requires_grad_()
-            f = block if len(a_shape) > len(shape) else fn
-            torch._dynamo.reset()
-            outs = [(h, *torch.autograd.grad(h.square().sum(), (a, b, h0))) for h in
-                    (f(a, b, h0, rev), torch.compile(f, fullgraph=True)(a, b, h0, rev))]
-            for what, e, c in zip(("h", "da", "db", "dh0"), *outs):
-                assert rel_err(c, e) <= 1e-5, f"{shape} a{a_shape} reverse={rev} {what}: {rel_err(c, e):.1e}"
-
-
-def test_scan_compiled_interpreted():
-    """The custom ops under Inductor with the Triton kernel run by the interpreter: the kernel gets
-    the tensors compiled code hands it, and reads their strides at run time."""
-    interpreted("t.check_scan_compiled('cpu', True)")
-
-
-@needs_cuda
-def test_scan_compiled_cuda():
-    check_scan_compiled("cuda")
-
-
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
-def test_scan_gates_at_zero_and_one(device):
-    b = torch.randn(2, 300, 8, device=device)
-    a = torch.randint(0, 2, (2, 300, 8), device=device).float()  # forget everything, or keep everything
-    assert rel_err(scan(a, b), scan_reference(a.double(), b.double())) <= 1e-6
-
-
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
-def test_scan_long_sequence_is_finite(device):
-    b = torch.randn(2, 16384, 8, device=device, requires_grad=True)
-    a = torch.rand(2, 16384, 8, device=device).requires_grad_()
-    h = scan(a, b)
-    h.sum().backward()
-    assert torch.isfinite(h).all() and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
-    assert rel_err(h[:, -100:], scan_reference(a[:, -200:].double(), b[:, -200:].double())[:, -100:]) <= 1e-5
-
-
-@pytest.mark.parametrize("bad,message", [
-    (lambda: scan(torch.rand(2, 5, 3), torch.rand(2, 5, 4)), "broadcast"),
-    (lambda: scan(torch.rand(2, 5, 4), torch.rand(2, 0, 4)), "T > 0"),
-    (lambda: scan(torch.rand(2, 5, 4), torch.ones(2, 5, 4, dtype=torch.long)), "floating"),
-    (lambda: scan(torch.rand(2, 5, 4), torch.rand(2, 5, 4), torch.rand(2, 5)), "h0"),
-    (lambda: scan(torch.rand(2, 5, 4), torch.rand(5)), r"\[B, T"),
-    (lambda: scan(torch.rand(2, 5, 4, device="meta"), torch.rand(2, 5, 4)), "device"),
-])
-def test_scan_rejects_bad_input(bad, message):
-    with pytest.raises(ValueError, match=message):
-        bad()
-
-
-# ----------------------------------------------------------------------------- linear_attention.py: an independent reference from the paper, init
-
-from linear_attention import LinearAttention  # noqa: E402
-
+# ---------- linear_attention.py -----------------------------------------------------------------
 
 def linear_attention_reference(model, x):
     """Katharopoulos et al. 2020 (eq. 4-9) from the paper, independent of linear_attention.py, in
     float64: phi = elu + 1, y_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps) with S_i = sum_{j<=i}
     phi(k_j) v_j^T and z_i = sum_{j<=i} phi(k_j), rebuilt for every i by a loop over j (eps: the
-    module's guard, in the denominator). Returns y and the last S [B, H, D, E] and z [B, H, D]."""
+    module's guard, in the denominator). Returns y and the state as documented: [S^T; z^T] [B, H, E + 1, D]."""
     B, T, d = x.shape
     H = model.n_head
     phi = lambda t: F.elu(t) + 1  # noqa: E731
@@ -598,40 +816,18 @@ def linear_attention_reference(model, x):
         numerator = (phi(q[:, i])[..., :, None] * S).sum(-2)  # phi(q_i)^T S_i: [B, H, E]
         denominator = (phi(q[:, i]) * z).sum(-1, keepdim=True)  # phi(q_i)^T z_i: [B, H, 1]
         y[:, i] = numerator / (denominator + model.eps)
-    return y.flatten(2) @ model.out.weight.double().T, S, z
-
-
-@pytest.mark.parametrize("form", LinearAttention.forms)
-def test_linear_attention_matches_paper_reference(form):
-    """Every form against the paper, from an empty state and from the state a 5-token prefix left
-    (the reference sums over the prefix's tokens too); the state is [S^T; z^T] as documented."""
-    model = make("linear_attention")  # float64, 2 heads, chunk 8: 21 tokens cross two chunk ends
-    x = torch.randn(2, 21, D_MODEL, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    ref, S, z = linear_attention_reference(model, x)
-    with torch.no_grad():
-        y, state = model(x, form=form)
-        _, prefix_state = model(x[:, :5], form=form)
-        y_cont, _ = model(x[:, 5:], prefix_state, form=form)
-    assert rel_err(y, ref) <= 1e-12, f"{form}: rel err {rel_err(y, ref):.2e}"
-    err = rel_err(y_cont, ref[:, 5:])
-    assert err <= 1e-12, f"{form} from a prefix's state: rel err {err:.2e}"
-    assert rel_err(state[:, :, :-1], S.transpose(-1, -2)) <= 1e-12 and rel_err(state[:, :, -1], z) <= 1e-12
+    return y.flatten(2) @ model.out.weight.double().T, torch.cat([S.transpose(-1, -2), z[..., None, :]], -2)
 
 
 def test_linear_attention_init_is_torch_default():
     """The docstring claims no init: q, k, v and out projections keep nn.Linear's default."""
     torch.manual_seed(0)
-    model = LinearAttention(256)
+    model = model_class("linear_attention")(256)
     assert_torch_default(model.qkv, "qkv")
     assert_torch_default(model.out, "out")
 
 
-# ----------------------------------------------------------------------------- retnet.py: an independent reference, ragged chunks, relative rotary, per-row positions, long sequences, init and decays
-
-from retnet import RetNet  # noqa: E402
-
-RETNET_DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
-
+# ---------- retnet.py (and what gated retention shares) -----------------------------------------
 
 def retnet_reference(model, x):
     """RetNet from the paper's formulas, written independently of retnet.py: complex rotary,
@@ -658,67 +854,65 @@ def retnet_reference(model, x):
     var = y.var(-1, unbiased=False, keepdim=True)
     y = ((y - mu) / torch.sqrt(var + model.norm.eps)).flatten(2) * model.norm.weight + model.norm.bias
     y = F.silu(x @ model.g.weight.T) * y
-    return y @ model.out.weight.T
+    return y @ model.out.weight.T, None
 
 
-def test_retnet_recurrent_matches_independent_reference():
-    model = make("retnet")  # float64
-    x = torch.randn(2, 13, 32, dtype=torch.float64)
-    ref = retnet_reference(model, x)
+def test_retnet_init_as_torchscale_and_decays_as_the_paper():
+    """gamma_h = 1 - 2^(-5-h), h = 0..H-1 (sec. 2.2), read off what the layer does: zero input
+    writes nothing, and step() and every form decay the state by gamma_h per token. Projections as
+    torchscale 0.3.0: xavier_uniform, gain 2^-2.5 on W_Q, W_K, W_V, W_G, gain 1 on W_O; GroupNorm 1, 0."""
+    torch.manual_seed(0)
+    H = 8
+    model = model_class("retnet")(256, n_head=H).double()
+    for name, gain in (("q", 2 ** -2.5), ("k", 2 ** -2.5), ("v", 2 ** -2.5), ("g", 2 ** -2.5), ("out", 1.0)):
+        assert_xavier(getattr(model, name), gain, name)
+    assert (model.norm.weight == 1).all() and (model.norm.bias == 0).all()
+    gamma = torch.tensor([1 - 2.0 ** (-5 - h) for h in range(H)], dtype=torch.float64)[:, None, None]
+    state = (torch.randn(2, H, 64, 32, dtype=torch.float64), torch.tensor([0, 100]))
     with torch.no_grad():
-        y1, s = model(x[:, :5], form="recurrent")  # and across a state handed over mid-sequence
-        y2, s = model(x[:, 5:], s, form="recurrent")
-        assert rel_err(torch.cat([y1, y2], 1), ref) <= 1e-12
-        for form in ("parallel", "chunked"):
-            assert rel_err(model(x, form=form)[0], ref) <= 1e-12, form
-    assert s[1].tolist() == [13, 13]
+        _, (S, _) = model.step(torch.zeros(2, 256, dtype=torch.float64), state)
+        assert rel_err(S, gamma * state[0]) <= 1e-14
+        for form in model.forms:
+            _, (S, _) = model(torch.zeros(2, 5, 256, dtype=torch.float64), state, form=form)
+            assert rel_err(S, gamma ** 5 * state[0]) <= 1e-13, form
 
 
-@pytest.mark.parametrize("T", [1, 7, 8, 9, 16, 23])
-@pytest.mark.parametrize("chunk_size", [1, 3, 8, 64])
-def test_retnet_chunked_every_length(T, chunk_size):
-    """Padding of the last chunk (T not a multiple of L, T < L, L = 1): output and final state."""
-    model = make("retnet", chunk_size=chunk_size)
-    x = torch.randn(2, T, 32, dtype=torch.float64)
-    with torch.no_grad():
-        _, s0 = model(torch.randn(2, 4, 32, dtype=torch.float64))
-        ref, s_ref = model(x, s0, form="recurrent")
-        for form in ("parallel", "chunked"):
-            y, s = model(x, s0, form=form)
-            assert rel_err(y, ref) <= 1e-12 and rel_err(s[0], s_ref[0]) <= 1e-12, form
-            assert torch.equal(s[1], s_ref[1])
-
-
-def test_retnet_rotary_is_relative():
+# retnet and gated retention count the tokens their state has read, and rotate q and k by position
+@pytest.mark.parametrize("name", ["retnet", "gated_retention"])
+def test_rotary_is_relative(name):
     """From an empty memory, where the sequence starts in absolute position does not matter."""
-    model = make("retnet")
+    model = make(name)
     x = torch.randn(2, 11, 32, dtype=torch.float64)
-    S = torch.zeros(2, 2, 32, 16, dtype=torch.float64)
     with torch.no_grad():
-        y0, _ = model(x)
-        y1, _ = model(x, (S, torch.tensor([1000, 123457])))
+        y0, (S, _) = model(x)
+        y1, _ = model(x, (torch.zeros_like(S), torch.tensor([1000, 123457])))
     assert rel_err(y1, y0) <= 1e-10
 
 
-def test_retnet_positions_per_sequence():
-    """Each row of the batch keeps its own step counter."""
-    model = make("retnet")
+@pytest.mark.parametrize("name", ["retnet", "gated_retention"])
+def test_positions_per_sequence(name):
+    """Each row of the batch keeps its own step counter: the tokens it has read."""
+    model = make(name)
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     with torch.no_grad():
         _, s_a = model(torch.randn(1, 3, 32, dtype=torch.float64))
         _, s_b = model(torch.randn(1, 6, 32, dtype=torch.float64))
         s = (torch.cat([s_a[0], s_b[0]]), torch.cat([s_a[1], s_b[1]]))
-        y, _ = model(x, s)
+        y, (_, seen) = model(x, s)
         ya, _ = model(x[:1], s_a, form="recurrent")
         yb, _ = model(x[1:], s_b, form="recurrent")
-    assert rel_err(y, torch.cat([ya, yb])) <= 1e-12
+    assert rel_err(y, torch.cat([ya, yb])) <= 1e-12 and seen.tolist() == [12, 15]
 
 
-@pytest.mark.parametrize("device", RETNET_DEVICES)
-def test_retnet_long_all_forms_finite_and_agree(device):
+RETENTION_LONG = [("retnet", "plain")] + [("gated_retention", r) for r in ("plain", "one", "zero", "jumpy")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,regime", RETENTION_LONG)
+def test_retention_long_forms_finite_and_agree(name, regime, device):
     """T = 16384 in float32: every form finite; chunked and recurrent agree to float32 precision.
     (parallel at T = 4096 on the CPU: its [H, T, T] matrices need too much memory at 16384.)"""
-    model = make("retnet", torch.float32, device)
+    model = make(name, torch.float32, device, edit=EXTREMES.get(name, {}).get(regime))
     T = 16384
     x = torch.randn(1, T, 32, device=device)
     with torch.no_grad():
@@ -730,47 +924,30 @@ def test_retnet_long_all_forms_finite_and_agree(device):
         assert torch.isfinite(t).all()
     tol = 1e-3 if device == "cuda" else 1e-4  # tf32
     assert rel_err(y_c, y_r) <= tol and rel_err(s_c[0], s_r[0]) <= tol
-    assert rel_err(y_p, y_r[:, :Tp]) <= tol
+    # gated retention's parallel form: its cumulative log gates c_t grow without bound (to ~1e7 with
+    # gates ~0), and float32 differences c_t - c_s of numbers that large are coarse (1.9e-4 measured
+    # at T = 4096, jumpy gates): with strong gates its precision at long T is only asserted finite;
+    # chunked restarts c at each chunk and is the form to use
+    err = rel_err(y_p, y_r[:, :Tp])
+    print(f"{name} parallel vs recurrent, {regime}, T={Tp}, {device}: {err:.2e}")
+    if regime in ("plain", "one"):
+        assert err <= tol
 
 
 @needs_cuda
-@pytest.mark.parametrize("form", ["chunked", "parallel"])
-def test_retnet_long_bf16_backward_finite(form):
-    model = make("retnet", torch.float32, "cuda")
-    x = torch.randn(1 if form == "parallel" else 2, 16384, 32, device="cuda", requires_grad=True)
+@pytest.mark.parametrize("name,regime", RETENTION_LONG)
+def test_retention_parallel_long_bf16_backward_finite(name, regime):
+    """The parallel form at T = 16384 under bf16 autocast, forward and backward (chunked: the contract's)."""
+    model = make(name, torch.float32, "cuda", edit=EXTREMES.get(name, {}).get(regime))
+    x = torch.randn(1, 16384, 32, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        y, (S, _) = model(x, form=form)
+        y, (S, _) = model(x, form="parallel")
     (y.float().square().mean() + S.square().mean()).backward()
     assert torch.isfinite(y).all() and torch.isfinite(S).all() and torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_retnet_init_as_torchscale_and_decays_as_the_paper():
-    """gamma_h = 1 - 2^(-5-h), h = 0..H-1 (sec. 2.2), read off what the layer does: zero input
-    writes nothing, and step() and every form decay the state by gamma_h per token. Projections as
-    torchscale 0.3.0: xavier_uniform, gain 2^-2.5 on W_Q, W_K, W_V, W_G, gain 1 on W_O; GroupNorm 1, 0."""
-    torch.manual_seed(0)
-    H = 8
-    model = RetNet(256, n_head=H).double()
-    for name, gain in (("q", 2 ** -2.5), ("k", 2 ** -2.5), ("v", 2 ** -2.5), ("g", 2 ** -2.5), ("out", 1.0)):
-        assert_xavier(getattr(model, name), gain, name)
-    assert (model.norm.weight == 1).all() and (model.norm.bias == 0).all()
-    gamma = torch.tensor([1 - 2.0 ** (-5 - h) for h in range(H)], dtype=torch.float64)[:, None, None]
-    state = (torch.randn(2, H, 64, 32, dtype=torch.float64), torch.tensor([0, 100]))
-    with torch.no_grad():
-        _, (S, _) = model.step(torch.zeros(2, 256, dtype=torch.float64), state)
-        assert rel_err(S, gamma * state[0]) <= 1e-14
-        for form in RetNet.forms:
-            _, (S, _) = model(torch.zeros(2, 5, 256, dtype=torch.float64), state, form=form)
-            assert rel_err(S, gamma ** 5 * state[0]) <= 1e-13, form
-
-
-# ----------------------------------------------------------------------------- gated_retention.py: an independent reference, gates exactly 0 and 1, ragged chunks, relative rotary, long sequences, init
-
-from gated_retention import GatedRetention  # noqa: E402
-
-GATED_RETENTION_DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
-
+# ---------- gated_retention.py ------------------------------------------------------------------
 
 def gated_retention_reference(model, x):
     """Gated retention from the formulas, independent of gated_retention.py: gamma_t =
@@ -795,160 +972,36 @@ def gated_retention_reference(model, x):
             score = (qc[:, ti] * kc[:, si].conj()).sum(-1).real  # [B, H]
             y[:, ti] += (decay * score)[..., None] * v[:, si]
     y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + model.eps)
-    return (F.silu(x @ model.g.weight.T) * y.flatten(2)) @ model.out.weight.T
-
-
-def gated(dtype=torch.float64, device="cpu", bias=None, w_scale=None, **options):
-    model = make("gated_retention", dtype, device, **options)
-    with torch.no_grad():
-        if w_scale is not None:
-            model.gate.weight.mul_(w_scale)
-        if bias is not None:
-            model.gate.bias.copy_(torch.as_tensor(bias, dtype=dtype))
-    return model
-
-
-# gate regimes: ordinary; gamma exactly 1 (log gamma = -0); gamma ~ 0 (log gamma = -625);
-# one head each; gates that jump between ~0 and ~1 from token to token
-GATED_RETENTION_REGIMES = {"plain": {}, "one": dict(bias=1e4), "zero": dict(bias=-1e4), "mixed": dict(bias=[1e4, -1e4]),
-                           "jumpy": dict(w_scale=1e4)}
-
-
-@pytest.mark.parametrize("regime", GATED_RETENTION_REGIMES)
-def test_gated_retention_recurrent_matches_independent_reference(regime):
-    model = gated(**GATED_RETENTION_REGIMES[regime])
-    x = torch.randn(2, 11, 32, dtype=torch.float64)
-    ref = gated_retention_reference(model, x)
-    with torch.no_grad():
-        y1, s = model(x[:, :4], form="recurrent")
-        y2, s = model(x[:, 4:], s, form="recurrent")
-        assert rel_err(torch.cat([y1, y2], 1), ref) <= 1e-10
-        for form in ("parallel", "chunked"):
-            assert rel_err(model(x, form=form)[0], ref) <= 1e-10, form
+    return (F.silu(x @ model.g.weight.T) * y.flatten(2)) @ model.out.weight.T, None
 
 
 def test_gated_retention_gate_exactly_one_is_retention_without_decay():
-    model = gated(bias=1e4)
+    model = make("gated_retention", edit=EXTREMES["gated_retention"]["one"])
     x = torch.randn(2, 5, 32, dtype=torch.float64)
     g = F.logsigmoid(model.gate(x)) / model.tau
     assert (g == 0).all()  # log gamma = 0 exactly: gamma = 1, no decay at all
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("regime", GATED_RETENTION_REGIMES)
-@pytest.mark.parametrize("T", [1, 8, 21])
-def test_gated_retention_forms_match_recurrent_under_extreme_gates(regime, dtype, T):
-    """Outputs, final states and all gradients, from a prefix's state, gates at 0 and 1."""
-    model = gated(dtype, **GATED_RETENTION_REGIMES[regime])
-    tol = TOL[dtype]
-    x = torch.randn(2, T, 32, dtype=dtype, requires_grad=True)
-    with torch.no_grad():
-        _, s0 = model(torch.randn(2, 5, 32, dtype=dtype), form="recurrent")
-    s0 = (s0[0].clone().requires_grad_(), s0[1])
-    outs = {}
-    for form in ("recurrent", "parallel", "chunked"):
-        y, s = model(x, s0, form=form)
-        loss = y.square().sum() + s[0].square().sum()
-        grads = torch.autograd.grad(loss, [x, s0[0]] + list(model.parameters()))
-        assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads), form
-        outs[form] = [y, s[0]] + list(grads)
-    # Gradients w.r.t. the gate's own parameters: dL/dlog(gamma) = gamma dL/dgamma is ~1e-42 where
-    # gamma underflows, while the log-space forms get it as a sum of O(1) terms that cancel
-    # (exp(c_t - c_s) on the diagonal, etc.): there they agree only to rounding of those terms, so
-    # their error is measured against the gradient scale of the other weights (v.weight's norm).
-    names = ["y", "S", "x", "S0"] + [n for n, _ in model.named_parameters()]
-    scale = outs["recurrent"][names.index("v.weight")].norm().item()
-    for form in ("parallel", "chunked"):
-        for n, o, r in zip(names, outs[form], outs["recurrent"]):
-            if n.startswith("gate."):
-                err = (o - r).norm().item() / max(r.norm().item(), scale)
-            else:
-                err = rel_err(o, r)
-            assert err <= tol, f"{form} {n}: {err:.2e}"
-
-
-@pytest.mark.parametrize("T", [1, 7, 9, 23])
-@pytest.mark.parametrize("chunk_size", [1, 3, 64])
-def test_gated_retention_chunked_every_length(T, chunk_size):
-    model = gated(chunk_size=chunk_size)
-    x = torch.randn(2, T, 32, dtype=torch.float64)
-    with torch.no_grad():
-        _, s0 = model(torch.randn(2, 4, 32, dtype=torch.float64))
-        ref, s_ref = model(x, s0, form="recurrent")
-        y, s = model(x, s0, form="chunked")
-    assert rel_err(y, ref) <= 1e-12 and rel_err(s[0], s_ref[0]) <= 1e-12 and torch.equal(s[1], s_ref[1])
-
-
-def test_gated_retention_rotary_is_relative():
-    model = gated()
-    x = torch.randn(2, 11, 32, dtype=torch.float64)
-    S = torch.zeros(2, 2, 16, 16, dtype=torch.float64)
-    with torch.no_grad():
-        y0, _ = model(x)
-        y1, _ = model(x, (S, torch.tensor([1000, 123457])))
-    assert rel_err(y1, y0) <= 1e-10
-
-
-@pytest.mark.parametrize("device", GATED_RETENTION_DEVICES)
-@pytest.mark.parametrize("regime", ["plain", "one", "zero", "jumpy"])
-def test_gated_retention_long_all_forms_finite_and_agree(device, regime):
-    """T = 16384 in float32: every form finite, chunked and recurrent agree (parallel at 4096 on CPU)."""
-    model = gated(torch.float32, device, **GATED_RETENTION_REGIMES[regime])
-    T = 16384
-    x = torch.randn(1, T, 32, device=device)
-    with torch.no_grad():
-        y_c, s_c = model(x, form="chunked")
-        y_r, s_r = model(x, form="recurrent")
-        Tp = T if device == "cuda" else 4096
-        y_p, s_p = model(x[:, :Tp], form="parallel")
-    for t in (y_c, s_c[0], y_r, s_r[0], y_p, s_p[0]):
-        assert torch.isfinite(t).all()
-    tol = 1e-3 if device == "cuda" else 1e-4
-    assert rel_err(y_c, y_r) <= tol and rel_err(s_c[0], s_r[0]) <= tol
-    # the parallel form's cumulative log gates c_t grow without bound (to ~1e7 with gates ~0), and
-    # float32 differences c_t - c_s of numbers that large are coarse (1.9e-4 measured at T = 4096,
-    # jumpy gates): with strong gates its precision at long T is only asserted finite; chunked
-    # restarts c at each chunk and is the form to use
-    err = rel_err(y_p, y_r[:, :Tp])
-    print(f"parallel vs recurrent, {regime}, T={Tp}, {device}: {err:.2e}")
-    if regime in ("plain", "one"):
-        assert err <= tol
-
-
-@needs_cuda
-@pytest.mark.parametrize("regime", ["plain", "one", "zero", "jumpy"])
-@pytest.mark.parametrize("form", ["chunked", "parallel"])
-def test_gated_retention_long_bf16_backward_finite(form, regime):
-    model = gated(torch.float32, "cuda", **GATED_RETENTION_REGIMES[regime])
-    x = torch.randn(1 if form == "parallel" else 2, 16384, 32, device="cuda", requires_grad=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y, (S, _) = model(x, form=form)
-    (y.float().square().mean() + S.square().mean()).backward()
-    assert torch.isfinite(y).all() and torch.isfinite(S).all() and torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_gated_retention_init_as_yoco():
     """xavier_uniform, gain 2^-2.5 on q, k, v, g and the gate, 2^-1 on out (YOCO's GateRetention);
     the gate's bias, which YOCO's gate lacks, keeps nn.Linear's default."""
     torch.manual_seed(0)
-    model = GatedRetention(256, n_head=16)
+    model = model_class("gated_retention")(256, n_head=16)
     for name, gain in (("q", 2 ** -2.5), ("k", 2 ** -2.5), ("v", 2 ** -2.5), ("g", 2 ** -2.5), ("gate", 2 ** -2.5),
                        ("out", 2 ** -1)):
         assert_xavier(getattr(model, name), gain, name)
     assert model.gate.bias.abs().max() <= 1 / math.sqrt(256)
 
 
-# ----------------------------------------------------------------------------- mamba2.py: a naive per-head reference, groups, ragged chunks, extreme decays, short prefixes, defaults, init
+# ---------- mamba2.py ---------------------------------------------------------------------------
 
-from mamba2 import Mamba2  # noqa: E402
-
-
-def mamba2_naive(model, x, state):
+def mamba2_reference(model, x, state=None):
     """The block written out token by token, head by head, from the paper's equations; its own conv."""
     W = model.in_proj.weight
     K, H, P, G, N = model.d_conv, model.n_head, model.headdim, model.ngroups, model.d_state
     di = model.d_inner
+    if state is None:
+        state = (x.new_zeros(x.shape[0], model.conv_dim, K - 1), x.new_zeros(x.shape[0], H, P, N))
     conv, h = [s.clone() for s in state]  # conv [B, C, K-1], h [B, H, P, N]
     ys = []
     for t in range(x.shape[1]):
@@ -974,108 +1027,33 @@ def mamba2_naive(model, x, state):
     return torch.stack(ys, 1), (conv, h)
 
 
-def mamba2_make(dtype=torch.float64, device="cpu", seed=0, **opts):
-    torch.manual_seed(seed)
-    m = Mamba2(32, **{**dict(headdim=8, d_state=8, chunk_size=8), **opts})
-    with torch.no_grad():
-        m.D.add_(0.1 * torch.randn_like(m.D))
-        m.norm_weight.add_(0.1 * torch.randn_like(m.norm_weight))
-    return m.to(device=device, dtype=dtype)
-
-
 @pytest.mark.parametrize("ngroups", [1, 2, 4])
-def test_mamba2_recurrent_matches_naive(ngroups):
-    m = mamba2_make(ngroups=ngroups)
+def test_mamba2_recurrent_matches_reference(ngroups):
+    m = make("mamba2", ngroups=ngroups)
     x = torch.randn(2, 13, 32, dtype=torch.float64)
     with torch.no_grad():
         _, s0 = m(torch.randn(2, 6, 32, dtype=torch.float64), form="recurrent")
         s0 = (s0[0], s0[1] + torch.randn_like(s0[1]))  # an arbitrary nonzero SSM state too
         y, s = m(x, s0, form="recurrent")
-        y_ref, s_ref = mamba2_naive(m, x, s0)
+        y_ref, s_ref = mamba2_reference(m, x, s0)
     assert rel_err(y, y_ref) <= 1e-12
     for a, b in zip(s, s_ref):
         assert rel_err(a, b) <= 1e-12
 
 
-def mamba2_check_forms(m, x, s0, tol, forms=("parallel", "chunked")):
-    """Outputs, states and gradients (x, state, parameters) of each form against the recurrent form."""
-    def run_form(form):
-        xx = x.detach().clone().requires_grad_()
-        ss = tuple(t.detach().clone().requires_grad_() for t in s0)
-        y, s = m(xx, ss, form=form)
-        torch.manual_seed(5)
-        loss = (y * torch.randn_like(y)).sum() + sum((t * torch.randn_like(t)).sum() for t in s)
-        grads = torch.autograd.grad(loss, [xx, *ss, *m.parameters()])
-        return [y, *s], grads
-    ref, ref_g = run_form("recurrent")
-    for form in forms:
-        out, g = run_form(form)
-        for o, r in zip(out + list(g), ref + list(ref_g)):
-            assert torch.isfinite(o).all(), form
-            assert rel_err(o, r) <= tol, (form, rel_err(o, r))
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("ngroups,chunk,T", [(2, 8, 21), (4, 5, 3), (1, 7, 29), (2, 32, 19)])
-def test_mamba2_forms_groups_and_ragged_chunks(ngroups, chunk, T, dtype, tol):
-    m = mamba2_make(dtype, ngroups=ngroups, chunk_size=chunk)
-    with torch.no_grad():
-        _, s0 = m(torch.randn(2, 5, 32, dtype=dtype), form="recurrent")
-    mamba2_check_forms(m, torch.randn(2, T, 32, dtype=dtype), s0, tol)
-
-
-MAMBA2_EXTREMES = {
-    "dt_huge": lambda m: m.dt_bias.fill_(30.0),         # dt ~ 30: decay exp(-30 A) ~ 0
-    "dt_tiny": lambda m: m.dt_bias.fill_(-30.0),        # dt ~ 1e-13: decay ~ 1, nothing written
-    "A_near_0": lambda m: m.A_log.fill_(-20.0),         # A ~ -2e-9: decay ~ 1
-    "A_huge": lambda m: m.A_log.fill_(6.0),             # A ~ -400
-    "mixed": lambda m: (m.dt_bias.copy_(torch.linspace(-20, 20, m.n_head)),
-                        m.A_log.copy_(torch.linspace(-20, 5, m.n_head))),
-}
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("case", list(MAMBA2_EXTREMES))
-def test_mamba2_extreme_decays(case, dtype, tol):
-    m = mamba2_make(dtype, ngroups=2)
-    with torch.no_grad():
-        MAMBA2_EXTREMES[case](m)
-        _, s0 = m(torch.randn(2, 5, 32, dtype=dtype), form="recurrent")
-    mamba2_check_forms(m, torch.randn(2, 27, 32, dtype=dtype), s0, tol)
-
-
-@pytest.mark.parametrize("case", list(MAMBA2_EXTREMES))
-def test_mamba2_extreme_long_finite(case):
-    m = mamba2_make(torch.float32)
-    with torch.no_grad():
-        MAMBA2_EXTREMES[case](m)
-    x = torch.randn(1, 16384, 32, requires_grad=True)
-    y, s = m(x)
-    (y.square().mean() + sum(t.square().mean() for t in s)).backward()
-    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and all(torch.isfinite(t).all() for t in s)
-    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
-
-
-@pytest.mark.parametrize("form", ["parallel", "chunked", "recurrent"])
-@pytest.mark.parametrize("split", [1, 2, 3, 9])
-def test_mamba2_short_prefix_conv_state(form, split):
-    """A prefix shorter than d_conv - 1: the conv state is the (zero-padded) tail, the rest continues."""
-    m = mamba2_make(ngroups=2)
-    x = torch.randn(2, 14, 32, dtype=torch.float64)
-    y_full, s_full = m(x, form=form)
-    y1, s1 = m(x[:, :split], form=form)
-    y2, s2 = m(x[:, split:], s1, form=form)
-    assert rel_err(torch.cat([y1, y2], 1), y_full) <= 1e-10
-    for a, b in zip(s2, s_full):
-        assert rel_err(a, b) <= 1e-10
+def test_mamba2_forms_groups_and_ragged_chunks(ngroups, chunk, T, dtype):
+    for form in ("parallel", "chunked"):
+        check_form("mamba2", form, dtype, "cpu", T=T, ngroups=ngroups, chunk_size=chunk)
 
 
 def test_mamba2_state_shapes_and_dtypes():
-    m = mamba2_make(torch.float32)
+    m = make("mamba2", torch.float32)
     _, (conv, h) = m(torch.randn(3, 5, 32))
     assert conv.shape == (3, m.conv_dim, m.d_conv - 1) and h.shape == (3, m.n_head, m.headdim, m.d_state)
     assert conv.dtype == h.dtype == torch.float32
-    m = Mamba2(32)  # the official defaults: headdim 64, d_state 128, one head here
+    m = model_class("mamba2")(32)  # the official defaults: headdim 64, d_state 128, one head here
     assert (m.n_head, m.headdim, m.d_state, m.d_conv, m.chunk_size) == (1, 64, 128, 4, 256)
     assert m.in_proj.bias is None and m.out_proj.bias is None and m.conv1d.bias is not None
 
@@ -1084,7 +1062,7 @@ def test_mamba2_init_as_mamba_ssm():
     """As mamba_ssm's Mamba2: dt = softplus(dt_bias) log-uniform in [dt_min, dt_max] = [1e-3, 1e-1],
     A = -exp(A_log) uniform in [-16, -1] (A_init_range), D = 1, the norm's weight 1: 2048 heads."""
     torch.manual_seed(0)
-    m = Mamba2(256, expand=8, headdim=1, d_state=8)
+    m = model_class("mamba2")(256, expand=8, headdim=1, d_state=8)
     dt = F.softplus(m.dt_bias.double())
     assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
     assert_uniform(dt.log(), math.log(1e-3), math.log(0.1), "log dt")
@@ -1095,41 +1073,31 @@ def test_mamba2_init_as_mamba_ssm():
 
 
 @needs_cuda
-@pytest.mark.parametrize("case", [None] + list(MAMBA2_EXTREMES))
-def test_mamba2_cuda_bf16_long_extremes(case):
-    m = mamba2_make(torch.float32, "cuda", ngroups=2)
+@pytest.mark.parametrize("regime", ["plain", *EXTREMES["mamba2"]])
+def test_mamba2_cuda_bf16_at_the_extremes(regime):
+    """The bf16 chunked form still matches float32 recurrent on 300 tokens with the decays at their ends."""
+    m = make("mamba2", torch.float32, "cuda", edit=EXTREMES["mamba2"].get(regime))
+    x = torch.randn(2, 300, 32, device="cuda")
     with torch.no_grad():
-        if case:
-            MAMBA2_EXTREMES[case](m)
-    x = torch.randn(2, 16384, 32, device="cuda", requires_grad=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y, s = m(x)
-    (y.float().square().mean() + sum(t.float().square().mean() for t in s)).backward()
-    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and all(torch.isfinite(t).all() for t in s)
-    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
-    with torch.no_grad():  # and the bf16 chunked form still matches float32 recurrent on a shorter piece
-        y32, _ = m(x[:, :300], form="recurrent")
+        y32, _ = m(x, form="recurrent")
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            y16, _ = m(x[:, :300])
+            y16, _ = m(x)
     assert rel_err(y16, y32) <= 5e-2
 
 
-# ----------------------------------------------------------------------------- mamba.py: a naive reference, extreme dt, chunked continuation, conv widths, init, long sequences, memory, the selective scan
+# ---------- mamba.py ----------------------------------------------------------------------------
 
-import mamba  # noqa: E402
-
-
-def mamba_naive(m, x, conv0=None, h0=None):
+def mamba_reference(m, x):
     """The block written out from the paper, from the raw parameters, channel-wise loops over time."""
     K, Di, N, R = m.d_conv, m.d_inner, m.d_state, m.dt_rank
     Bsz, T, _ = x.shape
     xz = x @ m.in_proj.weight.T
     u, z = xz[..., :Di], xz[..., Di:]
-    ctx = torch.zeros(Bsz, K - 1, Di, dtype=x.dtype) if conv0 is None else conv0.transpose(1, 2)
+    ctx = torch.zeros(Bsz, K - 1, Di, dtype=x.dtype)
     upad = torch.cat([ctx, u], 1)  # [B, K-1+T, Di]
     w, cb = m.conv1d.weight[:, 0, :], m.conv1d.bias  # [Di, K]
     A = -torch.exp(m.A_log)
-    h = torch.zeros(Bsz, Di, N, dtype=x.dtype) if h0 is None else h0
+    h = torch.zeros(Bsz, Di, N, dtype=x.dtype)
     Wx = m.x_proj.weight
     ys = []
     for t in range(T):
@@ -1148,99 +1116,26 @@ def mamba_naive(m, x, conv0=None, h0=None):
         y = (h * Ct[:, None, :]).sum(-1) + m.D * v
         ys.append(y * z[:, t] * torch.sigmoid(z[:, t]))
     out = torch.stack(ys, 1) @ m.out_proj.weight.T
-    return out, upad[:, -(K - 1):].transpose(1, 2), h
-
-
-@pytest.mark.parametrize("form", mamba.Mamba.forms)
-@pytest.mark.parametrize("bias", [None, 20.0, -20.0])
-def test_mamba_naive_reference(form, bias):
-    m = make("mamba")
-    if bias is not None:
-        with torch.no_grad():
-            m.dt_proj.bias.fill_(bias)
-    x = torch.randn(2, 13, 32, dtype=torch.float64)
-    y_ref, c_ref, h_ref = mamba_naive(m, x)
-    y, (c, h) = m(x, form=form)
-    assert rel_err(y, y_ref) <= 1e-10 and rel_err(c, c_ref) <= 1e-12 and rel_err(h, h_ref) <= 1e-10
-    # from a state left behind by a prefix
-    x2 = torch.randn(2, 6, 32, dtype=torch.float64)
-    y_ref2, c_ref2, h_ref2 = mamba_naive(m, x2, c_ref, h_ref)
-    y2, (c2, h2) = m(x2, (c, h), form=form)
-    assert rel_err(y2, y_ref2) <= 1e-10 and rel_err(c2, c_ref2) <= 1e-12 and rel_err(h2, h_ref2) <= 1e-10
-
-
-def mamba_forms_agree(m, x, s0, tol, autocast_device=None):
-    outs = []
-    for form in ("recurrent", "parallel"):
-        xx = x.detach().clone().requires_grad_()
-        s = tuple(t.detach().clone().requires_grad_() for t in s0)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast_device is not None and form == "parallel"):
-            y, st = m(xx, s, form=form)
-        loss = (y.float() * torch.linspace(-1, 1, y.numel(), device=x.device).view_as(y)).sum() + st[1].float().square().sum()
-        grads = torch.autograd.grad(loss, [xx, *s, *m.parameters()])
-        outs.append([y, *st, *grads])
-    for i, (o, r) in enumerate(zip(*outs)):
-        assert torch.isfinite(o).all(), i
-        assert rel_err(o, r) <= tol, (i, rel_err(o, r))
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("bias", [20.0, -20.0, 50.0, -50.0])
-def test_mamba_extreme_dt_forms_agree(dtype, tol, bias):
-    m = make("mamba", dtype)
-    with torch.no_grad():
-        m.dt_proj.bias.fill_(bias)
-    x = torch.randn(2, 40, 32, dtype=dtype)
-    _, s0 = m(torch.randn(2, 5, 32, dtype=dtype), form="recurrent")
-    mamba_forms_agree(m, x, s0, tol)
-
-
-@pytest.mark.parametrize("bias", [None, 20.0, -20.0])
-def test_mamba_long_sequence_extreme_dt_finite_with_grad(bias):
-    m = make("mamba", torch.float32)
-    if bias is not None:
-        with torch.no_grad():
-            m.dt_proj.bias.fill_(bias)
-    x = torch.randn(1, 16384, 32, requires_grad=True)
-    y, (c, h) = m(x)
-    (y.square().mean() + h.square().mean()).backward()
-    assert torch.isfinite(y).all() and torch.isfinite(h).all() and torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
-
-
-@pytest.mark.parametrize("chunks", [[1, 1, 1, 1, 2, 13], [2, 3, 14], [5, 1, 13], [19]])
-def test_mamba_parallel_chunks_continue(chunks):
-    """Chunks shorter than d_conv - 1 exercise the conv state that reaches back several calls."""
-    m = make("mamba")
-    x = torch.randn(2, 19, 32, dtype=torch.float64)
-    y_full, s_full = m(x)
-    ys, state, t = [], None, 0
-    for n in chunks:
-        y, state = m(x[:, t:t + n], state)
-        ys.append(y)
-        t += n
-    assert rel_err(torch.cat(ys, 1), y_full) <= 1e-12
-    for a, b in zip(state, s_full):
-        assert rel_err(a, b) <= 1e-12
+    return out, (upad[:, -(K - 1):].transpose(1, 2), h)
 
 
 @pytest.mark.parametrize("d_conv", [1, 2, 4, 6])
 def test_mamba_other_conv_widths(d_conv):
     m = make("mamba", d_conv=d_conv, dt_rank=3)
     x = torch.randn(2, 9, 32, dtype=torch.float64)
-    y_ref, c_ref, h_ref = mamba_naive(m, x) if d_conv > 1 else (None, None, None)
     y_p, s_p = m(x)
     y_r, s_r = m(x, form="recurrent")
     assert rel_err(y_p, y_r) <= 1e-10 and s_p[0].shape == (2, 64, d_conv - 1)
-    if y_ref is not None:
-        assert rel_err(y_p, y_ref) <= 1e-10
+    if d_conv > 1:
+        assert rel_err(y_p, mamba_reference(m, x)[0]) <= 1e-10
 
 
 def test_mamba_init():
     """As the paper and mamba_ssm's Mamba: A = -(1..N) in every channel (S4D-real), D = 1, dt at init
     log-uniform in [dt_min, dt_max] = [1e-3, 1e-1] (softplus of dt_proj's bias), dt_proj's weight
     U(-dt_rank^-0.5, dt_rank^-0.5) (dt_init "random"); the distributions at 2048 channels."""
-    m = mamba.Mamba(64)
+    Mamba = model_class("mamba")
+    m = Mamba(64)
     assert m.dt_rank == 4 and m.d_inner == 128 and m.A_log.shape == (128, 16)
     assert torch.allclose(-torch.exp(m.A_log[3]), -torch.arange(1., 17.))
     dt = F.softplus(m.dt_proj.bias)
@@ -1248,7 +1143,7 @@ def test_mamba_init():
     assert m.dt_proj.weight.abs().max() <= 0.5 and torch.equal(m.D, torch.ones(128))
     assert m.in_proj.bias is None and m.x_proj.bias is None and m.out_proj.bias is None and m.conv1d.bias is not None
     torch.manual_seed(0)
-    m = mamba.Mamba(256, expand=8)
+    m = Mamba(256, expand=8)
     assert torch.allclose(-torch.exp(m.A_log), -torch.arange(1., 17.).expand(2048, 16))
     assert_uniform(F.softplus(m.dt_proj.bias.double()).log(), math.log(1e-3), math.log(0.1), "log dt")
     assert_uniform(m.dt_proj.weight, -m.dt_rank ** -0.5, m.dt_rank ** -0.5, "dt_proj.weight")
@@ -1266,38 +1161,10 @@ def test_mamba_bf16_parameters_run():
 
 
 @needs_cuda
-@pytest.mark.parametrize("bias", [None, 20.0, -20.0])
-def test_mamba_cuda_bf16_long_extreme_dt(bias):
-    m = make("mamba", torch.float32, "cuda")
-    if bias is not None:
-        with torch.no_grad():
-            m.dt_proj.bias.fill_(bias)
-    x = torch.randn(2, 16384, 32, device="cuda", requires_grad=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y, (c, h) = m(x)
-    (y.float().square().mean() + h.square().mean()).backward()
-    assert torch.isfinite(y).all() and torch.isfinite(h).all() and torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
-
-
-@needs_cuda
-@pytest.mark.parametrize("bias", [20.0, -20.0])
-def test_mamba_cuda_extreme_dt_forms_agree(bias):
-    m = make("mamba", torch.float32, "cuda")
-    with torch.no_grad():
-        m.dt_proj.bias.fill_(bias)
-    x = torch.randn(2, 300, 32, device="cuda")
-    _, s0 = m(torch.randn(2, 5, 32, device="cuda"), form="recurrent")
-    mamba_forms_agree(m, x, s0, 1e-3)
-    mamba_forms_agree(m, x, s0, 5e-2, autocast_device="cuda")
-
-
-def mamba_saved_numels(m, x):
-    """The sizes of the tensors autograd keeps for the backward of the parallel form."""
-    sizes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        m(x)
-    return sizes
+@pytest.mark.parametrize("regime", ["dt_bias=20", "dt_bias=-20"])
+def test_mamba_cuda_extreme_dt_forms_agree(regime):
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2)):
+        check_form("mamba", "parallel", dtype, "cuda", T=300, tol=tol, edit=EXTREMES["mamba"][regime])
 
 
 def test_mamba_parallel_keeps_no_state_sequence():
@@ -1306,10 +1173,13 @@ def test_mamba_parallel_keeps_no_state_sequence():
     m = make("mamba", torch.float32, d_state=16)
     x = torch.randn(2, 40, 32, requires_grad=True)
     bound = 2 * 40 * 2 * m.d_inner  # in_proj's output [B, T, 2 d_inner]
-    assert max(mamba_saved_numels(m, x)) <= bound
-    A = torch.rand(2, 40, m.d_inner, 16, requires_grad=True)  # the premise: the old form's saved a and h
+    sizes = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        sizes = []
+        m(x)
+    assert max(sizes) <= bound
+    A = torch.rand(2, 40, m.d_inner, 16, requires_grad=True)  # the premise: the old form's saved a and h
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
         scan(A, A * 1.0)
     assert max(sizes) > bound
 
@@ -1336,115 +1206,23 @@ def test_mamba_parallel_memory_cuda():
     assert torch.cuda.max_memory_allocated() - base < 2 * h_bytes, (torch.cuda.max_memory_allocated() - base, h_bytes)
 
 
-# ---- scan.selective_scan (the fused kernel behind the parallel form) against a loop and the PyTorch engine
+# ---------- deltanet.py (and the delta rule gated deltanet shares) ------------------------------
 
-def selective_reference(x, dt, A, B, C, h0=None):
-    """h_t = exp(dt_t A) * h_{t-1} + (dt_t x_t) B_t, y_t = C_t . h_t, one step at a time."""
-    h = torch.zeros(x.shape[0], x.shape[2], A.shape[1], dtype=x.dtype) if h0 is None else h0
-    ys = []
-    for t in range(x.shape[1]):
-        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
-        ys.append((h * C[:, t, None, :]).sum(-1))
-    return torch.stack(ys, 1), h
-
-
-# (B, T, D, N, h0, dt scale): several tiles over time (16 on a GPU, 8 interpreted), several channel
-# blocks, ragged T, D and N, and dt up to 30 (gates ~1e-26: the backward's h_t - b_t = a_t h_{t-1})
-SELECTIVE_CASES = [(2, 21, 10, 4, True, 1.0), (1, 37, 9, 3, False, 1.0), (3, 8, 4, 4, True, 1.0), (2, 19, 6, 4, True, 30.0),
-                   (2, 19, 6, 4, True, 1000.0)]  # dt up to 1000: most a_t underflow to 0
-
-
-def check_selective(device, dtype, tol, cases=SELECTIVE_CASES, reference=None):
-    """y, h_T and the gradients w.r.t. x, dt, A, B, C, h0 (through y and h_T) against the loop in
-    float64, or against `reference` (selective_scan in float64: the PyTorch engine). x is passed
-    transposed ([B, D, T] in memory, as the parallel form's conv leaves it)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    for Bsz, T, D, N, with_h0, scale in cases:
-        x = torch.randn(Bsz, D, T, device=device, generator=g).to(dtype).transpose(1, 2)
-        dt = scale * torch.rand(Bsz, T, D, device=device, generator=g).to(dtype)
-        A = -torch.rand(D, N, device=device, generator=g).to(dtype) * 2
-        B, C = (torch.randn(Bsz, T, N, device=device, generator=g).to(dtype) for _ in range(2))
-        acc = torch.promote_types(dtype, torch.float32)  # the state's dtype
-        h0 = torch.randn(Bsz, D, N, device=device, generator=g).to(acc) if with_h0 else None
-        leaves = [x, dt, A, B, C] + ([h0] if with_h0 else [])
-        for t in leaves:
-            t.requires_grad_()
-        y, hT = selective_scan_module.selective_scan(*leaves[:5], h0)
-        assert y.dtype == x.dtype and y.shape == x.shape and hT.dtype == acc and hT.shape == (Bsz, D, N)
-        gy, gh = torch.randn(y.shape, device=device, generator=g), torch.randn(hT.shape, device=device, generator=g)
-        gy = gy.to(y.dtype).float()  # autograd hands a bf16 output's gradient over in bf16: the reference gets the same
-        grads = torch.autograd.grad((y.float() * gy).sum() + (hT * gh).sum(), leaves)
-        ref = [t.detach().double().requires_grad_() for t in leaves]
-        y_ref, h_ref = (reference or selective_reference)(*ref[:5], ref[5] if with_h0 else None)
-        ref_grads = torch.autograd.grad((y_ref * gy.double()).sum() + (h_ref * gh.double()).sum(), ref)
-        what = f"B={Bsz} T={T} D={D} N={N} h0={with_h0} dt*{scale} {dtype}"
-        for n, o, r in zip(("y", "h_T", "dx", "ddt", "dA", "dB", "dC", "dh0"), [y, hT, *grads], [y_ref, h_ref, *ref_grads]):
-            assert o.shape == r.shape and rel_err(o, r) <= tol, f"{n} {what}: {rel_err(o, r):.1e}"
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_selective_scan_torch(dtype, tol):
-    check_selective("cpu", dtype, tol)
-
-
-@pytest.mark.parametrize("mode", SCAN_MODES)
-def test_selective_scan_triton_kernel_interpreted(mode):
-    """The real kernels, forward and backward, run by Triton's interpreter: tiles of 8 steps by 4 channels, in one
-    pass or in chunks."""
-    interpreted("assert scan.use_triton(torch.zeros(1)); import selective_scan as ss; " + force_mode(mode)
-                + "seen = t.spy_reduce('_selective_fwd_kernel', '_selective_bwd_kernel', module=ss); "
-                "t.check_selective('cpu', torch.float32, 1e-5); " + mode_ran(mode))
-
-
-@needs_cuda
-@pytest.mark.parametrize("mode", SCAN_MODES)
-# bf16: x, dt, B, C rounded to 8 bits before both; y and dx rounded once more, the sums stay float32
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["f32", "bf16"])
-def test_selective_scan_triton_cuda(dtype, tol, mode, monkeypatch):
-    monkeypatch.setattr(scan_module, "PROGRAMS_PER_SM", SCAN_MODES[mode][0])
-    monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
-    cases = [(2, 333, 100, 16, True, 1.0), (1, 8192, 256, 16, True, 1.0), (4, 1000, 48, 5, False, 1.0),
-             (2, 500, 64, 16, True, 30.0)]
-    check_selective("cuda", dtype, tol, cases, reference=selective_scan_module.selective_scan)
-
-
-@pytest.mark.parametrize("bad,message", [
-    (lambda: selective_scan_module.selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 5, 2)] * 2), r"B must be"),
-    (lambda: selective_scan_module.selective_scan(*[torch.rand(2, 0, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 0, 3)] * 2), "T > 0"),
-    (lambda: selective_scan_module.selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3), *[torch.rand(2, 5, 3)] * 2,
-                                        torch.rand(2, 3, 4)), "h0 must be"),
-    (lambda: selective_scan_module.selective_scan(torch.rand(2, 5, 4), torch.ones(2, 5, 4, dtype=torch.long), torch.rand(4, 3),
-                                        *[torch.rand(2, 5, 3)] * 2), "floating"),
-    (lambda: selective_scan_module.selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3, device="meta"),
-                                        *[torch.rand(2, 5, 3)] * 2), "one device"),
-])
-def test_selective_scan_rejects_bad_input(bad, message):
-    with pytest.raises(ValueError, match=message):
-        bad()
-
-
-# ----------------------------------------------------------------------------- deltanet.py: a naive delta rule, beta 0 and 1, the gradient-step reading, the layer by hand, long and adversarial keys, init
-# (the delta rule written with explicit D x D matrices; the layer rebuilt by hand from its parameters)
-
-import deltanet  # noqa: E402
-from deltanet import DeltaNet  # noqa: E402
-
-DELTANET_FORMS = ("recurrent", "parallel", "chunked")
-
-
-def deltanet_naive(q, k, v, beta, S):
-    """S_t = S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, y_t = S_t q_t, as written."""
+def delta_rule_reference(q, k, v, beta, S, alpha=None):
+    """S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, y_t = S_t q_t, as written with explicit Dk x Dk
+    matrices: the delta rule (alpha = 1) and the gated delta rule (Yang et al. 2025)."""
     q, k, v, beta, S = (x.double() for x in (q, k, v, beta, S))
+    alpha = torch.ones_like(beta) if alpha is None else alpha.double()
     I = torch.eye(k.shape[-1], dtype=torch.float64)
     ys = []
     for t in range(q.shape[1]):
-        kt, vt, bt = k[:, t], v[:, t], beta[:, t, :, None, None]
-        S = S @ (I - bt * kt[..., :, None] * kt[..., None, :]) + bt * vt[..., :, None] * kt[..., None, :]
+        kt, vt, bt, at = k[:, t], v[:, t], beta[:, t, :, None, None], alpha[:, t, :, None, None]
+        S = at * S @ (I - bt * kt[..., :, None] * kt[..., None, :]) + bt * vt[..., :, None] * kt[..., None, :]
         ys.append((S @ q[:, t, ..., None])[..., 0])
     return torch.stack(ys, 1), S
 
 
-def deltanet_inputs(B=2, T=37, H=3, Dk=8, Dv=5, dtype=torch.float64, seed=0, beta=None, same_key=False):
+def delta_rule_inputs(B=2, T=37, H=3, Dk=8, Dv=5, dtype=torch.float64, seed=0, beta=None, same_key=False):
     g = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(B, T, H, Dk, generator=g, dtype=dtype), dim=-1)
     k = F.normalize(torch.randn(B, 1 if same_key else T, H, Dk, generator=g, dtype=dtype), dim=-1).expand(B, T, H, Dk)
@@ -1454,15 +1232,16 @@ def deltanet_inputs(B=2, T=37, H=3, Dk=8, Dv=5, dtype=torch.float64, seed=0, bet
     return q, k.contiguous(), v, b, S0
 
 
-def deltanet_core(form, q, k, v, beta, S, L=8):
-    if form == "recurrent":
-        return deltanet.delta_rule_recurrent(q, k, v, beta, S)
-    if form == "parallel":
-        return deltanet.delta_rule_parallel(q, k, v, beta, S)
-    return deltanet.delta_rule_chunked(q, k, v, beta, S, L)
+def delta_rule(form, *inputs, L=8):
+    """deltanet.py's delta rule (inputs q, k, v, beta, S) or gated_deltanet.py's gated one (q, k, v, beta, log alpha,
+    S) in one of its forms; chunked: chunks of L."""
+    rule = "gated_delta_rule" if len(inputs) == 6 else "delta_rule"
+    fn = getattr(module("gated_deltanet" if len(inputs) == 6 else "deltanet"), f"{rule}_{form}")
+    return fn(*inputs, L) if form == "chunked" else fn(*inputs)
 
 
-DELTANET_BETAS = {
+DELTA_FORMS = ("recurrent", "parallel", "chunked")
+BETAS = {
     "random": None,
     "zero": lambda B, T, H, g: torch.zeros(B, T, H),
     "one": lambda B, T, H, g: torch.ones(B, T, H),
@@ -1470,132 +1249,17 @@ DELTANET_BETAS = {
 }
 
 
-@pytest.mark.parametrize("beta", DELTANET_BETAS)
-@pytest.mark.parametrize("form", DELTANET_FORMS)
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_deltanet_core_against_naive(form, beta, dtype, tol):
-    q, k, v, b, S0 = deltanet_inputs(dtype=dtype, beta=DELTANET_BETAS[beta])
-    y, S = deltanet_core(form, q, k, v, b, S0)
-    y_ref, S_ref = deltanet_naive(q, k, v, b, S0)
-    assert rel_err(y, y_ref) <= tol and rel_err(S, S_ref) <= tol
-
-
-@pytest.mark.parametrize("form", DELTANET_FORMS)
-def test_deltanet_beta_zero_skips_and_beta_one_overwrites(form):
-    q, k, v, b, S0 = deltanet_inputs(beta=DELTANET_BETAS["zero"])
-    y, S = deltanet_core(form, q, k, v, b, S0)
-    assert rel_err(S, S0) <= 1e-12 and rel_err(y, torch.einsum("bhed,bthd->bthe", S0, q)) <= 1e-12
-    q, k, v, b, S0 = deltanet_inputs(beta=DELTANET_BETAS["one"], same_key=True)  # one key written again and again
-    y, S = deltanet_core(form, q, k, v, b, S0)
-    assert rel_err(torch.einsum("bhed,bhd->bhe", S, k[:, -1]), v[:, -1]) <= 1e-10  # S k = v exactly
-    P = torch.eye(8, dtype=torch.float64) - k[:, 0, :, :, None] * k[:, 0, :, None, :]
-    assert rel_err(S @ P, S0 @ P) <= 1e-10  # and nothing orthogonal to k changed
-
-
-def test_deltanet_gradient_step_reading():
+def test_delta_rule_gradient_step_reading():
     """S_t = S_{t-1} - beta_t * grad_S 1/2 ||S k_t - v_t||^2 at S = S_{t-1}."""
-    q, k, v, b, S0 = deltanet_inputs(T=1)
+    q, k, v, b, S0 = delta_rule_inputs(T=1)
     S_prev = S0.clone().requires_grad_()
     loss = 0.5 * (torch.einsum("bhed,bhd->bhe", S_prev, k[:, 0]) - v[:, 0]).square().sum()
     (grad,) = torch.autograd.grad(loss, S_prev)
-    _, S1 = deltanet.delta_rule_recurrent(q, k, v, b, S0)
+    _, S1 = delta_rule("recurrent", q, k, v, b, S0)
     assert rel_err(S1, S0 - b[:, 0, :, None, None] * grad) <= 1e-14
 
 
-def deltanet_layer_reference(model, x, state=None):
-    """The layer rebuilt from its parameters: conv as an explicit window sum, naive recurrence."""
-    B, T, d = x.shape
-    H, W = model.n_head, model.conv.weight[:, 0]  # [3d, K]
-    K = W.shape[1]
-    S0, conv0 = state if state is not None else (x.new_zeros(B, H, d // H, d // H), x.new_zeros(B, K - 1, 3 * d))
-    p = torch.cat([conv0, x @ model.qkv.weight.T], 1)
-    c = torch.stack([sum(p[:, t + i] * W[:, i] for i in range(K)) for t in range(T)], 1)
-    q, k, v = F.silu(c).split(d, -1)
-    q, k, v = (z.unflatten(-1, (H, -1)) for z in (q, k, v))
-    q, k = (z / torch.sqrt((z * z).sum(-1, keepdim=True) + 1e-6) for z in (q, k))  # fla's l2norm eps
-    q = q / math.sqrt(q.shape[-1])  # fla's scale: its kernels compute y_t = S_t (q_t * d_k^-1/2)
-    y, S = deltanet_naive(q, k, v, torch.sigmoid(x @ model.beta.weight.T), S0)
-    y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + model.eps) * model.norm
-    if model.gate is not None:
-        y = y * F.silu(x @ model.gate.weight.T).unflatten(-1, (H, -1))
-    return y.flatten(2) @ model.out.weight.T, (S, p[:, -(K - 1):])
-
-
-@pytest.mark.parametrize("use_gate", [False, True])
-@pytest.mark.parametrize("form", DELTANET_FORMS)
-def test_deltanet_layer_against_reference(form, use_gate):
-    torch.manual_seed(0)
-    model = DeltaNet(32, n_head=2, chunk_size=8, use_gate=use_gate).double()
-    with torch.no_grad():
-        model.norm.add_(0.1 * torch.randn_like(model.norm))
-        x = torch.randn(2, 23, 32, dtype=torch.float64)
-        _, state = model(torch.randn(2, 6, 32, dtype=torch.float64), form="recurrent")
-        for st in (None, state):
-            y, s = model(x, st, form=form)
-            y_ref, s_ref = deltanet_layer_reference(model, x, st)
-            assert rel_err(y, y_ref) <= 1e-10
-            assert rel_err(s[1], s_ref[1]) == 0 and rel_err(s[0], s_ref[0]) <= 1e-10
-
-
-def test_deltanet_defaults_as_fla():
-    m = DeltaNet(64)
-    assert m.n_head == 4 and m.chunk_size == 64 and m.conv.kernel_size == (4,) and m.gate is None
-
-
-def test_deltanet_short_calls_carry_the_conv_state():
-    """Calls shorter than the conv window (T = 1, 2) chain like one call."""
-    torch.manual_seed(0)
-    model = DeltaNet(32, n_head=2, chunk_size=8).double()
-    x = torch.randn(2, 9, 32, dtype=torch.float64)
-    y_full, s_full = model(x)
-    state, ys = None, []
-    for a, b in [(0, 1), (1, 3), (3, 4), (4, 9)]:
-        y, state = model(x[:, a:b], state, form="parallel")
-        ys.append(y)
-    assert rel_err(torch.cat(ys, 1), y_full) <= 1e-10 and rel_err(state[0], s_full[0]) <= 1e-10
-
-
-@pytest.mark.parametrize("L", [8, 64])
-def test_deltanet_long_chunked_matches_recurrent_float32(L):
-    """T = 16384 float32 chunked (and random state) against a float64 recurrence."""
-    q, k, v, b, S0 = deltanet_inputs(B=1, T=16384, H=2, Dk=16, Dv=16, dtype=torch.float32, seed=3)
-    with torch.no_grad():
-        y, S = deltanet.delta_rule_chunked(q, k, v, b, S0, L)
-        y_ref, S_ref = deltanet.delta_rule_recurrent(q, k, v, b, S0.double())
-    assert rel_err(y, y_ref) <= 1e-4 and rel_err(S, S_ref) <= 1e-4
-
-
-@pytest.mark.parametrize("form", ["parallel", "chunked"])
-def test_deltanet_adversarial_keys_float32(form):
-    """Identical keys with beta = 1 (A = I + strictly-lower ones), and nearly collinear keys with
-    beta near 1, at T = 4096 in float32: finite and equal to the float64 recurrence."""
-    B, T, H, D = 1, 4096, 2, 16
-    for spread in (0.0, 1e-3):
-        g = torch.Generator().manual_seed(0)
-        k = F.normalize(torch.randn(B, 1, H, D, generator=g) + spread * torch.randn(B, T, H, D, generator=g), dim=-1)
-        q = F.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
-        v = torch.randn(B, T, H, D, generator=g)
-        b = torch.ones(B, T, H) if spread == 0 else 1 - 1e-3 * torch.rand(B, T, H, generator=g)
-        S0 = torch.zeros(B, H, D, D)
-        with torch.no_grad():
-            y, S = deltanet_core(form, q, k, v, b, S0, L=64)
-            y_ref, S_ref = deltanet.delta_rule_recurrent(q, k, v, b, S0.double())
-        assert rel_err(y, y_ref) <= 1e-3 and rel_err(S, S_ref) <= 1e-3, (spread, rel_err(y, y_ref), rel_err(S, S_ref))
-
-
-def test_deltanet_layer_scales_q_as_fla_at_the_showdown_width():
-    """d_model 384, fla's defaults: the layer equals the reference with fla's q scale. Without the
-    scale the RMSNorm cancels it only up to its eps: outputs then differ by tens of percent."""
-    torch.manual_seed(0)
-    model = DeltaNet(384).double()
-    x = torch.randn(2, 12, 384, dtype=torch.float64)
-    with torch.no_grad():
-        y, s = model(x)
-        y_ref, s_ref = deltanet_layer_reference(model, x)
-    assert rel_err(y, y_ref) <= 1e-10 and rel_err(s[0], s_ref[0]) <= 1e-10
-
-
-def affine_maps_in_order(M, C, S):
+def chunk_states_reference(M, C, S):
     """The chunk states of S -> S M_c + C_c, one chunk after another (chunks along dim 1)."""
     states = []
     for c in range(M.shape[1]):
@@ -1612,22 +1276,22 @@ def test_deltanet_chunk_states_composes_affine_maps(n_chunks):
     C = torch.randn(n_chunks, 2, 3, 5, 4, generator=g, dtype=torch.float64)
     M, C = M.transpose(0, 1), C.transpose(0, 1)  # [B, T/L, H, *]
     S = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
-    ins, last = deltanet.chunk_states(M, C, S)
-    ins_ref, last_ref = affine_maps_in_order(M, C, S)
+    ins, last = module("deltanet").chunk_states(M, C, S)
+    ins_ref, last_ref = chunk_states_reference(M, C, S)
     assert rel_err(ins, ins_ref) <= 1e-12 and rel_err(last, last_ref) <= 1e-12
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
 @pytest.mark.parametrize("chunks,T", [(1, 4), (2, 7), (3, 12), (5, 18), (8, 32), (33, 131)])
-def test_deltanet_chunked_scan_matches_recurrent(chunks, T, dtype, tol):
+def test_delta_rule_chunked_matches_recurrent(chunks, T, dtype, tol):
     """Chunk size 4, T/4 rounded up = chunks (ragged where 4 does not divide T): outputs, final state
     and the gradients w.r.t. q, k, v, beta and S0 against the float64 recurrence."""
-    inputs = [t.requires_grad_() for t in deltanet_inputs(T=T, H=2, dtype=dtype, seed=chunks)]
+    inputs = [t.requires_grad_() for t in delta_rule_inputs(T=T, H=2, dtype=dtype, seed=chunks)]
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
     g = torch.Generator().manual_seed(100 + chunks)
     gy, gS = torch.randn(2, T, 2, 5, generator=g, dtype=torch.float64), torch.randn(2, 2, 5, 8, generator=g, dtype=torch.float64)
-    y, S = deltanet.delta_rule_chunked(*inputs, 4)
-    y_ref, S_ref = deltanet.delta_rule_recurrent(*ref_inputs)
+    y, S = delta_rule("chunked", *inputs, L=4)
+    y_ref, S_ref = delta_rule("recurrent", *ref_inputs)
     grads = torch.autograd.grad((y.double() * gy).sum() + (S.double() * gS).sum(), inputs)
     grads_ref = torch.autograd.grad((y_ref * gy).sum() + (S_ref * gS).sum(), ref_inputs)
     assert rel_err(y, y_ref) <= tol and rel_err(S, S_ref) <= tol
@@ -1635,63 +1299,104 @@ def test_deltanet_chunked_scan_matches_recurrent(chunks, T, dtype, tol):
         assert rel_err(a, b) <= tol, f"grad {name}: {rel_err(a, b):.2e}"
 
 
+@pytest.mark.parametrize("L", [8, 64])
+def test_delta_rule_long_chunked_matches_recurrent_float32(L):
+    """T = 16384 float32 chunked (and random state) against a float64 recurrence."""
+    q, k, v, b, S0 = delta_rule_inputs(B=1, T=16384, H=2, Dk=16, Dv=16, dtype=torch.float32, seed=3)
+    with torch.no_grad():
+        y, S = delta_rule("chunked", q, k, v, b, S0, L=L)
+        y_ref, S_ref = delta_rule("recurrent", q, k, v, b, S0.double())
+    assert rel_err(y, y_ref) <= 1e-4 and rel_err(S, S_ref) <= 1e-4
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunked"])
+def test_delta_rule_adversarial_keys_float32(form):
+    """Identical keys with beta = 1 (A = I + strictly-lower ones), and nearly collinear keys with
+    beta near 1, at T = 4096 in float32: finite and equal to the float64 recurrence."""
+    B, T, H, D = 1, 4096, 2, 16
+    for spread in (0.0, 1e-3):
+        g = torch.Generator().manual_seed(0)
+        k = F.normalize(torch.randn(B, 1, H, D, generator=g) + spread * torch.randn(B, T, H, D, generator=g), dim=-1)
+        q = F.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
+        v = torch.randn(B, T, H, D, generator=g)
+        b = torch.ones(B, T, H) if spread == 0 else 1 - 1e-3 * torch.rand(B, T, H, generator=g)
+        S0 = torch.zeros(B, H, D, D)
+        with torch.no_grad():
+            y, S = delta_rule(form, q, k, v, b, S0, L=64)
+            y_ref, S_ref = delta_rule("recurrent", q, k, v, b, S0.double())
+        assert rel_err(y, y_ref) <= 1e-3 and rel_err(S, S_ref) <= 1e-3, (spread, rel_err(y, y_ref), rel_err(S, S_ref))
+
+
+def deltanet_reference(model, x, state=None):
+    """The layer rebuilt from its parameters: conv as an explicit window sum, the delta rule as written."""
+    B, T, d = x.shape
+    H, W = model.n_head, model.conv.weight[:, 0]  # [3d, K]
+    K = W.shape[1]
+    S0, conv0 = state if state is not None else (x.new_zeros(B, H, d // H, d // H), x.new_zeros(B, K - 1, 3 * d))
+    p = torch.cat([conv0, x @ model.qkv.weight.T], 1)
+    c = torch.stack([sum(p[:, t + i] * W[:, i] for i in range(K)) for t in range(T)], 1)
+    q, k, v = F.silu(c).split(d, -1)
+    q, k, v = (z.unflatten(-1, (H, -1)) for z in (q, k, v))
+    q, k = (z / torch.sqrt((z * z).sum(-1, keepdim=True) + 1e-6) for z in (q, k))  # fla's l2norm eps
+    q = q / math.sqrt(q.shape[-1])  # fla's scale: its kernels compute y_t = S_t (q_t * d_k^-1/2)
+    y, S = delta_rule_reference(q, k, v, torch.sigmoid(x @ model.beta.weight.T), S0)
+    y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + model.eps) * model.norm
+    if model.gate is not None:
+        y = y * F.silu(x @ model.gate.weight.T).unflatten(-1, (H, -1))
+    return y.flatten(2) @ model.out.weight.T, (S, p[:, -(K - 1):])
+
+
+def test_deltanet_layer_scales_q_as_fla_at_the_showdown_width():
+    """d_model 384, fla's defaults (no gate): every form equals the reference with fla's q scale. Without
+    the scale the RMSNorm cancels it only up to its eps: outputs then differ by tens of percent."""
+    torch.manual_seed(0)
+    model = model_class("deltanet")(384).double()
+    x = torch.randn(2, 12, 384, dtype=torch.float64)
+    with torch.no_grad():
+        y_ref, s_ref = deltanet_reference(model, x)
+        for form in model.forms:
+            y, s = model(x, form=form)
+            assert rel_err(y, y_ref) <= 1e-10 and rel_err(s[0], s_ref[0]) <= 1e-10 and torch.equal(s[1], s_ref[1]), form
+
+
+def test_deltanet_defaults_and_init_are_fla_and_torch_default():
+    """fla's defaults (4 heads, chunk 64, conv 4, no gate). The docstring claims no init of the layer's own: the
+    projections (the optional gate too) and the conv keep PyTorch's default, the RMSNorm's weight starts at 1."""
+    m = model_class("deltanet")(64)
+    assert m.n_head == 4 and m.chunk_size == 64 and m.conv.kernel_size == (4,) and m.gate is None
+    torch.manual_seed(0)
+    model = model_class("deltanet")(256, use_gate=True)
+    for name in ("qkv", "conv", "beta", "gate", "out"):
+        assert_torch_default(getattr(model, name), name)
+    assert (model.norm == 1).all()
+
+
 @needs_cuda
 @pytest.mark.parametrize("form", ["parallel", "chunked"])
 def test_deltanet_cuda_long_bf16_and_f32(form):
-    """T = 16384 (parallel: 4096) on the GPU: bf16 autocast forward + backward finite; float32
-    chunked against the float64 recurrence."""
+    """T = 16384 (parallel: 4096) on the GPU with fla's defaults (chunk 64): bf16 autocast forward + backward finite;
+    float32 chunked against the float64 recurrence."""
     T = 16384 if form == "chunked" else 4096
     torch.manual_seed(0)
-    model = DeltaNet(64).cuda()
+    model = model_class("deltanet")(64).cuda()
     x = torch.randn(2, T, 64, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y, (S, conv) = model(x, form=form)
     y.float().square().mean().backward()
     assert torch.isfinite(y).all() and torch.isfinite(S).all() and torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    q, k, v, b, S0 = (t.cuda() for t in deltanet_inputs(B=2, T=T, H=4, Dk=16, Dv=16, dtype=torch.float32, seed=5))
+    q, k, v, b, S0 = (t.cuda() for t in delta_rule_inputs(B=2, T=T, H=4, Dk=16, Dv=16, dtype=torch.float32, seed=5))
     with torch.no_grad():
-        yc, Sc = deltanet_core(form, q, k, v, b, S0, L=64)
-        yr, Sr = deltanet.delta_rule_recurrent(q, k, v, b, S0.double())
+        yc, Sc = delta_rule(form, q, k, v, b, S0, L=64)
+        yr, Sr = delta_rule("recurrent", q, k, v, b, S0.double())
     assert rel_err(yc, yr) <= 2e-3 and rel_err(Sc, Sr) <= 2e-3, (rel_err(yc, yr), rel_err(Sc, Sr))  # tf32 matmuls
 
 
-def test_deltanet_init_is_torch_default():
-    """The docstring claims no init of the layer's own: the projections (the optional gate too) and
-    the conv keep PyTorch's default, the RMSNorm's weight starts at 1."""
-    torch.manual_seed(0)
-    model = DeltaNet(256, use_gate=True)
-    for name in ("qkv", "conv", "beta", "gate", "out"):
-        assert_torch_default(getattr(model, name), name)
-    assert (model.norm == 1).all()
-
-
-
-
-# ----------------------------------------------------------------------------- gated_deltanet.py: a naive gated delta rule, gates and betas at 0 and 1, the layer by hand, init, ragged chunks, long handoff, T = 16384, compiled
-# (the gated delta rule written with explicit D x D matrices and alpha itself; the layer rebuilt by hand from its parameters)
-
-import gated_deltanet  # noqa: E402
-from gated_deltanet import GatedDeltaNet  # noqa: E402
-
-GDN_FORMS = ("recurrent", "parallel", "chunked")
-
-
-def gated_deltanet_naive(q, k, v, beta, alpha, S):
-    """S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, y_t = S_t q_t (Yang et al. 2025), as written."""
-    q, k, v, beta, alpha, S = (x.double() for x in (q, k, v, beta, alpha, S))
-    I = torch.eye(k.shape[-1], dtype=torch.float64)
-    ys = []
-    for t in range(q.shape[1]):
-        kt, vt, bt, at = k[:, t], v[:, t], beta[:, t, :, None, None], alpha[:, t, :, None, None]
-        S = at * S @ (I - bt * kt[..., :, None] * kt[..., None, :]) + bt * vt[..., :, None] * kt[..., None, :]
-        ys.append((S @ q[:, t, ..., None])[..., 0])
-    return torch.stack(ys, 1), S
-
+# ---------- gated_deltanet.py -------------------------------------------------------------------
 
 # log alpha: ordinary; mild (the state decays to ~0.2 in 37 tokens); alpha exactly 1; alpha = exp(-1e4) = 0;
 # tokens that jump between the two
-GDN_GATES = {
+LOG_ALPHAS = {
     "random": lambda B, T, H, g: -2 * torch.rand(B, T, H, generator=g),
     "mild": lambda B, T, H, g: -0.08 * torch.rand(B, T, H, generator=g),
     "one": lambda B, T, H, g: torch.zeros(B, T, H),
@@ -1700,84 +1405,75 @@ GDN_GATES = {
 }
 
 
-def gdn_inputs(gate="random", dtype=torch.float64, seed=0, **kw):
-    q, k, v, b, S0 = deltanet_inputs(dtype=dtype, seed=seed, **kw)
-    g = GDN_GATES[gate](*b.shape, torch.Generator().manual_seed(seed + 1)).to(dtype)
+def gated_delta_rule_inputs(gate="random", dtype=torch.float64, seed=0, **kw):
+    q, k, v, b, S0 = delta_rule_inputs(dtype=dtype, seed=seed, **kw)
+    g = LOG_ALPHAS[gate](*b.shape, torch.Generator().manual_seed(seed + 1)).to(dtype)
     return q, k, v, b, g, S0
 
 
-def gdn_core(form, q, k, v, beta, g, S, L=8):
-    if form == "recurrent":
-        return gated_deltanet.gated_delta_rule_recurrent(q, k, v, beta, g, S)
-    if form == "parallel":
-        return gated_deltanet.gated_delta_rule_parallel(q, k, v, beta, g, S)
-    return gated_deltanet.gated_delta_rule_chunked(q, k, v, beta, g, S, L)
-
-
-@pytest.mark.parametrize("gate", ["random", "one", "zero", "jumpy"])
-@pytest.mark.parametrize("form", GDN_FORMS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
-def test_gated_deltanet_core_against_naive(form, gate, dtype, tol):
-    """Outputs, final state and gradients (q, k, v, beta, log alpha, S0) against the naive rule in
-    float64. Where alpha underflows, d/d(log alpha) = alpha dL/dalpha is 0 in the naive rule, while the
-    log-space forms get it as O(1) terms that cancel: that gradient is measured against the others' scale."""
-    inputs = [t.requires_grad_() for t in gdn_inputs(gate, dtype)]
+@pytest.mark.parametrize("rule,case", [("deltanet", beta) for beta in BETAS]
+                         + [("gated_deltanet", alpha) for alpha in ("random", "one", "zero", "jumpy")])
+def test_delta_rules_against_reference(rule, case, dtype, tol):
+    """Every form's outputs, final state and gradients (q, k, v, beta, [log alpha,] S0) against the reference in
+    float64: the delta rule with betas at 0 and 1, the gated one with alphas at 1 and 0. Where alpha underflows,
+    d/d(log alpha) = alpha dL/dalpha is 0 in the reference, while the log-space forms get it as O(1) terms that
+    cancel: that gradient is measured against the others' scale."""
+    gated = rule == "gated_deltanet"
+    inputs = gated_delta_rule_inputs(case, dtype) if gated else delta_rule_inputs(dtype=dtype, beta=BETAS[case])
+    inputs = [t.requires_grad_() for t in inputs]
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    y, S = gdn_core(form, *inputs)
-    q, k, v, b, g, S0 = ref_inputs
-    y_ref, S_ref = gated_deltanet_naive(q, k, v, b, g.exp(), S0)
-    assert rel_err(y, y_ref) <= tol and rel_err(S, S_ref) <= tol
+    q, k, v, b, *g, S0 = ref_inputs
+    y_ref, S_ref = delta_rule_reference(q, k, v, b, S0, g[0].exp() if gated else None)
     gen = torch.Generator().manual_seed(2)
-    gy, gS = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64), torch.randn(S_ref.shape, generator=gen, dtype=torch.float64)
-    grads = torch.autograd.grad((y.double() * gy).sum() + (S.double() * gS).sum(), inputs)
+    gy, gS = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (y_ref, S_ref))
     grads_ref = torch.autograd.grad((y_ref * gy).sum() + (S_ref * gS).sum(), ref_inputs)
-    scale = grads_ref[2].norm().item()  # dL/dv
-    for name, a, r in zip(["q", "k", "v", "beta", "log alpha", "S0"], grads, grads_ref):
-        err = rel_err(a, r) if name != "log alpha" else (a.double() - r).norm().item() / max(r.norm().item(), scale)
-        assert err <= tol, f"grad {name}: {err:.2e}"
+    for form in DELTA_FORMS:
+        y, S = delta_rule(form, *inputs)
+        assert rel_err(y, y_ref) <= tol and rel_err(S, S_ref) <= tol, form
+        grads = torch.autograd.grad((y.double() * gy).sum() + (S.double() * gS).sum(), inputs)
+        for name, a, r in zip(["q", "k", "v", "beta"] + ["log alpha"] * gated + ["S0"], grads, grads_ref, strict=True):
+            err = rel_err(a, r)
+            if name == "log alpha":  # against dL/dv's scale
+                err = (a.double() - r).norm().item() / max(r.norm().item(), grads_ref[2].norm().item())
+            assert err <= tol, f"{form} grad {name}: {err:.2e}"
 
 
-@pytest.mark.parametrize("form", GDN_FORMS)
+@pytest.mark.parametrize("form", DELTA_FORMS)
+@pytest.mark.parametrize("rule", ["deltanet", "gated_deltanet"])
+def test_delta_rules_beta_zero_skips_and_beta_one_overwrites(rule, form):
+    """beta = 0: nothing is written, S only decays (gated: mild alpha). beta = 1 with one key again and again: S k = v
+    exactly, and what is orthogonal to k only decays."""
+    def rule_of(beta, **kw):
+        q, k, v, b, g, S0 = gated_delta_rule_inputs("mild" if rule == "gated_deltanet" else "one", beta=beta, **kw)
+        y, S = delta_rule(form, q, k, v, b, g, S0) if rule == "gated_deltanet" else delta_rule(form, q, k, v, b, S0)
+        return q, k, v, g, S0, y, S
+    q, k, v, g, S0, y, S = rule_of(BETAS["zero"])
+    c = g.cumsum(1)
+    assert rel_err(S, S0 * c[:, -1, :, None, None].exp()) <= 1e-12
+    assert rel_err(y, torch.einsum("bhed,bthd->bthe", S0, q) * c.exp()[..., None]) <= 1e-12
+    q, k, v, g, S0, y, S = rule_of(BETAS["one"], same_key=True)
+    assert rel_err(torch.einsum("bhed,bhd->bhe", S, k[:, -1]), v[:, -1]) <= 1e-10  # S k = v exactly
+    P = torch.eye(8, dtype=torch.float64) - k[:, 0, :, :, None] * k[:, 0, :, None, :]
+    assert rel_err(S @ P, g.sum(1).exp()[..., None, None] * S0 @ P) <= 1e-10  # nothing orthogonal to k changed
+
+
+@pytest.mark.parametrize("form", DELTA_FORMS)
 def test_gated_deltanet_alpha_one_is_deltanet_alpha_zero_forgets(form):
-    q, k, v, b, g, S0 = gdn_inputs("one")
-    y, S = gdn_core(form, q, k, v, b, g, S0)
-    y_ref, S_ref = deltanet_core(form, q, k, v, b, S0)  # alpha = 1 exactly: deltanet.py's own forms
+    q, k, v, b, g, S0 = gated_delta_rule_inputs("one")
+    y, S = delta_rule(form, q, k, v, b, g, S0)
+    y_ref, S_ref = delta_rule(form, q, k, v, b, S0)  # alpha = 1 exactly: deltanet.py's own forms
     assert rel_err(y, y_ref) <= 1e-12 and rel_err(S, S_ref) <= 1e-12
-    q, k, v, b, g, S0 = gdn_inputs("zero")  # alpha = 0: only the current token's write survives
-    y, S = gdn_core(form, q, k, v, b, g, S0)
+    q, k, v, b, g, S0 = gated_delta_rule_inputs("zero")  # alpha = 0: only the current token's write survives
+    y, S = delta_rule(form, q, k, v, b, g, S0)
     y_ref = b[..., None] * (q * k).sum(-1, keepdim=True) * v  # y_t = beta_t (k_t . q_t) v_t
     S_ref = b[:, -1, :, None, None] * v[:, -1, :, :, None] * k[:, -1, :, None, :]
     assert rel_err(y, y_ref) <= 1e-12 and rel_err(S, S_ref) <= 1e-12
 
 
-@pytest.mark.parametrize("form", GDN_FORMS)
-def test_gated_deltanet_beta_zero_skips_and_beta_one_overwrites(form):
-    q, k, v, b, g, S0 = gdn_inputs("mild", beta=DELTANET_BETAS["zero"])  # only the decay acts
-    y, S = gdn_core(form, q, k, v, b, g, S0)
-    c = g.cumsum(1)
-    assert rel_err(S, S0 * c[:, -1, :, None, None].exp()) <= 1e-12
-    assert rel_err(y, torch.einsum("bhed,bthd->bthe", S0, q) * c.exp()[..., None]) <= 1e-12
-    q, k, v, b, g, S0 = gdn_inputs("mild", beta=DELTANET_BETAS["one"], same_key=True)  # one key, again and again
-    y, S = gdn_core(form, q, k, v, b, g, S0)
-    assert rel_err(torch.einsum("bhed,bhd->bhe", S, k[:, -1]), v[:, -1]) <= 1e-10  # S k = v exactly
-    P = torch.eye(8, dtype=torch.float64) - k[:, 0, :, :, None] * k[:, 0, :, None, :]
-    decay = g.sum(1).exp()[..., None, None]
-    assert rel_err(S @ P, decay * S0 @ P) <= 1e-10  # what is orthogonal to k only decayed
-
-
-@pytest.mark.parametrize("L", [1, 3, 8, 64])
-def test_gated_deltanet_chunked_every_length(L):
-    """Ragged last chunks, T shorter than a chunk, one token per chunk: against the recurrence."""
-    for T in (1, 7, 8, 9, 23):
-        q, k, v, b, g, S0 = gdn_inputs(T=T, seed=T)
-        y, S = gated_deltanet.gated_delta_rule_chunked(q, k, v, b, g, S0, L)
-        y_ref, S_ref = gated_deltanet.gated_delta_rule_recurrent(q, k, v, b, g, S0)
-        assert rel_err(y, y_ref) <= 1e-10 and rel_err(S, S_ref) <= 1e-10, (T, L)
-
-
-def gated_deltanet_layer_reference(model, x, state=None):
+def gated_deltanet_reference(model, x, state=None):
     """The layer rebuilt from its parameters as fla defines it: conv as an explicit window sum, alpha
-    = exp(-softplus(w_a x + dt_bias) exp(A_log)), fla's q scale, FusedRMSNormGated, naive recurrence."""
+    = exp(-softplus(w_a x + dt_bias) exp(A_log)), fla's q scale, FusedRMSNormGated, the rule as written."""
     B, T, d = x.shape
     H, W = model.n_head, model.conv.weight[:, 0]  # [C, K]
     K, key, value = W.shape[1], model.key, model.value
@@ -1788,30 +1484,17 @@ def gated_deltanet_layer_reference(model, x, state=None):
     q, k = (z / torch.sqrt((z * z).sum(-1, keepdim=True) + 1e-6) for z in (q, k))  # fla's l2norm eps
     q = q / math.sqrt(q.shape[-1])  # fla's default scale
     alpha = torch.exp(-F.softplus(x @ model.a.weight.T + model.dt_bias) * torch.exp(model.A_log))
-    y, S = gated_deltanet_naive(q, k, v, torch.sigmoid(x @ model.beta.weight.T), alpha, S0)
+    y, S = delta_rule_reference(q, k, v, torch.sigmoid(x @ model.beta.weight.T), S0, alpha)
     y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + model.eps) * model.norm
     y = y * F.silu(x @ model.gate.weight.T).unflatten(-1, (H, -1))
     return y.flatten(2) @ model.out.weight.T, (S, p[:, -(K - 1):])
-
-
-@pytest.mark.parametrize("form", GDN_FORMS)
-def test_gated_deltanet_layer_against_reference(form):
-    model = make("gated_deltanet")
-    with torch.no_grad():
-        model.norm.add_(0.1 * torch.randn_like(model.norm))
-        x = torch.randn(2, 23, 32, dtype=torch.float64)
-        _, state = model(torch.randn(2, 6, 32, dtype=torch.float64), form="recurrent")
-        for st in (None, state):
-            y, s = model(x, st, form=form)
-            y_ref, s_ref = gated_deltanet_layer_reference(model, x, st)
-            assert rel_err(y, y_ref) <= 1e-10
-            assert rel_err(s[1], s_ref[1]) == 0 and rel_err(s[0], s_ref[0]) <= 1e-10
 
 
 def test_gated_deltanet_defaults_and_init_as_fla():
     """fla's GatedDeltaNet: 6 heads, keys 0.75 d_model and values 1.5 d_model wide, conv 4 without
     bias, no projection biases, norm eps 1e-5; A = exp(A_log) ~ U(0, 16), dt = softplus(dt_bias)
     log-uniform in [1e-3, 0.1] (Mamba2's init)."""
+    GatedDeltaNet = model_class("gated_deltanet")
     m = GatedDeltaNet(384)
     assert (m.n_head, m.key, m.value, m.chunk_size, m.eps) == (6, 288, 576, 64, 1e-5)
     assert m.conv.kernel_size == (4,) and m.conv.bias is None and m.norm.shape == (96,)
@@ -1823,80 +1506,13 @@ def test_gated_deltanet_defaults_and_init_as_fla():
     assert A.min() > 0 and A.max() < 16 and A.min() < 1 and 6 < A.mean() < 10  # U(0, 16), not Mamba2's (1, 16)
     assert dt.min() >= 1e-3 * (1 - 1e-6) and dt.max() <= 0.1 * (1 + 1e-6)
     assert abs(dt.log().mean() - math.log(1e-2)) < 0.5  # the middle of [log 1e-3, log 0.1]
-    with pytest.raises(ValueError, match="n_head"):
-        GatedDeltaNet(30, n_head=4)
 
 
-def test_gated_deltanet_long_handoff():
-    """A prefill of 37 tokens (chunked, chunk 16), then 300 step() calls, each output against one
-    parallel pass over the whole sequence; the final states too."""
-    model = make("gated_deltanet", chunk_size=16)
-    x = torch.randn(2, 337, D_MODEL, dtype=torch.float64)
-    with torch.no_grad():
-        y_full, s_full = model(x, form="parallel")
-        y, state = model(x[:, :37])
-        assert rel_err(y, y_full[:, :37]) <= 1e-8
-        for t in range(37, 337):
-            y_t, state = model.step(x[:, t], state)
-            assert rel_err(y_t, y_full[:, t]) <= 1e-8, f"step {t}"
-    assert rel_err(state[0], s_full[0]) <= 1e-8 and rel_err(state[1], s_full[1]) <= 1e-12
-
-
-# layer regimes: alpha exactly 1 (A_log = -inf); alpha = 0 (log alpha ~ -2e5); gates jumping between the two
-GDN_LAYER_GATES = {"plain": {}, "one": dict(A_log=-math.inf), "zero": dict(A_log=10.0, dt_bias=10.0),
-                   "jumpy": dict(A_log=10.0, a_scale=1e3)}
-
-
-def gdn_layer(dtype=torch.float32, A_log=None, dt_bias=None, a_scale=None, **options):
-    model = make("gated_deltanet", dtype, **options)
-    with torch.no_grad():
-        for p, value in ((model.A_log, A_log), (model.dt_bias, dt_bias)):
-            if value is not None:
-                p.fill_(value)
-        if a_scale is not None:
-            model.a.weight.mul_(a_scale)
-    return model
-
-
-@pytest.mark.parametrize("regime", GDN_LAYER_GATES)
-def test_gated_deltanet_long_sequence_forward_backward_finite(regime):
-    """T = 16384, float32, the default (chunked) form with its default chunk, gates at 0 and 1 too."""
-    model = gdn_layer(**GDN_LAYER_GATES[regime], chunk_size=64)
-    x = torch.randn(1, 16384, D_MODEL, requires_grad=True)
-    y, (S, _) = model(x)
-    (y.square().mean() + S.square().mean()).backward()
-    assert torch.isfinite(y).all() and torch.isfinite(S).all() and torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-
-
-# ----------------------------------------------------------------------------- rwkv7.py: the official time mix by hand, decays and a at their extremes, ragged chunks, long handoff, T = 16384 with gradients, the official init and numbers
+# ---------- rwkv7.py ----------------------------------------------------------------------------
 # (the reference follows BlinkDL/RWKV-LM RWKV-v7/rwkv_v7_demo.py, written independently of rwkv7.py:
 # explicit Dk x Dk transitions, the official decay formula, GroupNorm by mean and variance, float64)
 
-import rwkv7  # noqa: E402
-from rwkv7 import RWKV7  # noqa: E402
-
-RWKV7_REGIMES = {  # shifts of w0 and a0: sigmoid saturates, so w_t and a_t sit exactly at their ends
-    "plain": (0.0, 0.0),
-    "w_min": (1000.0, 0.0),  # w_t = exp(-e^-1/2) = 0.545, the fastest decay the soft clamp allows
-    "w_one": (-1000.0, 0.0),  # w_t = 1, no decay
-    "a_zero": (0.0, -1000.0),  # nothing removed: S only decays and adds v k^T
-    "a_one": (0.0, 1000.0),  # the full delta rule: what S holds under kappa is removed
-    "w_min_a_one": (1000.0, 1000.0),
-    "w_one_a_one": (-1000.0, 1000.0),
-}
-
-
-def rwkv7_model(regime="plain", dtype=torch.float64, **options):
-    model = make("rwkv7", dtype, **options)
-    dw, da = RWKV7_REGIMES[regime]
-    with torch.no_grad():
-        model.w0.add_(dw)
-        model.a0.add_(da)
-    return model
-
-
-def rwkv7_naive(model, x, state=None):
+def rwkv7_reference(model, x, state=None):
     """The time mix token by token, as the official demo: token shift from the previous token,
     w = exp(-exp(-softplus(-(w0 + tanh(x_w w1) w2)) - 0.5)), a = sigmoid(a0 + x_a a1 a2),
     g = sigmoid(x_g g1) g2, kappa = normalize(k * k_k), k *= 1 + (a - 1) k_a, the transition
@@ -1930,69 +1546,28 @@ def rwkv7_naive(model, x, state=None):
     return torch.stack(ys, 1), (S, prev)
 
 
-@pytest.mark.parametrize("regime", RWKV7_REGIMES)
-@pytest.mark.parametrize("form", RWKV7.forms)
-def test_rwkv7_layer_against_naive(form, regime):
-    """Both forms against the official time mix by hand, from an empty state and from the state a
-    prefix left (the token shift's last input included)."""
-    model = rwkv7_model(regime)
-    x = torch.randn(2, 23, D_MODEL, dtype=torch.float64)
-    with torch.no_grad():
-        _, state = model(torch.randn(2, 6, D_MODEL, dtype=torch.float64), form="recurrent")
-        for st in (None, state):
-            y, (S, last) = model(x, st, form=form)
-            y_ref, (S_ref, last_ref) = rwkv7_naive(model, x, st)
-            assert rel_err(y, y_ref) <= 1e-10 and rel_err(S, S_ref) <= 1e-10 and torch.equal(last, last_ref)
-
-
 RWKV7_FIXED_Y = [0.0297030030385485, 0.0495036196593315, 0.038007944729875, 0.00248356790594043,
                  0.0644878508137577, 0.265196885418854, 0.298247896198625, 0.142745965235698,
                  0.195527399225427, 0.123823964299588, -0.0261612389958126, -0.159607252458972]
 RWKV7_FIXED_S = [0.301530711836971, 0.158396423211843, 0.215167170977037, 0.112964782029502]
 
 
-@pytest.mark.parametrize("form", RWKV7.forms)
-def test_rwkv7_numbers_of_the_official_demo(form):
+def test_rwkv7_numbers_of_the_official_demo():
     """Every parameter and the input set by formula (no RNG); RWKV7_FIXED_* are what the official
     demo's time mix (rwkv_v7_demo.py, its torch loop, float64, layer 0) returns for them: y at
     tokens 0, 5, 11 (first 4 channels) and the final state of head 1 (S[:2, :2]). They were computed
     outside the repository, with the demo's class and loop (commit 7384042f) loaded with these weights."""
-    model = RWKV7(64, head_size=32, chunk_size=8).double()
+    model = model_class("rwkv7")(64, head_size=32, chunk_size=8).double()
     with torch.no_grad():
         for i, (_, p) in enumerate(sorted(model.named_parameters())):
             p.copy_(0.5 * torch.sin(torch.arange(p.numel(), dtype=torch.float64) * 0.7 + i).view_as(p))
         x = torch.sin(torch.arange(12 * 64, dtype=torch.float64) * 0.3).view(1, 12, 64)
-        y, (S, _) = model(x, form=form)
-    assert torch.allclose(y[0, [0, 5, 11], :4].flatten(), torch.tensor(RWKV7_FIXED_Y, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(S[0, 1, :2, :2].flatten(), torch.tensor(RWKV7_FIXED_S, dtype=torch.float64), atol=1e-12)
-
-
-@pytest.mark.parametrize("T", [1, 7, 8, 9, 23, 64, 65])
-@pytest.mark.parametrize("chunk_size", [1, 3, 8, 64])
-def test_rwkv7_chunked_every_length(T, chunk_size):
-    """Ragged last chunks, one chunk, many chunks (T / L up to 65: seven doubling steps), from a state."""
-    model = rwkv7_model("plain", chunk_size=chunk_size)
-    x = torch.randn(2, T, D_MODEL, dtype=torch.float64)
-    with torch.no_grad():
-        _, state = model(torch.randn(2, 5, D_MODEL, dtype=torch.float64), form="recurrent")
-        y, (S, _) = model(x, state, form="chunked")
-        y_ref, (S_ref, _) = model(x, state, form="recurrent")
-    assert rel_err(y, y_ref) <= 1e-10 and rel_err(S, S_ref) <= 1e-10
-
-
-def test_rwkv7_long_handoff():
-    """A chunked prefill of 37 tokens, then 300 step() calls, each output against one chunked pass
-    over all 337 tokens (chunk 16: the prefill ends mid-chunk, the steps cross 19 chunk boundaries)."""
-    model = rwkv7_model("plain", chunk_size=16)
-    x = torch.randn(2, 337, D_MODEL, dtype=torch.float64)
-    with torch.no_grad():
-        y_full, (S_full, _) = model(x)
-        y, state = model(x[:, :37])
-        assert rel_err(y, y_full[:, :37]) <= 1e-10
-        for t in range(37, 337):
-            y_t, state = model.step(x[:, t], state)
-            assert rel_err(y_t, y_full[:, t]) <= 1e-10, f"step {t}"
-    assert rel_err(state[0], S_full) <= 1e-10 and torch.equal(state[1], x[:, -1])
+        for form in model.forms:
+            y, (S, _) = model(x, form=form)
+            assert torch.allclose(y[0, [0, 5, 11], :4].flatten(), torch.tensor(RWKV7_FIXED_Y, dtype=torch.float64),
+                                  atol=1e-12), form
+            assert torch.allclose(S[0, 1, :2, :2].flatten(), torch.tensor(RWKV7_FIXED_S, dtype=torch.float64),
+                                  atol=1e-12), form
 
 
 RWKV7_CORE_EXTREMES = {  # log w, a: None is random (log w in the clamp's range)
@@ -2004,6 +1579,7 @@ RWKV7_CORE_EXTREMES = {  # log w, a: None is random (log w in the clamp's range)
 def test_rwkv7_chunk_64_float32_at_the_clamp(case):
     """The numerics bound: chunk 64 (the largest allowed), every decay at the clamp (e^-39 over a
     chunk, factors e^+-19) or 1, a at 0 or 1 or random; T = 4096 float32 against float64."""
+    rwkv7 = module("rwkv7")
     log_w, a = RWKV7_CORE_EXTREMES[case]
     B, T, H, D = 1, 4096, 2, 16
     g = torch.Generator().manual_seed(0)
@@ -2018,21 +1594,12 @@ def test_rwkv7_chunk_64_float32_at_the_clamp(case):
     assert rel_err(y, y_ref) <= 1e-4 and rel_err(S, S_ref) <= 1e-4
 
 
-@pytest.mark.parametrize("regime", ["w_min_a_one", "w_one_a_one"])
-def test_rwkv7_16384_forward_and_backward_finite(regime):
-    model = rwkv7_model(regime, torch.float32, chunk_size=64)
-    x = torch.randn(1, 16384, D_MODEL, requires_grad=True)
-    y, (S, _) = model(x)
-    (y.square().mean() + S.square().mean()).backward()
-    assert torch.isfinite(y).all() and torch.isfinite(S).all() and torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-
-
 def test_rwkv7_init_as_official():
     """The official init (train_temp/src/model.py, layer 0, and generate_init_weight), re-derived
     here with its loops: token-shift mixes, w0, a0, k_k, k_a, r_k, zero LoRA downs and orthogonal
     ups with gain 0.1, r, k, v orthogonal with gains 1, 0.1, 1, output zero, ln_x 1 / 0 with eps
     64e-5; LoRA ranks of the released models; head size 64 (one head below d_model 64)."""
+    RWKV7 = model_class("rwkv7")
     C, N = 128, 64
     m = RWKV7(C)
     ddd = torch.tensor([i / C for i in range(C)])
@@ -2063,30 +1630,41 @@ def test_rwkv7_init_as_official():
     assert RWKV7(32).n_head == 1 and RWKV7(32).head_size == 32
 
 
-@pytest.mark.parametrize("options", [dict(head_size=24), dict(head_size=1), dict(chunk_size=65), dict(chunk_size=0)])
-def test_rwkv7_bad_options_are_errors(options):
-    with pytest.raises(ValueError, match="head_size|chunk_size"):
-        RWKV7(D_MODEL, **options)
+# ---------- attention.py ------------------------------------------------------------------------
 
-
-# ----------------------------------------------------------------------------- attention.py: the KV cache, a naive RoFormer reference, relative rotary, extreme inputs, sdpa vs parallel, long sequences, init
-
-from attention import Attention, rotary  # noqa: E402
-
-
-def attention_model(dtype=torch.float64, n_head=2, seed=0):
-    torch.manual_seed(seed)
-    return Attention(D_MODEL, n_head=n_head).to(dtype)
+def attention_reference(m, x):
+    """Each head written from the papers: R_t (RoFormer eq. 15: block-diagonal 2x2 rotations by t * 10000^(-2i/D), D
+    the head's width), q_t = R_t W_q x_t, k_s = R_s W_k x_s, y_t = sum_{s<=t} softmax(q_t.k_s/sqrt(D)) v_s. Returns y
+    and the cache: every k_s and v_s [B, H, T, D]."""
+    B, T, d = x.shape
+    H, D = m.n_head, d // m.n_head
+    Wq, Wk, Wv = (W.view(H, D, d) for W in m.qkv.weight.chunk(3, 0))
+    R = torch.zeros(T, D, D, dtype=x.dtype)
+    for t in range(T):
+        for i in range(D // 2):
+            a = t * 10000 ** (-2 * i / D)
+            R[t, 2 * i:2 * i + 2, 2 * i:2 * i + 2] = torch.tensor([[math.cos(a), -math.sin(a)],
+                                                                   [math.sin(a), math.cos(a)]], dtype=x.dtype)
+    K, V, ys = (torch.zeros(B, H, T, D, dtype=x.dtype) for _ in range(3))
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                K[b, h, t], V[b, h, t] = R[t] @ Wk[h] @ x[b, t], Wv[h] @ x[b, t]
+            for t in range(T):
+                s = torch.stack([(R[t] @ Wq[h] @ x[b, t]) @ K[b, h, j] / math.sqrt(D) for j in range(t + 1)])
+                w = torch.exp(s - s.max())
+                ys[b, h, t] = sum(w[j] / w.sum() * V[b, h, j] for j in range(t + 1))
+    return ys.transpose(1, 2).flatten(2) @ m.out.weight.T, (K, V)
 
 
 def test_attention_cache_grows_one_per_step():
-    m = attention_model()
+    m = make("attention")
     x = torch.randn(2, 9, D_MODEL, dtype=torch.float64)
     state = None
     for t in range(9):
         _, state = m.step(x[:, t], state)
         assert all(s.shape == (2, 2, t + 1, D_MODEL // 2) for s in state)
-    for form in Attention.forms:
+    for form in m.forms:
         _, state = m(x[:, :5], form=form)
         assert state[0].shape[2] == 5
         _, state = m(x[:, 5:7], state, form=form)
@@ -2095,43 +1673,9 @@ def test_attention_cache_grows_one_per_step():
         assert state[0].shape[2] == state[1].shape[2] == 8
 
 
-def attention_naive(m, x):
-    """One head, written from the papers: R_t (RoFormer eq. 15: block-diagonal 2x2 rotations by
-    t * 10000^(-2i/D)), q_t = R_t W_q x_t, k_s = R_s W_k x_s, y_t = sum_{s<=t} softmax(q_t.k_s/sqrt(D)) v_s."""
-    Wq, Wk, Wv = m.qkv.weight.chunk(3, 0)
-    B, T, D = x.shape
-    ys = torch.zeros(B, T, D, dtype=x.dtype)
-    for b in range(B):
-        R = []
-        for t in range(T):
-            Rt = torch.zeros(D, D, dtype=x.dtype)
-            for i in range(D // 2):
-                a = t * 10000 ** (-2 * i / D)
-                Rt[2 * i:2 * i + 2, 2 * i:2 * i + 2] = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=x.dtype)
-            R.append(Rt)
-        for t in range(T):
-            q = R[t] @ Wq @ x[b, t]
-            s = torch.stack([q @ (R[j] @ Wk @ x[b, j]) / math.sqrt(D) for j in range(t + 1)])
-            w = torch.exp(s - s.max())
-            w = w / w.sum()
-            ys[b, t] = sum(w[j] * (Wv @ x[b, j]) for j in range(t + 1))
-    return ys @ m.out.weight.T
-
-
-@pytest.mark.parametrize("form", Attention.forms)
-def test_attention_naive_single_head_reference(form):
-    m = attention_model(n_head=1)
-    x = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
-    ref = attention_naive(m, x)
-    y, _ = m(x, form=form)
-    assert rel_err(y, ref) <= 1e-12
-    y1, s = m(x[:, :4], form=form)  # and through a cache
-    y2, _ = m(x[:, 4:], s, form=form)
-    assert rel_err(torch.cat([y1, y2], 1), ref) <= 1e-12
-
-
 @pytest.mark.parametrize("shift", [1, 37, 1000, 16384])
 def test_attention_rotary_relative_positions(shift):
+    rotary = module("attention").rotary
     q, k = torch.randn(2, 3, 50, 16, dtype=torch.float64), torch.randn(2, 3, 50, 16, dtype=torch.float64)
     scores = rotary(q, 0) @ rotary(k, 0).transpose(-1, -2)
     shifted = rotary(q, shift) @ rotary(k, shift).transpose(-1, -2)
@@ -2146,7 +1690,7 @@ def test_attention_rotary_relative_positions(shift):
 
 def test_attention_positions_are_absolute_in_the_cache():
     """A second forward must rotate at offset t: continuing from a cache equals one pass."""
-    m = attention_model()
+    m = make("attention")
     x = torch.randn(1, 12, D_MODEL, dtype=torch.float64)
     y, _ = m(x, form="parallel")
     _, s = m(x[:, :5], form="sdpa")
@@ -2158,7 +1702,7 @@ def test_attention_positions_are_absolute_in_the_cache():
 
 @pytest.mark.parametrize("form", ["sdpa", "parallel"])
 def test_attention_no_nan_with_extreme_inputs(form):
-    m = attention_model(torch.float32)
+    m = make("attention", torch.float32)
     x = (1e3 * torch.randn(2, 64, D_MODEL)).requires_grad_()
     _, s = m(x[:, :20].detach(), form=form)
     y, s2 = m(x[:, 20:], s, form=form)
@@ -2170,7 +1714,7 @@ def test_attention_no_nan_with_extreme_inputs(form):
 
 
 def test_attention_sdpa_matches_parallel_with_cache_float32():
-    m = attention_model(torch.float32)
+    m = make("attention", torch.float32)
     x = torch.randn(2, 40, D_MODEL)
     _, s = m(x[:, :17], form="recurrent")
     ya, sa = m(x[:, 17:], s, form="sdpa")
@@ -2179,62 +1723,50 @@ def test_attention_sdpa_matches_parallel_with_cache_float32():
 
 
 def test_attention_cache_in_model_dtype_under_autocast():
-    m = attention_model(torch.float32)
+    m = make("attention", torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, s = m(torch.randn(1, 6, D_MODEL))
         y, s = m.step(torch.randn(1, D_MODEL), s)
     assert all(t.dtype == torch.float32 for t in s) and s[0].shape[2] == 7
 
 
-@pytest.mark.parametrize("form", ["sdpa", "parallel"])
+@pytest.mark.parametrize("form", ["sdpa", pytest.param("parallel", marks=slow)])
 def test_attention_long_sequence_16384_float32(form):
-    m = attention_model(torch.float32)
+    m = make("attention", torch.float32)
     with torch.no_grad():
         y, s = m(torch.randn(1, 16384, D_MODEL), form=form)
     assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in s)
 
 
-def test_attention_bad_head_count():
-    with pytest.raises(ValueError, match="n_head"):
-        Attention(32, n_head=3)
-    with pytest.raises(ValueError, match="even"):
-        Attention(24, n_head=8)  # head dim 3: rotary needs pairs
-    assert Attention(512).n_head == 8
-
-
-@pytest.mark.parametrize("form", Attention.forms)
-def test_attention_dropout_only_in_training(form):
+def test_attention_dropout_only_in_training():
     """Weight dropout changes a training forward; in eval() the same weights give the very same output."""
+    Attention = model_class("attention")
     torch.manual_seed(0)
     plain, dropped = Attention(D_MODEL), Attention(D_MODEL, dropout=0.5)
     dropped.load_state_dict(plain.state_dict())
     x = torch.randn(2, 12, D_MODEL)
-    y_plain, _ = plain.eval()(x, form=form)
-    y_train, _ = dropped.train()(x, form=form)
-    assert not torch.allclose(y_train, y_plain, atol=1e-3)
-    assert torch.equal(dropped.eval()(x, form=form)[0], y_plain)  # same weights, same ops: bit-identical
-    with pytest.raises(ValueError, match="dropout"):
-        Attention(D_MODEL, dropout=1.0)
+    for form in plain.forms:
+        y_plain, _ = plain.eval()(x, form=form)
+        y_train, _ = dropped.train()(x, form=form)
+        assert not torch.allclose(y_train, y_plain, atol=1e-3), form
+        assert torch.equal(dropped.eval()(x, form=form)[0], y_plain), form  # same weights, same ops: bit-identical
 
 
-def test_attention_init_is_torch_default():
-    """The docstring claims no init: the qkv and out projections keep nn.Linear's default."""
+def test_attention_defaults_and_init_are_torch_default():
+    """8 heads by default. The docstring claims no init: the qkv and out projections keep nn.Linear's default."""
+    assert model_class("attention")(512).n_head == 8
     torch.manual_seed(0)
-    model = Attention(256)
+    model = model_class("attention")(256)
     assert_torch_default(model.qkv, "qkv")
     assert_torch_default(model.out, "out")
 
 
-# ----------------------------------------------------------------------------- rnn.py: torch.nn.RNNCell as reference, the Newton iteration cap, Newton's exact prefix, iteration counts, init
-# (pytest -s prints the iteration counts)
+# ---------- rnn.py (pytest -s prints the iteration counts) --------------------------------------
 
-import newton  # noqa: E402
-from rnn import RNN, rnn_newton, rnn_recurrent  # noqa: E402
-
-
-def rnn_naive(model, x, h):
+def rnn_reference(model, x, h=None):
     """torch.nn.RNNCell with W_hh = diag(w_h): the same layer, written by someone else."""
     H = model.w_h.numel()
+    h = x.new_zeros(x.shape[0], H) if h is None else h
     cell = torch.nn.RNNCell(x.shape[-1], H, nonlinearity="tanh").to(x.dtype)
     with torch.no_grad():
         cell.weight_ih.copy_(model.inp.weight), cell.bias_ih.copy_(model.inp.bias)
@@ -2249,41 +1781,8 @@ def rnn_naive(model, x, h):
 def rnn_hard(T, seed=0):
     """Strongly nonlinear, long memory: w_h in (0, 3) makes channels bistable (tanh(3 h) = h has
     three roots), so the solution flips between basins and Newton resolves it only slowly."""
-    torch.manual_seed(seed)
-    model = RNN(32).double()
-    with torch.no_grad():
-        model.w_h.mul_(3)
+    model = make("rnn", seed=seed, edit=lambda m: m.w_h.mul_(3))
     return model, torch.randn(2, T, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64).tanh()
-
-
-@pytest.mark.parametrize("form", RNN.forms)
-def test_rnn_matches_torch_rnncell(form):
-    torch.manual_seed(0)
-    model = RNN(32).double()
-    x, h0 = torch.randn(3, 50, 32, dtype=torch.float64), torch.randn(3, 32, dtype=torch.float64).tanh()
-    y, h = model(x, h0, form=form)
-    y_ref, h_ref = rnn_naive(model, x, h0)
-    assert rel_err(y, y_ref) <= 1e-12 and rel_err(h, h_ref) <= 1e-12
-
-
-def test_rnn_cap_is_what_makes_it_exact():
-    """Hundreds of Newton steps, never more than T, and still the recurrent form's outputs and
-    gradients (implicit differentiation at the solution)."""
-    T = 256
-    model, x, h0 = rnn_hard(T)
-    x.requires_grad_(), h0.requires_grad_()
-    y, h = model(x, h0)
-    k = model.stats["newton_iters"]
-    print(f"\nrnn hard case, T={T}, float64: {k} Newton iterations")
-    assert 50 < k <= T
-    y_ref, h_ref = model(x, h0, form="recurrent")
-    assert rel_err(y, y_ref) <= 1e-10 and rel_err(h, h_ref) <= 1e-10
-    gy = torch.randn_like(y)
-    leaves = [x, h0] + list(model.parameters())
-    grads = torch.autograd.grad((y * gy).sum() + h.sum(), leaves)
-    ref = torch.autograd.grad((y_ref * gy).sum() + h_ref.sum(), leaves)
-    for g, r in zip(grads, ref):
-        assert rel_err(g, r) <= 1e-8
 
 
 @pytest.mark.parametrize("k", [1, 7, 64])
@@ -2292,7 +1791,7 @@ def test_rnn_first_k_steps_exact_after_k_iterations(k):
     model, x, h0 = rnn_hard(256)
     with torch.no_grad():
         u, w = model.inp(x), model.w_h
-        h, iters = rnn_newton(u, w, h0, tol=0.0, cap=k)
+        h, iters = module("rnn").rnn_newton(u, w, h0, tol=0.0, cap=k)
         hs, s = [], h0
         for t in range(x.shape[1]):
             s = torch.tanh(u[:, t] + w * s)
@@ -2308,7 +1807,7 @@ def test_rnn_iteration_counts_fresh_layer(dtype, most):
     """Fresh layer, x ~ N(0, 1): a handful of iterations, and the answer of the loop."""
     for T in (2048, 16384) if dtype == torch.float32 else (2048,):
         torch.manual_seed(0)
-        model, x = RNN(32).to(dtype), torch.randn(1, T, 32, dtype=dtype)
+        model, x = model_class("rnn")(32).to(dtype), torch.randn(1, T, 32, dtype=dtype)
         with torch.no_grad():
             y, _ = model(x)
             k = model.stats["newton_iters"]
@@ -2317,119 +1816,23 @@ def test_rnn_iteration_counts_fresh_layer(dtype, most):
         assert k <= most and rel_err(y, y_ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
 
 
-# newton.py's kernel, on the CPU through Triton's interpreter (tiles of 8 steps by 8 channels there)
-
-def spy_newton():
-    """Wrap newton.rnn and newton.lstm; the set returned fills with the names of those called, so a test can
-    see that the kernel, not rnn_newton or lstm_newton, solved."""
-    seen = set()
-    for name in ("rnn", "lstm"):
-        solve = getattr(newton, name)
-        setattr(newton, name, lambda *args, name=name, solve=solve: seen.add(name) or solve(*args))
-    return seen
-
-
-def check_newton_kernel_ragged(name, full=True, B=2, T=19, C=12, seed=0):
-    """newton.rnn or newton.lstm against the loop in float64: T = 19 (the last tile ragged), C = 12 (a full and a
-    partial block of channels), a random initial state, strong recurrent weights (many iterations)."""
-    g = torch.Generator().manual_seed(seed)
-    if name == "rnn":
-        u, w = torch.randn(B, T, C, generator=g), 3 * torch.rand(C, generator=g)
-        h0 = torch.randn(B, C, generator=g).tanh()
-        h, k = newton.rnn(u, w, h0, 1e-6)
-        ref = rnn_recurrent(u.double(), w.double(), h0.double())
-    else:
-        u, r = torch.randn(B, T, 4, C, generator=g), 5 * (2 * torch.rand(4, C, generator=g) - 1)
-        s0 = torch.stack([torch.randn(B, C, generator=g), torch.randn(B, C, generator=g).tanh()], 1)
-        h, k = newton.lstm(u, r, s0, 1e-6, full)
-        c, ref, ss = s0[:, 0].double(), s0[:, 1].double(), []
-        for t in range(T):
-            c, ref = cell(u[:, t].double(), r.double(), c, ref)
-            ss.append(torch.stack([c, ref], 1))
-        ref = torch.stack(ss, 1)
-    assert h.shape == ref.shape and rel_err(h, ref) <= 1e-5, (name, full, rel_err(h, ref))
-    assert 1 <= k <= 8, k
-
-
-def check_newton_kernel_iterations(name, full=True):
-    """On one tile (B = 1, T = 8 = BLOCK_T, 8 channels) the kernel is rnn_newton's or lstm_newton's Newton: the same
-    iteration count, over seeds and recurrent weights up to 1 and 3 (a wrong Jacobian still converges, slower)."""
-    for seed in range(2):
-        for scale in (1, 3):
-            g = torch.Generator().manual_seed(seed)
-            if name == "rnn":
-                u, w, h0 = torch.randn(1, 8, 8, generator=g), scale * torch.rand(8, generator=g), torch.zeros(1, 8)
-                got, ref = newton.rnn(u, w, h0, 1e-6)[1], rnn_newton(u, w, h0, 1e-6)[1]
-            else:
-                u, r = torch.randn(1, 8, 4, 8, generator=g), scale * (2 * torch.rand(4, 8, generator=g) - 1)
-                s0 = torch.stack([torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g).tanh()], 1)
-                got, ref = newton.lstm(u, r, s0, 1e-6, full)[1], lstm_newton(u, r, s0, 1e-6, full)[1]
-            assert got == ref, (name, full, seed, scale, float(got), ref)
-
-
-def check_newton_hard_float32(model, x, s0, device="cpu"):
-    """A hard case (rnn_hard's or lstm_hard's model, input and state) in float32, parallel form against the
-    recurrent one: outputs, final state and gradients w.r.t. the input, the initial state and every parameter, to
-    float32's 1e-4. Returns the parallel form's iteration count."""
-    model = model.to(device, torch.float32)
-
-    def run(form):
-        xf, sf = x.to(device, torch.float32).requires_grad_(), map_state(lambda t: t.to(device, torch.float32)
-                                                                         .requires_grad_(), s0)
-        y, state = model(xf, sf, form=form)
-        loss = (y * gy).sum() + sum((t * (i + 2)).sum() for i, t in enumerate(tensors(state)))
-        return [y, *tensors(state)], torch.autograd.grad(loss, [xf, *tensors(sf), *model.parameters()])
-    gy = torch.randn(*x.shape[:2], model.out.out_features, generator=torch.Generator().manual_seed(3)).to(device)
-    (out, grads), (ref, ref_grads) = run("parallel"), run("recurrent")
-    for i, (o, r) in enumerate(zip(out + list(grads), ref + list(ref_grads))):
-        assert rel_err(o, r) <= 1e-4, f"output/grad {i}: rel err {rel_err(o, r):.2e}"
-    return float(model.stats["newton_iters"])
-
-
-def test_rnn_newton_kernel_interpreted():
-    """newton.py's kernel: the layer against its loop from a prefix's state (T = 21: three tiles, the last ragged;
-    outputs, state, gradients), ragged channels, and rnn_hard at T = 20, where tiles need 5 to all 8 iterations
-    (the cap that makes a tile exact)."""
-    interpreted("import newton; seen = t.spy_newton(); t.check_form('rnn', 'parallel', torch.float32, 'cpu'); "
-                "t.check_newton_kernel_ragged('rnn'); t.check_newton_kernel_iterations('rnn'); "
-                "k = t.check_newton_hard_float32(*t.rnn_hard(20)); "
-                "print(f'rnn hard case, T=20, float32, kernel: {k:.2f} Newton iterations per tile of 8'); "
-                "assert 5 <= k <= 8, k; assert seen == {'rnn'}, seen")
-
-
-@needs_cuda
-def test_rnn_newton_kernel_cuda():
-    """On the GPU (tiles of newton.PLAN): the kernel against rnn_newton and the loop at B=4, T=1000 (16 tiles, ragged
-    channels), and rnn_hard at T=256 in float32 with gradients."""
-    torch.manual_seed(0)
-    u, w, h0 = (torch.randn(4, 1000, 200, device="cuda"), 2 * torch.rand(200, device="cuda"),
-                torch.rand(4, 200, device="cuda"))
-    h, k = newton.rnn(u, w, h0, 1e-6)
-    assert rel_err(h, rnn_newton(u, w, h0, 1e-6)[0]) <= 1e-5 and rel_err(h, rnn_recurrent(u, w, h0)) <= 1e-5
-    assert 1 <= float(k) <= newton.PLAN["rnn"][0]
-    check_newton_hard_float32(*rnn_hard(256), device="cuda")
-
-
 def test_rnn_init_as_documented():
     """w_h ~ U(0, 1), as the docstring says (every channel has memory, |dh_t/dh_{t-1}| < 1); W_x, b and
     W_o keep nn.Linear's default."""
     torch.manual_seed(0)
-    model = RNN(64, d_hidden=4096)
+    model = model_class("rnn")(64, d_hidden=4096)
     assert_uniform(model.w_h, 0.0, 1.0, "w_h")
     assert_torch_default(model.inp, "inp")
     assert_torch_default(model.out, "out")
 
 
-# ----------------------------------------------------------------------------- lstm.py: torch.nn.LSTMCell as reference, the Newton iteration cap, Newton's exact prefix, exact vs diagonal Newton, init
-# (pytest -s prints the iteration counts)
+# ---------- lstm.py (pytest -s prints the iteration counts) -------------------------------------
 
-from lstm import LSTM, cell, lstm_newton  # noqa: E402
-
-
-def lstm_naive(model, x, c, h):
+def lstm_reference(model, x, state=None):
     """torch.nn.LSTMCell (gate order i, f, g, o) with W_hh = diag(r) per gate: the same layer,
     written by someone else."""
     H = model.d_hidden
+    c, h = (x.new_zeros(x.shape[0], H), x.new_zeros(x.shape[0], H)) if state is None else state
     ours = [0, 1, 3, 2]  # torch's i, f, g, o in our order i, f, o, g
     ref = torch.nn.LSTMCell(x.shape[-1], H).to(x.dtype)
     with torch.no_grad():
@@ -2447,25 +1850,13 @@ def lstm_naive(model, x, c, h):
 def lstm_hard(T, r_scale=10.0, jacobian="full", seed=0):
     """Strongly nonlinear, long memory: recurrent weights up to r_scale, small inputs, forget bias
     4 (c remembers ~50 steps): h feeds back through saturated gates, and Newton crawls."""
-    torch.manual_seed(seed)
-    model = LSTM(32, jacobian=jacobian).double()
-    with torch.no_grad():
-        model.r.mul_(r_scale)
-        model.inp.weight.mul_(0.35)
-        model.inp.bias[32:64] += 3
+    def edit(m):
+        m.r.mul_(r_scale)
+        m.inp.weight.mul_(0.35)
+        m.inp.bias[32:64] += 3
+    model = make("lstm", seed=seed, jacobian=jacobian, edit=edit)
     x = torch.randn(2, T, 32, dtype=torch.float64)
     return model, x, (torch.randn(2, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64).tanh())
-
-
-@pytest.mark.parametrize("form", LSTM.forms)
-def test_lstm_matches_torch_lstmcell(form):
-    torch.manual_seed(0)
-    model = LSTM(32).double()
-    x = torch.randn(3, 50, 32, dtype=torch.float64)
-    s0 = (torch.randn(3, 32, dtype=torch.float64), torch.randn(3, 32, dtype=torch.float64).tanh())
-    y, (c, h) = model(x, s0, form=form)
-    y_ref, (c_ref, h_ref) = lstm_naive(model, x, *s0)
-    assert rel_err(y, y_ref) <= 1e-12 and rel_err(c, c_ref) <= 1e-12 and rel_err(h, h_ref) <= 1e-12
 
 
 # r up to 10: exact Newton takes 97 of 128 steps. The diagonal quasi-Newton is given r up to 5,
@@ -2474,25 +1865,26 @@ def test_lstm_matches_torch_lstmcell(form):
 LSTM_HARD = [("full", 10.0), ("diag", 5.0)]
 
 
-@pytest.mark.parametrize("jacobian,r_scale", LSTM_HARD)
-def test_lstm_cap_is_what_makes_it_exact(jacobian, r_scale):
-    """Nearly T Newton steps, never more, and still the recurrent form's outputs and
-    gradients (implicit differentiation at the solution)."""
-    T = 128
-    model, x, s0 = lstm_hard(T, r_scale, jacobian)
+# rnn.py and lstm.py
+@pytest.mark.parametrize("name,jacobian,r_scale,T,least", [("rnn", None, None, 256, 50),
+                                                           *[("lstm", j, r, 128, 20) for j, r in LSTM_HARD]])
+def test_newton_cap_is_what_makes_it_exact(name, jacobian, r_scale, T, least):
+    """Many Newton steps (the rnn: hundreds), never more than T, and still the recurrent form's outputs,
+    final state and gradients (implicit differentiation at the solution)."""
+    model, x, s0 = rnn_hard(T) if name == "rnn" else lstm_hard(T, r_scale, jacobian)
     x.requires_grad_()
-    s0 = tuple(t.requires_grad_() for t in s0)
-    y, (c, h) = model(x, s0)
+    s0 = map_state(lambda t: t.requires_grad_(), s0)
+    y, s = model(x, s0)
     k = model.stats["newton_iters"]
-    print(f"\nlstm hard case, T={T}, float64, jacobian={jacobian}: {k} Newton iterations")
-    assert 20 < k <= T
-    y_ref, (c_ref, h_ref) = model(x, s0, form="recurrent")
-    assert rel_err(y, y_ref) <= 1e-10 and rel_err(c, c_ref) <= 1e-10 and rel_err(h, h_ref) <= 1e-10
+    print(f"\n{name} hard case, T={T}, float64, jacobian={jacobian}: {k} Newton iterations")
+    assert least < k <= T
+    y_ref, s_ref = model(x, s0, form="recurrent")
+    assert rel_err(y, y_ref) <= 1e-10
+    assert_states_equal(s, s_ref, 1e-10, name)
     gy = torch.randn_like(y)
-    leaves = [x, *s0] + list(model.parameters())
-    grads = torch.autograd.grad((y * gy).sum() + c.sum() - h.sum(), leaves)
-    ref = torch.autograd.grad((y_ref * gy).sum() + c_ref.sum() - h_ref.sum(), leaves)
-    for g, r in zip(grads, ref):
+    leaves = [x, *tensors(s0)] + list(model.parameters())
+    loss = lambda y, s: (y * gy).sum() + sum((-1) ** i * t.sum() for i, t in enumerate(tensors(s)))  # noqa: E731
+    for g, r in zip(torch.autograd.grad(loss(y, s), leaves), torch.autograd.grad(loss(y_ref, s_ref), leaves)):
         assert rel_err(g, r) <= 1e-8
 
 
@@ -2500,14 +1892,14 @@ def test_lstm_cap_is_what_makes_it_exact(jacobian, r_scale):
 @pytest.mark.parametrize("k", [1, 7, 64])
 def test_lstm_first_k_steps_exact_after_k_iterations(k, jacobian, r_scale):
     """The guarantee behind the cap, for exact and quasi-Newton alike: k steps fix s_0 .. s_{k-1}."""
+    lstm = module("lstm")
     model, x, (c, h) = lstm_hard(128, r_scale)
-    full = jacobian == "full"
     with torch.no_grad():
         u, r = model.inp(x).unflatten(-1, (4, 32)), model.r
-        s, iters = lstm_newton(u, r, torch.stack([c, h], 1), tol=0.0, full=full, cap=k)
+        s, iters = lstm.lstm_newton(u, r, torch.stack([c, h], 1), tol=0.0, full=jacobian == "full", cap=k)
         ref = []
         for t in range(x.shape[1]):
-            c, h = cell(u[:, t], r, c, h)
+            c, h = lstm.cell(u[:, t], r, c, h)
             ref.append(torch.stack([c, h], 1))
         ref = torch.stack(ref, 1)
     assert iters == k
@@ -2521,7 +1913,7 @@ def test_lstm_iteration_counts_fresh_layer(dtype=torch.float32):
     counts = {}
     for jacobian in ("full", "diag"):
         torch.manual_seed(0)
-        model, x = LSTM(32, jacobian=jacobian).to(dtype), torch.randn(1, 2048, 32, dtype=dtype)
+        model, x = model_class("lstm")(32, jacobian=jacobian).to(dtype), torch.randn(1, 2048, 32, dtype=dtype)
         with torch.no_grad():
             y, _ = model(x)
             counts[jacobian] = model.stats["newton_iters"]
@@ -2531,61 +1923,6 @@ def test_lstm_iteration_counts_fresh_layer(dtype=torch.float32):
     assert counts["full"] <= 12 < counts["diag"]
 
 
-def test_lstm_newton_kernel_interpreted():
-    """newton.py's kernel: the layer against its loop from a prefix's state (three tiles, the last ragged; outputs,
-    state, gradients); with exact and diagonal Jacobians ragged channels and the reference's iteration counts; and
-    lstm_hard at T = 20, where tiles need many of their 8 iterations."""
-    interpreted("import newton; seen = t.spy_newton(); t.check_form('lstm', 'parallel', torch.float32, 'cpu')\n"
-                "for full in (True, False):\n"
-                "    t.check_newton_kernel_ragged('lstm', full)\n"
-                "    t.check_newton_kernel_iterations('lstm', full)\n"
-                "k = t.check_newton_hard_float32(*t.lstm_hard(20))\n"
-                "print(f'lstm hard case, T=20, float32, kernel: {k:.2f} Newton iterations per tile of 8')\n"
-                "assert 5 <= k <= 8, k\n"
-                "assert seen == {'lstm'}, seen")
-
-
-@needs_cuda
-def test_lstm_newton_kernel_cuda():
-    """On the GPU: the kernel against lstm_newton and the loop at B=4, T=1000, ragged channels, both Jacobians;
-    lstm_hard at T=256 in float32 with gradients."""
-    torch.manual_seed(0)
-    u, r = torch.randn(4, 1000, 4, 200, device="cuda"), 2 * torch.rand(4, 200, device="cuda") - 1
-    s0 = torch.stack([torch.randn(4, 200, device="cuda"), torch.rand(4, 200, device="cuda")], 1)
-    c, h, ref = s0[:, 0], s0[:, 1], []
-    for t in range(u.shape[1]):
-        c, h = cell(u[:, t], r, c, h)
-        ref.append(torch.stack([c, h], 1))
-    ref = torch.stack(ref, 1)
-    for full in (True, False):
-        s, k = newton.lstm(u, r, s0, 1e-6, full)
-        assert rel_err(s, lstm_newton(u, r, s0, 1e-6, full)[0]) <= 1e-5 and rel_err(s, ref) <= 1e-5
-        assert 1 <= float(k) <= newton.PLAN["lstm"][0]
-    for jacobian, r_scale in LSTM_HARD:
-        check_newton_hard_float32(*lstm_hard(256, r_scale, jacobian), device="cuda")
-
-
-@needs_cuda
-@pytest.mark.parametrize("name", ["rnn", "lstm"])
-def test_newton_kernel_in_a_cuda_graph(name):
-    """The parallel form needs no host sync: captured in a CUDA graph, replayed on new inputs, it gives eager's
-    outputs, state and iteration count."""
-    model = make(name, torch.float32, "cuda")
-    x, s0 = torch.randn(2, 300, D_MODEL, device="cuda"), None
-    with torch.no_grad():
-        model(x)  # kernels compiled and loaded before the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y, state = model(x)
-            iters = model.stats["newton_iters"]
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        y_ref, state_ref = model(x)
-    for o, r in zip([y, *tensors(state)], [y_ref, *tensors(state_ref)]):
-        assert torch.equal(o, r)
-    assert torch.equal(iters, model.stats["newton_iters"])
-
-
 def test_lstm_init_forget_bias_one_on_the_gate_that_keeps_c():
     """Gers et al. 2000: the forget gate's bias starts at 1. In the parameters: in the docstring's gate
     order [i, f, o, g] the f slice is 1, the other biases and W keep nn.Linear's default, r ~ U(-1, 1)
@@ -2593,7 +1930,7 @@ def test_lstm_init_forget_bias_one_on_the_gate_that_keeps_c():
     that differ by 1 in c differ by f in the next c; f, the gate that multiplies c_{t-1}, is sigmoid(1)."""
     torch.manual_seed(0)
     H = 1024
-    model = LSTM(64, d_hidden=H).double()
+    model = model_class("lstm")(64, d_hidden=H).double()
     b, bound = model.inp.bias.view(4, H), 1 / math.sqrt(64)
     assert (b[1] == 1).all(), "the forget slice of the bias is not 1"
     assert b[[0, 2, 3]].abs().max() <= bound, "a bias other than the forget gate's is not nn.Linear's default"
@@ -2612,14 +1949,7 @@ def test_lstm_init_forget_bias_one_on_the_gate_that_keeps_c():
         f"c_{{t-1}} is multiplied by {forget.mean():.4f}, not sigmoid(1) = 0.7311"
 
 
-# ----------------------------------------------------------------------------- train.py: a tiny run, checkpoints (latest and best), early stopping, bit-for-bit resume (and its best), Ctrl-C, the warmup lr, weight decay's groups, compile, clear errors, --help, DDP, sampling continues the state, MQAR, width matching, --mixer-args, --max-time, dropout, --report (CPU, seconds)
-
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-
-import train  # noqa: E402
+# ========== train.py ============================================================================
 
 TRAIN_TINY = ["--model", "linear_attention", "--device", "cpu", "--n-layer", "1", "--d-model", "32", "--block-size", "16",
               "--batch-size", "4", "--eval-iters", "1", "--eval-interval", "2", "--sample-len", "10", "--patience", "0"]
@@ -2756,8 +2086,9 @@ def test_train_compiles_by_default_on_cuda_only(train_data, tmp_path, monkeypatc
     assert [type(fn).__name__ for fn, _ in calls] == ["LM"] and calls[0][1] == {"mode": train.COMPILE_MODE}
 
 
+@slow
 @needs_cuda
-@pytest.mark.parametrize("name", PRESENT)
+@pytest.mark.parametrize("name", MODELS)
 def test_train_compiled_steps_match_eager_cuda(name, train_data, tmp_path):
     """10 training steps of train.py compiled (train.COMPILE_MODE, CUDA graphs) against eager, bf16
     autocast, no dropout: the validation losses at steps 0, 5 and 10 agree to 2e-2 relative (the
@@ -2807,66 +2138,6 @@ def test_train_sample_continues_the_state(name, options):
     assert "".join(chars[i] for i in expected) == text[len(prompt):]
 
 
-def generation_lm(name, device="cpu"):
-    """A 2-layer LM of width 32 with the small test options, and weights that make the context matter (at init the
-    tied embedding repeats a token)."""
-    torch.manual_seed(0)
-    model = train.LM(train.load_mixer(name), 28, 2, 32, mixer_args=MODELS[name][1])
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5 * (0.1 if n == "wte.weight" else 3))
-    return model.to(device)
-
-
-def eager_decoding(model, idx, n, temperature, seed):
-    """Decoding written out: the prompt in one pass, then step() on each sampled token (the argmax at temperature
-    0, else softmax(logits / temperature) sampled by a generator seeded with seed)."""
-    g, training = torch.Generator(device=idx.device).manual_seed(seed), model.training
-    with torch.no_grad():
-        logits, states = model.eval()(idx)
-        logits, out = logits[:, -1], [idx]
-        for _ in range(n):
-            token = (logits.argmax(-1) if temperature == 0 else
-                     torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=g)[:, 0])
-            out.append(token[:, None])
-            logits, states = model.step(token, states)
-    model.train(training)
-    return torch.cat(out, 1)
-
-
-@pytest.mark.parametrize("name", ["rnn", "lstm", "attention", "retnet", "mamba2"])
-def test_train_generate_is_the_eager_decoding_loop(name):
-    """On the CPU generate() runs eager: the loop's tokens for a batch of two prompts, at temperature 0 and 0.8 (the
-    same draws), and the model left in the mode it came in."""
-    model = generation_lm(name).train()
-    idx = torch.randint(28, (2, 11), generator=torch.Generator().manual_seed(1))
-    for temperature in (0, 0.8):
-        out = train.generate(model, idx, 17, temperature, seed=5)
-        assert out.shape == (2, 28) and torch.equal(out[:, :11], idx)
-        assert torch.equal(out, eager_decoding(model, idx, 17, temperature, seed=5)), temperature
-    assert model.training
-
-
-@needs_cuda
-@pytest.mark.parametrize("name", PRESENT)
-def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
-    """generate() replaying one CUDA graph per token gives the tokens of eager decoding (cuda_graph=False), float32
-    and bf16 autocast, temperature 0 and 0.8; every model but attention (its KV cache grows) is graphed."""
-    model = generation_lm(name, "cuda")
-    graphs = []
-    step_graph = train.step_graph
-    monkeypatch.setattr(train, "step_graph", lambda *args: graphs.append(1) or step_graph(*args))
-    idx = torch.randint(28, (1, 23), device="cuda")
-    for low in (False, True):
-        for temperature in (0, 0.8):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low):
-                eager = train.generate(model, idx, 40, temperature, seed=2, cuda_graph=False)
-                graphed = train.generate(model, idx, 40, temperature, seed=2)
-            assert torch.equal(graphed, eager), (low, temperature)
-    assert len(graphs) == (0 if name == "attention" else 4), graphs
-
-
 @pytest.mark.parametrize("content,message", [(None, "cannot read"), ("", "is empty"), ("x" * 50, "too short")])
 def test_train_bad_data_is_a_clear_error(tmp_path, capsys, content, message):
     path = tmp_path / "data.txt"
@@ -2901,7 +2172,8 @@ TRAIN_BAD = [  # (flags, what the one-line error must name)
     (["--model", "mamba2", "--mixer-args", "d_state=-4"], "sizes must be >= 1, got d_state"),  # Mamba2's own ValueError
     (["--model", "linear_attention", "--mixer-args", "chunk_size=0"], "chunk_size"),
     (["--model", "attention", "--mixer-args", "n_head=0"], "n_head"),
-    (["--model", "attention", "--mixer-args", "rope_base=0.0"], "loss is nan"),
+    (["--model", "attention", "--mixer-args", "rope_base=0.0"], "loss is nan"), (["--resume"], "no checkpoint"),
+    (["--task", "mqar", "--num-pairs", "5", "--mqar-vocab", "16"], "4 * num_pairs <= --block-size"),  # 4 * 5 > 16
 ]
 if not CUDA:
     TRAIN_BAD.append((["--device", "cuda"], "--device cuda"))
@@ -3043,24 +2315,16 @@ def test_train_ddp_ctrl_c_saves_at_one_step_and_leaves_the_group(train_data, tmp
 TRAIN_MQAR = TRAIN_TINY + ["--task", "mqar", "--num-pairs", "3", "--mqar-vocab", "16"]
 
 
-def test_train_unknown_model_lists_the_models(capsys):
+def test_train_unknown_or_no_model_lists_the_models(capsys):
     msg = train_error_of(["--model", "transformer_xl"], capsys)
     assert "invalid choice" in msg and "linear_attention" in msg and "mamba2" in msg
+    assert "--model" in train_error_of([], capsys)
 
 
 def test_train_missing_model_file_is_a_clear_error(train_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(train.MODELS, "ghost", "Ghost")
     argv = TRAIN_TINY + ["--model", "ghost", "--data", train_data, "--out-dir", str(tmp_path)]
     assert "ghost.py is not in" in train_error_of(argv, capsys)
-
-
-def test_train_resume_without_checkpoint_is_a_clear_error(train_data, tmp_path, capsys):
-    argv = TRAIN_TINY + ["--data", train_data, "--out-dir", str(tmp_path / "none"), "--resume"]
-    assert "no checkpoint" in train_error_of(argv, capsys)
-
-
-def test_train_no_model_is_a_clear_error(capsys):
-    assert "--model" in train_error_of([], capsys)
 
 
 def test_train_mqar_batch_is_recall_and_a_function_of_seed_and_i():
@@ -3127,11 +2391,6 @@ def test_train_start_and_final_records_have_the_study_fields_and_the_state_size(
     attn = train.LM(train.load_mixer("attention"), 16, 2, 32)
     assert train.state_size(attn, 16) == 2 * 16 * 32 and train.state_size(attn.eval(), 40) == 2 * 40 * 32
     assert not attn.training and train.state_size(attn.train(), 8) and attn.training  # its mode restored
-
-
-def test_train_mqar_needs_room_for_the_queries(tmp_path, capsys):
-    argv = TRAIN_MQAR + ["--num-pairs", "5", "--out-dir", str(tmp_path / "out")]  # 4 * 5 > block 16
-    assert "4 * num_pairs <= --block-size" in train_error_of(argv, capsys)
 
 
 def test_train_dropout_reaches_a_mixer_that_takes_one():
@@ -3248,6 +2507,16 @@ def test_train_commit_of_names_uncommitted_code(tmp_path):
     assert train.commit_of(tmp_path) == head + " (modified)"
 
 
+# ========== bench.py ============================================================================
+
+def test_bench_cpu_smoke_run_prints_every_table(capsys):
+    bench.main(["--device", "cpu", "--quick"])
+    out = capsys.readouterr().out
+    for header in ("### scan.py", "### layers", "### chunked cores", "### decoding", "### training steps"):
+        assert header in out, f"bench.py printed no {header!r} table"
+    assert "Error" not in out and "OOM" not in out and "nan" not in out, out
+
+
 @pytest.fixture
 def figures(monkeypatch):
     """The figures bench.py --report saves, by file name, to read their lines; None without matplotlib."""
@@ -3264,14 +2533,14 @@ def figures(monkeypatch):
     return saved
 
 
-def test_train_report_tabulates_the_runs(train_data, tmp_path, capsys, figures):
+def test_bench_report_tabulates_the_runs(train_data, tmp_path, capsys, figures):
     runs = tmp_path / "runs"
     train_run(train_data, runs / "text", "--max-iters", "2")
     train.main(TRAIN_MQAR + ["--max-iters", "2", "--out-dir", str(runs / "recall")])
     (runs / "unfinished").mkdir()
     (runs / "unfinished" / "log.jsonl").write_text(json.dumps(dict(type="eval", step=0)) + "\n")
     capsys.readouterr()
-    importlib.import_module("bench").main(["--report", str(runs)])
+    bench.main(["--report", str(runs)])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(rows) == 5 and rows[1].startswith("| recall | linear_attention | mqar |")  # then the recall table
@@ -3286,7 +2555,7 @@ def test_train_report_tabulates_the_runs(train_data, tmp_path, capsys, figures):
     assert evals[0]["tokens"] == 0 and evals[-1]["tokens"] == 2 * 4 * 16 and by_tokens.get_xscale() == "log"
 
 
-def test_train_report_takes_a_cut_runs_best_evaluation_not_its_last(tmp_path, capsys):
+def test_bench_report_takes_a_cut_runs_best_evaluation_not_its_last(tmp_path, capsys):
     """Text runs cut before their final line (killed, or still running): the report's best val loss and the seeds
     table's step of it are each run's best evaluation's (1.5 at step 100, 1.7 at 200), not its last."""
     config = dict(model="attention", task="text", params=123456, d_model=64, n_layer=2, mixer_args={}, lr=1e-3,
@@ -3297,7 +2566,7 @@ def test_train_report_takes_a_cut_runs_best_evaluation_not_its_last(tmp_path, ca
         (tmp_path / name).mkdir()
         (tmp_path / name / "log.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in [dict(type="start", step=0, seed=seed, **config)] + evals))
-    importlib.import_module("bench").main(["--report", str(tmp_path)])
+    bench.main(["--report", str(tmp_path)])
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ")]
     assert [row[6] for row in rows[1:3]] == ["1.5000", "1.7000"]  # best val loss
@@ -3305,11 +2574,11 @@ def test_train_report_takes_a_cut_runs_best_evaluation_not_its_last(tmp_path, ca
     assert rows[4] == ["attention", "cut, cut_s2", "1.6000", "1.5000", "1.7000", "100, 200"], rows
 
 
-def test_train_report_spreads_the_seeds_of_each_text_configuration(capsys):
+def test_bench_report_spreads_the_seeds_of_each_text_configuration(capsys):
     def run(name, best_val, best_step, model="attention", lr=1e-3):
         return name, dict(model=model, d_model=64, n_layer=2, lr=lr, block_size=32, batch_size=8, best_val=best_val,
                           best_step=best_step)
-    importlib.import_module("bench").report_seeds([
+    bench.report_seeds([
         run("attn", 1.44, 2750), run("rnn_s2", 1.47, 2000, "rnn"), run("attn_s2", 1.43, 2250),
         run("attn_lr3e-3", 1.30, 500, lr=3e-3),  # another configuration, one run: no row
         run("rnn", 1.46, 1750, "rnn"), run("attn_s3", 1.45, 2250), run("mamba", 1.51, 750, "mamba")])
@@ -3319,7 +2588,7 @@ def test_train_report_spreads_the_seeds_of_each_text_configuration(capsys):
                         ["rnn", "rnn_s2, rnn", "1.4650", "1.4600", "1.4700", "2000, 1750"]]
 
 
-def test_train_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, capsys, figures):
+def test_bench_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, capsys, figures):
     def run(name, accs, lr, state=1600, model="deltanet", mixer_args=None, new=True):  # accs: evals every 100 steps
         (tmp_path / name).mkdir()
         final = dict(type="final", model=model, task="mqar", params=123456, d_model=64, n_layer=2,
@@ -3344,7 +2613,7 @@ def test_train_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, cap
     lines = [start] + [dict(type="eval", step=100 * i, tokens=102400 * i, acc=a, val_loss=1 - a, train_time=i)
                        for i, a in enumerate([0.0, 0.4, 0.6])]
     (tmp_path / "cut" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    importlib.import_module("bench").main(["--report", str(tmp_path)])
+    bench.main(["--report", str(tmp_path)])
     out = capsys.readouterr().out
     table = out.split("| model | mixer args |")[1]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| ")]
@@ -3369,30 +2638,3 @@ def test_train_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, cap
     assert lines == {"attention": ("-", [8192], [1.0]), "deltanet": ("-", [1600], [0.991]),
                      "deltanet conv_size=1": ("--", [1024], [1.0]), "lstm": ("-", [64], [0.6])}
     assert ax.get_xscale() == "log"
-
-
-# ----------------------------------------------------------------------------- bench.py: imports, and its CPU smoke run
-def test_bench_cpu_smoke_run_prints_every_table(capsys):
-    bench = importlib.import_module("bench")
-    bench.main(["--device", "cpu", "--quick"])
-    out = capsys.readouterr().out
-    for header in ("### scan.py", "### layers", "### chunked cores", "### decoding", "### training steps"):
-        assert header in out, f"bench.py printed no {header!r} table"
-    assert "Error" not in out and "OOM" not in out and "nan" not in out, out
-
-
-@pytest.mark.parametrize("name,conv", [(n, c) for n, c in [("deltanet", "conv_size"), ("gated_deltanet", "conv_size"),
-                                                           ("mamba", "d_conv"), ("mamba2", "d_conv")] if n in PRESENT])
-def test_conv_free_variant_forms_agree(name, conv):
-    """The recall study's conv-free variants (--mixer-args conv_size=1 / d_conv=1: a width-1 conv, no mixing in
-    time): every form and a loop of step() agree."""
-    torch.manual_seed(0)
-    m = make(name, **{conv: 1})
-    x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
-    state, ys = None, []
-    for t in range(x.shape[1]):
-        y, state = m.step(x[:, t], state)
-        ys.append(y)
-    for form in type(m).forms:
-        y, _ = m(x, form=form)
-        assert rel_err(y, torch.stack(ys, 1)) <= 1e-10, form
