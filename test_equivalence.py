@@ -43,23 +43,33 @@ DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 slow = pytest.mark.skipif(os.environ.get("SLOW") != "1", reason="slow: run with SLOW=1")
 
-# file -> (class, small options for tests: several chunks, a few heads, Mamba2's groups, DeltaNet's gate)
+# file -> (class, small options for tests: several chunks, a few heads, Mamba2's and Mamba3's groups, DeltaNet's gate)
 MODELS = {
     "linear_attention": ("LinearAttention", dict(n_head=2, chunk_size=8)),
     "retnet": ("RetNet", dict(n_head=2, chunk_size=8)),
     "gated_retention": ("GatedRetention", dict(n_head=2, chunk_size=8)),
     "mamba2": ("Mamba2", dict(headdim=8, d_state=8, chunk_size=8, ngroups=2)),
+    "mamba3": ("Mamba3", dict(headdim=8, d_state=8, chunk_size=8, ngroups=2)),
     "mamba": ("Mamba", dict(d_state=4)),
     "deltanet": ("DeltaNet", dict(n_head=2, chunk_size=8, use_gate=True)),
     "gated_deltanet": ("GatedDeltaNet", dict(n_head=2, chunk_size=8)),
     "rwkv7": ("RWKV7", dict(head_size=16, chunk_size=8, decay_lora=4, a_lora=4, gate_lora=8)),
+    "kda": ("KDA", dict(head_dim=8, chunk_size=8)),
     "attention": ("Attention", dict(n_head=2)),
     "rnn": ("RNN", dict()),
     "lstm": ("LSTM", dict()),
+    "mlstm": ("MLSTM", dict(chunk_size=8)),
 }
 CHUNKED = [m for m in MODELS if "chunk_size" in MODELS[m][1]]
+LARGEST_CHUNK = {"kda": 32}  # else 64 (kda's bound: e^(5 L / 2) factors inside a chunk)
 D_MODEL = 32
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+
+def in_proj_rows(m, i):
+    """Mamba3's in_proj rows that make its output i of (z, x, B, C, dt, A, lambda, angles)."""
+    return m.in_proj.weight[sum(m.sizes[:i]):sum(m.sizes[:i + 1])]
+
 
 # each model's gates at their ends, as edits make() applies: name -> {regime: edit(model)}
 EXTREMES = {
@@ -82,10 +92,30 @@ EXTREMES = {
         # allows) or 1 (no decay), a_t = 0 (nothing removed: S only decays and adds v k^T) or 1 (the full delta rule)
         "w_min": (1e3, 0.0), "w_one": (-1e3, 0.0), "a_zero": (0.0, -1e3), "a_one": (0.0, 1e3),
         "w_min_a_one": (1e3, 1e3), "w_one_a_one": (-1e3, 1e3)}.items()},
+    "mamba3": {  # in_proj_rows(m, i): the rows that make A (5), lambda (6), the angles (7)
+        "decay_1": lambda m: m.dt_bias.fill_(-40.0),  # dt ~ 4e-18: decay exactly 1, nothing written
+        "decay_0": lambda m: (m.dt_bias.fill_(30.0), in_proj_rows(m, 5).mul_(1e4)),  # dt A to -1e5: exp underflows
+        "decay_0_and_1": lambda m: (in_proj_rows(m, 5).mul_(1e4), m.dt_bias.fill_(2.0)),  # A = -A_floor or huge
+        "lambda_0_and_1": lambda m: in_proj_rows(m, 6).mul_(1e3),  # sigmoid saturates: lambda exactly 0 or 1
+        "fast_turns": lambda m: (in_proj_rows(m, 7).mul_(1e3), m.dt_bias.fill_(3.0)),  # |w| = pi, dt ~ 3
+        "mixed": lambda m: (m.dt_bias.copy_(torch.linspace(-20, 20, m.n_head)), in_proj_rows(m, 5).mul_(1e4),
+                            in_proj_rows(m, 6).mul_(1e3))},
+    "kda": {  # alpha = 1 in every channel (the gate's sigmoid at 0); alpha = e^-5, the lowest (sigmoid at 1);
+        # channels and tokens jumping between the two (f_proj x 100: most gates within 0.01 of an end)
+        "one": lambda m: m.dt_bias.fill_(-1e4), "lowest": lambda m: m.dt_bias.fill_(1e4),
+        "jumpy": lambda m: m.f_proj[1].weight.mul_(100)},
+    "mlstm": {r: (lambda m, i=i, f=f: (m.gates.bias[:m.n_head].fill_(i), m.gates.bias[m.n_head:].fill_(f)))
+              for r, (i, f) in {  # gate biases i~, f~: f = 1 exactly or exp(-1e4) = 0, i = e^1e4 or e^-1e4
+                  "f_one_i_huge": (1e4, 1e4), "f_zero_i_tiny": (-1e4, -1e4), "f_zero_i_huge": (1e4, -1e4),
+                  "f_one_i_tiny": (-1e4, 1e4)}.items()},
 }
 EXTREME_CASES = [(name, regime) for name in EXTREMES for regime in EXTREMES[name]]
-# the parameters of a gate that can underflow: their gradients are ~0 in the recurrence there (see check_form)
-GATES = {"gated_retention": ("gate.",), "gated_deltanet": ("A_log", "dt_bias", "a.")}
+# the parameters whose gradients are ~0 in the recurrence at the extremes (see check_form): those of a gate that
+# underflows; mlstm's q, k and gates where one token outweighs the rest (f = 0, i = e^1e4: h_t = +-v_t), where the
+# float32 recurrence itself is 2e-4 (gates) to 0.5 (wq) off float64, its parallel and chunked forms 1e-5 and 4e-3
+GATES = {"gated_retention": ("gate.",), "gated_deltanet": ("A_log", "dt_bias", "a."), "mlstm": ("wq", "wk", "gates.")}
+# the regimes an independent reference cannot take: i = e^1e4 overflows mlstm's (the paper's unstabilised recurrence)
+UNREFERENCED = [("mlstm", "f_one_i_huge"), ("mlstm", "f_zero_i_huge")]
 
 
 def rel_err(out, ref):
@@ -551,10 +581,10 @@ def check_form(name, form, dtype, device, T=21, B=2, tol=None, edit=None, gates=
 
 def check_long(name, regime, device):
     """T = 16384 (attention on the CPU: 4096, its T x T scores) in float32 through the default (training) form, under
-    bf16 autocast on a GPU, forward and backward, chunks of 8 (2048 composed) and 64 (the largest factors inside a
-    chunk): the output, the state and every gradient finite."""
+    bf16 autocast on a GPU, forward and backward, chunks of 8 (2048 composed) and the largest allowed (64; kda: 32),
+    where the factors inside a chunk are largest: the output, the state and every gradient finite."""
     T = 4096 if name == "attention" and device == "cpu" else 16384
-    for chunk in [dict(chunk_size=8), dict(chunk_size=64)] if name in CHUNKED else [{}]:
+    for chunk in [dict(chunk_size=8), dict(chunk_size=LARGEST_CHUNK.get(name, 64))] if name in CHUNKED else [{}]:
         model = make(name, torch.float32, device, edit=EXTREMES.get(name, {}).get(regime), **chunk)
         x = torch.randn(1 if device == "cpu" else 2, T, D_MODEL, device=device, requires_grad=True)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
@@ -595,7 +625,8 @@ def test_forms_match_recurrent_at_the_extremes(name, regime, dtype, tol):
             check_form(name, form, dtype, "cpu", T=T, tol=tol, edit=EXTREMES[name][regime], gates=GATES.get(name, ()))
 
 
-@pytest.mark.parametrize("name,regime", [(name, "plain") for name in MODELS] + EXTREME_CASES)
+@pytest.mark.parametrize("name,regime", [(name, "plain") for name in MODELS]
+                         + [case for case in EXTREME_CASES if case not in UNREFERENCED])
 def test_forms_match_reference(name, regime):
     """Every form against the model's independent reference (<model>_reference, each model's section: written from
     the paper or by someone else), from an empty state and from the state the form left after a prefix (the
@@ -705,7 +736,7 @@ def test_long_decoding_matches_one_pass(name):
 
 # the models with a short conv, and the option that sets its width
 @pytest.mark.parametrize("name,conv", [("deltanet", "conv_size"), ("gated_deltanet", "conv_size"), ("mamba", "d_conv"),
-                                       ("mamba2", "d_conv")])
+                                       ("mamba2", "d_conv"), ("kda", "conv_size"), ("mlstm", "conv_size")])
 def test_conv_free_variant_forms_agree(name, conv):
     """The recall study's conv-free variants (--mixer-args conv_size=1 / d_conv=1: a width-1 conv, no mixing in
     time): every form and a loop of step() agree."""
@@ -731,6 +762,10 @@ def test_unknown_form_is_an_error(name):
     ("rwkv7", 32, dict(chunk_size=65), "chunk_size"), ("rwkv7", 32, dict(chunk_size=0), "chunk_size"),
     ("attention", 32, dict(n_head=3), "n_head"), ("attention", 24, dict(n_head=8), "even"),  # head dim 3: no pairs
     ("attention", 32, dict(dropout=1.0), "dropout"), ("gated_deltanet", 30, dict(n_head=4), "n_head"),
+    ("mamba3", 32, dict(d_state=2), "rope_fraction"),  # d_state 2: no angle to turn
+    ("mamba3", 32, dict(headdim=24), "headdim"), ("kda", 48, dict(head_dim=32), "head_dim"),
+    ("kda", 64, dict(chunk_size=33), "chunk_size"), ("kda", 64, dict(chunk_size=0), "chunk_size"),
+    ("mlstm", 31, dict(n_head=4), "d_model"), ("mlstm", 32, dict(n_head=3), "d_model"),
 ])
 def test_bad_options_are_errors(name, d_model, options, message):
     with pytest.raises(ValueError, match=message):
@@ -765,17 +800,28 @@ def test_compiled_matches_eager_inductor_interpreted(name):
 
 # ========== each model: its reference, its extremes, its init ===================================
 
-def assert_uniform(w, low, high, what):
-    """The entries of w are draws from U(low, high): all inside, and the Kolmogorov-Smirnov distance
-    of their empirical CDF from the uniform CDF below 1.95 / sqrt(n), its 0.1% critical value."""
-    x = w.detach().double().flatten().sort().values
-    n, slack = x.numel(), 1e-6 * (high - low)  # float32 draws: rounding at the ends
-    assert x[0] >= low - slack and x[-1] <= high + slack, \
-        f"{what}: range [{x[0]:.4g}, {x[-1]:.4g}] is not inside [{low:.4g}, {high:.4g}]"
-    cdf = (x - low) / (high - low)
+def assert_drawn(cdf, what):
+    """cdf: a distribution's CDF at sorted draws from it: the Kolmogorov-Smirnov distance of their empirical CDF
+    from it below 1.95 / sqrt(n), its 0.1% critical value."""
+    n = cdf.numel()
     i = torch.arange(1, n + 1, dtype=torch.float64)
     ks = torch.maximum(i / n - cdf, cdf - (i - 1) / n).max().item()
-    assert ks <= 1.95 / math.sqrt(n), f"{what}: KS distance {ks:.3f} from U({low:.4g}, {high:.4g}), n = {n}"
+    assert ks <= 1.95 / math.sqrt(n), f"{what}: KS distance {ks:.3f}, n = {n}"
+
+
+def assert_uniform(w, low, high, what):
+    """The entries of w are draws from U(low, high): all inside, and their KS distance small (assert_drawn)."""
+    x = w.detach().double().flatten().sort().values
+    slack = 1e-6 * (high - low)  # float32 draws: rounding at the ends
+    assert x[0] >= low - slack and x[-1] <= high + slack, \
+        f"{what}: range [{x[0]:.4g}, {x[-1]:.4g}] is not inside [{low:.4g}, {high:.4g}]"
+    assert_drawn((x - low) / (high - low), f"{what} from U({low:.4g}, {high:.4g})")
+
+
+def assert_normal(w, std, what):
+    """The entries of w are draws from N(0, std^2): their KS distance small (assert_drawn)."""
+    x = w.detach().double().flatten().sort().values
+    assert_drawn(0.5 * (1 + torch.erf(x / (std * math.sqrt(2)))), f"{what} from N(0, {std:.4g}^2)")
 
 
 def assert_torch_default(layer, what):
@@ -1085,6 +1131,154 @@ def test_mamba2_cuda_bf16_at_the_extremes(regime):
     assert rel_err(y16, y32) <= 5e-2
 
 
+# ---------- mamba3.py ---------------------------------------------------------------------------
+
+def to_complex(v, theta, n):
+    """A turned pair (v_2i, v_2i+1) of the layer's state -> the complex number it stands for in the unturned
+    frame, exp(i theta) (v_2i - i v_2i+1); dimensions from 2 n on stay real. theta [B, H, n], v [B, H, (P,) N]."""
+    c = torch.exp(1j * theta)[..., None, :] if v.dim() == theta.dim() + 1 else torch.exp(1j * theta)
+    return c * torch.complex(v[..., 0:2 * n:2], -v[..., 1:2 * n:2]), v[..., 2 * n:]
+
+
+def from_complex(vc, vr, theta):
+    """to_complex's inverse: the complex pairs vc and the real dimensions vr -> the layer's turned vector."""
+    z = vc * (torch.exp(-1j * theta)[..., None, :] if vc.dim() == theta.dim() + 1 else torch.exp(-1j * theta))
+    return torch.cat([torch.stack([z.real, -z.imag], -1).flatten(-2), vr], -1)
+
+
+def mamba3_complex(m, x, state=None):
+    """The paper's complex SSM with the exponential-trapezoidal rule, written out token by token, head by head, in
+    float64 complex numbers, with no rotary: per complex pair, B~ = b_2i - i b_2i+1, C~ = c_2i + i c_2i+1 and
+        h_t = exp(dt (A + i w)) h_{t-1} + (1 - lambda) dt exp(dt (A + i w)) B~_{t-1} x_{t-1} + lambda dt B~_t x_t,
+        y_t = Re(h_t C~_t) + D x,  w = pi tanh(angle),
+    the rest of the N dimensions real (w = 0). The layer's state (turned by theta, the sum of dt w) is read and
+    returned in its own layout: theta mod 2 pi, h, B_prev, x_prev."""
+    H, P, N, G, n = m.n_head, m.headdim, m.d_state, m.ngroups, m.n_angles
+    if state is None:
+        state = [x.new_zeros(x.shape[0], H, *s) for s in ((n,), (P, N), (N,), (P,))]
+    theta, h, B_prev, x_prev = (s.clone() for s in state)
+    hc, hr = to_complex(h, theta, n)  # [B, H, P, n] complex, [B, H, P, N - 2n]
+    bc_prev, br_prev = to_complex(B_prev, theta, n)
+    ys = []
+    for t in range(x.shape[1]):
+        z, xs, Bv, Cv, dtr, Ar, lr, ang = (x[:, t] @ m.in_proj.weight.T).split(m.sizes, -1)
+        y = torch.zeros(x.shape[0], H, P, dtype=x.dtype)
+        hc, hr, bc_new, br_new = hc.clone(), hr.clone(), torch.zeros_like(bc_prev), torch.zeros_like(br_prev)
+        for k in range(H):
+            g = k // (H // G)
+            dt = F.softplus(dtr[:, k] + m.dt_bias[k])[:, None]
+            a = Ar[:, k][:, None]
+            A = -torch.where(a >= 0, 1 + a, 1 / (1 - a)).clamp(min=m.A_floor)
+            lam = torch.sigmoid(lr[:, k])[:, None]
+            b, c = Bv[:, g * N:(g + 1) * N], Cv[:, g * N:(g + 1) * N]
+            b = b / torch.sqrt(b.pow(2).mean(-1, keepdim=True) + m.eps) * m.B_norm_weight + m.B_bias[k]
+            c = c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + m.eps) * m.C_norm_weight + m.C_bias[k]
+            bc, cc = torch.complex(b[:, 0:2 * n:2], -b[:, 1:2 * n:2]), torch.complex(c[:, 0:2 * n:2], c[:, 1:2 * n:2])
+            alpha_c = torch.exp(dt * torch.complex(A.expand(-1, n), math.pi * torch.tanh(ang)))  # [B, n]
+            alpha_r = torch.exp(dt * A)
+            theta[:, k] += dt * math.pi * torch.tanh(ang)
+            xk, xp = xs[:, k * P:(k + 1) * P, None], x_prev[:, k, :, None]  # [B, P, 1]
+            beta_, gamma = ((1 - lam) * dt)[:, None], (lam * dt)[:, None]  # [B, 1, 1]; beta = beta_ * alpha
+            hc[:, k] = alpha_c[:, None] * (hc[:, k] + beta_ * xp * bc_prev[:, k, None]) + gamma * xk * bc[:, None]
+            br = b[:, None, 2 * n:]  # the unturned dimensions
+            hr[:, k] = alpha_r[:, None] * (hr[:, k] + beta_ * xp * br_prev[:, k, None]) + gamma * xk * br
+            y[:, k] = (hc[:, k] * cc[:, None]).sum(-1).real + (hr[:, k] * c[:, None, 2 * n:]).sum(-1)
+            y[:, k] += m.D[k] * xk[..., 0]
+            bc_new[:, k], br_new[:, k] = bc, b[:, 2 * n:]
+        bc_prev, br_prev, x_prev = bc_new, br_new, xs.unflatten(-1, (H, P))
+        ys.append((y.flatten(1) * F.silu(z)) @ m.out_proj.weight.T)
+    state = (theta.remainder(2 * math.pi), from_complex(hc, hr, theta), from_complex(bc_prev, br_prev, theta), x_prev)
+    return torch.stack(ys, 1), state
+
+
+def mamba3_reference(m, x):
+    """mamba3_complex's outputs; its final state is compared below, from an arbitrary state (at dt ~ 0 the angles
+    stay at 0 mod 2 pi, which rounding puts at 0 or at 2 pi)."""
+    return mamba3_complex(m, x)[0], None
+
+
+@pytest.mark.parametrize("options", [dict(ngroups=1), {}, dict(rope_fraction=1.0, d_state=6)],
+                         ids=["g1", "g2", "rope1"])
+def test_mamba3_matches_reference_from_any_state(options):
+    """Every form against the complex recurrence (mamba3_complex) from an arbitrary state (a prefix's, with h
+    redrawn on top and angles past 2 pi): outputs and final states, the angles kept in [0, 2 pi). One and two
+    groups; every state dimension turned (rope_fraction 1)."""
+    m = make("mamba3", **options)
+    g = torch.Generator().manual_seed(1)
+    draw = lambda f, *shape: f(*shape, dtype=torch.float64, generator=g)  # noqa: E731
+    with torch.no_grad():
+        _, (theta, h, B_prev, x_prev) = m(draw(torch.randn, 2, 6, D_MODEL), form="recurrent")
+        s0 = (theta + 10 * draw(torch.rand, theta.shape), h + draw(torch.randn, h.shape), B_prev, x_prev)
+        x = draw(torch.randn, 2, 19, D_MODEL)
+        y_ref, s_ref = mamba3_complex(m, x, s0)
+        for form in m.forms:
+            y, s = m(x, s0, form=form)
+            assert rel_err(y, y_ref) <= 1e-12, f"{form}: y rel err {rel_err(y, y_ref):.2e}"
+            assert_states_equal(s, s_ref, 1e-12, f"mamba3/{form}")
+            assert (s[0] >= 0).all() and (s[0] < 2 * math.pi).all(), form
+
+
+def mamba2_euler(x, g, dt, B, C, h):
+    """Mamba-2's exponential-Euler recurrence, h_t = exp(g_t) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t."""
+    ys = []
+    for t in range(x.shape[1]):
+        h = torch.exp(g[:, t])[..., None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
+    return torch.stack(ys, 1), h
+
+
+@pytest.mark.parametrize("form", ["recurrent", "parallel", "chunked"])
+def test_mamba3_lambda_one_is_mamba2_euler(form):
+    """lambda = 1: beta = 0, the previous token drops out (whatever B_prev, x_prev hold), and every form is
+    Mamba-2's exponential-Euler recurrence; lambda = 1/2 is not."""
+    mamba3, g = module("mamba3"), torch.Generator().manual_seed(0)
+    Bsz, T, H, P, N = 2, 13, 3, 4, 6
+    x, B, C = (torch.randn(Bsz, T, H, d, dtype=torch.float64, generator=g) for d in (P, N, N))
+    dt = torch.rand(Bsz, T, H, dtype=torch.float64, generator=g)
+    gl = -dt * torch.rand(Bsz, T, H, dtype=torch.float64, generator=g) * 3
+    h, B_prev, x_prev = (torch.randn(*s, dtype=torch.float64, generator=g)
+                         for s in ((Bsz, H, P, N), (Bsz, H, N), (Bsz, H, P)))
+    y_ref, h_ref = mamba2_euler(x, gl, dt, B, C, h)
+    chunk = (5,) if form == "chunked" else ()
+    trapezoid = getattr(mamba3, f"trapezoid_{form}")
+    y, h1 = trapezoid(x, gl, dt, torch.ones_like(dt), B, C, h, B_prev, x_prev, *chunk)
+    assert rel_err(y, y_ref) <= 1e-12 and rel_err(h1, h_ref) <= 1e-12
+    y, _ = trapezoid(x, gl, dt, torch.full_like(dt, 0.5), B, C, h, B_prev, x_prev, *chunk)
+    assert rel_err(y, y_ref) > 1e-2
+
+
+def test_mamba3_state_shapes_and_dtypes():
+    m = make("mamba3", torch.float32)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, (theta, h, B_prev, x_prev) = m(torch.randn(3, 5, D_MODEL))
+        assert theta.shape == (3, m.n_head, m.n_angles) and h.shape == (3, m.n_head, m.headdim, m.d_state)
+        assert B_prev.shape == (3, m.n_head, m.d_state) and x_prev.shape == (3, m.n_head, m.headdim)
+        assert theta.dtype == h.dtype == B_prev.dtype == x_prev.dtype == torch.float32
+
+
+def test_mamba3_defaults_and_init_as_mamba_ssm():
+    """As mamba_ssm's Mamba3 (SISO): d_state 128, headdim 64, expand 2, one group, rope_fraction 1/2 (d_state / 4
+    angles), chunk 64; in_proj to 2 d_inner + 2 G N + 3 H + angles without bias; dt = softplus(dt_bias)
+    log-uniform in [1e-3, 1e-1]; B and C biases 1 [H, N]; the B and C norms' weights 1; D = 1; in_proj and
+    out_proj nn.Linear's own init."""
+    Mamba3 = model_class("mamba3")
+    m = Mamba3(64)
+    assert (m.d_state, m.headdim, m.d_inner, m.ngroups, m.n_head, m.n_angles) == (128, 64, 128, 1, 2, 32)
+    assert m.chunk_size == 64 and (m.A_floor, m.eps) == (1e-4, 1e-5)
+    assert m.in_proj.weight.shape == (2 * 128 + 2 * 128 + 3 * 2 + 32, 64)
+    assert m.in_proj.bias is None and m.out_proj.bias is None
+    assert m.B_bias.shape == m.C_bias.shape == (2, 128) and (m.B_bias == 1).all() and (m.C_bias == 1).all()
+    assert (m.B_norm_weight == 1).all() and (m.C_norm_weight == 1).all() and (m.D == 1).all()
+    assert_torch_default(m.in_proj, "in_proj")
+    assert_torch_default(m.out_proj, "out_proj")
+    torch.manual_seed(0)
+    m = Mamba3(256, expand=8, headdim=1, d_state=8)  # 2048 heads
+    dt = F.softplus(m.dt_bias.double())
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
+    assert_uniform(dt.log(), math.log(1e-3), math.log(0.1), "log dt")
+
+
 # ---------- mamba.py ----------------------------------------------------------------------------
 
 def mamba_reference(m, x):
@@ -1269,14 +1463,15 @@ def chunk_states_reference(M, C, S):
 
 
 @pytest.mark.parametrize("n_chunks", [1, 2, 3, 5, 8, 33])
-def test_deltanet_chunk_states_composes_affine_maps(n_chunks):
+@pytest.mark.parametrize("name", ["deltanet", "kda"])
+def test_chunk_states_composes_affine_maps(name, n_chunks):
     """The scan alone, on maps that are not contractions (so any misplaced factor shows)."""
     g = torch.Generator().manual_seed(n_chunks)
     M = torch.eye(4, dtype=torch.float64) + 0.3 * torch.randn(n_chunks, 2, 3, 4, 4, generator=g, dtype=torch.float64)
     C = torch.randn(n_chunks, 2, 3, 5, 4, generator=g, dtype=torch.float64)
     M, C = M.transpose(0, 1), C.transpose(0, 1)  # [B, T/L, H, *]
     S = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
-    ins, last = module("deltanet").chunk_states(M, C, S)
+    ins, last = module(name).chunk_states(M, C, S)
     ins_ref, last_ref = chunk_states_reference(M, C, S)
     assert rel_err(ins, ins_ref) <= 1e-12 and rel_err(last, last_ref) <= 1e-12
 
@@ -1630,6 +1825,161 @@ def test_rwkv7_init_as_official():
     assert RWKV7(32).n_head == 1 and RWKV7(32).head_size == 32
 
 
+# ---------- kda.py ------------------------------------------------------------------------------
+# (the reference is written from the paper, in its own layout S [Dk, Dv], with every transition an explicit Dk x Dk
+# matrix (I - beta_t k_t k_t^T) Diag(alpha_t); the layer rebuilt by hand from fla's definitions)
+
+def kda_paper(q, k, v, beta, alpha, S):
+    """Kimi Linear's KDA as written: S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T,
+    o_t = S_t^T q_t, with S [B, H, Dk, Dv] (the paper's layout, the transpose of kda.py's), in float64."""
+    q, k, v, beta, alpha, S = (x.double() for x in (q, k, v, beta, alpha, S))
+    I = torch.eye(k.shape[-1], dtype=torch.float64)
+    ys = []
+    for t in range(q.shape[1]):
+        kt, bt = k[:, t, :, :, None], beta[:, t, :, None, None]
+        S = (I - bt * kt @ kt.mT) @ torch.diag_embed(alpha[:, t]) @ S + bt * kt @ v[:, t, :, None, :]
+        ys.append((S.mT @ q[:, t, :, :, None])[..., 0])
+    return torch.stack(ys, 1), S
+
+
+def kda_reference(model, x):
+    """The layer rebuilt from its parameters as fla's KimiDeltaAttention defines it (safe_gate, lower_bound -5):
+    the convs as explicit window sums, fla's l2norm and q scale, fla's lower-bound gate, FusedRMSNormGated with
+    a sigmoid, the paper's recurrence."""
+    B, T, d = x.shape
+    H, D, W = model.n_head, model.head_dim, model.conv.weight[:, 0]  # [3 d, K]
+    K = W.shape[1]
+    p = torch.cat([x.new_zeros(B, K - 1, 3 * d), x @ model.qkv.weight.T], 1)
+    c = torch.stack([sum(p[:, t + i] * W[:, i] for i in range(K)) for t in range(T)], 1)
+    q, k, v = (z.unflatten(-1, (H, D)) for z in F.silu(c).split(d, -1))
+    q, k = (z / torch.sqrt((z * z).sum(-1, keepdim=True) + 1e-6) for z in (q, k))
+    q = q / math.sqrt(D)
+    f = (x @ model.f_proj[0].weight.T @ model.f_proj[1].weight.T).unflatten(-1, (H, D))
+    alpha = torch.exp(-5 * torch.sigmoid(model.A_log.exp()[:, None] * (f + model.dt_bias.view(H, D))))
+    y, S = kda_paper(q, k, v, torch.sigmoid(x @ model.b_proj.weight.T), alpha, x.new_zeros(B, H, D, D))
+    y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + 1e-5) * model.norm
+    gate = x @ model.g_proj[0].weight.T @ model.g_proj[1].weight.T + model.g_proj[1].bias
+    y = y * torch.sigmoid(gate).unflatten(-1, (H, D))
+    return y.flatten(2) @ model.o_proj.weight.T, (S.mT, p[:, -(K - 1):])
+
+
+# log alpha per channel: ordinary; alpha = 1 exactly; alpha at its lowest, e^-5 (the gate's bound, kda.LOWER_BOUND);
+# channels and tokens jumping between the two ends
+KDA_GATES = {
+    "random": lambda shape, g: -5 * torch.rand(shape, generator=g),
+    "one": lambda shape, g: torch.zeros(shape),
+    "lowest": lambda shape, g: torch.full(shape, -5.0),
+    "jumpy": lambda shape, g: -5 * torch.randint(0, 2, shape, generator=g),
+}
+
+
+def kda_inputs(gate="random", dtype=torch.float64, seed=0, **kw):
+    """delta_rule_inputs and log alpha g [B, T, H, Dk]: q, k, v, beta, g, S0."""
+    q, k, v, b, S0 = delta_rule_inputs(dtype=dtype, seed=seed, **kw)
+    return q, k, v, b, KDA_GATES[gate](k.shape, torch.Generator().manual_seed(seed + 1)).to(dtype), S0
+
+
+def kda_core(form, q, k, v, beta, g, S, L=8):
+    kda = module("kda")
+    return kda.kda_recurrent(q, k, v, beta, g, S) if form == "recurrent" else kda.kda_chunked(q, k, v, beta, g, S, L)
+
+
+@pytest.mark.parametrize("gate", KDA_GATES)
+@pytest.mark.parametrize("form,L", [("recurrent", None), ("chunked", 8), ("chunked", 32)],
+                         ids=["recurrent", "chunked8", "chunked32"])  # 32: the cap, factors up to e^80
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
+def test_kda_core_against_paper(form, L, gate, dtype, tol):
+    """Outputs, final state and gradients (q, k, v, beta, log alpha, S0) against the paper's recurrence in
+    float64, 70 tokens (ragged chunks of 8 and of 32)."""
+    inputs = [t.requires_grad_() for t in kda_inputs(gate, T=70, dtype=dtype)]
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    y, S = kda_core(form, *inputs, L=L)
+    q, k, v, b, g, S0 = ref_inputs
+    y_ref, S_ref = kda_paper(q, k, v, b, g.exp(), S0.mT)
+    S_ref = S_ref.mT
+    assert rel_err(y, y_ref) <= tol and rel_err(S, S_ref) <= tol
+    gen = torch.Generator().manual_seed(2)
+    gy, gS = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (y_ref, S_ref))
+    grads = torch.autograd.grad((y.double() * gy).sum() + (S.double() * gS).sum(), inputs)
+    grads_ref = torch.autograd.grad((y_ref * gy).sum() + (S_ref * gS).sum(), ref_inputs)
+    for name, a, r in zip(["q", "k", "v", "beta", "log alpha", "S0"], grads, grads_ref):
+        assert rel_err(a, r) <= tol, f"grad {name}: {rel_err(a, r):.2e}"
+
+
+@pytest.mark.parametrize("form", ["recurrent", "chunked"])
+def test_kda_one_decay_for_all_channels_is_gated_deltanet(form):
+    """The same decay in every channel is Gated DeltaNet (delta_rule_reference), alpha = 1 DeltaNet; and alpha = 0
+    (the recurrence alone: the chunked form needs log alpha >= -5) keeps only the current token's write."""
+    for gate in ("random", "one"):
+        q, k, v, b, g, S0 = kda_inputs(gate)
+        g = g[..., :1]  # one log alpha per head
+        y, S = kda_core(form, q, k, v, b, g.expand_as(k), S0)
+        y_ref, S_ref = delta_rule_reference(q, k, v, b, S0, g[..., 0].exp())
+        assert rel_err(y, y_ref) <= 1e-12 and rel_err(S, S_ref) <= 1e-12, gate
+    if form == "recurrent":
+        y, S = kda_core(form, q, k, v, b, torch.full_like(k, -math.inf), S0)
+        assert rel_err(y, b[..., None] * (q * k).sum(-1, keepdim=True) * v) <= 1e-12  # y_t = beta_t (k_t . q_t) v_t
+        assert rel_err(S, b[:, -1, :, None, None] * v[:, -1, :, :, None] * k[:, -1, :, None, :]) <= 1e-12
+
+
+@pytest.mark.parametrize("form", ["recurrent", "chunked"])
+def test_kda_beta_zero_skips_and_beta_one_overwrites(form):
+    q, k, v, b, g, S0 = kda_inputs(beta=BETAS["zero"])  # only the decays act, each key channel its own
+    y, S = kda_core(form, q, k, v, b, g, S0)
+    c = g.cumsum(1)
+    assert rel_err(S, S0 * c[:, -1, :, None, :].exp()) <= 1e-12
+    assert rel_err(y, torch.einsum("bhed,bthd->bthe", S0, q * c.exp())) <= 1e-12
+    q, k, v, b, g, S0 = kda_inputs(beta=BETAS["one"])  # every token overwrites its key's slot: S_t k_t = v_t
+    y, S = kda_core(form, k, k, v, b, g, S0)  # read with q = k
+    assert rel_err(y, v) <= 1e-10
+    q, k, v, b, g, S0 = kda_inputs(beta=BETAS["one"], same_key=True)  # one key again and again
+    y, S = kda_core(form, q, k, v, b, g, S0)
+    assert rel_err(torch.einsum("bhed,bhd->bhe", S, k[:, -1]), v[:, -1]) <= 1e-10
+
+
+@pytest.mark.parametrize("L", [1, 3, 8, 32])
+def test_kda_chunked_every_length(L):
+    """Ragged last chunks, T shorter than a chunk, one token per chunk, gates jumping between their ends: against
+    the recurrence."""
+    for T in (1, 2, 7, 8, 9, 23, 31, 32, 33, 70):
+        q, k, v, b, g, S0 = kda_inputs("jumpy", T=T, seed=T)
+        y, S = kda_core("chunked", q, k, v, b, g, S0, L)
+        y_ref, S_ref = kda_core("recurrent", q, k, v, b, g, S0)
+        assert rel_err(y, y_ref) <= 1e-10 and rel_err(S, S_ref) <= 1e-10, (T, L)
+
+
+@pytest.mark.parametrize("regime", ["plain", *EXTREMES["kda"]])
+def test_kda_largest_chunk_float32_at_the_extremes(regime):
+    """Chunks of 32, the largest (factors up to e^80), in float32 at T = 100, gates at their ends: outputs, state and
+    every gradient as the recurrent form's (check_form)."""
+    check_form("kda", "chunked", torch.float32, "cpu", T=100, edit=EXTREMES["kda"].get(regime), chunk_size=32)
+
+
+def test_kda_defaults_and_init_as_fla():
+    """fla's KimiDeltaAttention at its default width 2048: 16 heads of 128, values as wide as keys, convs of 4
+    without bias, f_proj and g_proj of rank head_dim (only g_proj's second with a bias), norm eps 1e-5 and weight
+    1; A_log = 0 (fla's with safe_gate), dt = softplus(dt_bias) log-uniform in [1e-3, 0.1] per channel;
+    projections and convs as PyTorch's defaults (drawn at width 512). Chunks of 32 at most."""
+    KDA = model_class("kda")
+    with torch.device("meta"):
+        m = KDA(2048)
+    assert (m.n_head, m.head_dim, m.chunk_size, m.eps) == (16, 128, 32, 1e-5)
+    assert m.conv.kernel_size == (4,) and m.conv.bias is None and m.conv.in_channels == 3 * 2048
+    assert [lin.weight.shape for lin in (*m.f_proj, *m.g_proj)] == [(128, 2048), (2048, 128)] * 2
+    assert [n for n, p in m.named_parameters() if n.endswith("bias")] == ["dt_bias", "g_proj.1.bias"]
+    assert m.A_log.shape == (16,) and m.norm.shape == (128,)
+    d, r = 2048, 128
+    # q, k, v, o; f_proj and g_proj; b_proj; convs; A_log; dt_bias; norm; g_proj's bias
+    assert sum(p.numel() for p in m.parameters()) == 4 * d * d + 4 * d * r + d * 16 + 3 * d * 4 + 16 + d + r + d
+    torch.manual_seed(0)
+    m = KDA(512)
+    assert m.n_head == 4 and m.A_log.abs().max() == 0 and (m.norm == 1).all()
+    assert_uniform(F.softplus(m.dt_bias.detach().double()).log(), math.log(1e-3), math.log(0.1), "log dt")
+    for name in ("qkv", "conv", "f_proj.0", "f_proj.1", "b_proj", "g_proj.0", "g_proj.1", "o_proj"):
+        assert_torch_default(m.get_submodule(name), name)
+    assert KDA(32).head_dim == 32 and KDA(384).n_head == 3
+
+
 # ---------- attention.py ------------------------------------------------------------------------
 
 def attention_reference(m, x):
@@ -1816,6 +2166,101 @@ def test_rnn_iteration_counts_fresh_layer(dtype, most):
         assert k <= most and rel_err(y, y_ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
 
 
+# newton.py's kernel, on the CPU through Triton's interpreter (tiles of 8 steps by 8 channels there)
+
+def spy_newton():
+    """Wrap newton.rnn and newton.lstm; the set returned fills with the names of those called, so a test can
+    see that the kernel, not rnn_newton or lstm_newton, solved."""
+    newton, seen = module("newton"), set()
+    for name in ("rnn", "lstm"):
+        solve = getattr(newton, name)
+        setattr(newton, name, lambda *args, name=name, solve=solve: seen.add(name) or solve(*args))
+    return seen
+
+
+def check_newton_kernel_ragged(name, full=True, B=2, T=19, C=12, seed=0):
+    """newton.rnn or newton.lstm against the loop in float64: T = 19 (the last tile ragged), C = 12 (a full and a
+    partial block of channels), a random initial state, strong recurrent weights (many iterations)."""
+    newton, g = module("newton"), torch.Generator().manual_seed(seed)
+    if name == "rnn":
+        u, w = torch.randn(B, T, C, generator=g), 3 * torch.rand(C, generator=g)
+        h0 = torch.randn(B, C, generator=g).tanh()
+        h, k = newton.rnn(u, w, h0, 1e-6)
+        ref = module("rnn").rnn_recurrent(u.double(), w.double(), h0.double())
+    else:
+        u, r = torch.randn(B, T, 4, C, generator=g), 5 * (2 * torch.rand(4, C, generator=g) - 1)
+        s0 = torch.stack([torch.randn(B, C, generator=g), torch.randn(B, C, generator=g).tanh()], 1)
+        h, k = newton.lstm(u, r, s0, 1e-6, full)
+        c, ref, ss = s0[:, 0].double(), s0[:, 1].double(), []
+        for t in range(T):
+            c, ref = module("lstm").cell(u[:, t].double(), r.double(), c, ref)
+            ss.append(torch.stack([c, ref], 1))
+        ref = torch.stack(ss, 1)
+    assert h.shape == ref.shape and rel_err(h, ref) <= 1e-5, (name, full, rel_err(h, ref))
+    assert 1 <= k <= 8, k
+
+
+def check_newton_kernel_iterations(name, full=True):
+    """On one tile (B = 1, T = 8 = BLOCK_T, 8 channels) the kernel is rnn_newton's or lstm_newton's Newton: the same
+    iteration count, over seeds and recurrent weights up to 1 and 3 (a wrong Jacobian still converges, slower)."""
+    newton = module("newton")
+    for seed in range(2):
+        for scale in (1, 3):
+            g = torch.Generator().manual_seed(seed)
+            if name == "rnn":
+                u, w, h0 = torch.randn(1, 8, 8, generator=g), scale * torch.rand(8, generator=g), torch.zeros(1, 8)
+                got, ref = newton.rnn(u, w, h0, 1e-6)[1], module("rnn").rnn_newton(u, w, h0, 1e-6)[1]
+            else:
+                u, r = torch.randn(1, 8, 4, 8, generator=g), scale * (2 * torch.rand(4, 8, generator=g) - 1)
+                s0 = torch.stack([torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g).tanh()], 1)
+                got, ref = newton.lstm(u, r, s0, 1e-6, full)[1], module("lstm").lstm_newton(u, r, s0, 1e-6, full)[1]
+            assert got == ref, (name, full, seed, scale, float(got), ref)
+
+
+def check_newton_hard_float32(model, x, s0, device="cpu"):
+    """A hard case (rnn_hard's or lstm_hard's model, input and state) in float32, parallel form against the
+    recurrent one: outputs, final state and gradients w.r.t. the input, the initial state and every parameter, to
+    float32's 1e-4. Returns the parallel form's iteration count."""
+    model = model.to(device, torch.float32)
+
+    def run(form):
+        xf = x.to(device, torch.float32).requires_grad_()
+        sf = map_state(lambda t: t.to(device, torch.float32).requires_grad_(), s0)
+        y, state = model(xf, sf, form=form)
+        loss = (y * gy).sum() + sum((t * (i + 2)).sum() for i, t in enumerate(tensors(state)))
+        return [y, *tensors(state)], torch.autograd.grad(loss, [xf, *tensors(sf), *model.parameters()])
+    gy = torch.randn(*x.shape[:2], model.out.out_features, generator=torch.Generator().manual_seed(3)).to(device)
+    (out, grads), (ref, ref_grads) = run("parallel"), run("recurrent")
+    for i, (o, r) in enumerate(zip(out + list(grads), ref + list(ref_grads))):
+        assert rel_err(o, r) <= 1e-4, f"output/grad {i}: rel err {rel_err(o, r):.2e}"
+    return float(model.stats["newton_iters"])
+
+
+def test_rnn_newton_kernel_interpreted():
+    """newton.py's kernel: the layer against its loop from a prefix's state (T = 21: three tiles, the last ragged;
+    outputs, state, gradients), ragged channels, and rnn_hard at T = 20, where tiles need 5 to all 8 iterations
+    (the cap that makes a tile exact)."""
+    interpreted("import newton; seen = t.spy_newton(); t.check_form('rnn', 'parallel', torch.float32, 'cpu'); "
+                "t.check_newton_kernel_ragged('rnn'); t.check_newton_kernel_iterations('rnn'); "
+                "k = t.check_newton_hard_float32(*t.rnn_hard(20)); "
+                "print(f'rnn hard case, T=20, float32, kernel: {k:.2f} Newton iterations per tile of 8'); "
+                "assert 5 <= k <= 8, k; assert seen == {'rnn'}, seen")
+
+
+@needs_cuda
+def test_rnn_newton_kernel_cuda():
+    """On the GPU (tiles of newton.PLAN): the kernel against rnn_newton and the loop at B=4, T=1000 (16 tiles, ragged
+    channels), and rnn_hard at T=256 in float32 with gradients."""
+    newton, rnn = module("newton"), module("rnn")
+    torch.manual_seed(0)
+    u, w, h0 = (torch.randn(4, 1000, 200, device="cuda"), 2 * torch.rand(200, device="cuda"),
+                torch.rand(4, 200, device="cuda"))
+    h, k = newton.rnn(u, w, h0, 1e-6)
+    assert rel_err(h, rnn.rnn_newton(u, w, h0, 1e-6)[0]) <= 1e-5 and rel_err(h, rnn.rnn_recurrent(u, w, h0)) <= 1e-5
+    assert 1 <= float(k) <= newton.PLAN["rnn"][0]
+    check_newton_hard_float32(*rnn_hard(256), device="cuda")
+
+
 def test_rnn_init_as_documented():
     """w_h ~ U(0, 1), as the docstring says (every channel has memory, |dh_t/dh_{t-1}| < 1); W_x, b and
     W_o keep nn.Linear's default."""
@@ -1923,6 +2368,63 @@ def test_lstm_iteration_counts_fresh_layer(dtype=torch.float32):
     assert counts["full"] <= 12 < counts["diag"]
 
 
+@slow
+def test_lstm_newton_kernel_interpreted():
+    """newton.py's kernel: the layer against its loop from a prefix's state (three tiles, the last ragged; outputs,
+    state, gradients); with exact and diagonal Jacobians ragged channels and the reference's iteration counts; and
+    lstm_hard at T = 20, where tiles need many of their 8 iterations."""
+    interpreted("import newton; seen = t.spy_newton(); t.check_form('lstm', 'parallel', torch.float32, 'cpu')\n"
+                "for full in (True, False):\n"
+                "    t.check_newton_kernel_ragged('lstm', full)\n"
+                "    t.check_newton_kernel_iterations('lstm', full)\n"
+                "k = t.check_newton_hard_float32(*t.lstm_hard(20))\n"
+                "print(f'lstm hard case, T=20, float32, kernel: {k:.2f} Newton iterations per tile of 8')\n"
+                "assert 5 <= k <= 8, k\n"
+                "assert seen == {'lstm'}, seen")
+
+
+@needs_cuda
+def test_lstm_newton_kernel_cuda():
+    """On the GPU: the kernel against lstm_newton and the loop at B=4, T=1000, ragged channels, both Jacobians;
+    lstm_hard at T=256 in float32 with gradients."""
+    newton, lstm = module("newton"), module("lstm")
+    torch.manual_seed(0)
+    u, r = torch.randn(4, 1000, 4, 200, device="cuda"), 2 * torch.rand(4, 200, device="cuda") - 1
+    s0 = torch.stack([torch.randn(4, 200, device="cuda"), torch.rand(4, 200, device="cuda")], 1)
+    c, h, ref = s0[:, 0], s0[:, 1], []
+    for t in range(u.shape[1]):
+        c, h = lstm.cell(u[:, t], r, c, h)
+        ref.append(torch.stack([c, h], 1))
+    ref = torch.stack(ref, 1)
+    for full in (True, False):
+        s, k = newton.lstm(u, r, s0, 1e-6, full)
+        assert rel_err(s, lstm.lstm_newton(u, r, s0, 1e-6, full)[0]) <= 1e-5 and rel_err(s, ref) <= 1e-5
+        assert 1 <= float(k) <= newton.PLAN["lstm"][0]
+    for jacobian, r_scale in LSTM_HARD:
+        check_newton_hard_float32(*lstm_hard(256, r_scale, jacobian), device="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["rnn", "lstm"])
+def test_newton_kernel_in_a_cuda_graph(name):
+    """The parallel form needs no host sync: captured in a CUDA graph, replayed on new inputs, it gives eager's
+    outputs, state and iteration count."""
+    model = make(name, torch.float32, "cuda")
+    x = torch.randn(2, 300, D_MODEL, device="cuda")
+    with torch.no_grad():
+        model(x)  # kernels compiled and loaded before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y, state = model(x)
+            iters = model.stats["newton_iters"]
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        y_ref, state_ref = model(x)
+    for o, r in zip([y, *tensors(state)], [y_ref, *tensors(state_ref)]):
+        assert torch.equal(o, r)
+    assert torch.equal(iters, model.stats["newton_iters"])
+
+
 def test_lstm_init_forget_bias_one_on_the_gate_that_keeps_c():
     """Gers et al. 2000: the forget gate's bias starts at 1. In the parameters: in the docstring's gate
     order [i, f, o, g] the f slice is 1, the other biases and W keep nn.Linear's default, r ~ U(-1, 1)
@@ -1947,6 +2449,252 @@ def test_lstm_init_forget_bias_one_on_the_gate_that_keeps_c():
     forget = c2 - c1
     assert rel_err(forget, torch.full_like(forget, 1 / (1 + math.exp(-1)))) <= 1e-12, \
         f"c_{{t-1}} is multiplied by {forget.mean():.4f}, not sigmoid(1) = 0.7311"
+
+
+# ---------- mlstm.py ----------------------------------------------------------------------------
+
+def mlstm_unstabilised(q, k, v, log_i, g, C, n):
+    """The paper's mLSTM as written (Beck et al. 2024, sec. 2.3), float64, no stabiliser: i_t = exp(i~_t),
+    f_t = exp(g_t), C_t = f_t C_{t-1} + i_t v_t k_t^T, n_t = f_t n_{t-1} + i_t k_t, h_t = C_t q_t / max(|n_t q_t|, 1).
+    C [B, H, Dv, Dk] and n [B, H, Dk] unstabilised."""
+    q, k, v, i, f = (t.double() for t in (q, k, v, log_i.exp(), g.exp()))
+    hs = []
+    for t in range(q.shape[1]):
+        C = f[:, t, :, None, None] * C + i[:, t, :, None, None] * v[:, t, :, :, None] * k[:, t, :, None, :]
+        n = f[:, t, :, None] * n + i[:, t, :, None] * k[:, t]
+        den = (n * q[:, t]).sum(-1).abs().clamp_min(1.0)
+        hs.append((C @ q[:, t, ..., None])[..., 0] / den[..., None])
+    return torch.stack(hs, 1), C, n
+
+
+def mlstm_unstabilised_layer(model, x):
+    """xLSTM's mLSTM layer (xlstm/blocks/mlstm/layer.py) token by token from the paper's unstabilised equations,
+    float64 (x and the model), from the empty state; its own conv window, block-diagonal matrices and per-head
+    LayerNorm. Returns y and the unstabilised (C, n): the layer keeps C~ = C exp(-m), n~ alike."""
+    P = dict(model.named_parameters())
+    inner, H = P["skip"].shape[0], model.n_head
+    Wq, Wk, Wv = (torch.block_diag(*P[w]) for w in ("wq", "wk", "wv"))
+    B, K = x.shape[0], P["conv.weight"].shape[-1]
+    window = torch.zeros(B, K, inner, dtype=torch.float64)
+    C = torch.zeros(B, H, inner // H, inner // H, dtype=torch.float64)
+    n = torch.zeros(B, H, inner // H, dtype=torch.float64)
+    ys = []
+    for t in range(x.shape[1]):
+        x_m, z = (x[:, t] @ P["up.weight"].T).split(inner, -1)
+        window = torch.cat([window[:, 1:], x_m[:, None]], 1)
+        x_c = F.silu((window * P["conv.weight"][:, 0].T).sum(1) + P["conv.bias"])
+        q, k, v = x_c @ Wq.T, x_c @ Wk.T, x_m @ Wv.T
+        pre = torch.cat([q, k, v], -1) @ P["gates.weight"].T + P["gates.bias"]
+        i, f = pre[:, :H].exp(), torch.sigmoid(pre[:, H:])
+        q, k, v = (u.unflatten(-1, (H, -1)) for u in (q, k, v))
+        k = k / math.sqrt(k.shape[-1])
+        C = f[..., None, None] * C + i[..., None, None] * v[..., :, None] * k[..., None, :]
+        n = f[..., None] * n + i[..., None] * k
+        h = (C @ q[..., None])[..., 0] / (n * q).sum(-1).abs().clamp_min(1)[..., None]
+        h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + model.eps)
+        h = h.flatten(1) * (1 + P["norm"]) + P["skip"] * x_c
+        ys.append((h * F.silu(z)) @ P["down.weight"].T)
+    return torch.stack(ys, 1), (C, n)
+
+
+def mlstm_reference(model, x):
+    """mlstm_unstabilised_layer's outputs (its state is unstabilised: compared as C~ exp(m) below)."""
+    return mlstm_unstabilised_layer(model, x)[0], None
+
+
+def mlstm_core(form, q, k, v, log_i, g, state, L=8):
+    return getattr(module("mlstm"), f"mlstm_{form}")(q, k, v, log_i, g, state, *[L] * (form == "chunked"))
+
+
+# gate regimes (log_i, g from N(0, 1) draws a, b): moderate ones, where the unstabilised recurrence is exact in
+# float64; and extreme ones: f = 1 exactly, f = exp(-1e4) = 0, i = e^100 (overflows float32), i = e^-100,
+# i = e^1e4 (exp(-m) = 0: the padding's 0 / 0), f = 0 with i = e^-1e4 (m = -1e4: exp(-m) = inf), gates jumping
+MLSTM_MODERATE = {
+    "default": lambda a, b: (0.1 * a, F.logsigmoid(b + 4.5)),  # xLSTM's init: i~ ~ N(0, 0.1), f~ in [3, 6]
+    "strong": lambda a, b: (3 * a, F.logsigmoid(2 * b)),
+    "i_large": lambda a, b: (20 + a, F.logsigmoid(b + 2)),
+    "i_small": lambda a, b: (-20 + a, F.logsigmoid(b - 2)),
+}
+MLSTM_EXTREME = {
+    "f_one": lambda a, b: (a, torch.zeros_like(b)),
+    "f_zero": lambda a, b: (a, torch.full_like(b, -1e4)),
+    "i_huge": lambda a, b: (100 + a, F.logsigmoid(b + 3)),
+    "i_tiny": lambda a, b: (-100 + a, F.logsigmoid(b + 3)),
+    "i_overflow": lambda a, b: (1e4 + a, F.logsigmoid(b + 3)),
+    "f_zero_i_tiny": lambda a, b: (-1e4 + a, torch.full_like(b, -1e4)),
+    "jumpy": lambda a, b: (30 * a, F.logsigmoid(30 * b)),
+}
+
+
+def mlstm_core_inputs(regime, dtype=torch.float64, B=2, T=21, H=2, Dk=8, Dv=6, seed=0, positive=False):
+    """q, k, v, log_i, g and a random state (C~, n~, m) for a gate regime; positive: q and k >= 0."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, v = rand(B, T, H, Dk), rand(B, T, H, Dk) * Dk ** -0.5, rand(B, T, H, Dv)
+    if positive:
+        q, k = q.abs(), k.abs()
+    log_i, g = {**MLSTM_MODERATE, **MLSTM_EXTREME}[regime](rand(B, T, H), rand(B, T, H))
+    state = (rand(B, H, Dv, Dk), rand(B, H, Dk), rand(B, H))
+    return [t.to(dtype) for t in (q, k, v, log_i, g)], tuple(t.to(dtype) for t in state)
+
+
+@pytest.mark.parametrize("regime", MLSTM_MODERATE)
+@pytest.mark.parametrize("form", ["recurrent", "parallel", "chunked"])
+def test_mlstm_core_matches_unstabilised_paper(form, regime):
+    """The stabiliser cancels: every form's h equals the unstabilised recurrence's, its (C~, n~, m) the
+    unstabilised (C, n) as C~ exp(m), n~ exp(m); and the gradients (q, k, v, i~, log f, C~0, n~0) agree."""
+    inputs, state = mlstm_core_inputs(regime)
+    inputs = [t.requires_grad_() for t in inputs]
+    state = tuple(t.requires_grad_() for t in state)
+    h, (C, n, m) = mlstm_core(form, *inputs, state)
+    C0, n0, m0 = state
+    h_ref, C_ref, n_ref = mlstm_unstabilised(*inputs, C0 * m0.exp()[..., None, None], n0 * m0.exp()[..., None])
+    assert rel_err(h, h_ref) <= 1e-10
+    assert rel_err(C * m.exp()[..., None, None], C_ref) <= 1e-10 and rel_err(n * m.exp()[..., None], n_ref) <= 1e-10
+    gen = torch.Generator().manual_seed(1)
+    gh, gC, gn = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (h_ref, C_ref, n_ref))
+    leaves = inputs + [C0, n0]
+    grads = torch.autograd.grad((h * gh).sum() + (C * m.exp()[..., None, None] * gC).sum()
+                                + (n * m.exp()[..., None] * gn).sum(), leaves)
+    grads_ref = torch.autograd.grad((h_ref * gh).sum() + (C_ref * gC).sum() + (n_ref * gn).sum(), leaves)
+    for name, a, r in zip(["q", "k", "v", "log_i", "g", "C0", "n0"], grads, grads_ref):
+        assert rel_err(a, r) <= 1e-9, f"grad {name}: {rel_err(a, r):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("regime", list(MLSTM_EXTREME) + ["default"])
+@pytest.mark.parametrize("T", [1, 8, 21])
+def test_mlstm_core_forms_match_recurrent_under_extreme_gates(regime, dtype, T):
+    """Outputs, states and the gradients, from a random state, gates at 0 and 1 and beyond float32's exp: all
+    finite, and equal to the recurrence's. m is compared relative to its size, C~ and n~ in the recurrence's frame,
+    C~ exp(m - m_recurrent): at m ~ 1e4 float32 rounds m itself by ~1e-3, a choice of frame, not an error in the
+    state. Gradients are measured against the scale of dL/dv: where one token outweighs the rest (h_t -> +-v_t),
+    the gradients w.r.t. q, k and the gates are 0 up to rounding, and those w.r.t. the initial state ~e^-100.
+    In float32, q and k are drawn nonnegative, so that n_t^T q_t sums positive terms: with signs it can be any
+    small number, and float32 resolves h_t and its gradients only to ~1e-7 (sum of |terms|) / |n_t^T q_t| (the
+    recurrence itself measured 3e-3 off the float64 one in dL/dq at 21 jumpy tokens: where one token dominates,
+    dh_t/dq_t = 0 is two terms of ~1 / |k_t q_t| that cancel)."""
+    inputs, state = mlstm_core_inputs(regime, dtype, T=T, positive=dtype == torch.float32)
+    leaves = [t.requires_grad_() for t in inputs + list(state[:2])]
+    state = (leaves[5], leaves[6], state[2])
+    with torch.no_grad():
+        m_ref = mlstm_core("recurrent", *inputs, state)[1][2]
+    B, T, H, Dv = inputs[2].shape
+    gen = torch.Generator().manual_seed(1)
+    gh, gC, gn = (torch.randn(s, generator=gen, dtype=dtype) for s in ((B, T, H, Dv), state[0].shape, state[1].shape))
+    names = ["h", "C", "n", "m", "q", "k", "v", "log_i", "g", "C0", "n0"]
+    outs = {}
+    for form in ("recurrent", "parallel", "chunked"):
+        h, (C, n, m) = mlstm_core(form, *inputs, state)
+        frame = (m - m_ref).exp()
+        C, n = C * frame[..., None, None], n * frame[..., None]
+        grads = torch.autograd.grad((h * gh).sum() + (C * gC).sum() + (n * gn).sum(), leaves)
+        outs[form] = [h, C, n, m, *grads]
+        for name, t in zip(names, outs[form]):
+            assert torch.isfinite(t).all(), f"{form} {name} not finite"
+    scale = outs["recurrent"][names.index("v")].norm().item()
+    for form in ("parallel", "chunked"):
+        for i, (name, o, r) in enumerate(zip(names, outs[form], outs["recurrent"])):
+            err = rel_err(o, r) if i < 4 else (o - r).norm().item() / (max(r.norm().item(), scale) or 1.0)
+            assert err <= TOL[dtype], f"{form} {name}: {err:.2e}"
+
+
+def test_mlstm_m_is_the_max_recurrence():
+    """i = e^100 overflows float32's exp, and f = 0 with i = e^-1e4 puts m near -1e4 (exp(-m) = inf): every form
+    returns a finite h and the m of the paper's max recurrence m_t = max(log f_t + m_{t-1}, i~_t)."""
+    for regime in ("i_huge", "f_zero_i_tiny"):
+        inputs, state = mlstm_core_inputs(regime, torch.float32)
+        log_i, g, m = inputs[3], inputs[4], state[2]
+        assert regime != "i_huge" or torch.isinf(log_i.exp()).any()
+        for t in range(log_i.shape[1]):
+            m = torch.maximum(g[:, t] + m, log_i[:, t])
+        for form in ("recurrent", "parallel", "chunked"):
+            h, (_, _, m_form) = mlstm_core(form, *inputs, state)
+            assert torch.isfinite(h).all() and rel_err(m_form, m) <= 1e-6, (regime, form)
+
+
+@pytest.mark.parametrize("i_bias", [None, 15.0, -15.0])
+def test_mlstm_layer_state_and_gradients_match_unstabilised_reference(i_bias):
+    """Every form against mlstm_unstabilised_layer (the paper's equations, float64), input gates as drawn and
+    e^+-15 larger: outputs, the state as C~ exp(m), n~ exp(m), and the gradients w.r.t. the input and every
+    parameter."""
+    model = make("mlstm")
+    if i_bias is not None:
+        with torch.no_grad():
+            model.gates.bias[:model.n_head] += i_bias
+    x = torch.randn(2, 19, D_MODEL, dtype=torch.float64, requires_grad=True)
+    y_ref, (C_ref, n_ref) = mlstm_unstabilised_layer(model, x)
+    gy = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    leaves = [x] + list(model.parameters())
+    grads_ref = torch.autograd.grad((y_ref * gy).sum(), leaves)
+    for form in model.forms:
+        y, (C, n, m, _) = model(x, form=form)
+        assert rel_err(y, y_ref) <= 1e-10, form
+        assert rel_err(C * m.exp()[..., None, None], C_ref) <= 1e-10, form
+        assert rel_err(n * m.exp()[..., None], n_ref) <= 1e-10, form
+        grads = torch.autograd.grad((y * gy).sum(), leaves)
+        for name, a, r in zip(["x"] + [p for p, _ in model.named_parameters()], grads, grads_ref):
+            assert rel_err(a, r) <= 1e-9, f"{form} grad {name}: {rel_err(a, r):.2e}"
+
+
+@pytest.mark.parametrize("regime", ["plain", *EXTREMES["mlstm"]])
+def test_mlstm_prefill_then_steps_under_extreme_gates(regime):
+    """A prefill in each form, then step() token by token: every output and the final (C~, n~, m, conv) as one
+    recurrent pass; the state continues exactly."""
+    model = make("mlstm", edit=EXTREMES["mlstm"].get(regime))
+    x = torch.randn(2, 23, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        y_ref, s_ref = model(x, form="recurrent")
+        for form in model.forms:
+            y, state = model(x[:, :13], form=form)
+            ys = [y]
+            for t in range(13, 23):
+                y_t, state = model.step(x[:, t], state)
+                ys.append(y_t[:, None])
+            assert rel_err(torch.cat(ys, 1), y_ref) <= 1e-10, form
+            assert_states_equal(state, s_ref, 1e-10, f"mlstm/{form}")
+
+
+@pytest.mark.parametrize("form", ["recurrent", "parallel", "chunked"])
+def test_mlstm_gradients_across_calls_equal_one_pass(form):
+    """No gradient flows through m, in the call that makes a state and in the one that continues from it: the
+    gradients of two calls joined by the state equal those of one call over the whole sequence."""
+    model = make("mlstm", chunk_size=4)
+    x = torch.randn(2, 17, D_MODEL, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 17, D_MODEL, dtype=torch.float64)
+    leaves = [x] + list(model.parameters())
+    one = torch.autograd.grad((model(x, form=form)[0] * gy).sum(), leaves)
+    y1, state = model(x[:, :9], form=form)
+    y2, _ = model(x[:, 9:], state, form=form)
+    two = torch.autograd.grad((torch.cat([y1, y2], 1) * gy).sum(), leaves)
+    for name, a, b in zip(["x"] + [p for p, _ in model.named_parameters()], two, one):
+        assert rel_err(a, b) <= 1e-10, f"grad {name}: {rel_err(a, b):.2e}"
+
+
+def test_mlstm_init_as_xlstm():
+    """xLSTM's mLSTMLayer.reset_parameters and mLSTMCell.reset_parameters: small init N(0, 2 / (5 d_model)) on the
+    up-projection and q, k, v; wang init N(0, (2 / sqrt(d_model))^2) (one block) on the down-projection; the conv
+    PyTorch's default; gate weights 0, input-gate biases N(0, 0.1^2), forget-gate biases linspace(3, 6); skip 1,
+    the norm's weight 1 + 0; the inner width 2 d_model and 4 heads. The gate biases' draws from a layer of 256
+    heads."""
+    MLSTM = model_class("mlstm")
+    torch.manual_seed(0)
+    d = 256
+    model = MLSTM(d)
+    small = math.sqrt(2 / (5 * d))
+    for name in ("up.weight", "wq", "wk", "wv"):
+        assert_normal(model.get_parameter(name), small, name)
+    assert_normal(model.down.weight, 2 / math.sqrt(d), "down.weight")
+    assert_torch_default(model.conv, "conv")
+    H = model.n_head
+    assert H == 4 and model.skip.shape == (2 * d,) and model.wq.shape == (2 * d // 4, 4, 4)
+    assert model.gates.weight.abs().max() == 0
+    assert torch.equal(model.gates.bias[H:], torch.linspace(3.0, 6.0, H))
+    many = MLSTM(d, n_head=256).gates.bias
+    assert_normal(many[:256], 0.1, "input-gate bias")
+    assert torch.equal(many[256:], torch.linspace(3.0, 6.0, 256))
+    assert torch.equal(model.skip, torch.ones(2 * d)) and model.norm.abs().max() == 0
+    assert model.up.bias is None and model.down.bias is None and model.conv.bias is not None
 
 
 # ========== train.py ============================================================================
@@ -2116,18 +2864,26 @@ def test_train_prefill_then_step_matches_forward():
             assert torch.allclose(logits, full[:, t], atol=1e-10)
 
 
+def generation_lm(name, device="cpu", mixer_args=None):
+    """A 2-layer LM of width 32 over 28 characters with the mixer's small test options (MODELS, or mixer_args), and
+    weights that make the context matter (at init the tied embedding repeats a token)."""
+    torch.manual_seed(0)
+    mixer_args = MODELS[name][1] if mixer_args is None else mixer_args
+    model = train.LM(train.load_mixer(name), 28, 2, 32, mixer_args=mixer_args)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5 * (0.1 if n == "wte.weight" else 3))
+    return model.to(device)
+
+
 @pytest.mark.parametrize("name,options", [("attention", {}), ("mamba2", dict(d_state=8, headdim=16, chunk_size=8))])
 def test_train_sample_continues_the_state(name, options):
     """Greedy sampling: each sampled token is the argmax of one parallel pass over prompt + sample at its position.
     Planted in a scratch copy, each of these fails it: step() from an empty state at every token (both models), the
     prefill's state dropped (both), a KV cache that keeps the last 16 positions (attention). The prompt spans chunks."""
-    torch.manual_seed(0)
     chars = "abcdefghijklmnopqrstuvwxyz ."
-    model = train.LM(train.load_mixer(name), len(chars), 2, 32, mixer_args=options)  # float32: float64 convs are slow
-    with torch.no_grad():  # weights that make the context matter (at init the tied embedding repeats a token)
-        for n, p in model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5 * (0.1 if n == "wte.weight" else 3))
+    model = generation_lm(name, mixer_args=options)  # float32: float64 convs are slow
     prompt = "to be or not to be"
     text = train.sample(model, prompt, 40, chars, temperature=0)
     assert text.startswith(prompt) and len(text) == len(prompt) + 40 and len(set(text[len(prompt):])) >= 4
@@ -2136,6 +2892,54 @@ def test_train_sample_continues_the_state(name, options):
         logits, _ = model.eval()(idx)
     expected = logits[0, len(prompt) - 1:-1].argmax(-1)
     assert "".join(chars[i] for i in expected) == text[len(prompt):]
+
+
+def eager_decoding(model, idx, n, temperature, seed):
+    """Decoding written out: the prompt in one pass, then step() on each sampled token (the argmax at temperature
+    0, else softmax(logits / temperature) sampled by a generator seeded with seed)."""
+    g, training = torch.Generator(device=idx.device).manual_seed(seed), model.training
+    with torch.no_grad():
+        logits, states = model.eval()(idx)
+        logits, out = logits[:, -1], [idx]
+        for _ in range(n):
+            token = (logits.argmax(-1) if temperature == 0 else
+                     torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=g)[:, 0])
+            out.append(token[:, None])
+            logits, states = model.step(token, states)
+    model.train(training)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("name", ["rnn", "lstm", "attention", "retnet", "mamba2"])
+def test_train_generate_is_the_eager_decoding_loop(name):
+    """On the CPU generate() runs eager: the loop's tokens for a batch of two prompts, at temperature 0 and 0.8 (the
+    same draws), and the model left in the mode it came in."""
+    model = generation_lm(name).train()
+    idx = torch.randint(28, (2, 11), generator=torch.Generator().manual_seed(1))
+    for temperature in (0, 0.8):
+        out = train.generate(model, idx, 17, temperature, seed=5)
+        assert out.shape == (2, 28) and torch.equal(out[:, :11], idx)
+        assert torch.equal(out, eager_decoding(model, idx, 17, temperature, seed=5)), temperature
+    assert model.training
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", MODELS)
+def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
+    """generate() replaying one CUDA graph per token gives the tokens of eager decoding (cuda_graph=False), float32
+    and bf16 autocast, temperature 0 and 0.8; every model but attention (its KV cache grows) is graphed."""
+    model = generation_lm(name, "cuda")
+    graphs = []
+    step_graph = train.step_graph
+    monkeypatch.setattr(train, "step_graph", lambda *args: graphs.append(1) or step_graph(*args))
+    idx = torch.randint(28, (1, 23), device="cuda")
+    for low in (False, True):
+        for temperature in (0, 0.8):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low):
+                eager = train.generate(model, idx, 40, temperature, seed=2, cuda_graph=False)
+                graphed = train.generate(model, idx, 40, temperature, seed=2)
+            assert torch.equal(graphed, eager), (low, temperature)
+    assert len(graphs) == (0 if name == "attention" else 4), graphs
 
 
 @pytest.mark.parametrize("content,message", [(None, "cannot read"), ("", "is empty"), ("x" * 50, "too short")])
