@@ -780,12 +780,13 @@ def test_long_sequence_is_finite(name, regime, device):
 
 @pytest.mark.parametrize("device,backend,dtype,tol", [
     pytest.param("cpu", "aot_eager", torch.float32, 1e-5, id="cpu"),
-    pytest.param("cuda", "inductor", torch.float32, 1e-3, id="cuda-f32", marks=needs_cuda),
-    pytest.param("cuda", "inductor", torch.bfloat16, 1e-2, id="cuda-bf16", marks=needs_cuda)])
+    pytest.param("cuda", "inductor", torch.float32, 1e-3, id="cuda-f32", marks=[needs_cuda, slow]),
+    pytest.param("cuda", "inductor", torch.bfloat16, 1e-2, id="cuda-bf16", marks=[needs_cuda, slow])])
 @pytest.mark.parametrize("name", MODELS)
 def test_compiled_matches_eager(name, device, backend, dtype, tol):
     """On the CPU: Dynamo's whole graph and AOTAutograd's functionalised forward and backward
-    (backend aot_eager: Inductor's C++ codegen takes ~40 s a model on two cores); on a GPU, Inductor."""
+    (backend aot_eager: Inductor's C++ codegen takes ~40 s a model on two cores); on a GPU, Inductor (slow: Inductor
+    compiles each model's forward and backward: 28 compilations)."""
     check_form(name, None, dtype, device, T=45, tol=tol, backend=backend)
 
 
