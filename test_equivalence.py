@@ -2927,7 +2927,7 @@ def test_train_generate_is_the_eager_decoding_loop(name):
 @needs_cuda
 @pytest.mark.parametrize("name", MODELS)
 def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
-    """generate() replaying one CUDA graph per token gives the tokens of eager decoding (cuda_graph=False), float32
+    """generate() replaying one CUDA graph per token (cuda_graph=True) gives the tokens of eager decoding, float32
     and bf16 autocast, temperature 0 and 0.8; every model but attention (its KV cache grows) is graphed."""
     model = generation_lm(name, "cuda")
     graphs = []
@@ -2938,7 +2938,7 @@ def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
         for temperature in (0, 0.8):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low):
                 eager = train.generate(model, idx, 40, temperature, seed=2, cuda_graph=False)
-                graphed = train.generate(model, idx, 40, temperature, seed=2)
+                graphed = train.generate(model, idx, 40, temperature, seed=2, cuda_graph=True)
             assert torch.equal(graphed, eager), (low, temperature)
     assert len(graphs) == (0 if name == "attention" else 4), graphs
 
@@ -3091,7 +3091,7 @@ def test_train_ddp_two_processes_match_one(train_data, tmp_path):
 
 
 def test_train_ddp_ctrl_c_saves_at_one_step_and_leaves_the_group(train_data, tmp_path):
-    """A terminal's Ctrl-C under torchrun (SIGINT to the whole session): both processes stop at the same log line, rank
+    """A terminal's Ctrl-C under torchrun (SIGINT to its whole process group): both processes stop at the same log line, rank
     0 saves there, and each leaves through end_process; a bare sys.exit there could abort in gloo's teardown."""
     argv = TRAIN_TINY + ["--data", train_data, "--max-iters", "2000", "--log-interval", "2", "--sample-len", "0",
                          "--out-dir", str(tmp_path)]

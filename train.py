@@ -350,9 +350,9 @@ def sample(model, prompt, n, chars, temperature=0.8, seed=0, autocast=torch.auto
 
 
 @torch.no_grad()
-def generate(model, idx, n, temperature=0.8, seed=0, cuda_graph=True):
+def generate(model, idx, n, temperature=0.8, seed=0, cuda_graph=False):
     """idx [B, T] -> [B, T + n]: a parallel prefill of idx, then n tokens, each from one model.step; temperature 0
-    picks the argmax. On CUDA (unless cuda_graph=False) the steps after the first replay one CUDA graph of
+    picks the argmax. With cuda_graph=True on CUDA the steps after the first replay one CUDA graph of
     model.step (step_graph): one launch for the whole model where eager decoding at batch 1 spends its time
     launching each op's kernels. Where a state changes shape from step to step (attention's KV cache grows), and
     off CUDA, the steps run eager. Graphed or not, the same kernels on the same numbers: the same tokens."""
