@@ -417,6 +417,7 @@ def step_graph(model, token, states):
         token.copy_(next_token)
         graph.replay()
         return logits
+    run.states = states  # the graph reads and writes these buffers: they must live as long as it does
     return run
 
 
