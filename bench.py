@@ -416,7 +416,7 @@ COLOUR = dict(zip(MODELS, [f"C{i}" for i in range(10)] + ["black", "navy", "mage
 def report(root):
     """train.py's runs root/*/log.jsonl (finished, or cut off: their last evaluation) as a markdown table, their
     val-loss curves in root/showdown.png; the mqar runs also as the recall study's table and root/mqar.png
-    (report_mqar)."""
+    (report_mqar), the parity runs as a table of the same columns."""
     runs = []
     for path in sorted(glob.glob(os.path.join(root, "*", "log.jsonl"))):
         with open(path) as f:
@@ -443,6 +443,7 @@ def report(root):
               f"| {f['tok_s'] or 0:,.0f} | {f['best_val']:.4f} | {f['acc'] or 0:.3f} | {f['stop']} | {text} |")
     report_seeds([(name, f) for name, _, f in runs if f["task"] == "text"])
     recall = report_mqar([(evals, f) for _, evals, f in runs if f["task"] == "mqar"])
+    report_mqar([(evals, f) for _, evals, f in runs if f["task"] == "parity"])  # its own table, the same columns
     try:
         from matplotlib.figure import Figure  # no pyplot: no display, no backend to pick
     except ImportError:

@@ -3193,6 +3193,42 @@ def test_train_mqar_run_logs_accuracy_and_resumes_bit_for_bit(tmp_path, monkeypa
     assert not train_same_weights(no_dropout["model"], whole["model"])
 
 
+def test_train_parity_batch_is_the_running_xor_of_bits_and_a_function_of_seed_and_i():
+    x, y = train.get_parity_batch(3, 7, 40, 8, "cpu")
+    assert x.shape == y.shape == (8, 40) and set(x.unique().tolist()) == {0, 1} and set(y.unique().tolist()) == {0, 1}
+    for xb, yb in zip(x.tolist(), y.tolist()):
+        parity = 0
+        for t in range(40):
+            parity ^= xb[t]
+            assert yb[t] == parity  # the XOR of bits 0..t, position t included
+    assert torch.equal(x, train.get_parity_batch(3, 7, 40, 8, "cpu")[0])
+    assert not torch.equal(x, train.get_parity_batch(4, 7, 40, 8, "cpu")[0])
+    assert not torch.equal(x, train.get_parity_batch(3, 8, 40, 8, "cpu")[0])
+
+
+def test_train_parity_run_logs_accuracy_on_every_position(tmp_path, capsys):
+    argv = TRAIN_TINY + ["--task", "parity", "--model", "mamba2", "--max-iters", "2", "--out-dir", str(tmp_path / "a")]
+    train.main(argv)
+    out = capsys.readouterr().out
+    assert "vocab 2, 16 bits per sequence" in out and "| acc " in out and "-" * 40 not in out  # no sample
+    final, ckpt = train_log(tmp_path / "a")[-1], torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+    assert final["task"] == "parity" and final["stop"] == "steps" and 0 <= final["acc"] == ckpt["acc"] <= 1
+    assert ckpt["args"]["task"] == "parity" and ckpt["model"]["wte.weight"].shape[0] == 2
+    cfg = train.get_config(train.parse_args(argv[:-1] + [str(tmp_path / "b")]))[0]
+    assert cfg.dropout == 0 and cfg.patience == 0  # fresh sequences each step: nothing to overfit
+    *_, train_batch, val_batch = train.get_batches(cfg, None)
+    assert not torch.equal(val_batch(0)[0], train_batch(0)[0])  # held-out sequences
+
+    class WrongAtTheLastPosition(torch.nn.Module):
+        def forward(self, x):
+            y = x.cumsum(1) % 2
+            y[:, -1] ^= 1
+            return F.one_hot(y, 2).float(), None
+
+    no_autocast = torch.autocast("cpu", enabled=False)
+    assert train.evaluate(WrongAtTheLastPosition(), val_batch, 2, no_autocast)[1] == 15 / 16  # every position
+
+
 def test_train_start_and_final_records_have_the_study_fields_and_the_state_size(tmp_path, capsys):
     """deltanet at d_model 32: 4 heads of an 8 x 8 matrix and its short conv's last 3 inputs of q, k, v (3 x 96);
     conv-free, the matrix alone; attention's K and V grow with the tokens read."""
@@ -3356,14 +3392,19 @@ def test_bench_report_tabulates_the_runs(train_data, tmp_path, capsys, figures):
     runs = tmp_path / "runs"
     train_run(train_data, runs / "text", "--max-iters", "2")
     train.main(TRAIN_MQAR + ["--max-iters", "2", "--out-dir", str(runs / "recall")])
+    train.main(TRAIN_TINY + ["--task", "parity", "--max-iters", "2", "--out-dir", str(runs / "parity")])
     (runs / "unfinished").mkdir()
     (runs / "unfinished" / "log.jsonl").write_text(json.dumps(dict(type="eval", step=0)) + "\n")
     capsys.readouterr()
     bench.main(["--report", str(runs)])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert len(rows) == 5 and rows[1].startswith("| recall | linear_attention | mqar |")  # then the recall table
-    assert rows[2].startswith("| text | linear_attention | text |") and "unfinished" in out and "left out" in out
+    assert len(rows) == 8 and rows[1].startswith("| parity | linear_attention | parity |")
+    assert rows[2].startswith("| recall | linear_attention | mqar |")
+    assert rows[3].startswith("| text | linear_attention | text |")
+    assert rows[5].startswith("| linear_attention |") and "| 16 | 3 |" in rows[5]  # the recall table: 3 pairs
+    assert rows[7].startswith("| linear_attention |") and "| 16 | - |" in rows[7]  # the parity table: no pairs
+    assert "unfinished" in out and "left out" in out
     if figures is None:  # no figure, and the report says why (CI installs matplotlib: the figures are checked there)
         assert "matplotlib is not installed" in out
         return

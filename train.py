@@ -4,6 +4,7 @@
     python train.py --model mamba --data my.txt --out-dir runs/mamba --max-iters 2000
     python train.py --model mamba --resume --patience 0     # continue out/mamba/ckpt.pt past its early stop
     python train.py --model mamba --task mqar --max-time 600 --mixer-args d_state=32,expand=1
+    python train.py --model mamba3 --task parity --block-size 256 --stop-acc 0.99
     torchrun --nproc_per_node=4 train.py --model mamba2     # DDP: one process per GPU, the same global batch
 
 nanoGPT's model with <model>.py's mixer for attention: x += mixer(norm(x)); x += mlp(norm(x)), head tied to the
@@ -59,7 +60,7 @@ GPU = dict(n_layer=6, d_model=384, block_size=256, batch_size=64, warmup=100, ma
            eval_interval=250, eval_iters=100, log_interval=50, dropout=0.3, compile=True)
 CPU = dict(n_layer=2, d_model=128, block_size=128, batch_size=16, warmup=20, max_iters=1000,
            eval_interval=50, eval_iters=10, log_interval=10, dropout=0.0, compile=False)
-MQAR = dict(dropout=0.0, patience=0)  # fresh random sequences every step: nothing to overfit (Zoology: no dropout)
+SYNTHETIC = dict(dropout=0.0, patience=0)  # mqar, parity: fresh random sequences each step (Zoology: no dropout)
 
 
 # ----------------------------------------------------------------------------- data
@@ -127,6 +128,14 @@ def get_mqar_batch(i, seed, block_size, batch_size, num_pairs, vocab, device):
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+def get_parity_batch(i, seed, block_size, batch_size, device):
+    """Batch i of running parity, a state-tracking task (Grazzi et al. 2024, arXiv:2411.12537): random bits, and
+    at each position t the label XOR of bits 0..t."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+    x = torch.randint(2, (batch_size, block_size), generator=g)
+    return x.to(device, non_blocking=True), (x.cumsum(1) % 2).to(device, non_blocking=True)
+
+
 def get_batches(cfg, ckpt, rank=0, world=1):
     """(chars, vocab_size, the data in words, train_batch(i), val_batch(k)): this process's rows of each batch
     (DDP: its share of the global batch). A resumed text run keeps its checkpoint's vocabulary."""
@@ -139,6 +148,9 @@ def get_batches(cfg, ckpt, rank=0, world=1):
                      f"got num_pairs={P}, mqar_vocab={V}, block_size={T}")
         train_batch = lambda i: shard(get_mqar_batch(i, seed, T, B, P, V, device))  # noqa: E731
         return None, V, f"{P} key-value pairs per {T} tokens", train_batch, lambda k: train_batch(-1 - k)  # val: i < 0
+    if cfg.task == "parity":
+        train_batch = lambda i: shard(get_parity_batch(i, seed, T, B, device))  # noqa: E731
+        return None, 2, f"{T} bits per sequence", train_batch, lambda k: train_batch(-1 - k)
     text = get_data(cfg.data)
     chars = (ckpt or {}).get("vocab") or "".join(sorted(set(text)))
     train_data, val_data = split(text, chars, T)
@@ -460,7 +472,8 @@ def parse_args(argv):
         p.add_argument("--" + flag, help=f"{help} ({default})".replace("%", "%%"), **kw)
 
     add("model", "the mixer, <model>.py", choices=list(MODELS), required=True)
-    add("task", "text: predict the next character; mqar: multi-query associative recall", choices=["text", "mqar"])
+    add("task", "text: predict the next character; mqar: multi-query associative recall; parity: the XOR of the "
+        "bits so far", choices=["text", "mqar", "parity"])
     add("data", "a UTF-8 text file for --task text", "tiny Shakespeare, kept in ~/.cache/zoo", metavar="PATH")
     add("out-dir", "where ckpt.pt (latest), best.pt (best val) and log.jsonl go", "out/<model>", metavar="DIR")
     add("resume", "continue <out-dir>/ckpt.pt with its flags, unless passed again", "off", action="store_true")
@@ -476,10 +489,12 @@ def parse_args(argv):
     add("max-iters", "training steps", type=int)
     add("max-time", "seconds of training (evaluation excluded); the LR schedule then follows the clock", "none",
         type=float)
-    add("dropout", "on the embedding, residual branches, attention weights", "GPU 0.3, CPU 0.0; mqar 0", type=float)
-    add("patience", "stop after this many evaluations without a better val loss; 0: never", "1; mqar 0", type=int)
-    add("stop-acc", "stop once the val accuracy reaches this (e.g. 0.99 on mqar: the steps to recall); 0: never", "0",
+    add("dropout", "on the embedding, residual branches, attention weights", "GPU 0.3, CPU 0.0; mqar, parity 0",
         type=float)
+    add("patience", "stop after this many evaluations without a better val loss; 0: never", "1; mqar, parity 0",
+        type=int)
+    add("stop-acc", "stop once the val accuracy reaches this (e.g. 0.99 on mqar or parity: the steps to it); 0: never",
+        "0", type=float)
     add("eval-interval", "steps between evaluations", type=int)
     add("eval-iters", "batches per evaluation", type=int)
     add("log-interval", "steps between log lines", type=int)
@@ -512,10 +527,11 @@ def get_config(args, world=1, local_rank=0):
         sys.exit(f"{out_dir} holds an earlier run ({', '.join(files)}): continue it with --resume, or start over "
                  f"with another --out-dir (or delete {out_dir})")
     given, cuda = {**restored, **passed}, device.startswith("cuda")
-    cfg = argparse.Namespace(**{**COMMON, **(GPU if cuda else CPU), **(MQAR if given.get("task") == "mqar" else {}),
+    synthetic = SYNTHETIC if given.get("task", "text") != "text" else {}
+    cfg = argparse.Namespace(**{**COMMON, **(GPU if cuda else CPU), **synthetic,
                                 "d_model": None, **given, "device": device, "out_dir": out_dir})  # None: matched
     shown = "n_layer d_model block_size batch_size lr dropout warmup max_iters eval_interval eval_iters patience"
-    shown += " max_time mixer_args compile" + (" task num_pairs mqar_vocab" if cfg.task == "mqar" else "")
+    shown += " max_time mixer_args compile" + {"text": "", "mqar": " task num_pairs mqar_vocab"}.get(cfg.task, " task")
     shown += " stop_acc" if cfg.stop_acc else ""
     shown = {k: getattr(cfg, k) for k in shown.split()} | {"d_model": cfg.d_model or "matched"}
     shown = " ".join(f"{k.replace('_size', '')}={v}" for k, v in shown.items() if v not in (None, ""))
