@@ -89,15 +89,10 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     """(dq, dk, dv, dg, dS), each in its input's dtype."""
     acc = _acc(q, k, v, g, S)
     if _kernel(q, k, v, g, S):
-        dq, dk, dv, dS = _triton_backward(q, k, v, g, S, dy, dS_final)  # dq, dk per head [B, T, H, Dk], float32
+        dq, dk, dv, dg, dS = _triton_backward(q, k, v, g, S, dy, dS_final)
     else:
-        dq, dk, dv, dS = _torch_backward(q, k, v, g, S, dy.to(acc), dS_final.to(acc))
-    H, G = v.shape[2], q.shape[2]
-    per_head = lambda x: x.to(acc).repeat_interleave(H // G, 2) if G < H else x.to(acc)  # noqa: E731
-    dc = (per_head(q) * dq).sum(-1) - (per_head(k) * dk).sum(-1)  # dL/dC_t
-    dc[:, -1] += (dS_final.to(acc) * S_final.to(acc)).sum((-2, -1))
-    dg = dc.flip(1).cumsum(1).flip(1)
-    dq, dk = (x.unflatten(2, (G, H // G)).sum(3) for x in (dq, dk))
+        dq, dk, dv, dg, dS = _torch_backward(q, k, v, g, S, dy.to(acc), dS_final.to(acc))
+    dq, dk = (x.unflatten(2, (q.shape[2], -1)).sum(3) for x in (dq, dk))  # per head -> per group
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dS.to(S.dtype)
 
 
@@ -151,7 +146,7 @@ def _torch_forward(q, k, v, g, S):
 
 
 def _torch_backward(q, k, v, g, S, dy, dS_final):
-    """(dq and dk per head [B, T, H, Dk], dv, dS0), float32 or float64."""
+    """(dq and dk per head [B, T, H, Dk], dv, dg, dS0), float32 or float64."""
     T = q.shape[1]
     _, _, S_before = _torch_forward(q, k, v, g, S)
     q, k, v, c, D, a, to_end, acc = _torch_chunks(q, k, v, g, S)
@@ -159,18 +154,27 @@ def _torch_backward(q, k, v, g, S, dy, dS_final):
     dy_in = dy * c.exp()[..., None]
     dS_before = torch_scan(a[..., None], dy_in.mT @ q, dS_final, True)  # [B, T/L, H, Dv, Dk]: dS0 of each chunk
     dS_after = torch.cat([dS_before[:, 1:], dS_final[:, None]], 1)
-    A, dA = (q @ k.mT) * D, (dy @ v.mT) * D
-    dq = dA @ k + dy_in @ S_before
-    dk = dA.mT @ q + to_end * (v @ dS_after)
+    A, dyv = (q @ k.mT) * D, dy @ v.mT
+    dq = (dyv * D) @ k + dy_in @ S_before
+    dk = (dyv * D).mT @ q + to_end * (v @ dS_after)
     dv = A.mT @ dy + to_end * (k @ dS_after.mT)
+    M = A * dyv  # M_ij: the pair (i, j)'s term, its decay included; dg_r gets the pairs with j < r <= i
+    before = torch.ones(M.shape[-2:], dtype=torch.bool, device=M.device).triu(1).to(acc)  # [j, r]: j < r
+    into = (dy_in * (q @ S_before.mT)).sum(-1)  # exp(c_i) dy_i . S0 q_i: to every r <= i
+    out = (to_end * v * (k @ dS_after.mT)).sum(-1, keepdim=True)  # exp(c_L - c_j) v_j . dS1 k_j: to every r > j
+    # sums by masks, not differences of cumsums (no term that lacks exp(g_r) is ever added, so none cancels)
+    dg = ((M @ before) * (1 - before)).sum(-2) + (into[..., None] * (1 - before)).sum(-2) + (out * before).sum(-2)
+    dg = dg + a * (dS_after * S_before).sum((-2, -1))[..., None]  # exp(c_L) <dS1, S0>: to every r of the chunk
     unchunk = lambda x: x.transpose(2, 3).flatten(1, 2)[:, :T]  # noqa: E731
-    return unchunk(dq), unchunk(dk), unchunk(dv), dS_before[:, 0]
+    return unchunk(dq), unchunk(dk), unchunk(dv), unchunk(dg[..., None])[..., 0], dS_before[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton engine. Grid: (value tiles, B * H). A program keeps its [BV, BK] tile of S (or dS) in float32 registers
 # and walks the chunks; the chunk's q, k [L, BK], v, dy [L, BV] and g [L] are loaded with their strides, padding
-# (t >= T, columns past Dk or Dv) loaded as zeros. Partial dq and dk, one per value tile, are summed outside.
+# (t >= T, columns past Dk or Dv) loaded as zeros. The backward first reruns the forward's walk to keep the state
+# entering each chunk ([B, H, T/L, Dv, Dk], float32), then walks back with dS. dq, dk and dg are sums over value
+# columns: each value tile writes its share, summed outside.
 
 def _plan(Dk, Dv):
     """(L, BK, BV, warps): chunks of 64, all of Dk in one tile, value tiles of up to 64 columns, 4 warps."""
@@ -179,41 +183,54 @@ def _plan(Dk, Dv):
     return CHUNK, max(16, triton.next_power_of_2(Dk)), min(64, max(16, triton.next_power_of_2(Dv))), 4
 
 
-def _launch(kernel, q, k, v, g, Dv, *tensors, **meta):
+def _launch(kernel, q, k, v, g, *tensors, **meta):
     Bsz, T, G, Dk = q.shape
-    H = v.shape[2]
+    H, Dv = v.shape[2:]
     L, BK, BV, warps = _plan(Dk, Dv)
-    grid = (triton.cdiv(Dv, BV), Bsz * H)
-    kernel[grid](q, k, v, g, *tensors, T, H, H // G, Dk, Dv, *q.stride(), *k.stride(), *v.stride(), *g.stride(),
-                 L=L, BK=BK, BV=BV, PREC="ieee" if v.dtype == torch.float32 else "tf32", num_warps=warps, **meta)
+    kernel[(triton.cdiv(Dv, BV), Bsz * H)](
+        q, k, v, g, *tensors, T, H, H // G, Dk, Dv, *q.stride(), *k.stride(), *v.stride(), *g.stride(),
+        L=L, BK=BK, BV=BV, PREC="ieee" if v.dtype == torch.float32 else "tf32", num_warps=warps, **meta)
 
 
-def _triton_forward(q, k, v, g, S):
-    y = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    S_final = torch.empty(S.shape, dtype=torch.float32, device=v.device)
-    _launch(_forward_kernel, q, k, v, g, v.shape[3], S.float().contiguous(), y, S_final)
-    return y, S_final
+def _triton_forward(q, k, v, g, S, states=False):
+    """(y, S_final), or with states the state entering each chunk [B, H, T/L, Dv, Dk]."""
+    L = _plan(q.shape[3], v.shape[3])[0]
+    shape = S.shape[:2] + (-(-q.shape[1] // L),) + S.shape[2:] if states else S.shape
+    out = torch.empty(shape, dtype=torch.float32, device=v.device)
+    y = v if states else torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    _launch(_forward_kernel, q, k, v, g, S.float().contiguous(), y, out, STATES=states)
+    return out if states else (y, out)
 
 
 def _triton_backward(q, k, v, g, S, dy, dS_final):
+    """(dq and dk per head [B, T, H, Dk] float32, dv, dg, dS0)."""
     Bsz, T, _, Dk = q.shape
     H, Dv = v.shape[2:]
     n_v = -(-Dv // _plan(Dk, Dv)[2])
+    states = _triton_forward(q, k, v, g, S, states=True)
     dq, dk = (torch.empty(n_v, Bsz, T, H, Dk, dtype=torch.float32, device=v.device) for _ in range(2))
+    dg = torch.empty(n_v, Bsz, T, H, dtype=torch.float32, device=v.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dS = torch.empty(S.shape, dtype=torch.float32, device=v.device)
-    dy = dy.to(v.dtype).contiguous()
-    _launch(_dq_kernel, q, k, v, g, Dv, S.float().contiguous(), dy, dq)
-    _launch(_dkv_kernel, q, k, v, g, Dv, dS_final.float().contiguous(), dy, dk, dv, dS)
-    return dq.sum(0), dk.sum(0), dv, dS
+    _launch(_backward_kernel, q, k, v, g, states, dy.to(v.dtype).contiguous(), dS_final.float().contiguous(),
+            dq, dk, dv, dg, dS)
+    return dq.sum(0), dk.sum(0), dv, dg.sum(0), dS
 
 
 if triton is not None:
     @triton.jit
+    def _program(H, hpg, BV: tl.constexpr, BK: tl.constexpr):
+        """(b, h, the q/k head of h's group, value columns, key columns) of this program, as int64."""
+        pid_v, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        return b, h, h // hpg, pid_v * BV + tl.arange(0, BV), tl.arange(0, BK)
+
+    @triton.jit
     def _chunk(Q, K, V, G, start, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd,
                sgb, sgt, sgh, cols_k, cols_v, L: tl.constexpr):
         """Chunk [start, start + L) of head h: q, k [L, BK], v [L, BV] (input dtype), c [L] (the cumulative log decay
-        from the chunk's start), its last value, and D = exp(c_i - c_j) below the diagonal, 0 above (masked first)."""
+        from the chunk's start), its last value c_L, the causal mask [i, j]: i >= j, D = exp(c_i - c_j) there and 0
+        above (masked before the exp), times t and the mask of v's elements."""
         t = start + tl.arange(0, L)
         t_ok = t < T
         mk = t_ok[:, None] & (cols_k < Dk)[None, :]
@@ -225,79 +242,78 @@ if triton is not None:
         c_last = tl.sum(tl.where(tl.arange(0, L) == L - 1, c, 0.0), 0)
         causal = tl.arange(0, L)[:, None] >= tl.arange(0, L)[None, :]
         D = tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf")))
-        return q, k, v, c, c_last, D, t, mv
+        return q, k, v, c, c_last, causal, D, t, mv
 
     @triton.jit
-    def _program(H, hpg, BV: tl.constexpr, BK: tl.constexpr):
-        """(b, h, the q/k head of h's group, value columns, key columns) of this program, as int64."""
-        pid_v, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        return b, h, h // hpg, pid_v * BV + tl.arange(0, BV), tl.arange(0, BK)
-
-    @triton.jit
-    def _forward_kernel(Q, K, V, G, S0, Y, S_FINAL, T, H, hpg, Dk, Dv, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
+    def _forward_kernel(Q, K, V, G, S0, Y, S_OUT, T, H, hpg, Dk, Dv, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
                         svb, svt, svh, svd, sgb, sgt, sgh, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        PREC: tl.constexpr):
+                        PREC: tl.constexpr, STATES: tl.constexpr):
+        """y and S_final into S_OUT; STATES: no y, the state entering each chunk into S_OUT [B, H, T/L, Dv, Dk]."""
         b, h, hk, cols_v, cols_k = _program(H, hpg, BV, BK)
         ms = (cols_v < Dv)[:, None] & (cols_k < Dk)[None, :]
-        s_offs = (b * H + h) * Dv * Dk + cols_v[:, None] * Dk + cols_k[None, :]
-        S = tl.load(S0 + s_offs, mask=ms, other=0.0)  # [BV, BK] float32
-        for start in range(0, T, L):
-            q, k, v, c, c_last, D, t, mv = _chunk(Q, K, V, G, start, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd, skb,
-                                                  skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh, cols_k, cols_v, L)
-            A = tl.dot(q, tl.trans(k), input_precision=PREC) * D
-            y = tl.dot(A.to(v.dtype), v, input_precision=PREC)
-            y += tl.exp(c)[:, None] * tl.dot(q, tl.trans(S).to(q.dtype), input_precision=PREC)
-            tl.store(Y + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], y.to(Y.dtype.element_ty), mask=mv)
-            v_end = (v * tl.exp(c_last - c)[:, None]).to(v.dtype)
-            S = tl.exp(c_last) * S + tl.dot(tl.trans(v_end), k, input_precision=PREC)
-        tl.store(S_FINAL + s_offs, S, mask=ms)
-
-    @triton.jit
-    def _dq_kernel(Q, K, V, G, S0, DY, DQ, T, H, hpg, Dk, Dv, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
-                   svb, svt, svh, svd, sgb, sgt, sgh, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   PREC: tl.constexpr):
-        """Forward in time: dq = dA K + exp(c) dY S0, this value tile's share, into DQ [n_v, B, T, H, Dk]."""
-        b, h, hk, cols_v, cols_k = _program(H, hpg, BV, BK)
-        ms = (cols_v < Dv)[:, None] & (cols_k < Dk)[None, :]
-        S = tl.load(S0 + (b * H + h) * Dv * Dk + cols_v[:, None] * Dk + cols_k[None, :], mask=ms, other=0.0)
-        for start in range(0, T, L):
-            q, k, v, c, c_last, D, t, mv = _chunk(Q, K, V, G, start, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd, skb,
-                                                  skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh, cols_k, cols_v, L)
-            dy = tl.load(DY + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], mask=mv, other=0.0)
-            dA = tl.dot(dy, tl.trans(v), input_precision=PREC) * D
-            dq = tl.dot(dA.to(k.dtype), k, input_precision=PREC)
-            dq += tl.exp(c)[:, None] * tl.dot(dy, S.to(dy.dtype), input_precision=PREC)
-            dq_offs = (((tl.program_id(0) * (tl.num_programs(1) // H) + b) * T + t[:, None]) * H + h) * Dk + cols_k[None, :]
-            tl.store(DQ + dq_offs, dq, mask=(t < T)[:, None] & (cols_k < Dk)[None, :])
-            v_end = (v * tl.exp(c_last - c)[:, None]).to(v.dtype)
-            S = tl.exp(c_last) * S + tl.dot(tl.trans(v_end), k, input_precision=PREC)
-
-    @triton.jit
-    def _dkv_kernel(Q, K, V, G, DS_FINAL, DY, DK, DV, DS0, T, H, hpg, Dk, Dv, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
-                    svb, svt, svh, svd, sgb, sgt, sgh, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    PREC: tl.constexpr):
-        """Reverse in time, dS in registers: dk (this value tile's share), dv, and dS0."""
-        b, h, hk, cols_v, cols_k = _program(H, hpg, BV, BK)
-        ms = (cols_v < Dv)[:, None] & (cols_k < Dk)[None, :]
-        s_offs = (b * H + h) * Dv * Dk + cols_v[:, None] * Dk + cols_k[None, :]
-        dS = tl.load(DS_FINAL + s_offs, mask=ms, other=0.0)
+        tile = cols_v[:, None] * Dk + cols_k[None, :]
+        S = tl.load(S0 + (b * H + h) * Dv * Dk + tile, mask=ms, other=0.0)  # [BV, BK] float32
         n_chunks = tl.cdiv(T, L)
+        for n in range(n_chunks):
+            q, k, v, c, c_last, causal, D, t, mv = _chunk(Q, K, V, G, n * L, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd,
+                                                          skb, skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh,
+                                                          cols_k, cols_v, L)
+            if STATES:
+                tl.store(S_OUT + ((b * H + h) * n_chunks + n) * Dv * Dk + tile, S, mask=ms)
+            else:
+                A = tl.dot(q, tl.trans(k), input_precision=PREC) * D
+                y = tl.dot(A.to(v.dtype), v, input_precision=PREC)
+                y += tl.exp(c)[:, None] * tl.dot(q, tl.trans(S).to(q.dtype), input_precision=PREC)
+                tl.store(Y + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], y.to(Y.dtype.element_ty), mask=mv)
+            v_end = (v * tl.exp(c_last - c)[:, None]).to(v.dtype)
+            S = tl.exp(c_last) * S + tl.dot(tl.trans(v_end), k, input_precision=PREC)
+        if not STATES:
+            tl.store(S_OUT + (b * H + h) * Dv * Dk + tile, S, mask=ms)
+
+    @triton.jit
+    def _backward_kernel(Q, K, V, G, STATES, DY, DS_FINAL, DQ, DK, DV, DG, DS0, T, H, hpg, Dk, Dv, sqb, sqt, sqh,
+                         sqd, skb, skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh, L: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+        """Reverse in time, dS (the gradient at the state leaving the chunk) in registers: dv, dS0, and this value
+        tile's share of dq, dk ([n_v, B, T, H, Dk]) and dg ([n_v, B, T, H])."""
+        b, h, hk, cols_v, cols_k = _program(H, hpg, BV, BK)
+        ms = (cols_v < Dv)[:, None] & (cols_k < Dk)[None, :]
+        tile = cols_v[:, None] * Dk + cols_k[None, :]
+        dS = tl.load(DS_FINAL + (b * H + h) * Dv * Dk + tile, mask=ms, other=0.0)
+        n_chunks = tl.cdiv(T, L)
+        share = tl.program_id(0) * (tl.num_programs(1) // H) + b  # this value tile's slice of DQ, DK, DG
         for i in range(n_chunks):
-            start = (n_chunks - 1 - i) * L
-            q, k, v, c, c_last, D, t, mv = _chunk(Q, K, V, G, start, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd, skb,
-                                                  skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh, cols_k, cols_v, L)
+            n = n_chunks - 1 - i
+            q, k, v, c, c_last, causal, D, t, mv = _chunk(Q, K, V, G, n * L, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd,
+                                                          skb, skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh,
+                                                          cols_k, cols_v, L)
+            S0 = tl.load(STATES + ((b * H + h) * n_chunks + n) * Dv * Dk + tile, mask=ms, other=0.0)
             dy = tl.load(DY + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], mask=mv, other=0.0)
+            into, to_end = tl.exp(c), tl.exp(c_last - c)
             A = tl.dot(q, tl.trans(k), input_precision=PREC) * D
-            dA = tl.dot(dy, tl.trans(v), input_precision=PREC) * D
-            to_end = tl.exp(c_last - c)[:, None]
-            dv = tl.dot(tl.trans(A).to(dy.dtype), dy, input_precision=PREC)
-            dv += to_end * tl.dot(k, tl.trans(dS).to(k.dtype), input_precision=PREC)
-            dk = tl.dot(tl.trans(dA).to(q.dtype), q, input_precision=PREC)
-            dk += to_end * tl.dot(v, dS.to(v.dtype), input_precision=PREC)
+            dyv = tl.dot(dy, tl.trans(v), input_precision=PREC)
+            dA = (dyv * D).to(q.dtype)
+            k_dS = tl.dot(k, tl.trans(dS).to(k.dtype), input_precision=PREC)  # [L, BV]: dS1 k_j
+            dq = tl.dot(dA, k, input_precision=PREC) + into[:, None] * tl.dot(dy, S0.to(dy.dtype), input_precision=PREC)
+            dk = tl.dot(tl.trans(dA), q, input_precision=PREC)
+            dk += to_end[:, None] * tl.dot(v, dS.to(v.dtype), input_precision=PREC)
+            dv = tl.dot(tl.trans(A).to(dy.dtype), dy, input_precision=PREC) + to_end[:, None] * k_dS
+            # dg_r: the pairs j < r <= i of M = A * (dY V^T), exp(c_i) dy_i . S0 q_i for i >= r, exp(c_L - c_j)
+            # v_j . dS1 k_j for j < r, exp(c_L) <dS1, S0>: sums by masks, no difference of cumulative sums
+            before = tl.where(causal, 0.0, 1.0)  # [j, r]: j < r
+            pairs = tl.dot(A * dyv, before, input_precision=PREC)  # [i, r]: sum over j < r
+            q_S0 = tl.dot(q, tl.trans(S0).to(q.dtype), input_precision=PREC)  # [L, BV]: S0 q_i
+            w_in = into * tl.sum(dy.to(tl.float32) * q_S0, 1)
+            w_out = to_end * tl.sum(v.to(tl.float32) * k_dS, 1)
+            dg = tl.sum(tl.where(causal, pairs + w_in[:, None], 0.0), 0) + tl.sum(w_out[:, None] * before, 0)
+            dg += tl.exp(c_last) * tl.sum(tl.sum(dS * S0, 1), 0)
+            t_ok = t < T
+            mk = t_ok[:, None] & (cols_k < Dk)[None, :]
+            offs = ((share * T + t[:, None]) * H + h) * Dk + cols_k[None, :]
+            tl.store(DQ + offs, dq, mask=mk)
+            tl.store(DK + offs, dk, mask=mk)
+            tl.store(DG + (share * T + t) * H + h, dg, mask=t_ok)
             tl.store(DV + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], dv.to(DV.dtype.element_ty), mask=mv)
-            dk_offs = (((tl.program_id(0) * (tl.num_programs(1) // H) + b) * T + t[:, None]) * H + h) * Dk + cols_k[None, :]
-            tl.store(DK + dk_offs, dk, mask=(t < T)[:, None] & (cols_k < Dk)[None, :])
-            dy_in = (dy * tl.exp(c)[:, None]).to(dy.dtype)
+            dy_in = (dy * into[:, None]).to(dy.dtype)
             dS = tl.exp(c_last) * dS + tl.dot(tl.trans(dy_in), q, input_precision=PREC)
-        tl.store(DS0 + s_offs, dS, mask=ms)
+        tl.store(DS0 + (b * H + h) * Dv * Dk + tile, dS, mask=ms)
