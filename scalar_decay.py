@@ -142,7 +142,8 @@ def _torch_forward(q, k, v, g, S):
     S_after = torch_scan(a[..., None], v.mT @ (k * to_end), S.to(acc), False)  # [B, T/L, H, Dv, Dk]
     S_before = torch.cat([S.to(acc)[:, None], S_after[:, :-1]], 1)
     y = ((q @ k.mT) * D) @ v + (q * c.exp()[..., None]) @ S_before.mT
-    return y.transpose(2, 3).flatten(1, 2)[:, :T].to(v.dtype), S_after[:, -1], S_before
+    # outputs contiguous, as the fakes promise
+    return y.transpose(2, 3).flatten(1, 2)[:, :T].to(v.dtype).contiguous(), S_after[:, -1].contiguous(), S_before
 
 
 def _torch_backward(q, k, v, g, S, dy, dS_final):
@@ -165,8 +166,8 @@ def _torch_backward(q, k, v, g, S, dy, dS_final):
     # sums by masks, not differences of cumsums (no term that lacks exp(g_r) is ever added, so none cancels)
     dg = ((M @ before) * (1 - before)).sum(-2) + (into[..., None] * (1 - before)).sum(-2) + (out * before).sum(-2)
     dg = dg + a * (dS_after * S_before).sum((-2, -1))[..., None]  # exp(c_L) <dS1, S0>: to every r of the chunk
-    unchunk = lambda x: x.transpose(2, 3).flatten(1, 2)[:, :T]  # noqa: E731
-    return unchunk(dq), unchunk(dk), unchunk(dv), unchunk(dg[..., None])[..., 0], dS_before[:, 0]
+    unchunk = lambda x: x.transpose(2, 3).flatten(1, 2)[:, :T].contiguous()  # noqa: E731
+    return unchunk(dq), unchunk(dk), unchunk(dv), unchunk(dg[..., None])[..., 0], dS_before[:, 0].contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------
