@@ -501,13 +501,14 @@ SCALAR_DECAY_CASES = [(2, 37, 2, 2, 16, 16), (1, 70, 1, 2, 20, 24), (1, 33, 1, 2
 
 def check_scalar_decay(device, dtype, tol, cases=SCALAR_DECAY_CASES, reference=scalar_decay_reference):
     """scalar_decay against `reference` in float64: y, S_final and the gradients w.r.t. q, k, v, g and S (nonzero).
-    g is 0 (no decay) at every 5th step and -50 at every 7th; q and v are transposed in memory."""
+    g is 0 (no decay) at every 5th step, and -50 (the state forgotten) every 29th in one head; q and v are
+    transposed in memory."""
     from scalar_decay import scalar_decay
     gen = torch.Generator(device=device).manual_seed(0)
     r = lambda *shape: torch.randn(shape, device=device, generator=gen)  # noqa: E731
     for Bsz, T, G, H, Dk, Dv in cases:
-        g = -torch.rand(Bsz, T, H, device=device, generator=gen)
-        g[:, ::5], g[:, 3::7] = 0.0, -50.0
+        g = -0.1 * torch.rand(Bsz, T, H, device=device, generator=gen)  # the state outlives a chunk
+        g[:, ::5], g[0, 3::29, 0] = 0.0, -50.0
         inputs = [r(Bsz, G, T, Dk).transpose(1, 2), r(Bsz, T, G, Dk), r(Bsz, H, T, Dv).transpose(1, 2), g, r(Bsz, H, Dv, Dk)]
         acc = torch.promote_types(dtype, torch.float32)  # g and the states
         leaves = [x.to(dtype if i < 3 else acc).requires_grad_() for i, x in enumerate(inputs)]
