@@ -20,9 +20,14 @@ Backward, dS1 the gradient at the state leaving the chunk (dS_final for the last
     dq_i = exp(c_i) S0^T dy_i + (dA K)_i       dk_j = (dA^T Q)_j + exp(c_L - c_j) dS1^T v_j
     dv_j = (A^T dY)_j + exp(c_L - c_j) dS1 k_j     dS0 = exp(c_L) dS1 + sum_i exp(c_i) dy_i q_i^T
 
-and the decays: y and S_final depend on the global cumulative decay C_t = g_1 + .. + g_t only through exp(C_t) q_t,
-exp(-C_s) k_s and exp(C_T) on S_final, so dL/dC_t = q_t . dq_t - k_t . dk_t (+ <dS_final, S_final> at t = T), and
-dL/dg_t = sum_{s>=t} dL/dC_s, a reverse cumulative sum.
+and the decays: S_r = exp(g_r) S_{r-1} + ..., so dL/dg_r = exp(g_r) <dS_r, S_{r-1}>, for r in a chunk
+
+    dL/dg_r = sum_{j<r<=i} exp(c_i - c_j) (q_i . k_j)(dy_i . v_j) + sum_{i>=r} exp(c_i) dy_i . S0 q_i
+              + sum_{j<r} exp(c_L - c_j) v_j . dS1 k_j + exp(c_L) <dS1, S0>
+
+Every term carries exp(g_r): where a decay underflows, so does its gradient. (The shorter dL/dg_r = sum_{t>=r}
+q_t . dq_t - k_t . dk_t, fla's, is a difference of O(1) terms there: rounding noise, 1e-16 against a true 1e-209 at
+Mamba-2's dt ~ 30.) The sums over r are taken by masks, never as differences of cumulative sums, for the same reason.
 
 Every exponent above is <= 0 (c decreases along the chunk; D is masked to -inf above the diagonal before the exp):
 nothing overflows at any T or decay. Within a chunk exp(c_i - c_j) is a difference of cumulative sums, as in fla's
@@ -30,12 +35,11 @@ and mamba_ssm's kernels: in float32 its absolute error is ~1e-7 |c_i|, small whi
 
 A file of its own because the four models share one kernel pair. Engines: Triton on CUDA (and on the CPU under
 TRITON_INTERPRET=1): one program per (batch, head, tile of BV value columns) walks the chunks in order with its
-[BV, Dk] tile of S in registers (fla's "fused_chunk" layout); dots in the inputs' dtype accumulate in float32
-(float32 inputs: exact float32 dots, no tf32). Backward: one pass forward in time for dq (S recomputed), one in
-reverse for dk, dv and dS0 (dS in registers); dq and dk are summed over value tiles and heads of a group outside, then
-dL/dg from them. Elsewhere (CPU, MPS, float64, Dk > 128) the same chunked equations in PyTorch, chunk states through
-scan.py. Forward and backward are custom ops (zoo::scalar_decay, zoo::scalar_decay_backward) with fakes, built by
-scan.py's `register`.
+[BV, Dk] tile of S in float32 registers (fla's "fused_chunk" layout); dots in the inputs' dtype accumulate in float32
+(float32 inputs: exact float32 dots, no tf32). The backward reruns that walk to keep the state entering each chunk,
+then one kernel walks back with dS in registers (dq, dk, dv, dg, dS0). Elsewhere (CPU, MPS, float64, Dk > 128) the
+same equations in PyTorch on chunk tensors, the chunk states through scan.py. Forward and backward are custom ops
+(zoo::scalar_decay, zoo::scalar_decay_backward) with fakes, built by scan.py's `register`.
 """
 import torch
 import torch.nn.functional as F
@@ -52,8 +56,8 @@ def scalar_decay(q, k, v, g, S):
     """q, k [B, T, G, Dk], v [B, T, H, Dv], g [B, T, H] (<= 0), S [B, H, Dv, Dk] -> y [B, T, H, Dv], S_final."""
     (Bsz, T, G, Dk), (H, Dv) = q.shape, v.shape[2:]
     if k.shape != q.shape or v.shape[:2] != (Bsz, T) or H % G or g.shape != (Bsz, T, H) or S.shape != (Bsz, H, Dv, Dk):
-        raise ValueError(f"scalar_decay: needs q, k [B, T, G, Dk], v [B, T, H, Dv] (G | H), g [B, T, H], S [B, H, Dv, Dk]; "
-                         f"got {[tuple(t.shape) for t in (q, k, v, g, S)]}")
+        raise ValueError("scalar_decay: needs q, k [B, T, G, Dk], v [B, T, H, Dv] (G | H), g [B, T, H], "
+                         f"S [B, H, Dv, Dk]; got {[tuple(t.shape) for t in (q, k, v, g, S)]}")
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     return _op(q.to(dtype), k.to(dtype), v.to(dtype), g, S)
 

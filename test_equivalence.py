@@ -509,7 +509,8 @@ def check_scalar_decay(device, dtype, tol, cases=SCALAR_DECAY_CASES, reference=s
     for Bsz, T, G, H, Dk, Dv in cases:
         g = -0.1 * torch.rand(Bsz, T, H, device=device, generator=gen)  # the state outlives a chunk
         g[:, ::5], g[0, 3::29, 0] = 0.0, -50.0
-        inputs = [r(Bsz, G, T, Dk).transpose(1, 2), r(Bsz, T, G, Dk), r(Bsz, H, T, Dv).transpose(1, 2), g, r(Bsz, H, Dv, Dk)]
+        inputs = [r(Bsz, G, T, Dk).transpose(1, 2), r(Bsz, T, G, Dk), r(Bsz, H, T, Dv).transpose(1, 2), g,
+                  r(Bsz, H, Dv, Dk)]
         acc = torch.promote_types(dtype, torch.float32)  # g and the states
         leaves = [x.to(dtype if i < 3 else acc).requires_grad_() for i, x in enumerate(inputs)]
         y, S = scalar_decay(*leaves)
@@ -564,7 +565,7 @@ def custom_op_args(op, device, T=37):
         "selective_scan": lambda: (x, dt, A, B, C, r(2, 6, 4)),
         "selective_scan_backward": lambda: (x, dt, A, B, C, None, torch.ops.zoo.selective_scan(x, dt, A, B, C, None)[2],
                                             r(2, T, 6), r(2, 6, 4)),
-        "scalar_decay": lambda: (r(2, T, 1, 16), r(2, T, 1, 16), r(2, T, 2, 20), -r(2, T, 2), r(2, 2, 20, 16)),
+        "scalar_decay": lambda: sd_args,
         "scalar_decay_backward": lambda: (*sd_args, torch.ops.zoo.scalar_decay(*sd_args)[1], r(2, T, 2, 20),
                                           r(2, 2, 20, 16)),
         "rnn_parallel": lambda: (r(2, T, 5), r(5), r(2, 5), 1e-6),
