@@ -5,8 +5,8 @@
 linear attention (g = 0), RetNet (g = log gamma per head), gated retention (g learned) and Mamba-2's SSD (g = dt A,
 q = C, k = B, v = dt x) are this recurrence. `scalar_decay(q, k, v, g, S)`: q, k [B, T, G, Dk] with G = H, or G
 groups of H / G heads sharing them (Mamba-2's B and C; head h reads group h // (H / G)); v [B, T, H, Dv]; g [B, T, H];
-S [B, H, Dv, Dk] the initial state. Returns y [B, T, H, Dv] in the dtype of q, k and v (promoted), and the final
-state, float32 (float64 stays). Strides are read as given: an expanded g (RetNet's constant decay) is never copied.
+S [B, H, Dv, Dk] the initial state. Returns y [B, T, H, Dv] in the dtype of q, k and v (promoted; under autocast,
+autocast's), and the final state, float32 (float64 stays). Strides are read as given: an expanded g (RetNet's constant decay) is never copied.
 
 Chunkwise form (Yang et al. 2024, "Gated Linear Attention Transformers with Hardware-Efficient Training", sec. 3,
 with GLA's decay a scalar: fla's chunk_simple_gla; the same block decomposition as Mamba-2's SSD, Dao & Gu 2024,
@@ -59,6 +59,8 @@ def scalar_decay(q, k, v, g, S):
         raise ValueError("scalar_decay: needs q, k [B, T, G, Dk], v [B, T, H, Dv] (G | H), g [B, T, H], "
                          f"S [B, H, Dv, Dk]; got {[tuple(t.shape) for t in (q, k, v, g, S)]}")
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if torch.is_autocast_enabled(v.device.type):  # matmuls inside: autocast's dtype, as an einsum would take
+        dtype = torch.get_autocast_dtype(v.device.type)
     return _op(q.to(dtype), k.to(dtype), v.to(dtype), g, S)
 
 
@@ -141,13 +143,13 @@ def _torch_chunks(q, k, v, g, S):
 
 def _torch_forward(q, k, v, g, S):
     """(y, S_final, the states entering each chunk)."""
-    T = q.shape[1]
+    T, dtype = q.shape[1], v.dtype
     q, k, v, c, D, a, to_end, acc = _torch_chunks(q, k, v, g, S)
     S_after = torch_scan(a[..., None], v.mT @ (k * to_end), S.to(acc), False)  # [B, T/L, H, Dv, Dk]
     S_before = torch.cat([S.to(acc)[:, None], S_after[:, :-1]], 1)
     y = ((q @ k.mT) * D) @ v + (q * c.exp()[..., None]) @ S_before.mT
     # outputs contiguous, as the fakes promise
-    return y.transpose(2, 3).flatten(1, 2)[:, :T].to(v.dtype).contiguous(), S_after[:, -1].contiguous(), S_before
+    return y.transpose(2, 3).flatten(1, 2)[:, :T].to(dtype).contiguous(), S_after[:, -1].contiguous(), S_before
 
 
 def _torch_backward(q, k, v, g, S, dy, dS_final):
