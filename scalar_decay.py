@@ -184,7 +184,8 @@ def _torch_backward(q, k, v, g, S, dy, dS_final):
 # columns: each value tile writes its share, summed outside.
 
 def _plan(Dk, Dv):
-    """(L, BK, BV, warps): chunks of 64, all of Dk in one tile, value tiles of up to 64 columns, 4 warps."""
+    """(L, BK, BV, warps): chunks of 64, all of Dk in one tile, value tiles of up to 64 columns, 4 warps (a first
+    choice, not yet timed against other tiles)."""
     if INTERPRET:
         return 16, max(16, triton.next_power_of_2(Dk)), 16, 1
     return CHUNK, max(16, triton.next_power_of_2(Dk)), min(64, max(16, triton.next_power_of_2(Dv))), 4
