@@ -6,7 +6,8 @@ linear attention (g = 0), RetNet (g = log gamma per head), gated retention (g le
 q = C, k = B, v = dt x) are this recurrence. `scalar_decay(q, k, v, g, S)`: q, k [B, T, G, Dk] with G = H, or G
 groups of H / G heads sharing them (Mamba-2's B and C; head h reads group h // (H / G)); v [B, T, H, Dv]; g [B, T, H];
 S [B, H, Dv, Dk] the initial state. Returns y [B, T, H, Dv] in the dtype of q, k and v (promoted; under autocast,
-autocast's), and the final state, float32 (float64 stays). Strides are read as given: an expanded g (RetNet's constant decay) is never copied.
+autocast's), and the final state, float32 (float64 stays). Strides are read as given: an expanded g (RetNet's
+constant decay) is never copied.
 
 Chunkwise form (Yang et al. 2024, "Gated Linear Attention Transformers with Hardware-Efficient Training", sec. 3,
 with GLA's decay a scalar: fla's chunk_simple_gla; the same block decomposition as Mamba-2's SSD, Dao & Gu 2024,
@@ -49,7 +50,7 @@ from scan import INTERPRET, register, torch_scan, triton, use_triton
 if triton is not None:
     import triton.language as tl
 
-CHUNK = 64  # L: the PyTorch engine's chunk and the kernels' (16 under the interpreter, which pays per element)
+CHUNK = 64  # L: the PyTorch engine's chunk and the kernels' in 16-bit (see _plan for theirs in float32)
 
 
 def scalar_decay(q, k, v, g, S):
@@ -183,26 +184,31 @@ def _torch_backward(q, k, v, g, S, dy, dS_final):
 # entering each chunk ([B, H, T/L, Dv, Dk], float32), then walks back with dS. dq, dk and dg are sums over value
 # columns: each value tile writes its share, summed outside.
 
-def _plan(Dk, Dv):
-    """(L, BK, BV, warps): chunks of 64, all of Dk in one tile, value tiles of up to 64 columns, 4 warps (a first
-    choice, not yet timed against other tiles)."""
+def _plan(Dk, Dv, dtype):
+    """(L, BK, BV, warps, stages): all of Dk in one tile, value tiles of up to 64 columns, 4 warps (a first choice,
+    not yet timed against other tiles). Chunks of 64 and Triton's 3 pipeline stages for 16-bit inputs; float32's
+    exact dots run without tensor cores and hold far more per thread: chunks of 32, one stage (compiled for sm_90
+    with Triton 3.6, the backward at Dk = 128 asks 127 KB of shared memory; chunks of 64 and 3 stages asked 337 KB,
+    past H100's 227 KB)."""
+    BK, BV = max(16, triton.next_power_of_2(Dk)), min(64, max(16, triton.next_power_of_2(Dv)))
     if INTERPRET:
-        return 16, max(16, triton.next_power_of_2(Dk)), 16, 1
-    return CHUNK, max(16, triton.next_power_of_2(Dk)), min(64, max(16, triton.next_power_of_2(Dv))), 4
+        return 16, BK, 16, 1, 1
+    return (32, BK, BV, 4, 1) if dtype == torch.float32 else (CHUNK, BK, BV, 4, 3)
 
 
 def _launch(kernel, q, k, v, g, *tensors, **meta):
     Bsz, T, G, Dk = q.shape
     H, Dv = v.shape[2:]
-    L, BK, BV, warps = _plan(Dk, Dv)
-    kernel[(triton.cdiv(Dv, BV), Bsz * H)](
+    L, BK, BV, warps, stages = _plan(Dk, Dv, v.dtype)
+    kernel[(Bsz * H, triton.cdiv(Dv, BV))](
         q, k, v, g, *tensors, T, H, H // G, Dk, Dv, *q.stride(), *k.stride(), *v.stride(), *g.stride(),
-        L=L, BK=BK, BV=BV, PREC="ieee" if v.dtype == torch.float32 else "tf32", num_warps=warps, **meta)
+        L=L, BK=BK, BV=BV, PREC="ieee" if v.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
+        **meta)
 
 
 def _triton_forward(q, k, v, g, S, states=False):
     """(y, S_final), or with states the state entering each chunk [B, H, T/L, Dv, Dk]."""
-    L = _plan(q.shape[3], v.shape[3])[0]
+    L = _plan(q.shape[3], v.shape[3], v.dtype)[0]
     shape = S.shape[:2] + (-(-q.shape[1] // L),) + S.shape[2:] if states else S.shape
     out = torch.empty(shape, dtype=torch.float32, device=v.device)
     y = v if states else torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -214,7 +220,7 @@ def _triton_backward(q, k, v, g, S, dy, dS_final):
     """(dq and dk per head [B, T, H, Dk] float32, dv, dg, dS0)."""
     Bsz, T, _, Dk = q.shape
     H, Dv = v.shape[2:]
-    n_v = -(-Dv // _plan(Dk, Dv)[2])
+    n_v = -(-Dv // _plan(Dk, Dv, v.dtype)[2])
     states = _triton_forward(q, k, v, g, S, states=True)
     dq, dk = (torch.empty(n_v, Bsz, T, H, Dk, dtype=torch.float32, device=v.device) for _ in range(2))
     dg = torch.empty(n_v, Bsz, T, H, dtype=torch.float32, device=v.device)
@@ -229,7 +235,7 @@ if triton is not None:
     @triton.jit
     def _program(H, hpg, BV: tl.constexpr, BK: tl.constexpr):
         """(b, h, the q/k head of h's group, value columns, key columns) of this program, as int64."""
-        pid_v, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        bh, pid_v = tl.program_id(0).to(tl.int64), tl.program_id(1)  # B * H on axis 0: no 65535 limit
         b, h = bh // H, bh % H
         return b, h, h // hpg, pid_v * BV + tl.arange(0, BV), tl.arange(0, BK)
 
@@ -239,7 +245,7 @@ if triton is not None:
         """Chunk [start, start + L) of head h: q, k [L, BK], v [L, BV] (input dtype), c [L] (the cumulative log decay
         from the chunk's start), its last value c_L, the causal mask [i, j]: i >= j, D = exp(c_i - c_j) there and 0
         above (masked before the exp), times t and the mask of v's elements."""
-        t = start + tl.arange(0, L)
+        t = start + tl.arange(0, L).to(tl.int64)  # int64: t * stride passes 2^31 in long sequences
         t_ok = t < T
         mk = t_ok[:, None] & (cols_k < Dk)[None, :]
         q = tl.load(Q + b * sqb + hk * sqh + t[:, None] * sqt + cols_k[None, :] * sqd, mask=mk, other=0.0)
@@ -289,7 +295,7 @@ if triton is not None:
         tile = cols_v[:, None] * Dk + cols_k[None, :]
         dS = tl.load(DS_FINAL + (b * H + h) * Dv * Dk + tile, mask=ms, other=0.0)
         n_chunks = tl.cdiv(T, L)
-        share = tl.program_id(0) * (tl.num_programs(1) // H) + b  # this value tile's slice of DQ, DK, DG
+        share = tl.program_id(1) * (tl.num_programs(0) // H) + b  # this value tile's slice of DQ, DK, DG
         for i in range(n_chunks):
             n = n_chunks - 1 - i
             q, k, v, c, c_last, causal, D, t, mv = _chunk(Q, K, V, G, n * L, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd,
