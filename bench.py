@@ -191,8 +191,8 @@ def bench_forms(dev, quick, low):
 
 # --------------------------------------------------------------------------------------- 3. chunked
 def core_cases(B, T, H, D, dev, low):
-    """name -> (fn, inputs it differentiates) for the zoo's chunked cores, fla's and SDPA."""
-    import deltanet, gated_deltanet, gated_retention, linear_attention, mamba2, retnet, rwkv7
+    """name -> (fn, inputs it differentiates) for the zoo's chunked cores, fla's, mamba_ssm's SSD and SDPA."""
+    import deltanet, gated_deltanet, gated_retention, linear_attention, mamba2, retnet, rwkv7, scalar_decay
     rand = lambda *s, dtype=low: torch.randn(*s, device=dev, dtype=dtype).requires_grad_()
     q, k, v = rand(B, T, H, D), rand(B, T, H, D), rand(B, T, H, D)
     S = torch.randn(B, H, D, D, device=dev) * 0.1
@@ -211,6 +211,9 @@ def core_cases(B, T, H, D, dev, low):
         "retention_chunked": (lambda: retnet.retention_chunked(q, k, v, log_gamma, S, 64), (q, k, v)),
         "gated_retention_chunked": (lambda: gated_retention.gated_retention_chunked(q, k, v, g, S, 64), (q, k, v, g)),
         "ssd_chunked (mamba2)": (lambda: mamba2.ssd_chunked(q, dt * A, dt, Bm, Cm, h, 64), (q, dt, Bm, Cm)),
+        "scalar_decay (fused; g: gated retention's)": (lambda: scalar_decay.scalar_decay(q, k, v, g, S), (q, k, v, g)),
+        "scalar_decay (fused; mamba2's SSD)": (lambda: scalar_decay.scalar_decay(
+            Cm, Bm, (q * dt[..., None]).to(low), dt * A, h), (q, dt, Bm, Cm)),
         "delta_rule_chunked": (lambda: deltanet.delta_rule_chunked(q, kn, v, beta, S, 64), (q, kn, v, beta)),
         "gated_delta_rule_chunked": (lambda: gated_deltanet.gated_delta_rule_chunked(q, kn, v, beta, g, S, 64),
                                      (q, kn, v, beta, g)),
@@ -228,6 +231,9 @@ def core_cases(B, T, H, D, dev, low):
             fn = fla_rwkv7(fn, low)
         cases["fla " + name] = ("not installed" if fn is None else "cuda only" if dev.type != "cuda"
                                 else (lambda fn=fn, args=args, kw=kw: fn(*args, **kw), ins))
+    ssd = optional("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
+    cases["mamba_ssm mamba_chunk_scan_combined"] = ("not installed" if ssd is None else "cuda only" if dev.type != "cuda"
+                                                    else (lambda: ssd(q, dt, A, Bm, Cm, 64), (q, dt, Bm, Cm)))
     cases["sdpa causal [B, H, T, D]"] = (
         lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True), (qh, kh, vh))
     return cases
@@ -247,7 +253,7 @@ def bench_chunked(dev, quick, low):
                     f"causal SDPA", ["core", "fwd ms", "fwd+bwd ms"])
         torch.manual_seed(0)
         cases = core_cases(*shape, dev, low)
-        zoo = [n for n in cases if not n.startswith(("fla", "sdpa"))]
+        zoo = [n for n in cases if not n.startswith(("fla", "sdpa", "mamba_ssm"))]
         cases.update({f"{n}, compiled": (torch.compile(cases[n][0]), cases[n][1]) for n in zoo if gpu})
         for name, case in cases.items():
             with torch.autocast(dev.type, dtype=low, enabled=low != torch.float32):

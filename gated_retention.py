@@ -17,11 +17,12 @@ swish(g) output gate; out projection.
 
 Shapes: q, k [B, T, H, Dk], v [B, T, H, Dv], log gates g [B, T, H]; state (S [B, H, Dv, Dk], pos [B]).
 
-Three forms of the same function:
+Four forms of the same function:
     recurrent  the loop above, one token at a time: O(T) steps, O(1) state
     parallel   (Q K^T * Gamma) V with Gamma = decay_mask(g): prod_{s<r<=t} gamma_r for t >= s: O(T^2)
     chunked    the parallel form inside chunks of L tokens, the chunk states through scan.py with
                a = exp(sum of g over the chunk) per head
+    fused      chunked, as one fused kernel (scalar_decay.py)
 
 Origin: YOCO's GateRetention (microsoft/unilm YOCO/yoco/models/decoder/gate_retention.py): tau
 is its gate_logit_normalizer, the rotary angles its build_rel_pos, the RMSNorm its subln. Init as
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scalar_decay import scalar_decay
 from scan import scan
 
 
@@ -102,7 +104,7 @@ def gated_retention_chunked(q, k, v, g, S, chunk_size):
 class GatedRetention(nn.Module):
     """Gated retention; forward(x [B, T, d_model], state) -> (y, state (S [B, H, Dv, Dk], pos [B]))."""
 
-    forms = ("recurrent", "parallel", "chunked")
+    forms = ("recurrent", "parallel", "chunked", "fused")
 
     def __init__(self, d_model, n_head=4, chunk_size=64, tau=16.0, eps=1e-5):
         super().__init__()
@@ -119,7 +121,7 @@ class GatedRetention(nn.Module):
             nn.init.xavier_uniform_(lin.weight, gain=2 ** -2.5)
         nn.init.xavier_uniform_(self.out.weight, gain=2 ** -1)
 
-    def forward(self, x, state=None, form="chunked"):
+    def forward(self, x, state=None, form="fused"):
         B, T, d_model = x.shape
         H = self.n_head
         acc = torch.promote_types(x.dtype, torch.float32)  # states and log gates in float32 or better
@@ -138,6 +140,8 @@ class GatedRetention(nn.Module):
             y, S = gated_retention_parallel(q, k, v, g, S)
         elif form == "chunked":
             y, S = gated_retention_chunked(q, k, v, g, S, self.chunk_size)
+        elif form == "fused":
+            y, S = scalar_decay(q, k, v, g, S)
         else:
             raise ValueError(f"unknown form {form!r}; GatedRetention has {self.forms}")
         y = y.to(acc)

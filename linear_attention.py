@@ -12,16 +12,18 @@ normaliser rides along as one extra row of the state: append a 1 to every v, and
 channel is z_t . phi(q_t). Shapes: q, k [B, T, H, Dk], v [B, T, H, Dv + 1] (the row of ones
 included), state S [B, H, Dv + 1, Dk].
 
-Three forms of the same function:
+Four forms of the same function:
     recurrent  the loop above, one token at a time: O(T) steps, O(1) state
     parallel   (phi(Q) phi(K)^T * causal mask) V, eq. 9 without the softmax: O(T^2), no loop
     chunked    the parallel form inside chunks of L tokens, the chunk states S summed across
                chunks by scan.py with a = 1: O(T L) work, T / L chunk states
+    fused      chunked, as one fused kernel (scalar_decay.py)
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scalar_decay import scalar_decay
 from scan import scan
 
 
@@ -70,7 +72,7 @@ def linear_attention_chunked(q, k, v, S, chunk_size):
 class LinearAttention(nn.Module):
     """Multi-head linear attention; forward(x [B, T, d_model], state) -> (y, state [B, H, Dv + 1, Dk])."""
 
-    forms = ("recurrent", "parallel", "chunked")
+    forms = ("recurrent", "parallel", "chunked", "fused")
 
     def __init__(self, d_model, n_head=4, chunk_size=64, eps=1e-6):
         super().__init__()
@@ -80,7 +82,7 @@ class LinearAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x, state=None, form="chunked"):
+    def forward(self, x, state=None, form="fused"):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).unflatten(-1, (3, self.n_head, -1)).unbind(2)
         q, k = feature_map(q), feature_map(k)
@@ -94,6 +96,8 @@ class LinearAttention(nn.Module):
             y, state = linear_attention_parallel(q, k, v, state)
         elif form == "chunked":
             y, state = linear_attention_chunked(q, k, v, state, self.chunk_size)
+        elif form == "fused":  # g = 0: nothing decays
+            y, state = scalar_decay(q, k, v, state.new_zeros(()).expand(B, T, self.n_head), state)
         else:
             raise ValueError(f"unknown form {form!r}; LinearAttention has {self.forms}")
         y = y[..., :-1] / (y[..., -1:] + self.eps)

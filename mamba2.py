@@ -14,13 +14,15 @@ B, C [B, T, G, N]. State: (conv [B, conv_dim, d_conv - 1], the last inputs of th
 ssm h [B, H, P, N]), both float32 or better; every form starts the conv from the conv state,
 never from zeros.
 
-Three forms of the same function:
+Four forms of the same function:
     recurrent  the loop above, one token at a time: O(T) steps, O(1) state
     parallel   the dual "attention" form y = (Gamma * C B^T) (dt x), Gamma = decay_mask(dt A):
                exp(sum_{s<k<=t} dt_k A) for t >= s (the paper's 1-semiseparable mask): O(T^2), no loop
     chunked    the SSD algorithm: the parallel form inside chunks of L tokens, the chunk states
                [B, T/L, H, P, N] passed on by scan.py with a = exp(sum of dt A over the chunk) per
                head, [B, T/L, H, 1, 1], broadcast: O(T L) work
+    fused      chunked, as one fused kernel (scalar_decay.py): q = C, k = B (each group's, read by its
+               heads), v = dt x, g = dt A; D x is added outside
 
 Origin: the block as the official one (mamba_ssm/modules/mamba2.py), with its init and defaults;
 the chunked form follows ssd_minimal.py.
@@ -31,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scalar_decay import scalar_decay
 from scan import scan
 
 
@@ -103,7 +106,7 @@ def ssd_chunked(x, dtA, dt, B, C, h, chunk_size):
 class Mamba2(nn.Module):
     """Mamba-2 block; forward(x [B, T, d_model], state) -> (y, (conv [B, conv_dim, d_conv-1], ssm [B, H, P, N]))."""
 
-    forms = ("recurrent", "parallel", "chunked")
+    forms = ("recurrent", "parallel", "chunked", "fused")
 
     def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256,
                  A_init_range=(1, 16), dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, eps=1e-5):
@@ -126,7 +129,7 @@ class Mamba2(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
-    def forward(self, x, state=None, form="chunked"):
+    def forward(self, x, state=None, form="fused"):
         if form not in self.forms:
             raise ValueError(f"unknown form {form!r}; Mamba2 has {self.forms}")
         Bsz, T, _ = x.shape
@@ -148,8 +151,10 @@ class Mamba2(nn.Module):
             y, h = ssd_recurrent(xs, dtA, dt, Bm, Cm, h.to(acc))
         elif form == "parallel":
             y, h = ssd_parallel(xs, dtA, dt, Bm, Cm, h.to(acc))
-        else:
+        elif form == "chunked":
             y, h = ssd_chunked(xs, dtA, dt, Bm, Cm, h.to(acc), self.chunk_size)
+        else:
+            y, h = scalar_decay(Cm, Bm, xs * dt[..., None], dtA, h.to(acc))
         y = (y.to(acc) + self.D.to(acc)[:, None] * xs).flatten(2)
         y = (y * F.silu(z.to(acc))).unflatten(-1, (self.ngroups, -1))  # gate, then norm (norm_before_gate=False)
         y = (y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps)).flatten(2) * self.norm_weight.to(acc)

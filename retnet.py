@@ -15,12 +15,13 @@ width 2 d_model, as in the paper (its parameter budget: 8 d_model^2 per layer).
 
 Shapes: q, k [B, T, H, Dk], v [B, T, H, Dv]; state (S [B, H, Dv, Dk], pos [B] int64: tokens seen).
 
-Three forms of the same function:
+Four forms of the same function:
     recurrent  the loop above, one token at a time: O(T) steps, O(1) state
     parallel   (Q K^T * Gamma) V with Gamma = decay_mask(log gamma): gamma^(t-s) for t >= s, 0 above
                the diagonal, masked in log space before the exp: O(T^2), no loop
     chunked    sec. 2.3: parallel inside chunks of L tokens, the chunk states through scan.py with
                a = gamma^L per head, broadcast: O(T L) work
+    fused      chunked, as one fused kernel (scalar_decay.py)
 
 Origin: gamma_h as the paper's 1 - 2^(-5-arange(0, H)) and torchscale's RetNetRelPos decay alike;
 rotary angles as torchscale's. The GroupNorm is the paper's (torchscale now uses an RMSNorm
@@ -35,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scalar_decay import scalar_decay
 from scan import scan
 
 
@@ -112,7 +114,7 @@ def retention_chunked(q, k, v, log_gamma, S, chunk_size):
 class RetNet(nn.Module):
     """Multi-scale retention; forward(x [B, T, d_model], state) -> (y, state (S [B, H, Dv, Dk], pos [B]))."""
 
-    forms = ("recurrent", "parallel", "chunked")
+    forms = ("recurrent", "parallel", "chunked", "fused")
 
     def __init__(self, d_model, n_head=4, chunk_size=64, value_factor=2, eps=1e-6):
         super().__init__()
@@ -130,7 +132,7 @@ class RetNet(nn.Module):
             nn.init.xavier_uniform_(lin.weight, gain=2 ** -2.5)
         nn.init.xavier_uniform_(self.out.weight)
 
-    def forward(self, x, state=None, form="chunked"):
+    def forward(self, x, state=None, form="fused"):
         B, T, _ = x.shape
         H = self.n_head
         acc = torch.promote_types(x.dtype, torch.float32)  # states and decays in float32 or better
@@ -149,6 +151,8 @@ class RetNet(nn.Module):
             y, S = retention_parallel(q, k, v, log_gamma, S)
         elif form == "chunked":
             y, S = retention_chunked(q, k, v, log_gamma, S, self.chunk_size)
+        elif form == "fused":  # log gamma read with stride 0 over batch and time
+            y, S = scalar_decay(q, k, v, log_gamma.expand(B, T, H), S)
         else:
             raise ValueError(f"unknown form {form!r}; RetNet has {self.forms}")
         y = self.norm(y.flatten(0, 1).flatten(1)).unflatten(0, (B, T))  # GroupNorm per head, per token

@@ -496,6 +496,72 @@ def test_selective_scan_triton_cuda(dtype, tol, mode, monkeypatch):
     check_selective("cuda", dtype, tol, cases, reference=selective_scan)
 
 
+def scalar_decay_reference(q, k, v, g, S):
+    """S_t = exp(g_t) S_{t-1} + v_t k_t^T, y_t = S_t q_t one step at a time; q, k [B, T, G, Dk] read by H / G heads."""
+    q, k = (x.repeat_interleave(v.shape[2] // q.shape[2], 2) for x in (q, k))
+    ys = []
+    for t in range(q.shape[1]):
+        S = g[:, t, :, None, None].exp() * S + v[:, t, :, :, None] * k[:, t, :, None, :]
+        ys.append(torch.einsum("bhed,bhd->bhe", S, q[:, t]))
+    return torch.stack(ys, 1), S
+
+
+# (B, T, G, H, Dk, Dv): one chunk and several (16 interpreted, 64 else), a padded tail, Dk and Dv no powers of two,
+# several value tiles (16 columns interpreted), groups of heads sharing q and k
+SCALAR_DECAY_CASES = [(2, 37, 2, 2, 16, 16), (1, 70, 1, 2, 20, 24), (1, 33, 1, 2, 16, 40)]
+
+
+def check_scalar_decay(device, dtype, tol, cases=SCALAR_DECAY_CASES, reference=scalar_decay_reference):
+    """scalar_decay against `reference` in float64: y, S_final and the gradients w.r.t. q, k, v, g and S (nonzero).
+    g is 0 (no decay) at every 5th step, and -50 (the state forgotten) every 29th in one head; q and v are
+    transposed in memory."""
+    from scalar_decay import scalar_decay
+    gen = torch.Generator(device=device).manual_seed(0)
+    r = lambda *shape: torch.randn(shape, device=device, generator=gen)  # noqa: E731
+    for Bsz, T, G, H, Dk, Dv in cases:
+        g = -0.1 * torch.rand(Bsz, T, H, device=device, generator=gen)  # the state outlives a chunk
+        g[:, ::5], g[0, 3::29, 0] = 0.0, -50.0
+        inputs = [r(Bsz, G, T, Dk).transpose(1, 2), r(Bsz, T, G, Dk), r(Bsz, H, T, Dv).transpose(1, 2), g,
+                  r(Bsz, H, Dv, Dk)]
+        acc = torch.promote_types(dtype, torch.float32)  # g and the states
+        leaves = [x.to(dtype if i < 3 else acc).requires_grad_() for i, x in enumerate(inputs)]
+        y, S = scalar_decay(*leaves)
+        assert y.dtype == dtype and y.shape == (Bsz, T, H, Dv) and S.dtype == acc
+        gy, gS = r(*y.shape).to(dtype), r(*S.shape)
+        grads = torch.autograd.grad((y.float() * gy.float()).sum() + (S * gS).sum(), leaves)
+        ref = [x.detach().double().requires_grad_() for x in leaves]
+        y_ref, S_ref = reference(*ref)
+        ref_grads = torch.autograd.grad((y_ref * gy.double()).sum() + (S_ref * gS.double()).sum(), ref)
+        what = f"B={Bsz} T={T} G={G} H={H} Dk={Dk} Dv={Dv} {dtype}"
+        for n, o, want in zip(("y", "S", "dq", "dk", "dv", "dg", "dS"), [y, S, *grads], [y_ref, S_ref, *ref_grads]):
+            assert o.shape == want.shape and rel_err(o, want) <= tol, f"{n} {what}: {rel_err(o, want):.1e}"
+
+
+# float32: exp(c_i - c_j) is a difference of cumulative sums, |c| up to ~500 here in chunks of 64: ~3e-5 per factor
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)], ids=["f64", "f32"])
+def test_scalar_decay_torch(dtype, tol):
+    """The PyTorch engine: the cases above, and three chunks of 64 with Dk, Dv < 16 and four heads per group."""
+    check_scalar_decay("cpu", dtype, tol, SCALAR_DECAY_CASES + [(1, 150, 1, 4, 8, 5)])
+
+
+def test_scalar_decay_triton_kernel_interpreted():
+    """The kernels, forward and backward, run by Triton's interpreter: chunks of 16, value tiles of 16 columns."""
+    interpreted("import scalar_decay as sd; assert sd._kernel(*[torch.zeros(1, 1, 1, 16)] * 5); "
+                "t.check_scalar_decay('cpu', torch.float32, 1e-5)")
+
+
+@needs_cuda
+# bf16: q, k, v rounded before both; inside, A, S and dS rounded to bf16 for the dots, sums in float32
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["f32", "bf16"])
+def test_scalar_decay_triton_cuda(dtype, tol):
+    """The kernels at model shapes (T = 2048 by 64; RetNet's 96 by 192 value columns: three value tiles; linear
+    attention's 97 with its normaliser; Mamba-2's 128 by 64, groups) against the PyTorch engine in float64."""
+    from scalar_decay import scalar_decay
+    cases = [(2, 2048, 2, 2, 64, 64), (1, 300, 3, 3, 96, 97), (2, 333, 2, 2, 96, 192), (1, 200, 1, 4, 128, 64),
+             (1, 100, 1, 1, 32, 256)]
+    check_scalar_decay("cuda", dtype, tol, cases, reference=scalar_decay)
+
+
 def custom_op_args(op, device, T=37):
     """Arguments of zoo::<op> at a ragged T (no multiple of any tile): a broadcast gate for the scan (its gradient
     summed to a's shape), h0 where the op takes one, a backward's saved tensors from a real forward."""
@@ -503,6 +569,7 @@ def custom_op_args(op, device, T=37):
     r = lambda *shape: torch.rand(shape, device=device, generator=g)  # noqa: E731
     a, b, h0 = r(2, T, 3, 1), r(2, T, 3, 5), r(2, 3, 5)
     x, dt, A, B, C = r(2, T, 6), r(2, T, 6), -r(6, 4), r(2, T, 4), r(2, T, 4)
+    sd_args = (r(2, T, 1, 16), r(2, T, 1, 16), r(2, T, 2, 20), -r(2, T, 2), r(2, 2, 20, 16))  # q, k shared by 2 heads
     return {
         "scan": lambda: (a, b, h0, False, False),
         "scan_block": lambda: (r(2, T, 2, 2, 4), r(2, T, 2, 4), None, True, True),
@@ -510,6 +577,9 @@ def custom_op_args(op, device, T=37):
         "selective_scan": lambda: (x, dt, A, B, C, r(2, 6, 4)),
         "selective_scan_backward": lambda: (x, dt, A, B, C, None, torch.ops.zoo.selective_scan(x, dt, A, B, C, None)[2],
                                             r(2, T, 6), r(2, 6, 4)),
+        "scalar_decay": lambda: sd_args,
+        "scalar_decay_backward": lambda: (*sd_args, torch.ops.zoo.scalar_decay(*sd_args)[1], r(2, T, 2, 20),
+                                          r(2, 2, 20, 16)),
         "rnn_parallel": lambda: (r(2, T, 5), r(5), r(2, 5), 1e-6),
         "lstm_parallel": lambda: (r(2, T, 4, 5), r(4, 5), r(2, 2, 5), 1e-6, True),
     }[op]()
@@ -517,14 +587,14 @@ def custom_op_args(op, device, T=37):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", ["scan", "scan_block", "scan_backward", "selective_scan", "selective_scan_backward",
-                                "rnn_parallel", "lstm_parallel"])
+                                "scalar_decay", "scalar_decay_backward", "rnn_parallel", "lstm_parallel"])
 def test_custom_op_fakes_match_real(op, device):
     """What torch.compile sees of each custom op (its fake: shapes, strides, dtypes) is what the op returns, at a
     ragged T. The selective scan's third output (the states kept for the backward) depends on the engine: [B, 0, D,
     N] from the PyTorch engine, [B, T/BLOCK_T, D, N] from the kernels; its fake asks the same question."""
-    for name in ("rnn", "lstm"):
+    for name in ("rnn", "lstm", "scalar_decay"):
         if op.startswith(name):
-            module(name)  # registers zoo::<name>_parallel
+            module(name)  # registers zoo::<name>_parallel, zoo::scalar_decay
     name = op.removesuffix("_block")
     torch.library.opcheck(getattr(torch.ops.zoo, name).default, custom_op_args(op, device),
                           test_utils=("test_faketensor",))
