@@ -38,6 +38,7 @@ import bench
 import scan as scan_module
 import train
 from scan import scan
+from scalar_decay import scalar_decay
 from selective_scan import selective_scan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -312,6 +313,12 @@ SCAN_MODES = {"chunks": (10 ** 6, 1), "one pass": (0, 10 ** 6)}  # scan.PROGRAMS
 INTERPRETED_MODES = ["chunks", pytest.param("one pass", marks=slow)]
 
 
+def few_unless_slow(cases, few):
+    """A GPU test's shapes: `few` by default, all of `cases` with SLOW=1. Each new shape, stride alignment and flag
+    compiles its own kernels (2 to 5 s each on a GPU); the interpreter runs all of them on the CPU."""
+    return cases if os.environ.get("SLOW") == "1" else few
+
+
 def cuda_modes(f32_tol, bf16_tol):
     """(dtype, tol, mode) for a kernel's GPU tests: each dtype in one mode by default, in both with SLOW=1 (each
     mode and dtype compiles its own kernels: 7 to 50 s a case on an H200)."""
@@ -443,7 +450,8 @@ def test_scan_triton_kernel_interpreted(mode):
 def test_scan_triton_cuda(dtype, tol, mode, monkeypatch):
     monkeypatch.setattr(scan_module, "PROGRAMS_PER_SM", SCAN_MODES[mode][0])
     monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
-    check_scan("cuda", dtype, tol)
+    # full, a gate per head over 16 channels, one per head for all batches and steps, blocks of 2 x 2
+    check_scan("cuda", dtype, tol, few_unless_slow(SCAN_CASES + BLOCK_SCAN_CASES, SCAN_CASES[:3] + BLOCK_SCAN_CASES[:1]))
 
 
 @slow
@@ -515,7 +523,6 @@ def check_scalar_decay(device, dtype, tol, cases=SCALAR_DECAY_CASES, reference=s
     """scalar_decay against `reference` in float64: y, S_final and the gradients w.r.t. q, k, v, g and S (nonzero).
     g is 0 (no decay) at every 5th step, and -50 (the state forgotten) every 29th in one head; q and v are
     transposed in memory."""
-    from scalar_decay import scalar_decay
     gen = torch.Generator(device=device).manual_seed(0)
     r = lambda *shape: torch.randn(shape, device=device, generator=gen)  # noqa: E731
     for Bsz, T, G, H, Dk, Dv in cases:
@@ -554,12 +561,12 @@ def test_scalar_decay_triton_kernel_interpreted():
 # bf16: q, k, v rounded before both; inside, A, S and dS rounded to bf16 for the dots, sums in float32
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["f32", "bf16"])
 def test_scalar_decay_triton_cuda(dtype, tol):
-    """The kernels at model shapes (T = 2048 by 64; RetNet's 96 by 192 value columns: three value tiles; linear
-    attention's 97 with its normaliser; Mamba-2's 128 by 64, groups) against the PyTorch engine in float64."""
-    from scalar_decay import scalar_decay
-    cases = [(2, 2048, 2, 2, 64, 64), (1, 300, 3, 3, 96, 97), (2, 333, 2, 2, 96, 192), (1, 200, 1, 4, 128, 64),
+    """The kernels at model shapes against the PyTorch engine in float64: T = 2048 by 64 with two heads sharing q and
+    k, linear attention's 97 value columns with its normaliser; with SLOW=1 also RetNet's 96 by 192 (three value
+    tiles), Mamba-2's 128 by 64 (groups) and 32 by 256."""
+    cases = [(2, 2048, 1, 2, 64, 64), (1, 300, 3, 3, 96, 97), (2, 333, 2, 2, 96, 192), (1, 200, 1, 4, 128, 64),
              (1, 100, 1, 1, 32, 256)]
-    check_scalar_decay("cuda", dtype, tol, cases, reference=scalar_decay)
+    check_scalar_decay("cuda", dtype, tol, few_unless_slow(cases, cases[:2]), reference=scalar_decay)
 
 
 def custom_op_args(op, device, T=37):
