@@ -283,16 +283,6 @@ def get_lr(step, lr, warmup, max_iters, time_frac=0.0):
     return lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - lr / 10)
 
 
-def compiled(fn, probe):
-    """torch.compile(fn), or fn itself where that fails. Compiling happens at the first call: probe makes it now."""
-    try:
-        probe(fast := torch.compile(fn, mode=COMPILE_MODE))
-        return fast
-    except Exception as e:
-        print(f"torch.compile failed ({type(e).__name__}: {first_line(e)}); running eager")
-        return fn
-
-
 def first_line(e):
     return (str(e).strip().splitlines() or [""])[0][:160]
 
@@ -438,14 +428,11 @@ def state_size(model, T):
     """Numbers each layer's mixer keeps as its state after reading T tokens (the recall study's x axis, Zoology's
     figure 2): a recurrent model's constant, attention's KV cache of T tokens; a state's size, not its values, so
     one sequence of zeros tells it."""
-    def numel(state):  # a tensor, None, or a tuple or list of them, nested
-        return state.numel() if isinstance(state, torch.Tensor) else sum(map(numel, state or ()))
-
     training = model.training
     model.eval()
     _, states = model(torch.zeros(1, T, dtype=torch.long, device=model.wte.weight.device))
     model.train(training)
-    return numel(states) // len(states)
+    return sum(t.numel() for t in state_tensors(states)) // len(states)
 
 
 def commit_of(folder):
@@ -579,7 +566,13 @@ def ready_to_train(model, cfg, batch, local_rank=0, world=1):
             sys.exit(f"{cfg.model}: the first batch's loss is {loss} (--mixer-args {cfg.mixer_args!r}?)")
     except ValueError as e:
         sys.exit(f"{cfg.model}: {e}")
-    net = compiled(model, first_step) if cfg.compile else model  # compiling happens in the probe: first_step again
+    net = model
+    if cfg.compile:  # compiling happens at the first call: first_step makes it now, and falls back to eager
+        try:
+            first_step(net := torch.compile(model, mode=COMPILE_MODE))
+        except Exception as e:
+            print(f"torch.compile failed ({type(e).__name__}: {first_line(e)}); running eager")
+            net = model
     model.zero_grad(set_to_none=True)
     fwd = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if cuda else None) if world > 1 else net
     return net, fwd, autocast
