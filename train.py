@@ -459,8 +459,8 @@ def parse_args(argv):
         p.add_argument("--" + flag, help=f"{help} ({default})".replace("%", "%%"), **kw)
 
     add("model", "the mixer, <model>.py", choices=list(MODELS), required=True)
-    add("task", "text: predict the next character; mqar: multi-query associative recall; parity: the XOR of the "
-        "bits so far", choices=["text", "mqar", "parity"])
+    add("task", "text: the next character; mqar: multi-query associative recall; parity: the XOR of the bits so far",
+        choices=["text", "mqar", "parity"])
     add("data", "a UTF-8 text file for --task text", "tiny Shakespeare, kept in ~/.cache/zoo", metavar="PATH")
     add("out-dir", "where ckpt.pt (latest), best.pt (best val) and log.jsonl go", "out/<model>", metavar="DIR")
     add("resume", "continue <out-dir>/ckpt.pt with its flags, unless passed again", "off", action="store_true")
@@ -474,14 +474,11 @@ def parse_args(argv):
     add("lr", "peak learning rate (AdamW), after linear warmup, cosine decay to a tenth", type=float)
     add("warmup", "warmup steps", type=int)
     add("max-iters", "training steps", type=int)
-    add("max-time", "seconds of training (evaluation excluded); the LR schedule then follows the clock", "none",
-        type=float)
+    add("max-time", "seconds of training, evaluation excluded; the LR schedule follows the clock", "none", type=float)
     add("dropout", "on the embedding, residual branches, attention weights", "GPU 0.3, CPU 0.0; mqar, parity 0",
         type=float)
-    add("patience", "stop after this many evaluations without a better val loss; 0: never", "1; mqar, parity 0",
-        type=int)
-    add("stop-acc", "stop once the val accuracy reaches this (e.g. 0.99 on mqar or parity: the steps to it); 0: never",
-        "0", type=float)
+    add("patience", "evaluations without a better val loss before stopping; 0: never", "1; mqar, parity 0", type=int)
+    add("stop-acc", "stop at this val accuracy (mqar, parity: 0.99 counts the steps to it); 0: never", type=float)
     add("eval-interval", "steps between evaluations", type=int)
     add("eval-iters", "batches per evaluation", type=int)
     add("log-interval", "steps between log lines", type=int)
@@ -567,12 +564,12 @@ def ready_to_train(model, cfg, batch, local_rank=0, world=1):
     except ValueError as e:
         sys.exit(f"{cfg.model}: {e}")
     net = model
-    if cfg.compile:  # compiling happens at the first call: first_step makes it now, and falls back to eager
+    if cfg.compile:  # torch.compile compiles at the first call: make that call here, where a failure can run eager
         try:
-            first_step(net := torch.compile(model, mode=COMPILE_MODE))
+            first_step(compiled := torch.compile(model, mode=COMPILE_MODE))
+            net = compiled
         except Exception as e:
             print(f"torch.compile failed ({type(e).__name__}: {first_line(e)}); running eager")
-            net = model
     model.zero_grad(set_to_none=True)
     fwd = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if cuda else None) if world > 1 else net
     return net, fwd, autocast
