@@ -671,9 +671,9 @@ def main(argv=None):
                     # evaluate, checkpoint
                     if (step % cfg.eval_interval == 0 or step >= cfg.max_iters or late) and step != evaluated:
                         val, acc = evaluate(net, val_batch, cfg.eval_iters, autocast)
-                        stale, evaluated = 0 if val < best_val else stale + 1, step
+                        stale, evaluated = stale + 1, step
                         if val < best_val:
-                            best_val, best_step = val, step
+                            best_val, best_step, stale = val, step, 0
                             save("best.pt", val=val)
                         line += f" | val {val:.4f} | acc {acc:.3f}"
                         save_latest()
