@@ -397,23 +397,18 @@ def step_graph(model, token, states):
             state if state is None else state.clone())
 
     token, states = token.clone(), copy(states)
-
-    def step():
-        logits, new = model.step(token, states)
-        for s, t in zip(state_tensors(states), state_tensors(new), strict=True):
-            if (s.shape, s.dtype) != (t.shape, t.dtype):
-                raise ValueError(f"step_graph: a state changed from {s.shape} {s.dtype} to {t.shape} {t.dtype}")
-            s.copy_(t)
-        return logits
-
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on copies (kernels compiled and loaded); the static states stay
         model.step(token.clone(), copy(states))
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = step()
+    with torch.cuda.graph(graph):  # the step, then its new states copied into the static ones
+        logits, new = model.step(token, states)
+        for s, t in zip(state_tensors(states), state_tensors(new), strict=True):
+            if (s.shape, s.dtype) != (t.shape, t.dtype):
+                raise ValueError(f"step_graph: a state changed from {s.shape} {s.dtype} to {t.shape} {t.dtype}")
+            s.copy_(t)
 
     def run(next_token):
         token.copy_(next_token)
