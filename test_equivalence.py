@@ -159,6 +159,21 @@ def assert_states_equal(got, want, tol, what):
             assert torch.equal(a, b), f"{what} state[{i}] differs"
 
 
+def check_grads(fn, reference, leaves, names, tol, draw, what=""):
+    """fn(*leaves) against reference(*float64 copies of leaves), both tuples of outputs: every output, and the
+    gradient w.r.t. every leaf of a random projection of all of them (draw(*shape), rounded to the output's dtype).
+    names: the outputs', then the gradients'. Returns fn's outputs."""
+    outs = fn(*leaves)
+    ws = [draw(*o.shape).to(o.dtype) for o in outs]
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    refs = reference(*ref)
+    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, ws)), leaves)
+    ref_grads = torch.autograd.grad(sum((r * w.double()).sum() for r, w in zip(refs, ws)), ref)
+    for n, o, r in zip(names, [*outs, *grads], [*refs, *ref_grads], strict=True):
+        assert o.shape == r.shape and rel_err(o, r) <= tol, f"{what} {n}: rel err {rel_err(o, r):.1e}"
+    return outs
+
+
 def module(name):
     """The model file name.py, imported by the test that needs it."""
     return importlib.import_module(name)
@@ -233,6 +248,16 @@ def selective_scan_reference(x, dt, A, B, C, h0=None):
     return torch.stack(ys, 1), h
 
 
+def scalar_decay_reference(q, k, v, g, S):
+    """S_t = exp(g_t) S_{t-1} + v_t k_t^T, y_t = S_t q_t one step at a time; q, k [B, T, G, Dk] read by H / G heads."""
+    q, k = (x.repeat_interleave(v.shape[2] // q.shape[2], 2) for x in (q, k))
+    ys = []
+    for t in range(q.shape[1]):
+        S = g[:, t, :, None, None].exp() * S + v[:, t, :, :, None] * k[:, t, :, None, :]
+        ys.append(torch.einsum("bhed,bhd->bhe", S, q[:, t]))
+    return torch.stack(ys, 1), S
+
+
 SCAN_CASES = [  # (b shape, a shape): full, per-head gate, broadcast over batch and time, T=1, odd T
     ((2, 37, 3), (2, 37, 3)),
     ((2, 40, 2, 16), (2, 40, 2, 1)),  # a gate per head over 16 channels: da summed over a tile's channels
@@ -249,12 +274,16 @@ BLOCK_SCAN_CASES = [(b, b[:2] + (2,) + b[2:]) for b in [(2, 37, 2, 3), (1, 70, 2
 # blocks, ragged T, D and N, and dt up to 30 (gates ~1e-26: the backward's h_t - b_t = a_t h_{t-1})
 SELECTIVE_CASES = [(2, 21, 10, 4, True, 1.0), (1, 37, 9, 3, False, 1.0), (3, 8, 4, 4, True, 1.0), (2, 19, 6, 4, True, 30.0),
                    (2, 19, 6, 4, True, 1000.0)]  # dt up to 1000: most a_t underflow to 0
+# (B, T, G, H, Dk, Dv): one chunk and several (16 interpreted, 64 else), a padded tail, Dk and Dv no powers of two,
+# several value tiles (16 columns interpreted), groups of heads sharing q and k
+SCALAR_DECAY_CASES = [(2, 37, 2, 2, 16, 16), (1, 70, 1, 2, 20, 24), (1, 33, 1, 2, 16, 40)]
 
 
 def check_scan(device, dtype, tol, cases=SCAN_CASES + BLOCK_SCAN_CASES, reference=None):
     """scan (block_scan where a has the block's 2 x 2) against `reference` (default: the loop) in float64: h and
     the gradients w.r.t. a, b and h0, both directions, with and without h0."""
     g = torch.Generator(device=device).manual_seed(0)
+    draw = lambda *shape: torch.randn(shape, device=device, generator=g)  # noqa: E731
     for shape, a_shape in cases:
         block = len(a_shape) > len(shape)
         fn, loop = (scan_module.block_scan, block_scan_reference) if block else (scan, scan_reference)
@@ -264,18 +293,11 @@ def check_scan(device, dtype, tol, cases=SCAN_CASES + BLOCK_SCAN_CASES, referenc
                 a = torch.rand(a_shape, device=device, dtype=dtype, generator=g)
                 a = (a - 0.5 if block else a * 1.2 - 0.1).requires_grad_()  # blocks: |a| <= 1
                 h0 = torch.randn(shape[:1] + shape[2:], device=device, dtype=dtype, generator=g).requires_grad_()
-                h0, leaves = (h0, [a, b, h0]) if with_h0 else (None, [a, b])
-                h = fn(a, b, h0, reverse)
-                assert h.shape == b.shape and h.dtype == b.dtype
-                gh = torch.randn(h.shape, device=device, dtype=dtype, generator=g)
-                grads = torch.autograd.grad((h * gh).sum(), leaves)
-                ref64 = [x.detach().double().requires_grad_() for x in leaves]
-                h_ref = (reference or loop)(ref64[0], ref64[1], ref64[2] if with_h0 else None, reverse)
-                ref_grads = torch.autograd.grad((h_ref * gh.double()).sum(), ref64)
-                what = f"{shape} a{a_shape} reverse={reverse} h0={with_h0}"
-                assert rel_err(h, h_ref) <= tol, what
-                for n, o, r in zip(("da", "db", "dh0"), grads, ref_grads):
-                    assert o.shape == r.shape and rel_err(o, r) <= tol, f"{n} {what}: {rel_err(o, r):.1e}"
+                leaves = [a, b, h0][:2 + with_h0]
+                run = lambda f: lambda a, b, h0=None: (f(a, b, h0, reverse),)  # noqa: E731
+                (h,) = check_grads(run(fn), run(reference or loop), leaves, ["h", "da", "db", "dh0"][:1 + len(leaves)],
+                                   tol, draw, f"{shape} a{a_shape} reverse={reverse} h0={with_h0}")
+                assert h.dtype == b.dtype
 
 
 def check_selective(device, dtype, tol, cases=SELECTIVE_CASES, reference=None):
@@ -283,27 +305,58 @@ def check_selective(device, dtype, tol, cases=SELECTIVE_CASES, reference=None):
     float64, or against `reference` (selective_scan in float64: the PyTorch engine). x is passed
     transposed ([B, D, T] in memory, as the parallel form's conv leaves it)."""
     g = torch.Generator(device=device).manual_seed(0)
+    draw = lambda *shape: torch.randn(shape, device=device, generator=g)  # noqa: E731
     for Bsz, T, D, N, with_h0, scale in cases:
         x = torch.randn(Bsz, D, T, device=device, generator=g).to(dtype).transpose(1, 2)
         dt = scale * torch.rand(Bsz, T, D, device=device, generator=g).to(dtype)
         A = -torch.rand(D, N, device=device, generator=g).to(dtype) * 2
         B, C = (torch.randn(Bsz, T, N, device=device, generator=g).to(dtype) for _ in range(2))
         acc = torch.promote_types(dtype, torch.float32)  # the state's dtype
-        h0 = torch.randn(Bsz, D, N, device=device, generator=g).to(acc) if with_h0 else None
-        leaves = [x, dt, A, B, C] + ([h0] if with_h0 else [])
-        for t in leaves:
-            t.requires_grad_()
-        y, hT = selective_scan(*leaves[:5], h0)
-        assert y.dtype == x.dtype and y.shape == x.shape and hT.dtype == acc and hT.shape == (Bsz, D, N)
-        gy, gh = torch.randn(y.shape, device=device, generator=g), torch.randn(hT.shape, device=device, generator=g)
-        gy = gy.to(y.dtype).float()  # autograd hands a bf16 output's gradient over in bf16: the reference gets the same
-        grads = torch.autograd.grad((y.float() * gy).sum() + (hT * gh).sum(), leaves)
-        ref = [t.detach().double().requires_grad_() for t in leaves]
-        y_ref, h_ref = (reference or selective_scan_reference)(*ref[:5], ref[5] if with_h0 else None)
-        ref_grads = torch.autograd.grad((y_ref * gy.double()).sum() + (h_ref * gh.double()).sum(), ref)
-        what = f"B={Bsz} T={T} D={D} N={N} h0={with_h0} dt*{scale} {dtype}"
-        for n, o, r in zip(("y", "h_T", "dx", "ddt", "dA", "dB", "dC", "dh0"), [y, hT, *grads], [y_ref, h_ref, *ref_grads]):
-            assert o.shape == r.shape and rel_err(o, r) <= tol, f"{n} {what}: {rel_err(o, r):.1e}"
+        h0 = [torch.randn(Bsz, D, N, device=device, generator=g).to(acc)] if with_h0 else []
+        leaves = [t.requires_grad_() for t in [x, dt, A, B, C, *h0]]
+        y, hT = check_grads(selective_scan, reference or selective_scan_reference, leaves,
+                            ["y", "h_T", "dx", "ddt", "dA", "dB", "dC", "dh0"][:2 + len(leaves)], tol, draw,
+                            f"B={Bsz} T={T} D={D} N={N} h0={with_h0} dt*{scale} {dtype}")
+        assert y.dtype == x.dtype and hT.dtype == acc
+
+
+def check_scalar_decay(device, dtype, tol, cases=SCALAR_DECAY_CASES, reference=scalar_decay_reference):
+    """scalar_decay against `reference` in float64: y, S_final and the gradients w.r.t. q, k, v, g and S (nonzero).
+    g is 0 (no decay) at every 5th step, and -50 (the state forgotten) every 29th in one head; q and v are
+    transposed in memory."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    r = lambda *shape: torch.randn(shape, device=device, generator=gen)  # noqa: E731
+    for Bsz, T, G, H, Dk, Dv in cases:
+        g = -0.1 * torch.rand(Bsz, T, H, device=device, generator=gen)  # the state outlives a chunk
+        g[:, ::5], g[0, 3::29, 0] = 0.0, -50.0
+        inputs = [r(Bsz, G, T, Dk).transpose(1, 2), r(Bsz, T, G, Dk), r(Bsz, H, T, Dv).transpose(1, 2), g,
+                  r(Bsz, H, Dv, Dk)]
+        acc = torch.promote_types(dtype, torch.float32)  # g and the states
+        leaves = [x.to(dtype if i < 3 else acc).requires_grad_() for i, x in enumerate(inputs)]
+        y, S = check_grads(scalar_decay, reference, leaves, ("y", "S", "dq", "dk", "dv", "dg", "dS"), tol, r,
+                           f"B={Bsz} T={T} G={G} H={H} Dk={Dk} Dv={Dv} {dtype}")
+        assert y.dtype == dtype and y.shape == (Bsz, T, H, Dv) and S.dtype == acc
+
+
+def check_scan_compiled(device, quick=False):
+    """scan and block_scan inside torch.compile(fullgraph=True), against eager: a broadcast a read
+    with stride 0 ([1, 1, H, 1, 1] as retnet passes it, [B, N, H, 1, 1] as gated retention does),
+    h0, reverse, and the gradients."""
+    g = torch.Generator(device=device).manual_seed(3)
+    cases = [((2, 9, 3, 4, 5), (1, 1, 3, 1, 1)), ((2, 9, 3, 4, 5), (2, 9, 3, 1, 1)), ((2, 37, 6), (2, 37, 6))]
+    fn = lambda a, b, h0, rev: scan(a * 1.0, b * 1.0, h0, rev) * 2  # noqa: E731  ops around it, as in a model
+    block = lambda a, b, h0, rev: scan_module.block_scan(a * 1.0, b, h0, rev) * 2  # noqa: E731
+    for shape, a_shape in cases + [((2, 21, 2, 3), (2, 21, 2, 2, 3))]:
+        for rev in ([len(shape) == 4] if quick else (False, True)):  # quick: one direction each
+            a = torch.rand(a_shape, device=device, generator=g).requires_grad_()
+            b = torch.randn(shape, device=device, generator=g).requires_grad_()
+            h0 = torch.randn(shape[:1] + shape[2:], device=device, generator=g).requires_grad_()
+            f = block if len(a_shape) > len(shape) else fn
+            torch._dynamo.reset()
+            outs = [(h, *torch.autograd.grad(h.square().sum(), (a, b, h0))) for h in
+                    (f(a, b, h0, rev), torch.compile(f, fullgraph=True)(a, b, h0, rev))]
+            for what, e, c in zip(("h", "da", "db", "dh0"), *outs):
+                assert rel_err(c, e) <= 1e-5, f"{shape} a{a_shape} reverse={rev} {what}: {rel_err(c, e):.1e}"
 
 
 # the kernels' two modes: every channel block walks the whole sequence in one pass, or the sequence is cut into
@@ -344,39 +397,16 @@ def spy_reduce(*kernels, module=scan_module):
     return seen
 
 
-def force_mode(mode):
-    """Code that sets scan.py's chunking to `mode`, for an interpreted child."""
-    return f"scan.PROGRAMS_PER_SM, scan.TILES_PER_CHUNK = {SCAN_MODES[mode]}; "
-
-
-def mode_ran(mode):
-    return f"assert (True in seen) if {mode == 'chunks'} else seen == {{False}}, seen"
-
-
-def check_scan_compiled(device, quick=False):
-    """scan and block_scan inside torch.compile(fullgraph=True), against eager: a broadcast a read
-    with stride 0 ([1, 1, H, 1, 1] as retnet passes it, [B, N, H, 1, 1] as gated retention does),
-    h0, reverse, and the gradients."""
-    g = torch.Generator(device=device).manual_seed(3)
-    cases = [((2, 9, 3, 4, 5), (1, 1, 3, 1, 1)), ((2, 9, 3, 4, 5), (2, 9, 3, 1, 1)), ((2, 37, 6), (2, 37, 6))]
-    fn = lambda a, b, h0, rev: scan(a * 1.0, b * 1.0, h0, rev) * 2  # noqa: E731  ops around it, as in a model
-    block = lambda a, b, h0, rev: scan_module.block_scan(a * 1.0, b, h0, rev) * 2  # noqa: E731
-    for shape, a_shape in cases + [((2, 21, 2, 3), (2, 21, 2, 2, 3))]:
-        for rev in ([len(shape) == 4] if quick else (False, True)):  # quick: one direction each
-            a = torch.rand(a_shape, device=device, generator=g).requires_grad_()
-            b = torch.randn(shape, device=device, generator=g).requires_grad_()
-            h0 = torch.randn(shape[:1] + shape[2:], device=device, generator=g).requires_grad_()
-            f = block if len(a_shape) > len(shape) else fn
-            torch._dynamo.reset()
-            outs = [(h, *torch.autograd.grad(h.square().sum(), (a, b, h0))) for h in
-                    (f(a, b, h0, rev), torch.compile(f, fullgraph=True)(a, b, h0, rev))]
-            for what, e, c in zip(("h", "da", "db", "dh0"), *outs):
-                assert rel_err(c, e) <= 1e-5, f"{shape} a{a_shape} reverse={rev} {what}: {rel_err(c, e):.1e}"
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
-def test_scan_torch(dtype, tol):
-    check_scan("cpu", dtype, tol)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("check,f32_tol,cases", [
+    (check_scan, 1e-5, SCAN_CASES + BLOCK_SCAN_CASES), (check_selective, 1e-5, SELECTIVE_CASES),
+    # and three chunks of 64 with Dk, Dv < 16 and four heads per group; float32: exp(c_i - c_j) is a difference of
+    # cumulative sums, |c| up to ~500 here in chunks of 64: ~3e-5 per factor
+    (check_scalar_decay, 1e-4, SCALAR_DECAY_CASES + [(1, 150, 1, 4, 8, 5)])],
+    ids=["scan", "selective_scan", "scalar_decay"])
+def test_torch_engine(check, f32_tol, cases, dtype):
+    """The PyTorch engines of scan.py, selective_scan.py and scalar_decay.py against their loops."""
+    check("cpu", dtype, 1e-12 if dtype == torch.float64 else f32_tol, cases)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -436,12 +466,32 @@ def test_scans_reject_bad_input(bad, message):
 
 
 @pytest.mark.parametrize("mode", INTERPRETED_MODES)
-def test_scan_triton_kernel_interpreted(mode):
-    """The real Triton kernel, run by Triton's interpreter on the CPU: small shapes, several 16-step tiles, the
-    gradient of a broadcast a summed inside the kernel (over time, over a tile's channels, both, or by atomics)."""
-    interpreted("assert scan.use_triton(torch.zeros(1)); " + force_mode(mode) + "seen = t.spy_reduce('_scan_kernel'); "
-                "t.check_scan('cpu', torch.float32, 1e-5); "
-                + mode_ran(mode))
+@pytest.mark.parametrize("name,kernels", [("scan", "'_scan_kernel'"),
+                                          ("selective_scan", "'_selective_fwd_kernel', '_selective_bwd_kernel'")],
+                         ids=["scan", "selective_scan"])
+def test_scan_kernels_interpreted(name, kernels, mode):
+    """The real Triton kernels, forward and backward, run by Triton's interpreter on the CPU in the mode forced, and
+    checked to be the mode that ran. scan's: small shapes, several 16-step tiles, the gradient of a broadcast a
+    summed inside the kernel (over time, over a tile's channels, both, or by atomics); the selective scan's: tiles of
+    8 steps by 4 channels."""
+    check = "check_scan" if name == "scan" else "check_selective"
+    interpreted(f"import {name} as m; assert scan.use_triton(torch.zeros(1)); "
+                f"scan.PROGRAMS_PER_SM, scan.TILES_PER_CHUNK = {SCAN_MODES[mode]}; "
+                f"seen = t.spy_reduce({kernels}, module=m); t.{check}('cpu', torch.float32, 1e-5); "
+                f"assert (True in seen) if {mode == 'chunks'} else seen == {{False}}, seen")
+
+
+def test_scalar_decay_triton_kernel_interpreted():
+    """The kernels, forward and backward, run by Triton's interpreter: chunks of 16, value tiles of 16 columns."""
+    interpreted("import scalar_decay as sd; assert sd._kernel(*[torch.zeros(1, 1, 1, 16)] * 5); "
+                "t.check_scalar_decay('cpu', torch.float32, 1e-5)")
+
+
+@slow
+def test_scan_compiled_interpreted():
+    """The custom ops under Inductor with the Triton kernel run by the interpreter: the kernel gets
+    the tensors compiled code hands it, and reads their strides at run time."""
+    interpreted("t.check_scan_compiled('cpu', True)")
 
 
 @needs_cuda
@@ -466,31 +516,10 @@ def test_scan_triton_cuda_long(mode, monkeypatch):
 
 
 @slow
-def test_scan_compiled_interpreted():
-    """The custom ops under Inductor with the Triton kernel run by the interpreter: the kernel gets
-    the tensors compiled code hands it, and reads their strides at run time."""
-    interpreted("t.check_scan_compiled('cpu', True)")
-
-
-@slow
 @needs_cuda
 def test_scan_compiled_cuda():
     """Inductor's code around the custom ops on a GPU (18 s on an H200; the models' compiled tests call them too)."""
     check_scan_compiled("cuda")
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
-def test_selective_scan_torch(dtype, tol):
-    check_selective("cpu", dtype, tol)
-
-
-@pytest.mark.parametrize("mode", INTERPRETED_MODES)
-def test_selective_scan_triton_kernel_interpreted(mode):
-    """The real kernels, forward and backward, run by Triton's interpreter: tiles of 8 steps by 4 channels, in one
-    pass or in chunks."""
-    interpreted("assert scan.use_triton(torch.zeros(1)); import selective_scan as ss; " + force_mode(mode)
-                + "seen = t.spy_reduce('_selective_fwd_kernel', '_selective_bwd_kernel', module=ss); "
-                "t.check_selective('cpu', torch.float32, 1e-5); " + mode_ran(mode))
 
 
 @needs_cuda
@@ -502,59 +531,6 @@ def test_selective_scan_triton_cuda(dtype, tol, mode, monkeypatch):
     cases = [(2, 333, 100, 16, True, 1.0), (1, 8192, 256, 16, True, 1.0), (4, 1000, 48, 5, False, 1.0),
              (2, 500, 64, 16, True, 30.0)]
     check_selective("cuda", dtype, tol, cases, reference=selective_scan)
-
-
-def scalar_decay_reference(q, k, v, g, S):
-    """S_t = exp(g_t) S_{t-1} + v_t k_t^T, y_t = S_t q_t one step at a time; q, k [B, T, G, Dk] read by H / G heads."""
-    q, k = (x.repeat_interleave(v.shape[2] // q.shape[2], 2) for x in (q, k))
-    ys = []
-    for t in range(q.shape[1]):
-        S = g[:, t, :, None, None].exp() * S + v[:, t, :, :, None] * k[:, t, :, None, :]
-        ys.append(torch.einsum("bhed,bhd->bhe", S, q[:, t]))
-    return torch.stack(ys, 1), S
-
-
-# (B, T, G, H, Dk, Dv): one chunk and several (16 interpreted, 64 else), a padded tail, Dk and Dv no powers of two,
-# several value tiles (16 columns interpreted), groups of heads sharing q and k
-SCALAR_DECAY_CASES = [(2, 37, 2, 2, 16, 16), (1, 70, 1, 2, 20, 24), (1, 33, 1, 2, 16, 40)]
-
-
-def check_scalar_decay(device, dtype, tol, cases=SCALAR_DECAY_CASES, reference=scalar_decay_reference):
-    """scalar_decay against `reference` in float64: y, S_final and the gradients w.r.t. q, k, v, g and S (nonzero).
-    g is 0 (no decay) at every 5th step, and -50 (the state forgotten) every 29th in one head; q and v are
-    transposed in memory."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    r = lambda *shape: torch.randn(shape, device=device, generator=gen)  # noqa: E731
-    for Bsz, T, G, H, Dk, Dv in cases:
-        g = -0.1 * torch.rand(Bsz, T, H, device=device, generator=gen)  # the state outlives a chunk
-        g[:, ::5], g[0, 3::29, 0] = 0.0, -50.0
-        inputs = [r(Bsz, G, T, Dk).transpose(1, 2), r(Bsz, T, G, Dk), r(Bsz, H, T, Dv).transpose(1, 2), g,
-                  r(Bsz, H, Dv, Dk)]
-        acc = torch.promote_types(dtype, torch.float32)  # g and the states
-        leaves = [x.to(dtype if i < 3 else acc).requires_grad_() for i, x in enumerate(inputs)]
-        y, S = scalar_decay(*leaves)
-        assert y.dtype == dtype and y.shape == (Bsz, T, H, Dv) and S.dtype == acc
-        gy, gS = r(*y.shape).to(dtype), r(*S.shape)
-        grads = torch.autograd.grad((y.float() * gy.float()).sum() + (S * gS).sum(), leaves)
-        ref = [x.detach().double().requires_grad_() for x in leaves]
-        y_ref, S_ref = reference(*ref)
-        ref_grads = torch.autograd.grad((y_ref * gy.double()).sum() + (S_ref * gS.double()).sum(), ref)
-        what = f"B={Bsz} T={T} G={G} H={H} Dk={Dk} Dv={Dv} {dtype}"
-        for n, o, want in zip(("y", "S", "dq", "dk", "dv", "dg", "dS"), [y, S, *grads], [y_ref, S_ref, *ref_grads]):
-            assert o.shape == want.shape and rel_err(o, want) <= tol, f"{n} {what}: {rel_err(o, want):.1e}"
-
-
-# float32: exp(c_i - c_j) is a difference of cumulative sums, |c| up to ~500 here in chunks of 64: ~3e-5 per factor
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)], ids=["f64", "f32"])
-def test_scalar_decay_torch(dtype, tol):
-    """The PyTorch engine: the cases above, and three chunks of 64 with Dk, Dv < 16 and four heads per group."""
-    check_scalar_decay("cpu", dtype, tol, SCALAR_DECAY_CASES + [(1, 150, 1, 4, 8, 5)])
-
-
-def test_scalar_decay_triton_kernel_interpreted():
-    """The kernels, forward and backward, run by Triton's interpreter: chunks of 16, value tiles of 16 columns."""
-    interpreted("import scalar_decay as sd; assert sd._kernel(*[torch.zeros(1, 1, 1, 16)] * 5); "
-                "t.check_scalar_decay('cpu', torch.float32, 1e-5)")
 
 
 @needs_cuda
