@@ -15,6 +15,7 @@ float32 1e-4 (~1e-7 per rounding, accumulated over a few hundred operations), bf
 5e-2 (8-bit mantissa: 4e-3 per rounding, matmuls in bf16 against a float32 reference).
 GPU-only cases skip on a machine without CUDA.
 """
+import contextlib
 import copy
 import gc
 import hashlib
@@ -28,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 import weakref
 
 import pytest
@@ -725,39 +727,26 @@ def test_forms_match_reference(name, regime):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_prefill_then_step(name):
-    """Prefill part of the sequence in each form, go on token by token or with a second call of
-    the form: the same outputs and final state as one pass. step() from no state: the first token's."""
-    model = make(name)
-    x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
-    y, _ = model.step(x[:, 0])
-    assert y.shape == (2, D_MODEL) and rel_err(y, model(x[:, :1], form="recurrent")[0][:, 0]) <= 1e-12
-    for form in forms(name):
-        y_full, s_full = model(x, form=form)
-        y_pre, state = model(x[:, :7], form=form)
-        ys = [y_pre]
-        for t in range(7, 19):
-            y_t, state = model.step(x[:, t], state)
-            ys.append(y_t[:, None])
-        assert rel_err(torch.cat(ys, 1), y_full) <= 1e-8, form
-        assert_states_equal(state, s_full, 1e-8, f"{name}/{form}")
-        y_rest, _ = model(x[:, 7:], model(x[:, :7], form=form)[1], form=form)
-        assert rel_err(y_rest, y_full[:, 7:]) <= 1e-8, form
-
-
-@pytest.mark.parametrize("name", MODELS)
 def test_short_calls_chain_like_one_call(name):
     """Calls of each form, each from the state the last one left: shorter than the conv windows (whose state then
-    reaches back several calls), ending mid-chunk, crossing chunks. The outputs and the final state of one call."""
+    reaches back several calls), ending mid-chunk, crossing chunks; and a prefill of 7 tokens in the form, then step()
+    token by token ("step"). The outputs and the final state of one call. step() from no state: the first token's."""
     model = make(name)
     x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
     with torch.no_grad():
+        y, _ = model.step(x[:, 0])
+        assert y.shape == (2, D_MODEL) and rel_err(y, model(x[:, :1], form="recurrent")[0][:, 0]) <= 1e-12
         for form in forms(name, recurrent=True):
             y_full, s_full = model(x, form=form)
-            for sizes in ([1, 1, 1, 1, 2, 13], [1, 2, 1, 5, 10], [2, 3, 14], [3, 16], [5, 1, 13], [9, 10]):
+            for sizes in ([1, 1, 1, 1, 2, 13], [1, 2, 1, 5, 10], [2, 3, 14], [3, 16], [5, 1, 13], [9, 10], [7, 12],
+                          [7] + ["step"] * 12):
                 ys, state, t = [], None, 0
                 for n in sizes:
-                    y, state = model(x[:, t:t + n], state, form=form)
+                    if n == "step":
+                        y, state = model.step(x[:, t], state)
+                        y, n = y[:, None], 1
+                    else:
+                        y, state = model(x[:, t:t + n], state, form=form)
                     ys.append(y)
                     t += n
                 assert rel_err(torch.cat(ys, 1), y_full) <= 1e-12, f"{form}, calls of {sizes}"
@@ -2068,6 +2057,7 @@ def attention_reference(m, x):
 
 
 def test_attention_cache_grows_one_per_step():
+    """One more K and V per token, in every form and step(); kept in the model's dtype under autocast."""
     m = make("attention")
     x = torch.randn(2, 9, D_MODEL, dtype=torch.float64)
     state = None
@@ -2081,6 +2071,11 @@ def test_attention_cache_grows_one_per_step():
         assert state[0].shape[2] == 7
         _, state = m.step(x[:, 7], state)
         assert state[0].shape[2] == state[1].shape[2] == 8
+    m = make("attention", torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the cache in the model's dtype
+        _, state = m(torch.randn(1, 6, D_MODEL))
+        _, state = m.step(torch.randn(1, D_MODEL), state)
+    assert all(t.dtype == torch.float32 for t in state) and state[0].shape[2] == 7
 
 
 @pytest.mark.parametrize("shift", [1, 37, 1000, 16384])
@@ -2130,14 +2125,6 @@ def test_attention_sdpa_matches_parallel_with_cache_float32():
     ya, sa = m(x[:, 17:], s, form="sdpa")
     yb, sb = m(x[:, 17:], s, form="parallel")
     assert rel_err(ya, yb) <= 1e-5 and all(rel_err(a, b) <= 1e-6 for a, b in zip(sa, sb))
-
-
-def test_attention_cache_in_model_dtype_under_autocast():
-    m = make("attention", torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, s = m(torch.randn(1, 6, D_MODEL))
-        y, s = m.step(torch.randn(1, D_MODEL), s)
-    assert all(t.dtype == torch.float32 for t in s) and s[0].shape[2] == 7
 
 
 @pytest.mark.parametrize("form", ["sdpa", pytest.param("parallel", marks=slow)])
@@ -2814,29 +2801,24 @@ def test_train_sigint_finishes_the_step_saves_and_exits_130(train_data, tmp_path
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
-def test_train_resume_with_more_steps_says_the_schedule_changed(train_data, tmp_path, capsys):
-    train_run(train_data, tmp_path, "--max-iters", "4", "--warmup", "2")
-    capsys.readouterr()
-    assert train_run(train_data, tmp_path, "--max-iters", "8", "--resume")["step"] == 8
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if "learning-rate schedule" in ln]
-    assert len(lines) == 1 and "--max-iters 8 (was 4)" in lines[0] and "step 4 gets lr 0.000" in lines[0], lines
-
-
-def test_train_resume_keeps_the_best_of_both_legs(train_data, tmp_path, monkeypatch, capsys):
+def test_train_resume_with_more_steps_keeps_the_best_of_both_legs(train_data, tmp_path, monkeypatch, capsys):
     """A resumed run knows its first leg's best: when the second leg never beats it, the final record, the checkpoint,
-    the done line and the sample name step 2 and its val loss, and best.pt is left as the first leg wrote it."""
+    the done line and the sample name step 2 and its val loss, and best.pt is left as the first leg wrote it. It says
+    once that the learning-rate schedule changed with --max-iters."""
     vals = iter([3.0, 1.0, 2.0, 1.5, 1.2])  # evaluations at steps 0, 2, 4, then, resumed, 6 and 8
     monkeypatch.setattr(train, "evaluate", lambda *args: (next(vals), 0.5))
-    train_run(train_data, tmp_path, "--max-iters", "4")
+    train_run(train_data, tmp_path, "--max-iters", "4", "--warmup", "2")
     best = (tmp_path / "best.pt").read_bytes()
     capsys.readouterr()
     ckpt = train_run(train_data, tmp_path, "--max-iters", "8", "--resume")
-    assert next(vals, None) is None  # step 4 is not evaluated again
+    assert ckpt["step"] == 8 and next(vals, None) is None  # step 4 is not evaluated again
     final = train_log(tmp_path)[-1]
     assert (final["type"], final["steps"], final["best_val"], final["best_step"]) == ("final", 8, 1.0, 2), final
     assert (ckpt["best_val"], ckpt["best_step"]) == (1.0, 2) and (tmp_path / "best.pt").read_bytes() == best
     out = capsys.readouterr().out
     assert "sampled from best.pt (step 2)" in out and "best val 1.0000 at step 2," in out.strip().splitlines()[-1]
+    lines = [ln for ln in out.splitlines() if "learning-rate schedule" in ln]
+    assert len(lines) == 1 and "--max-iters 8 (was 4)" in lines[0] and "step 4 gets lr 0.000" in lines[0], lines
 
 
 def test_train_compile_failure_falls_back_to_eager(train_data, tmp_path, monkeypatch, capsys):
@@ -2880,12 +2862,17 @@ def test_train_compiled_steps_match_eager_cuda(name, train_data, tmp_path):
     assert all(abs(c - e) <= 2e-2 * abs(e) for c, e in zip(compiled, eager)), (compiled, eager)
 
 
-def test_train_prefill_then_step_matches_forward():
+def test_train_prefill_then_step_matches_forward_and_dropout_is_off_in_eval():
+    """Dropout changes a training forward; in eval() the same logits twice, and a prefill then step() on each further
+    token gives the logits of one forward."""
     torch.manual_seed(0)
-    model = train.LM(train.load_mixer("linear_attention"), 11, 2, 32).double().eval()
+    model = train.LM(train.load_mixer("linear_attention"), 11, 2, 32, dropout=0.5).double()
     idx = torch.randint(11, (2, 9))
     with torch.no_grad():
+        assert not torch.equal(model(idx)[0], model(idx)[0])  # training: dropout
+        model.eval()
         full, _ = model(idx)
+        assert torch.equal(full, model(idx)[0])
         logits, states = model(idx[:, :5])
         for t in range(5, 9):
             logits, states = model.step(idx[:, t], states)
@@ -2975,21 +2962,9 @@ def test_train_step_graph_keeps_its_buffers_alive(monkeypatch):
     returns must keep them alive: a freed buffer is handed to the next eager allocation, and the graph then reads and
     writes someone else's memory. Checked on the CPU with stand-ins for CUDA's streams and graphs: the tensors the
     capture ran model.step on are still alive after step_graph has returned and a garbage collection."""
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    class Capture:
-        def __init__(self, graph):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-    for name, stand_in in [("Stream", Stream), ("current_stream", Stream), ("stream", Capture),
-                           ("CUDAGraph", lambda: None), ("graph", Capture)]:
+    stream = lambda: types.SimpleNamespace(wait_stream=lambda other: None)  # noqa: E731
+    for name, stand_in in [("Stream", stream), ("current_stream", stream), ("stream", contextlib.nullcontext),
+                           ("CUDAGraph", lambda: None), ("graph", contextlib.nullcontext)]:
         monkeypatch.setattr(torch.cuda, name, stand_in)
     model, seen = generation_lm("mamba").eval(), []  # two state tensors a layer
     step = model.step
@@ -3066,6 +3041,8 @@ def test_train_help_gives_every_flag_a_line_and_its_defaults(capsys):
 
 
 def test_train_never_overwrites_an_earlier_run(train_data, tmp_path, capsys):
+    """A new run in the directory of an earlier one, or of one killed before its first checkpoint (log.jsonl alone),
+    stops with a one-line message and writes nothing."""
     out = tmp_path / "run"
     train_run(train_data, out, "--max-iters", "2")
     files = {f: (out / f).read_bytes() for f in os.listdir(out)}
@@ -3075,12 +3052,7 @@ def test_train_never_overwrites_an_earlier_run(train_data, tmp_path, capsys):
                          capsys)
     assert "--batch-size" in msg  # and the log is not truncated:
     assert {f: (out / f).read_bytes() for f in files} == files
-
-
-def test_train_never_overwrites_a_directory_that_holds_only_a_log(train_data, tmp_path, capsys):
-    """A run killed before its first checkpoint leaves log.jsonl alone: a new run there stops with the one-line
-    message and writes nothing, the log byte for byte as it was."""
-    out = tmp_path / "run"
+    out = tmp_path / "killed"  # before its first checkpoint: log.jsonl alone, byte for byte as it was
     out.mkdir()
     (out / "log.jsonl").write_text(json.dumps(dict(type="start", step=0, model="linear_attention")) + "\n")
     log = (out / "log.jsonl").read_bytes()
@@ -3181,13 +3153,10 @@ def test_train_ddp_ctrl_c_saves_at_one_step_and_leaves_the_group(train_data, tmp
 TRAIN_MQAR = TRAIN_TINY + ["--task", "mqar", "--num-pairs", "3", "--mqar-vocab", "16"]
 
 
-def test_train_unknown_or_no_model_lists_the_models(capsys):
+def test_train_unknown_no_or_missing_model_is_a_clear_error(train_data, tmp_path, monkeypatch, capsys):
     msg = train_error_of(["--model", "transformer_xl"], capsys)
     assert "invalid choice" in msg and "linear_attention" in msg and "mamba2" in msg
     assert "--model" in train_error_of([], capsys)
-
-
-def test_train_missing_model_file_is_a_clear_error(train_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(train.MODELS, "ghost", "Ghost")
     argv = TRAIN_TINY + ["--model", "ghost", "--data", train_data, "--out-dir", str(tmp_path)]
     assert "ghost.py is not in" in train_error_of(argv, capsys)
@@ -3300,19 +3269,6 @@ def test_train_dropout_reaches_a_mixer_that_takes_one():
     assert train.LM(attn, 11, 1, 32, dropout=0.3).blocks[0].mixer.dropout == 0.3
     assert train.LM(attn, 11, 1, 32, dropout=0.3, mixer_args={"dropout": 0.1}).blocks[0].mixer.dropout == 0.1
     train.LM(train.load_mixer("mamba"), 11, 1, 32, dropout=0.3)  # takes none: not passed
-
-
-def test_train_dropout_is_off_in_eval_and_step_still_matches():
-    torch.manual_seed(0)
-    model = train.LM(train.load_mixer("linear_attention"), 11, 2, 32, dropout=0.5).double()
-    idx = torch.randint(11, (2, 9))
-    with torch.no_grad():
-        assert not torch.equal(model(idx)[0], model(idx)[0])  # training: dropout
-        model.eval()
-        full, _ = model(idx)
-        assert torch.equal(full, model(idx)[0])
-        logits, states = model(idx[:, :8])
-        assert torch.allclose(model.step(idx[:, 8], states)[0], full[:, 8], atol=1e-10)
 
 
 def test_train_width_matching(tmp_path, capsys):
