@@ -726,12 +726,14 @@ def test_forms_match_reference(name, regime):
                 assert_states_equal(s_cont, s_ref, 1e-12, f"{name}/{form} after a prefix:")
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_short_calls_chain_like_one_call(name):
+@pytest.mark.parametrize("name,regime", [(name, "plain") for name in MODELS]
+                         + [("mlstm", regime) for regime in EXTREMES["mlstm"]])
+def test_short_calls_chain_like_one_call(name, regime):
     """Calls of each form, each from the state the last one left: shorter than the conv windows (whose state then
     reaches back several calls), ending mid-chunk, crossing chunks; and a prefill of 7 tokens in the form, then step()
-    token by token ("step"). The outputs and the final state of one call. step() from no state: the first token's."""
-    model = make(name)
+    token by token ("step"). The outputs and the final state of one call. step() from no state: the first token's.
+    mLSTM also with its gates at their ends, where the state continues exactly."""
+    model = make(name, edit=EXTREMES.get(name, {}).get(regime))
     x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
     with torch.no_grad():
         y, _ = model.step(x[:, 0])
@@ -991,22 +993,17 @@ def test_retnet_init_as_torchscale_and_decays_as_the_paper():
             assert rel_err(S, gamma ** 5 * state[0]) <= 1e-13, form
 
 
-# retnet and gated retention count the tokens their state has read, and rotate q and k by position
 @pytest.mark.parametrize("name", ["retnet", "gated_retention"])
-def test_rotary_is_relative(name):
-    """From an empty memory, where the sequence starts in absolute position does not matter."""
+def test_retention_positions_are_relative_and_per_sequence(name):
+    """retnet and gated retention count the tokens their state has read, and rotate q and k by position: from an
+    empty memory, where the sequence starts in absolute position does not matter; each row of the batch keeps its
+    own step counter."""
     model = make(name)
     x = torch.randn(2, 11, 32, dtype=torch.float64)
     with torch.no_grad():
         y0, (S, _) = model(x)
         y1, _ = model(x, (torch.zeros_like(S), torch.tensor([1000, 123457])))
     assert rel_err(y1, y0) <= 1e-10
-
-
-@pytest.mark.parametrize("name", ["retnet", "gated_retention"])
-def test_positions_per_sequence(name):
-    """Each row of the batch keeps its own step counter: the tokens it has read."""
-    model = make(name)
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     with torch.no_grad():
         _, s_a = model(torch.randn(1, 3, 32, dtype=torch.float64))
@@ -1162,7 +1159,10 @@ def test_mamba2_forms_groups_and_ragged_chunks(ngroups, chunk, T, dtype):
         check_form("mamba2", form, dtype, "cpu", T=T, ngroups=ngroups, chunk_size=chunk)
 
 
-def test_mamba2_state_shapes_and_dtypes():
+def test_mamba2_state_defaults_and_init_as_mamba_ssm():
+    """The state's shapes and dtype; as mamba_ssm's Mamba2: headdim 64, d_state 128, conv 4, chunk 256, no projection
+    biases; dt = softplus(dt_bias) log-uniform in [dt_min, dt_max] = [1e-3, 1e-1], A = -exp(A_log) uniform in
+    [-16, -1] (A_init_range), D = 1, the norm's weight 1: 2048 heads."""
     m = make("mamba2", torch.float32)
     _, (conv, h) = m(torch.randn(3, 5, 32))
     assert conv.shape == (3, m.conv_dim, m.d_conv - 1) and h.shape == (3, m.n_head, m.headdim, m.d_state)
@@ -1170,11 +1170,6 @@ def test_mamba2_state_shapes_and_dtypes():
     m = model_class("mamba2")(32)  # the official defaults: headdim 64, d_state 128, one head here
     assert (m.n_head, m.headdim, m.d_state, m.d_conv, m.chunk_size) == (1, 64, 128, 4, 256)
     assert m.in_proj.bias is None and m.out_proj.bias is None and m.conv1d.bias is not None
-
-
-def test_mamba2_init_as_mamba_ssm():
-    """As mamba_ssm's Mamba2: dt = softplus(dt_bias) log-uniform in [dt_min, dt_max] = [1e-3, 1e-1],
-    A = -exp(A_log) uniform in [-16, -1] (A_init_range), D = 1, the norm's weight 1: 2048 heads."""
     torch.manual_seed(0)
     m = model_class("mamba2")(256, expand=8, headdim=1, d_state=8)
     dt = F.softplus(m.dt_bias.double())
@@ -1315,7 +1310,11 @@ def test_mamba3_lambda_one_is_mamba2_euler(form):
     assert rel_err(y, y_ref) > 1e-2
 
 
-def test_mamba3_state_shapes_and_dtypes():
+def test_mamba3_state_defaults_and_init_as_mamba_ssm():
+    """The state's shapes, float32 under autocast too. As mamba_ssm's Mamba3 (SISO): d_state 128, headdim 64, expand
+    2, one group, rope_fraction 1/2 (d_state / 4 angles), chunk 64; in_proj to 2 d_inner + 2 G N + 3 H + angles
+    without bias; dt = softplus(dt_bias) log-uniform in [1e-3, 1e-1]; B and C biases 1 [H, N]; the B and C norms'
+    weights 1; D = 1; in_proj and out_proj nn.Linear's own init."""
     m = make("mamba3", torch.float32)
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -1323,13 +1322,6 @@ def test_mamba3_state_shapes_and_dtypes():
         assert theta.shape == (3, m.n_head, m.n_angles) and h.shape == (3, m.n_head, m.headdim, m.d_state)
         assert B_prev.shape == (3, m.n_head, m.d_state) and x_prev.shape == (3, m.n_head, m.headdim)
         assert theta.dtype == h.dtype == B_prev.dtype == x_prev.dtype == torch.float32
-
-
-def test_mamba3_defaults_and_init_as_mamba_ssm():
-    """As mamba_ssm's Mamba3 (SISO): d_state 128, headdim 64, expand 2, one group, rope_fraction 1/2 (d_state / 4
-    angles), chunk 64; in_proj to 2 d_inner + 2 G N + 3 H + angles without bias; dt = softplus(dt_bias)
-    log-uniform in [1e-3, 1e-1]; B and C biases 1 [H, N]; the B and C norms' weights 1; D = 1; in_proj and
-    out_proj nn.Linear's own init."""
     Mamba3 = model_class("mamba3")
     m = Mamba3(64)
     assert (m.d_state, m.headdim, m.d_inner, m.ngroups, m.n_head, m.n_angles) == (128, 64, 128, 1, 2, 32)
@@ -2650,24 +2642,6 @@ def test_mlstm_layer_state_and_gradients_match_unstabilised_reference(i_bias):
         grads = torch.autograd.grad((y * gy).sum(), leaves)
         for name, a, r in zip(["x"] + [p for p, _ in model.named_parameters()], grads, grads_ref):
             assert rel_err(a, r) <= 1e-9, f"{form} grad {name}: {rel_err(a, r):.2e}"
-
-
-@pytest.mark.parametrize("regime", ["plain", *EXTREMES["mlstm"]])
-def test_mlstm_prefill_then_steps_under_extreme_gates(regime):
-    """A prefill in each form, then step() token by token: every output and the final (C~, n~, m, conv) as one
-    recurrent pass; the state continues exactly."""
-    model = make("mlstm", edit=EXTREMES["mlstm"].get(regime))
-    x = torch.randn(2, 23, D_MODEL, dtype=torch.float64)
-    with torch.no_grad():
-        y_ref, s_ref = model(x, form="recurrent")
-        for form in model.forms:
-            y, state = model(x[:, :13], form=form)
-            ys = [y]
-            for t in range(13, 23):
-                y_t, state = model.step(x[:, t], state)
-                ys.append(y_t[:, None])
-            assert rel_err(torch.cat(ys, 1), y_ref) <= 1e-10, form
-            assert_states_equal(state, s_ref, 1e-10, f"mlstm/{form}")
 
 
 @pytest.mark.parametrize("form", ["recurrent", "parallel", "chunked"])
