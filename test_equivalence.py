@@ -300,7 +300,7 @@ def check_scan(device, dtype, tol, cases=SCAN_CASES + BLOCK_SCAN_CASES, referenc
                 run = lambda f: lambda a, b, h0=None: (f(a, b, h0, reverse),)  # noqa: E731
                 (h,) = check_grads(run(fn), run(reference or loop), leaves, ["h", "da", "db", "dh0"][:1 + len(leaves)],
                                    tol, draw, f"{shape} a{a_shape} reverse={reverse} h0={with_h0}")
-                assert h.dtype == b.dtype
+                assert h.shape == b.shape and h.dtype == b.dtype
 
 
 def check_selective(device, dtype, tol, cases=SELECTIVE_CASES, reference=None):
@@ -320,7 +320,7 @@ def check_selective(device, dtype, tol, cases=SELECTIVE_CASES, reference=None):
         y, hT = check_grads(selective_scan, reference or selective_scan_reference, leaves,
                             ["y", "h_T", "dx", "ddt", "dA", "dB", "dC", "dh0"][:2 + len(leaves)], tol, draw,
                             f"B={Bsz} T={T} D={D} N={N} h0={with_h0} dt*{scale} {dtype}")
-        assert y.dtype == x.dtype and hT.dtype == acc
+        assert y.dtype == x.dtype and y.shape == x.shape and hT.dtype == acc and hT.shape == (Bsz, D, N)
 
 
 def check_scalar_decay(device, dtype, tol, cases=SCALAR_DECAY_CASES, reference=scalar_decay_reference):
