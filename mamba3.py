@@ -21,7 +21,7 @@ B_prev [B, H, N] (turned), x_prev [B, H, P]), float32 or better; every form read
 Token s's input x_s B_s^T reaches h_t with the weight decay_mask(g)[t, s] * W[t, s], g = dt A, where
 W[t, t] = gamma_t and W[t, s] = gamma_s + beta'_{s+1} below the diagonal (beta' = (1 - lambda) dt: beta without its
 alpha; the last token's beta'_{s+1} is the next call's), and the previous call's last token enters as
-h_0 + beta'_0 x_prev B_prev^T. Three forms of one function:
+h_0 + beta'_0 x_prev B_prev^T. Four forms of one function:
     recurrent  the loop above, one token at a time: O(T) steps, O(1) state
     parallel   y = (decay_mask(g) * W * C B^T) x, Mamba-2's masked "attention" form with the two-band W: O(T^2)
     chunked    SSD (ssd_minimal.py) with W inside chunks of L tokens; a chunk's state carries its last token's
