@@ -2931,6 +2931,52 @@ def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
     assert len(graphs) == (0 if name == "attention" else 4), graphs
 
 
+def test_train_generate_ignores_compile_off_cuda(monkeypatch):
+    """On the CPU compile=True changes nothing, as cuda_graph=True does not: torch.compile is never called and the
+    tokens are the eager loop's."""
+    model = generation_lm("mamba")
+    monkeypatch.setattr(torch, "compile", lambda *args, **kw: pytest.fail("torch.compile called off CUDA"))
+    idx = torch.randint(28, (2, 11), generator=torch.Generator().manual_seed(1))
+    out = train.generate(model, idx, 17, 0, seed=5, cuda_graph=True, compile=True)
+    assert torch.equal(out, eager_decoding(model, idx, 17, 0, seed=5))
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["mamba", "rwkv7"])
+def test_train_generate_graphed_compiled_follows_eager_logits_cuda(name, monkeypatch):
+    """generate(cuda_graph=True, compile=True) captures torch.compile(model.step, fullgraph=True, dynamic=False)
+    (Inductor's default mode: no CUDA graphs of its own), called twice (step_graph's warm-up compiles it, then the
+    capture) and replayed for the other tokens, float32, temperature 0. Inductor's fused kernels may sum in another
+    order than eager's, so the tokens need not be eager's where two logits nearly tie: instead each replay's logits
+    are within 1e-3 (the float32 Inductor tolerance of test_compiled_matches_eager) of eager step() on the same
+    decoded tokens."""
+    torch._dynamo.reset()  # a fresh count of LM.step's compilations (at most 8)
+    model = generation_lm(name, "cuda")
+    compiles, calls, replays, compile, step_graph = [], [], [], torch.compile, train.step_graph
+
+    def spy_compile(fn, **kw):
+        compiles.append((fn == model.step, kw))
+        compiled = compile(fn, **kw)
+        return lambda *args: calls.append(1) or compiled(*args)
+
+    def spy_graph(*args):
+        run = step_graph(*args)
+        return lambda token: replays.append(run(token).clone()) or replays[-1]
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    monkeypatch.setattr(train, "step_graph", spy_graph)
+    T, n = 23, 40
+    idx = torch.randint(28, (1, T), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    out = train.generate(model, idx, n, 0, cuda_graph=True, compile=True)
+    assert compiles == [(True, dict(fullgraph=True, dynamic=False))] and len(calls) == 2, (compiles, calls)
+    assert len(replays) == n - 2 and len(set(out[0, T:].tolist())) >= 4
+    with torch.no_grad():
+        _, states = model(idx)
+        for k in range(n - 1):  # replays[k - 1]: the logits after out[:, T + k], the first step being eager
+            logits, states = model.step(out[:, T + k], states)
+            if k:
+                assert rel_err(replays[k - 1], logits) <= 1e-3, k
+
+
 def test_train_step_graph_keeps_its_buffers_alive(monkeypatch):
     """The captured graph reads and writes static copies of the token and the states, so the function step_graph
     returns must keep them alive: a freed buffer is handed to the next eager allocation, and the graph then reads and
