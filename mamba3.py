@@ -31,12 +31,13 @@ h_0 + beta'_0 x_prev B_prev^T. Four forms of one function:
 
 As mamba_ssm 2.3.2.post1's Mamba3 (modules/mamba3.py, is_mimo=False, is_outproj_norm=False) and its SISO kernels
 (ops/triton/mamba3/: mamba3_siso_step's update, mamba3_siso_fwd's shifted gamma, angle_dt's angles), with its
-defaults: d_state 128, expand 2, headdim 64, ngroups 1, rope_fraction 0.5, chunk_size 64, dt in [1e-3, 1e-1]
-(floor 1e-4), A_floor 1e-4, B and C biases 1, RMSNorm eps 1e-5, D = 1, no biases in the projections. Differences:
-no MIMO, no is_outproj_norm option, no varlen; all SSM math in float32 (the kernels run B, C, x, lambda and the angles
-in bf16) with exact tanh, sigmoid, cos and sin where the kernels use fast approximations; angles summed in float64
-(float32 on MPS) where the kernels sum in float32 chunk by chunk, mod 2 pi; the state keeps theta mod 2 pi as theirs.
-Parameters as theirs, renamed: B_norm.weight -> B_norm_weight, B_bias [H, 1, N] -> [H, N] (C alike).
+defaults: d_state 128, expand 2, headdim 64, ngroups 1, rope_fraction 0.5, chunk_size 64, dt in [1e-3, 1e-1] (floor
+1e-4), A_floor 1e-4, B and C biases 1, RMSNorm eps 1e-5, D = 1, no biases in the projections. Differences: no MIMO,
+no is_outproj_norm option, no varlen; all SSM math in float32 (the kernels run B, C, x, lambda and the angles in
+bf16; form fused under autocast rounds C, B and w x to autocast's dtype for scalar_decay's dots) with exact tanh,
+sigmoid, cos and sin where the kernels use fast approximations; angles summed in float64 (float32 on MPS) where the
+kernels sum in float32 chunk by chunk, mod 2 pi; the state keeps theta mod 2 pi as theirs. Parameters as theirs,
+renamed: B_norm.weight -> B_norm_weight, B_bias [H, 1, N] -> [H, N] (C alike).
 """
 import math
 
