@@ -2070,6 +2070,24 @@ def test_attention_cache_grows_one_per_step():
     assert all(t.dtype == torch.float32 for t in state) and state[0].shape[2] == 7
 
 
+def test_attention_reserved_cache_steps_as_the_growing_one():
+    """step() on a cache from reserve() gives the growing cache's outputs, with fixed shapes: the prefill's tokens
+    and each step's in their slots, the empty slots masked (planted bugs: writing at t + 1, not masking, rotating at
+    position 0, each fails it). forward() refuses a reserved cache."""
+    m = make("attention")
+    x = torch.randn(2, 14, D_MODEL, dtype=torch.float64)
+    _, grown = m(x[:, :5])
+    reserved = m.reserve(grown, 9)
+    shapes = [t.shape for t in reserved]
+    for t in range(5, 14):
+        y, grown = m.step(x[:, t], grown)
+        y_reserved, reserved = m.step(x[:, t], reserved)
+        assert rel_err(y_reserved, y) <= 1e-13 and [s.shape for s in reserved] == shapes, t
+        assert int(reserved[2]) == t + 1 and all(torch.equal(r[:, :, :t + 1], g) for r, g in zip(reserved, grown))
+    with pytest.raises(ValueError, match="reserve"):
+        m(x[:, :2], reserved)
+
+
 @pytest.mark.parametrize("shift", [1, 37, 1000, 16384])
 def test_attention_rotary_relative_positions(shift):
     rotary = module("attention").rotary
@@ -2916,7 +2934,7 @@ def test_train_generate_is_the_eager_decoding_loop(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
     """generate() replaying one CUDA graph per token (cuda_graph=True) gives the tokens of eager decoding, float32
-    and bf16 autocast, temperature 0 and 0.8; every model but attention (its KV cache grows) is graphed."""
+    and bf16 autocast, temperature 0 and 0.8; every model is graphed, attention on a reserved KV cache."""
     model = generation_lm(name, "cuda")
     graphs = []
     step_graph = train.step_graph
@@ -2928,7 +2946,7 @@ def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
                 eager = train.generate(model, idx, 40, temperature, seed=2, cuda_graph=False)
                 graphed = train.generate(model, idx, 40, temperature, seed=2, cuda_graph=True)
             assert torch.equal(graphed, eager), (low, temperature)
-    assert len(graphs) == (0 if name == "attention" else 4), graphs
+    assert len(graphs) == 4, graphs
 
 
 def test_train_generate_ignores_compile_off_cuda(monkeypatch):
@@ -2942,7 +2960,7 @@ def test_train_generate_ignores_compile_off_cuda(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("name", ["mamba", "rwkv7"])
+@pytest.mark.parametrize("name", ["mamba", "rwkv7", "attention"])
 def test_train_generate_graphed_compiled_follows_eager_logits_cuda(name, monkeypatch):
     """generate(cuda_graph=True, compile=True) captures torch.compile(model.step, fullgraph=True, dynamic=False)
     (Inductor's default mode: no CUDA graphs of its own), called twice (step_graph's warm-up compiles it, then the

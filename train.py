@@ -216,6 +216,10 @@ class LM(nn.Module):
     def step(self, idx, states):
         return self(idx, states, step=True)
 
+    def reserve(self, states, n):
+        """states with room for n steps of fixed shapes where a mixer's state grows (its reserve(state, n))."""
+        return [b.mixer.reserve(s, n) if hasattr(b.mixer, "reserve") else s for b, s in zip(self.blocks, states)]
+
     def stats(self):
         """Each mixer's `stats` dict (rnn's and lstm's Newton iterations), averaged over layers."""
         per_layer = [b.mixer.stats for b in self.blocks if isinstance(getattr(b.mixer, "stats", None), dict)]
@@ -354,10 +358,11 @@ def sample(model, prompt, n, chars, temperature=0.8, seed=0, autocast=torch.auto
 @torch.no_grad()
 def generate(model, idx, n, temperature=0.8, seed=0, cuda_graph=False, compile=False):
     """idx [B, T] -> [B, T + n]: a parallel prefill of idx, then n tokens, each from one model.step; temperature 0
-    picks the argmax. With cuda_graph=True on CUDA the steps after the first replay one CUDA graph of
-    model.step (step_graph): one launch for the whole model where eager decoding at batch 1 spends its time
-    launching each op's kernels. Where a state changes shape from step to step (attention's KV cache grows), and
-    off CUDA, the steps run eager. Graphed or not, the same kernels on the same numbers: the same tokens.
+    picks the argmax. With cuda_graph=True on CUDA a state that grows (attention's KV cache) first gets room for
+    the n steps (LM.reserve), and the steps after the first replay one CUDA graph of model.step (step_graph): one
+    launch for the whole model where eager decoding at batch 1 spends its time launching each op's kernels. Off
+    CUDA the steps run eager. Graphed or not, the same math on the same numbers: the same tokens (a reserved
+    cache's empty slots add zero weights to attention's sums, which may round differently).
     compile=True has Inductor fuse the graphed step first (step_graph): fewer kernels per token, whose sums
     may round differently from eager's; it applies only where the steps are graphed (else ignored): there the
     state's shapes are fixed, so the step compiles once."""
@@ -366,6 +371,8 @@ def generate(model, idx, n, temperature=0.8, seed=0, cuda_graph=False, compile=F
     g, out = torch.Generator(device=idx.device).manual_seed(seed), torch.cat([idx, idx.new_empty(idx.shape[0], n)], 1)
     logits, states = model(idx)
     logits, graphed = logits[:, -1], None
+    if cuda_graph and idx.is_cuda:
+        states = model.reserve(states, n)
     for i in range(n):
         out[:, T + i] = token = (logits.argmax(-1) if temperature == 0 else torch.multinomial(
             F.softmax(logits.float() / temperature, dim=-1), 1, generator=g)[:, 0])
