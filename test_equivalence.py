@@ -2986,7 +2986,7 @@ def test_train_generate_graphed_compiled_follows_eager_logits_cuda(name, monkeyp
     idx = torch.randint(28, (1, T), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     out = train.generate(model, idx, n, 0, cuda_graph=True, compile=True)
     assert compiles == [(True, dict(fullgraph=True, dynamic=False))] and len(calls) == 2, (compiles, calls)
-    assert len(replays) == n - 2 and len(set(out[0, T:].tolist())) >= 4
+    assert len(replays) == n - 2 and len(set(out[0, T:].tolist())) >= 3
     with torch.no_grad():
         _, states = model(idx)
         for k in range(n - 1):  # replays[k - 1]: the logits after out[:, T + k], the first step being eager

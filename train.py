@@ -371,8 +371,8 @@ def generate(model, idx, n, temperature=0.8, seed=0, cuda_graph=False, compile=F
     g, out = torch.Generator(device=idx.device).manual_seed(seed), torch.cat([idx, idx.new_empty(idx.shape[0], n)], 1)
     logits, states = model(idx)
     logits, graphed = logits[:, -1], None
-    if cuda_graph and idx.is_cuda:
-        states = model.reserve(states, n)
+    if cuda_graph and idx.is_cuda:  # room for n steps, the cache's length rounded up to a multiple of 1024: calls
+        states = model.reserve(states, n - (T + n) % -1024)  # that round alike share one compiled step (compile=True)
     for i in range(n):
         out[:, T + i] = token = (logits.argmax(-1) if temperature == 0 else torch.multinomial(
             F.softmax(logits.float() / temperature, dim=-1), 1, generator=g)[:, 0])
