@@ -348,10 +348,11 @@ def evaluate(model, batch, n, autocast):
 
 @torch.no_grad()
 def sample(model, prompt, n, chars, temperature=0.8, seed=0, autocast=torch.autocast("cpu", enabled=False)):
-    """The prompt and n characters after it, by generate(); temperature 0 picks the argmax."""
+    """The prompt and n characters after it, by generate() (on CUDA, one CUDA graph per token: eager's tokens);
+    temperature 0 picks the argmax."""
     with autocast:
         out = generate(model, torch.tensor([[chars.index(c) for c in prompt]], device=model.wte.weight.device), n,
-                       temperature, seed)
+                       temperature, seed, cuda_graph=True)
     return "".join(chars[i] for i in out[0].tolist())
 
 
@@ -365,7 +366,7 @@ def generate(model, idx, n, temperature=0.8, seed=0, cuda_graph=False, compile=F
     cache's empty slots add zero weights to attention's sums, which may round differently).
     compile=True has Inductor fuse the graphed step first (step_graph): fewer kernels per token, whose sums
     may round differently from eager's; it applies only where the steps are graphed (else ignored): there the
-    state's shapes are fixed, so the step compiles once."""
+    state's shapes are fixed, so the step compiles once (attention: once per reserved length)."""
     training, T = model.training, idx.shape[1]
     model.eval()
     g, out = torch.Generator(device=idx.device).manual_seed(seed), torch.cat([idx, idx.new_empty(idx.shape[0], n)], 1)
