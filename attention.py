@@ -32,7 +32,7 @@ def rotary(x, start, base=10000.0):
     T, Dk = x.shape[-2:]
     acc = torch.float32 if x.device.type == "mps" else torch.float64  # angles up to T rad: float64 where we can
     inv_freq = base ** (-torch.arange(0, Dk, 2, device=x.device, dtype=acc) / Dk)
-    angle = torch.arange(start, start + T, device=x.device, dtype=acc)[:, None] * inv_freq  # [T, Dk/2]
+    angle = (start + torch.arange(T, device=x.device, dtype=acc))[:, None] * inv_freq  # [T, Dk/2]; start: int or []
     # the rotation in float32 or better, rounded once at the end; done in bf16, Inductor fused it into
     # SDPA wrongly on an H100 (torch 2.11: compiled attention 35% off under autocast, eager 0.4%)
     work = torch.promote_types(x.dtype, torch.float32)
@@ -57,6 +57,16 @@ def attention_recurrent(q, k, v, k_cache, v_cache, dropout=0.0):
         w = (q[:, :, t:t + 1] @ k_cache.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
         ys.append(F.dropout(w, dropout) @ v_cache)
     return torch.cat(ys, 2), (k_cache, v_cache)
+
+
+def attention_step(q, k, v, k_cache, v_cache, t, dropout=0.0):
+    """One token into a cache with room (Attention.reserve): q, k [B, H, 1, Dk], v [B, H, 1, Dv], caches
+    [B, H, L, Dk or Dv] holding t tokens (t [] int64, t < L) -> y [B, H, 1, Dv], the caches with k, v at position
+    t. attention_recurrent's math, the L - t - 1 empty slots masked out: the shapes stay, so a CUDA graph replays it."""
+    k_cache, v_cache = k_cache.index_copy(2, t.view(1), k), v_cache.index_copy(2, t.view(1), v)
+    empty = torch.arange(k_cache.shape[2], device=q.device) > t
+    w = (q @ k_cache.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(empty, float("-inf")).softmax(-1)
+    return F.dropout(w, dropout) @ v_cache, (k_cache, v_cache)
 
 
 def attention_parallel(q, k, v, dropout=0.0):
@@ -101,6 +111,8 @@ class Attention(nn.Module):
     def forward(self, x, state=None, form="sdpa"):
         if form not in self.forms:
             raise ValueError(f"unknown form {form!r}; Attention has {self.forms}")
+        if state is not None and len(state) == 3:
+            raise ValueError("a cache from reserve() is for step(); forward takes (k_cache, v_cache)")
         q, k, v = self.qkv(x).unflatten(-1, (3, self.n_head, -1)).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dk]
         if state is None:  # the empty cache
             state = (k[:, :, :0], v[:, :, :0])
@@ -117,6 +129,22 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).flatten(2)), (k.to(dtype), v.to(dtype))
 
     def step(self, x, state=None):
-        """One token: x [B, d_model] -> y [B, d_model], state with the cache one longer."""
-        y, state = self.forward(x[:, None], state, form="recurrent")
-        return y[:, 0], state
+        """One token: x [B, d_model] -> y [B, d_model], state with the cache one longer. On a cache from reserve()
+        the token goes into the next free slot, and the new state has the old one's shapes."""
+        if state is None or len(state) == 2:
+            y, state = self.forward(x[:, None], state, form="recurrent")
+            return y[:, 0], state
+        k_cache, v_cache, t = state
+        q, k, v = self.qkv(x[:, None]).unflatten(-1, (3, self.n_head, -1)).permute(2, 0, 3, 1, 4)
+        q, k = rotary(q, t, self.rope_base), rotary(k, t, self.rope_base)
+        y, (k_cache, v_cache) = attention_step(q, k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, t,
+                                               self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).flatten(2))[:, 0], (k_cache, v_cache, t + 1)
+
+    @staticmethod
+    def reserve(state, n):
+        """(k_cache, v_cache) [B, H, t, D] -> (k_cache, v_cache) [B, H, t + n, D], the n new slots empty, and t as a
+        [] int64 tensor: room for n steps of fixed shapes, as a CUDA graph needs (train.generate)."""
+        k_cache, v_cache = state
+        t = torch.tensor(k_cache.shape[2], device=k_cache.device)
+        return *(F.pad(c, (0, 0, 0, n)) for c in state), t

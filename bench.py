@@ -10,7 +10,8 @@
 2. forms   each model's default (parallel or chunked) form against its recurrent loop, fwd+bwd.
 3. chunked the chunked cores, eager and compiled, against flash-linear-attention (when installed) and SDPA.
 4. decode  tokens/s and peak memory of step() after a parallel prefill, against context length; train.py's
-           whole LM at batch 1 through train.generate, eager and replaying a CUDA graph per token.
+           whole LM at batch 1 through train.generate: eager, replaying a CUDA graph per token, and replaying
+           a CUDA graph of the step compiled by Inductor.
 5. train   tokens/s of train.py's training step for every model, eager and compiled, at the showdown size.
 GPU times are medians of triton.testing.do_bench; the recurrent loops (a Python loop over T) are
 timed once, after a warm-up on 16 tokens. Optional comparators are used only where installed.
@@ -373,42 +374,45 @@ def decode(m, name, ctx, d, n_steps, dev, low):
 
 def decode_lm(dev, contexts, low):
     """train.py's LM at its GPU configuration (widths matched as train.py matches them), batch 1, bf16 autocast as
-    train.py samples: train.generate's decoding tokens/s, eager and replaying one CUDA graph per step, from the
-    difference of two lengths (the prefill and the graph's capture cancel); peak MiB of the longer call, prefill
-    included, above the weights."""
+    train.py samples: train.generate's decoding tokens/s, eager, replaying one CUDA graph per step, and replaying
+    one CUDA graph of the step compiled by Inductor (fewer kernels), from the difference of two lengths after an
+    untimed call (the prefill and the graph's capture cancel; the compilation is done); peak MiB of the longer call,
+    prefill included, above the weights."""
     import train
     gpu = dev.type == "cuda"
     V, (n_layer, base), (short, long) = 65, ((train.GPU["n_layer"], train.GPU["d_model"]) if gpu else (1, 32)), (
         (16, 272) if gpu else (1, 9))
+    ways = {"eager": (False, False), "graphed": (True, False), "graphed+compiled": (True, True)}
     add_row = table(f"decoding train.py's LM ({n_layer} layers, batch 1, {str(low)[6:]}) with train.generate: "
-                    "tokens/s / peak MiB, eager and in a CUDA graph",
-                    ["model", "d_model"] + [f"context {c:,} {how}" for c in contexts for how in ("eager", "graphed")])
+                    "tokens/s / peak MiB, eager, in a CUDA graph, and compiled in a CUDA graph",
+                    ["model", "d_model"] + [f"context {c:,} {how}" for c in contexts for how in ways])
 
-    def rate(model, idx, graphed):
+    def rate(model, idx, graphed, compiled):
         with torch.autocast(dev.type, dtype=low, enabled=low != torch.float32):
             seconds = []
-            for n in (short, long):
+            for n in (short, short, long):  # the first, untimed call compiles and warms up
                 sync(dev)
                 if gpu:
                     torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
-                train.generate(model, idx, n, temperature=0, cuda_graph=graphed)
+                train.generate(model, idx, n, temperature=0, cuda_graph=graphed, compile=compiled)
                 sync(dev)
                 seconds.append(time.perf_counter() - t0)
         peak = f"{(torch.cuda.max_memory_allocated() - weights) / 2 ** 20:.0f}" if gpu else "n/a"
-        return (long - short) / (seconds[1] - seconds[0]), peak
+        return (long - short) / (seconds[2] - seconds[1]), peak
 
     for name in MODELS:
         cls = train.load_mixer(name)
         d = train.match_width(cls, V, n_layer, base, {})[0]
         torch.manual_seed(0)
         model = train.build(cls, V, n_layer, d, {}).to(dev)
+        torch._dynamo.reset()  # every model's step is LM.step: Dynamo keeps at most 8 compilations of one function
         weights = torch.cuda.memory_allocated() if gpu else 0
         row = [name, d]
         for ctx in contexts:
             idx = torch.randint(0, V, (1, ctx), device=dev)
-            for graphed in (False, True):
-                cell = attempt(lambda: rate(model, idx, graphed)) if gpu or not graphed else "cuda only"
+            for graphed, compiled in ways.values():
+                cell = attempt(lambda: rate(model, idx, graphed, compiled)) if gpu or not graphed else "cuda only"
                 row.append(f"{cell[0]:,.0f} / {cell[1]}" if isinstance(cell, tuple) else cell)
         add_row(row)
         del model

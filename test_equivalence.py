@@ -2070,6 +2070,24 @@ def test_attention_cache_grows_one_per_step():
     assert all(t.dtype == torch.float32 for t in state) and state[0].shape[2] == 7
 
 
+def test_attention_reserved_cache_steps_as_the_growing_one():
+    """step() on a cache from reserve() gives the growing cache's outputs, with fixed shapes: the prefill's tokens
+    and each step's in their slots, the empty slots masked (planted bugs: writing at t + 1, not masking, rotating at
+    position 0, each fails it). forward() refuses a reserved cache."""
+    m = make("attention")
+    x = torch.randn(2, 14, D_MODEL, dtype=torch.float64)
+    _, grown = m(x[:, :5])
+    reserved = m.reserve(grown, 9)
+    shapes = [t.shape for t in reserved]
+    for t in range(5, 14):
+        y, grown = m.step(x[:, t], grown)
+        y_reserved, reserved = m.step(x[:, t], reserved)
+        assert rel_err(y_reserved, y) <= 1e-13 and [s.shape for s in reserved] == shapes, t
+        assert int(reserved[2]) == t + 1 and all(torch.equal(r[:, :, :t + 1], g) for r, g in zip(reserved, grown))
+    with pytest.raises(ValueError, match="reserve"):
+        m(x[:, :2], reserved)
+
+
 @pytest.mark.parametrize("shift", [1, 37, 1000, 16384])
 def test_attention_rotary_relative_positions(shift):
     rotary = module("attention").rotary
@@ -2916,7 +2934,7 @@ def test_train_generate_is_the_eager_decoding_loop(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
     """generate() replaying one CUDA graph per token (cuda_graph=True) gives the tokens of eager decoding, float32
-    and bf16 autocast, temperature 0 and 0.8; every model but attention (its KV cache grows) is graphed."""
+    and bf16 autocast, temperature 0 and 0.8; every model is graphed, attention on a reserved KV cache."""
     model = generation_lm(name, "cuda")
     graphs = []
     step_graph = train.step_graph
@@ -2928,7 +2946,53 @@ def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
                 eager = train.generate(model, idx, 40, temperature, seed=2, cuda_graph=False)
                 graphed = train.generate(model, idx, 40, temperature, seed=2, cuda_graph=True)
             assert torch.equal(graphed, eager), (low, temperature)
-    assert len(graphs) == (0 if name == "attention" else 4), graphs
+    assert len(graphs) == 4, graphs
+
+
+def test_train_generate_ignores_compile_off_cuda(monkeypatch):
+    """On the CPU compile=True changes nothing, as cuda_graph=True does not: torch.compile is never called and the
+    tokens are the eager loop's."""
+    model = generation_lm("mamba")
+    monkeypatch.setattr(torch, "compile", lambda *args, **kw: pytest.fail("torch.compile called off CUDA"))
+    idx = torch.randint(28, (2, 11), generator=torch.Generator().manual_seed(1))
+    out = train.generate(model, idx, 17, 0, seed=5, cuda_graph=True, compile=True)
+    assert torch.equal(out, eager_decoding(model, idx, 17, 0, seed=5))
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["mamba", "rwkv7", "attention"])
+def test_train_generate_graphed_compiled_follows_eager_logits_cuda(name, monkeypatch):
+    """generate(cuda_graph=True, compile=True) captures torch.compile(model.step, fullgraph=True, dynamic=False)
+    (Inductor's default mode: no CUDA graphs of its own), called twice (step_graph's warm-up compiles it, then the
+    capture) and replayed for the other tokens, float32, temperature 0. Inductor's fused kernels may sum in another
+    order than eager's, so the tokens need not be eager's where two logits nearly tie: instead each replay's logits
+    are within 1e-3 (the float32 Inductor tolerance of test_compiled_matches_eager) of eager step() on the same
+    decoded tokens."""
+    torch._dynamo.reset()  # a fresh count of LM.step's compilations (at most 8)
+    model = generation_lm(name, "cuda")
+    compiles, calls, replays, compile, step_graph = [], [], [], torch.compile, train.step_graph
+
+    def spy_compile(fn, **kw):
+        compiles.append((fn == model.step, kw))
+        compiled = compile(fn, **kw)
+        return lambda *args: calls.append(1) or compiled(*args)
+
+    def spy_graph(*args):
+        run = step_graph(*args)
+        return lambda token: replays.append(run(token).clone()) or replays[-1]
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    monkeypatch.setattr(train, "step_graph", spy_graph)
+    T, n = 23, 40
+    idx = torch.randint(28, (1, T), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    out = train.generate(model, idx, n, 0, cuda_graph=True, compile=True)
+    assert compiles == [(True, dict(fullgraph=True, dynamic=False))] and len(calls) == 2, (compiles, calls)
+    assert len(replays) == n - 2 and len(set(out[0, T:].tolist())) >= 3
+    with torch.no_grad():
+        _, states = model(idx)
+        for k in range(n - 1):  # replays[k - 1]: the logits after out[:, T + k], the first step being eager
+            logits, states = model.step(out[:, T + k], states)
+            if k:
+                assert rel_err(replays[k - 1], logits) <= 1e-3, k
 
 
 def test_train_step_graph_keeps_its_buffers_alive(monkeypatch):

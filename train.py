@@ -216,6 +216,10 @@ class LM(nn.Module):
     def step(self, idx, states):
         return self(idx, states, step=True)
 
+    def reserve(self, states, n):
+        """states with room for n steps of fixed shapes where a mixer's state grows (its reserve(state, n))."""
+        return [b.mixer.reserve(s, n) if hasattr(b.mixer, "reserve") else s for b, s in zip(self.blocks, states)]
+
     def stats(self):
         """Each mixer's `stats` dict (rnn's and lstm's Newton iterations), averaged over layers."""
         per_layer = [b.mixer.stats for b in self.blocks if isinstance(getattr(b.mixer, "stats", None), dict)]
@@ -344,25 +348,32 @@ def evaluate(model, batch, n, autocast):
 
 @torch.no_grad()
 def sample(model, prompt, n, chars, temperature=0.8, seed=0, autocast=torch.autocast("cpu", enabled=False)):
-    """The prompt and n characters after it, by generate(); temperature 0 picks the argmax."""
+    """The prompt and n characters after it, by generate() (on CUDA, one CUDA graph per token: eager's tokens);
+    temperature 0 picks the argmax."""
     with autocast:
         out = generate(model, torch.tensor([[chars.index(c) for c in prompt]], device=model.wte.weight.device), n,
-                       temperature, seed)
+                       temperature, seed, cuda_graph=True)
     return "".join(chars[i] for i in out[0].tolist())
 
 
 @torch.no_grad()
-def generate(model, idx, n, temperature=0.8, seed=0, cuda_graph=False):
+def generate(model, idx, n, temperature=0.8, seed=0, cuda_graph=False, compile=False):
     """idx [B, T] -> [B, T + n]: a parallel prefill of idx, then n tokens, each from one model.step; temperature 0
-    picks the argmax. With cuda_graph=True on CUDA the steps after the first replay one CUDA graph of
-    model.step (step_graph): one launch for the whole model where eager decoding at batch 1 spends its time
-    launching each op's kernels. Where a state changes shape from step to step (attention's KV cache grows), and
-    off CUDA, the steps run eager. Graphed or not, the same kernels on the same numbers: the same tokens."""
+    picks the argmax. With cuda_graph=True on CUDA a state that grows (attention's KV cache) first gets room for
+    the n steps (LM.reserve), and the steps after the first replay one CUDA graph of model.step (step_graph): one
+    launch for the whole model where eager decoding at batch 1 spends its time launching each op's kernels. Off
+    CUDA the steps run eager. Graphed or not, the same math on the same numbers: the same tokens (a reserved
+    cache's empty slots add zero weights to attention's sums, which may round differently).
+    compile=True has Inductor fuse the graphed step first (step_graph): fewer kernels per token, whose sums
+    may round differently from eager's; it applies only where the steps are graphed (else ignored): there the
+    state's shapes are fixed, so the step compiles once (attention: once per reserved length)."""
     training, T = model.training, idx.shape[1]
     model.eval()
     g, out = torch.Generator(device=idx.device).manual_seed(seed), torch.cat([idx, idx.new_empty(idx.shape[0], n)], 1)
     logits, states = model(idx)
     logits, graphed = logits[:, -1], None
+    if cuda_graph and idx.is_cuda:  # room for n steps, the cache's length rounded up to a multiple of 1024: calls
+        states = model.reserve(states, n - (T + n) % -1024)  # that round alike share one compiled step (compile=True)
     for i in range(n):
         out[:, T + i] = token = (logits.argmax(-1) if temperature == 0 else torch.multinomial(
             F.softmax(logits.float() / temperature, dim=-1), 1, generator=g)[:, 0])
@@ -373,7 +384,7 @@ def generate(model, idx, n, temperature=0.8, seed=0, cuda_graph=False):
             continue
         logits, new = model.step(token, states)
         if i == 0 and n > 2 and cuda_graph and idx.is_cuda and shapes(new) == shapes(states):
-            graphed = step_graph(model, token, new)
+            graphed = step_graph(model, token, new, compile)
         states = new
     model.train(training)
     return out
@@ -388,23 +399,27 @@ def shapes(state):
     return [t.shape for t in state_tensors(state)]
 
 
-def step_graph(model, token, states):
+def step_graph(model, token, states, compile=False):
     """model.step captured as one CUDA graph, on static copies of token [B] and states: returns run(token), which
     copies token in, replays the graph (the new states are copied back into the static ones inside it) and returns
-    the next logits [B, V] (a static buffer: the next run overwrites it)."""
+    the next logits [B, V] (a static buffer: the next run overwrites it). compile=True captures
+    torch.compile(model.step) instead, compiled by the warm-up: Inductor's fused kernels, fewer per step (mode
+    "default": this graph is the only CUDA graph, none of Inductor's own). Every model's step is LM.step, which
+    Dynamo compiles for at most 8 kinds of model or dtype in a process, then fails (torch._dynamo.reset() clears)."""
     def copy(state):
         return type(state)(copy(s) for s in state) if isinstance(state, (tuple, list)) else (
             state if state is None else state.clone())
 
+    step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else model.step
     token, states = token.clone(), copy(states)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on copies (kernels compiled and loaded); the static states stay
-        model.step(token.clone(), copy(states))
+        step(token.clone(), copy(states))
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):  # the step, then its new states copied into the static ones
-        logits, new = model.step(token, states)
+        logits, new = step(token, states)
         for s, t in zip(state_tensors(states), state_tensors(new), strict=True):
             if (s.shape, s.dtype) != (t.shape, t.dtype):
                 raise ValueError(f"step_graph: a state changed from {s.shape} {s.dtype} to {t.shape} {t.dtype}")
