@@ -2999,21 +2999,27 @@ def test_train_step_graph_keeps_its_buffers_alive(monkeypatch):
     """The captured graph reads and writes static copies of the token and the states, so the function step_graph
     returns must keep them alive: a freed buffer is handed to the next eager allocation, and the graph then reads and
     writes someone else's memory. Checked on the CPU with stand-ins for CUDA's streams and graphs: the tensors the
-    capture ran model.step on are still alive after step_graph has returned and a garbage collection."""
+    capture ran model.step on are still alive after step_graph has returned and a garbage collection. Under autocast
+    the step ran on nn.Linear weights cast once to its dtype, which stay alive too, and the model gets its own
+    weights back."""
     stream = lambda: types.SimpleNamespace(wait_stream=lambda other: None)  # noqa: E731
     for name, stand_in in [("Stream", stream), ("current_stream", stream), ("stream", contextlib.nullcontext),
                            ("CUDAGraph", lambda: None), ("graph", contextlib.nullcontext)]:
         monkeypatch.setattr(torch.cuda, name, stand_in)
     model, seen = generation_lm("mamba").eval(), []  # two state tensors a layer
-    step = model.step
+    step, linears = model.step, [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = [m.weight for m in linears]
     monkeypatch.setattr(model, "step", lambda token, states: seen.append(
-        [weakref.ref(t) for t in [token, *train.state_tensors(states)]]) or step(token, states))
-    with torch.no_grad():
+        [weakref.ref(t) for t in [token, *train.state_tensors(states)] + [m.weight for m in linears]]
+    ) or step(token, states))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits, states = model(torch.randint(28, (1, 5)))
         run = train.step_graph(model, logits[:, -1].argmax(-1), states)
         gc.collect()
     assert len(seen) == 2 and all(ref() is not None for ref in seen[1]), "a static buffer of the graph was freed"
-    assert any(ref() is None for ref in seen[0])  # the warm-up's copies are not kept: the check can see a free
+    assert any(ref() is None for ref in seen[0][:-len(linears)])  # the warm-up's state copies are not kept
+    assert all(ref().dtype == torch.bfloat16 for ref in seen[1][-len(linears):])
+    assert all(m.weight is w for m, w in zip(linears, weights, strict=True)), "the model's weights not restored"
     del run
 
 

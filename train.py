@@ -412,24 +412,35 @@ def step_graph(model, token, states, compile=False):
 
     step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else model.step
     token, states = token.clone(), copy(states)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on copies (kernels compiled and loaded); the static states stay
-        step(token.clone(), copy(states))
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # the step, then its new states copied into the static ones
-        logits, new = step(token, states)
-        for s, t in zip(state_tensors(states), state_tensors(new), strict=True):
-            if (s.shape, s.dtype) != (t.shape, t.dtype):
-                raise ValueError(f"step_graph: a state changed from {s.shape} {s.dtype} to {t.shape} {t.dtype}")
-            s.copy_(t)
+    # Under autocast each step casts every nn.Linear's weight again, one kernel each; the graph reads copies cast
+    # once here instead (the same numbers: autocast leaves a tensor already in its dtype as it is)
+    low = torch.get_autocast_dtype(token.device.type) if torch.is_autocast_enabled(token.device.type) else None
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and low and m.weight.dtype != low]
+    weights, cast = [m.weight for m in linears], [nn.Parameter(m.weight.detach().to(low), False) for m in linears]
+    for m, w in zip(linears, cast):
+        m.weight = w
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on copies (kernels compiled and loaded); the static states stay
+            step(token.clone(), copy(states))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # the step, then its new states copied into the static ones
+            logits, new = step(token, states)
+            for s, t in zip(state_tensors(states), state_tensors(new), strict=True):
+                if (s.shape, s.dtype) != (t.shape, t.dtype):
+                    raise ValueError(f"step_graph: a state changed from {s.shape} {s.dtype} to {t.shape} {t.dtype}")
+                s.copy_(t)
+    finally:
+        for m, w in zip(linears, weights):
+            m.weight = w
 
     def run(next_token):
         token.copy_(next_token)
         graph.replay()
         return logits
-    run.states = states  # the graph reads and writes these buffers: they must live as long as it does
+    run.states, run.weights = states, cast  # the graph reads (and writes) these: they must live as long as it does
     return run
 
 
