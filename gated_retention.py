@@ -22,7 +22,7 @@ Four forms of the same function:
     parallel   (Q K^T * Gamma) V with Gamma = decay_mask(g): prod_{s<r<=t} gamma_r for t >= s: O(T^2)
     chunked    the parallel form inside chunks of L tokens, the chunk states through scan.py with
                a = exp(sum of g over the chunk) per head
-    fused      chunked, as one fused kernel (scalar_decay.py)
+    fused      chunked, in fused Triton kernels on CUDA (scalar_decay.py)
 
 Origin: YOCO's GateRetention (microsoft/unilm YOCO/yoco/models/decoder/gate_retention.py): tau
 is its gate_logit_normalizer, the rotary angles its build_rel_pos, the RMSNorm its subln. Init as

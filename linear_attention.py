@@ -17,7 +17,7 @@ Four forms of the same function:
     parallel   (phi(Q) phi(K)^T * causal mask) V, eq. 9 without the softmax: O(T^2), no loop
     chunked    the parallel form inside chunks of L tokens, the chunk states S summed across
                chunks by scan.py with a = 1: O(T L) work, T / L chunk states
-    fused      chunked, as one fused kernel (scalar_decay.py)
+    fused      chunked, in fused Triton kernels on CUDA (scalar_decay.py)
 """
 import torch
 import torch.nn as nn

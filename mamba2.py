@@ -21,7 +21,7 @@ Four forms of the same function:
     chunked    the SSD algorithm: the parallel form inside chunks of L tokens, the chunk states
                [B, T/L, H, P, N] passed on by scan.py with a = exp(sum of dt A over the chunk) per
                head, [B, T/L, H, 1, 1], broadcast: O(T L) work
-    fused      chunked, as one fused kernel (scalar_decay.py): q = C, k = B (each group's, read by its
+    fused      chunked, in fused Triton kernels on CUDA (scalar_decay.py): q = C, k = B (each group's, read by its
                heads), v = dt x, g = dt A; D x is added outside
 
 Origin: the block as the official one (mamba_ssm/modules/mamba2.py), with its init and defaults;

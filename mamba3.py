@@ -21,11 +21,13 @@ B_prev [B, H, N] (turned), x_prev [B, H, P]), float32 or better; every form read
 Token s's input x_s B_s^T reaches h_t with the weight decay_mask(g)[t, s] * W[t, s], g = dt A, where
 W[t, t] = gamma_t and W[t, s] = gamma_s + beta'_{s+1} below the diagonal (beta' = (1 - lambda) dt: beta without its
 alpha; the last token's beta'_{s+1} is the next call's), and the previous call's last token enters as
-h_0 + beta'_0 x_prev B_prev^T. Three forms of one function:
+h_0 + beta'_0 x_prev B_prev^T. Four forms of one function:
     recurrent  the loop above, one token at a time: O(T) steps, O(1) state
     parallel   y = (decay_mask(g) * W * C B^T) x, Mamba-2's masked "attention" form with the two-band W: O(T^2)
     chunked    SSD (ssd_minimal.py) with W inside chunks of L tokens; a chunk's state carries its last token's
                beta' term into the next chunk; chunk states passed on by scan.py: O(T L)
+    fused      chunked, in fused Triton kernels on CUDA (scalar_decay.py): W's two bands are one weight per token,
+               inputs w_s x_s B_s^T with q = C, k = B, and the diagonal's excess beta'_{t+1} (C_t . B_t) x_t taken back
 
 As mamba_ssm 2.3.2.post1's Mamba3 (modules/mamba3.py, is_mimo=False, is_outproj_norm=False) and its SISO kernels
 (ops/triton/mamba3/: mamba3_siso_step's update, mamba3_siso_fwd's shifted gamma, angle_dt's angles), with its
@@ -42,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scalar_decay import scalar_decay
 from scan import scan
 
 
@@ -116,10 +119,18 @@ def trapezoid_chunked(x, g, dt, lam, B, C, h, B_prev, x_prev, chunk_size):
     return (y_diag + y_off).transpose(2, 3).flatten(1, 2)[:, :T], h_after[:, -1]
 
 
+def trapezoid_fused(x, g, dt, lam, B, C, h, B_prev, x_prev):
+    """Same signature; every input weighted by w_s (decay_mask * W = decay_mask * w below and on the diagonal, but
+    W[t, t] = gamma_t = w_t - beta'_{t+1}), through scalar_decay."""
+    gamma, w, h = input_weights(dt, lam, h, B_prev, x_prev)
+    y, h = scalar_decay(C, B, w[..., None] * x, g, h)
+    return y.to(x.dtype) - ((w - gamma) * (C * B).sum(-1))[..., None] * x, h
+
+
 class Mamba3(nn.Module):
     """Mamba-3 SISO block; forward(x [B, T, d_model], state) -> (y, (theta, h, B_prev, x_prev))."""
 
-    forms = ("recurrent", "parallel", "chunked")
+    forms = ("recurrent", "parallel", "chunked", "fused")
 
     def __init__(self, d_model, d_state=128, expand=2, headdim=64, ngroups=1, rope_fraction=0.5, chunk_size=64,
                  dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, A_floor=1e-4, eps=1e-5):
@@ -150,7 +161,7 @@ class Mamba3(nn.Module):
         v = v * torch.rsqrt(v.square().mean(-1, keepdim=True) + self.eps) * weight.to(v.dtype)
         return v.repeat_interleave(self.n_head // self.ngroups, 2) + bias.to(v.dtype)
 
-    def forward(self, x, state=None, form="chunked"):
+    def forward(self, x, state=None, form="fused"):
         if form not in self.forms:
             raise ValueError(f"unknown form {form!r}; Mamba3 has {self.forms}")
         Bsz, T, _ = x.shape
@@ -177,6 +188,8 @@ class Mamba3(nn.Module):
             y, h = trapezoid_recurrent(*args)
         elif form == "parallel":
             y, h = trapezoid_parallel(*args)
+        elif form == "fused":
+            y, h = trapezoid_fused(*args)
         else:
             y, h = trapezoid_chunked(*args, self.chunk_size)
         y = ((y + self.D.to(acc)[:, None] * xs).flatten(2) * F.silu(z)).to(x.dtype)

@@ -7,7 +7,8 @@ Why: rnn.py's and lstm.py's reference solvers (rnn_newton, lstm_newton) run Newt
 2024, arXiv:2309.12252; ParaRNN, Danieli et al. 2025, arXiv:2510.21450) on the whole sequence, each
 iteration about 30 eager PyTorch launches and a host sync for the convergence test, so the ops ran
 outside train.py's CUDA graphs: on an H100 (bench.py --only train) lstm trained at 104k tokens/s
-compiled (0.05x compiled attention's 2.07M), rnn at 575k (0.28x).
+compiled (0.05x compiled attention's 2.07M), rnn at 575k (0.28x). With this kernel: lstm 1.05M (0.52x of
+2.03M), rnn 1.95M (0.96x) (H100, commit 5a54d12).
 
 What: `rnn(u, w, h0, tol)` and `lstm(u, r, s0, tol, full)` return the same states as those solvers,
 and the mean number of Newton iterations per tile as a tensor, with no host sync: one launch, which

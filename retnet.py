@@ -21,7 +21,7 @@ Four forms of the same function:
                the diagonal, masked in log space before the exp: O(T^2), no loop
     chunked    sec. 2.3: parallel inside chunks of L tokens, the chunk states through scan.py with
                a = gamma^L per head, broadcast: O(T L) work
-    fused      chunked, as one fused kernel (scalar_decay.py)
+    fused      chunked, in fused Triton kernels on CUDA (scalar_decay.py)
 
 Origin: gamma_h as the paper's 1 - 2^(-5-arange(0, H)) and torchscale's RetNetRelPos decay alike;
 rotary angles as torchscale's. The GroupNorm is the paper's (torchscale now uses an RMSNorm

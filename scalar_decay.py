@@ -3,7 +3,8 @@
     S_t = exp(g_t) S_{t-1} + v_t k_t^T,    y_t = S_t q_t                 (g_t <= 0: one log decay per head and step)
 
 linear attention (g = 0), RetNet (g = log gamma per head), gated retention (g learned) and Mamba-2's SSD (g = dt A,
-q = C, k = B, v = dt x) are this recurrence. `scalar_decay(q, k, v, g, S)`: q, k [B, T, G, Dk] with G = H, or G
+q = C, k = B, v = dt x) are this recurrence; so is Mamba-3's two-term input, with one weight per token and the
+diagonal's excess taken back (mamba3.py). `scalar_decay(q, k, v, g, S)`: q, k [B, T, G, Dk] with G = H, or G
 groups of H / G heads sharing them (Mamba-2's B and C; head h reads group h // (H / G)); v [B, T, H, Dv]; g [B, T, H];
 S [B, H, Dv, Dk] the initial state. Returns y [B, T, H, Dv] in the dtype of q, k and v (promoted; under autocast,
 autocast's), and the final state, float32 (float64 stays). Strides are read as given: an expanded g (RetNet's
@@ -31,10 +32,12 @@ q_t . dq_t - k_t . dk_t, fla's, is a difference of O(1) terms there: rounding no
 Mamba-2's dt ~ 30.) The sums over r are taken by masks, never as differences of cumulative sums, for the same reason.
 
 Every exponent above is <= 0 (c decreases along the chunk; D is masked to -inf above the diagonal before the exp):
-nothing overflows at any T or decay. Within a chunk exp(c_i - c_j) is a difference of cumulative sums, as in fla's
-and mamba_ssm's kernels: in float32 its absolute error is ~1e-7 |c_i|, small while a chunk's total decay is moderate.
+nothing overflows at any T or decay. In the Triton kernels exp(c_i - c_j) is a difference of cumulative sums, as in
+fla's and mamba_ssm's kernels: in float32 its absolute error is ~1e-7 |c_i|, small while a chunk's total decay is
+moderate. The PyTorch engine sums segments instead (decay_mask, and c_L - c_j as g_{j+1} + ... + g_L): Mamba-3 with
+log decays of -3e5 and -1e-2 in one chunk put its final state 1.6e-2 off in float32 as a difference, 7e-8 as a sum.
 
-A file of its own because the four models share one kernel set. Engines: Triton on CUDA (and on the CPU under
+A file of its own because five models share one kernel set. Engines: Triton on CUDA (and on the CPU under
 TRITON_INTERPRET=1), fla's chunk layout: a walk over the chunks with a [BV, Dk] tile of S in float32 registers keeps
 the state entering each chunk (one dot a chunk), then one program per (batch, head, chunk, tile of BV value columns)
 computes y from it. The backward reruns that walk and walks back with dS likewise (dS0 = exp(c_L) dS1 + ..., one dot
@@ -141,7 +144,8 @@ def _torch_chunks(q, k, v, g, S):
     acc, H = _acc(q, k, v, g, S), v.shape[2]
     q, k, v, g = (_chunks(x.to(acc), CHUNK, H) for x in (q, k, v, g))
     c = g.cumsum(-1)  # [B, T/L, H, L]
-    return q, k, v, c, decay_mask(g), c[..., -1:].exp(), (c[..., -1:] - c).exp()[..., None], acc
+    to_end = F.pad(g[..., 1:], (0, 1)).flip(-1).cumsum(-1).flip(-1)  # c_L - c_j as g_{j+1} + ... + g_L: no cancelling
+    return q, k, v, c, decay_mask(g), c[..., -1:].exp(), to_end.exp()[..., None], acc
 
 
 def _torch_forward(q, k, v, g, S):

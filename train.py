@@ -283,16 +283,6 @@ def get_lr(step, lr, warmup, max_iters, time_frac=0.0):
     return lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - lr / 10)
 
 
-def compiled(fn, probe):
-    """torch.compile(fn), or fn itself where that fails. Compiling happens at the first call: probe makes it now."""
-    try:
-        probe(fast := torch.compile(fn, mode=COMPILE_MODE))
-        return fast
-    except Exception as e:
-        print(f"torch.compile failed ({type(e).__name__}: {first_line(e)}); running eager")
-        return fn
-
-
 def first_line(e):
     return (str(e).strip().splitlines() or [""])[0][:160]
 
@@ -407,23 +397,18 @@ def step_graph(model, token, states):
             state if state is None else state.clone())
 
     token, states = token.clone(), copy(states)
-
-    def step():
-        logits, new = model.step(token, states)
-        for s, t in zip(state_tensors(states), state_tensors(new), strict=True):
-            if (s.shape, s.dtype) != (t.shape, t.dtype):
-                raise ValueError(f"step_graph: a state changed from {s.shape} {s.dtype} to {t.shape} {t.dtype}")
-            s.copy_(t)
-        return logits
-
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on copies (kernels compiled and loaded); the static states stay
         model.step(token.clone(), copy(states))
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = step()
+    with torch.cuda.graph(graph):  # the step, then its new states copied into the static ones
+        logits, new = model.step(token, states)
+        for s, t in zip(state_tensors(states), state_tensors(new), strict=True):
+            if (s.shape, s.dtype) != (t.shape, t.dtype):
+                raise ValueError(f"step_graph: a state changed from {s.shape} {s.dtype} to {t.shape} {t.dtype}")
+            s.copy_(t)
 
     def run(next_token):
         token.copy_(next_token)
@@ -438,14 +423,11 @@ def state_size(model, T):
     """Numbers each layer's mixer keeps as its state after reading T tokens (the recall study's x axis, Zoology's
     figure 2): a recurrent model's constant, attention's KV cache of T tokens; a state's size, not its values, so
     one sequence of zeros tells it."""
-    def numel(state):  # a tensor, None, or a tuple or list of them, nested
-        return state.numel() if isinstance(state, torch.Tensor) else sum(map(numel, state or ()))
-
     training = model.training
     model.eval()
     _, states = model(torch.zeros(1, T, dtype=torch.long, device=model.wte.weight.device))
     model.train(training)
-    return numel(states) // len(states)
+    return sum(t.numel() for t in state_tensors(states)) // len(states)
 
 
 def commit_of(folder):
@@ -472,8 +454,8 @@ def parse_args(argv):
         p.add_argument("--" + flag, help=f"{help} ({default})".replace("%", "%%"), **kw)
 
     add("model", "the mixer, <model>.py", choices=list(MODELS), required=True)
-    add("task", "text: predict the next character; mqar: multi-query associative recall; parity: the XOR of the "
-        "bits so far", choices=["text", "mqar", "parity"])
+    add("task", "text: the next character; mqar: multi-query associative recall; parity: the XOR of the bits so far",
+        choices=["text", "mqar", "parity"])
     add("data", "a UTF-8 text file for --task text", "tiny Shakespeare, kept in ~/.cache/zoo", metavar="PATH")
     add("out-dir", "where ckpt.pt (latest), best.pt (best val) and log.jsonl go", "out/<model>", metavar="DIR")
     add("resume", "continue <out-dir>/ckpt.pt with its flags, unless passed again", "off", action="store_true")
@@ -487,14 +469,11 @@ def parse_args(argv):
     add("lr", "peak learning rate (AdamW), after linear warmup, cosine decay to a tenth", type=float)
     add("warmup", "warmup steps", type=int)
     add("max-iters", "training steps", type=int)
-    add("max-time", "seconds of training (evaluation excluded); the LR schedule then follows the clock", "none",
-        type=float)
+    add("max-time", "seconds of training, evaluation excluded; the LR schedule follows the clock", "none", type=float)
     add("dropout", "on the embedding, residual branches, attention weights", "GPU 0.3, CPU 0.0; mqar, parity 0",
         type=float)
-    add("patience", "stop after this many evaluations without a better val loss; 0: never", "1; mqar, parity 0",
-        type=int)
-    add("stop-acc", "stop once the val accuracy reaches this (e.g. 0.99 on mqar or parity: the steps to it); 0: never",
-        "0", type=float)
+    add("patience", "evaluations without a better val loss before stopping; 0: never", "1; mqar, parity 0", type=int)
+    add("stop-acc", "stop at this val accuracy (mqar, parity: 0.99 counts the steps to it); 0: never", type=float)
     add("eval-interval", "steps between evaluations", type=int)
     add("eval-iters", "batches per evaluation", type=int)
     add("log-interval", "steps between log lines", type=int)
@@ -579,7 +558,13 @@ def ready_to_train(model, cfg, batch, local_rank=0, world=1):
             sys.exit(f"{cfg.model}: the first batch's loss is {loss} (--mixer-args {cfg.mixer_args!r}?)")
     except ValueError as e:
         sys.exit(f"{cfg.model}: {e}")
-    net = compiled(model, first_step) if cfg.compile else model  # compiling happens in the probe: first_step again
+    net = model
+    if cfg.compile:  # torch.compile compiles at the first call: make that call here, where a failure can run eager
+        try:
+            first_step(compiled := torch.compile(model, mode=COMPILE_MODE))
+            net = compiled
+        except Exception as e:
+            print(f"torch.compile failed ({type(e).__name__}: {first_line(e)}); running eager")
     model.zero_grad(set_to_none=True)
     fwd = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if cuda else None) if world > 1 else net
     return net, fwd, autocast
@@ -681,9 +666,9 @@ def main(argv=None):
                     # evaluate, checkpoint
                     if (step % cfg.eval_interval == 0 or step >= cfg.max_iters or late) and step != evaluated:
                         val, acc = evaluate(net, val_batch, cfg.eval_iters, autocast)
-                        stale, evaluated = 0 if val < best_val else stale + 1, step
+                        stale, evaluated = stale + 1, step
                         if val < best_val:
-                            best_val, best_step = val, step
+                            best_val, best_step, stale = val, step, 0
                             save("best.pt", val=val)
                         line += f" | val {val:.4f} | acc {acc:.3f}"
                         save_latest()
