@@ -37,13 +37,15 @@ fla's and mamba_ssm's kernels: in float32 its absolute error is ~1e-7 |c_i|, sma
 moderate. The PyTorch engine sums segments instead (decay_mask, and c_L - c_j as g_{j+1} + ... + g_L): Mamba-3 with
 log decays of -3e5 and -1e-2 in one chunk put its final state 1.6e-2 off in float32 as a difference, 7e-8 as a sum.
 
-A file of its own because five models share one kernel pair. Engines: Triton on CUDA (and on the CPU under
-TRITON_INTERPRET=1): one program per (batch, head, tile of BV value columns) walks the chunks in order with its
-[BV, Dk] tile of S in float32 registers (fla's "fused_chunk" layout); dots in the inputs' dtype accumulate in float32
-(float32 inputs: exact float32 dots, no tf32). The backward reruns that walk to keep the state entering each chunk,
-then one kernel walks back with dS in registers (dq, dk, dv, dg, dS0). Elsewhere (CPU, MPS, float64, Dk > 128) the
-same equations in PyTorch on chunk tensors, the chunk states through scan.py. Forward and backward are custom ops
-(zoo::scalar_decay, zoo::scalar_decay_backward) with fakes, built by scan.py's `register`.
+A file of its own because five models share one kernel set. Engines: Triton on CUDA (and on the CPU under
+TRITON_INTERPRET=1), fla's chunk layout: a walk over the chunks with a [BV, Dk] tile of S in float32 registers keeps
+the state entering each chunk (one dot a chunk), then one program per (batch, head, chunk, tile of BV value columns)
+computes y from it. The backward reruns that walk and walks back with dS likewise (dS0 = exp(c_L) dS1 + ..., one dot
+a chunk), keeping the gradient at the state leaving each chunk; given both, every chunk's dq, dk, dv and dg are
+independent (one program each again). Dots in the inputs' dtype accumulate in float32 (float32 inputs: exact float32
+dots, no tf32). Elsewhere (CPU, MPS, float64, Dk > 128) the same equations in PyTorch on chunk tensors, the chunk
+states through scan.py. Forward and backward are custom ops (zoo::scalar_decay, zoo::scalar_decay_backward) with
+fakes, built by scan.py's `register`.
 """
 import torch
 import torch.nn.functional as F
@@ -182,19 +184,19 @@ def _torch_backward(q, k, v, g, S, dy, dS_final):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Triton engine. Grid: (value tiles, B * H). A program keeps its [BV, BK] tile of S (or dS) in float32 registers
-# and walks the chunks; the chunk's q, k [L, BK], v, dy [L, BV] and g [L] are loaded with their strides, padding
-# (t >= T, columns past Dk or Dv) loaded as zeros. The backward first reruns the forward's walk to keep the state
-# entering each chunk ([B, H, T/L, Dv, Dk], float32), then walks back with dS. dq, dk and dg are sums over value
-# columns: each value tile writes its share, summed outside.
+# Triton engine. Every program holds one [BV, BK] tile of S (or dS) in float32; a chunk's q, k [L, BK], v, dy [L, BV]
+# and g [L] are loaded with their strides, padding (t >= T, columns past Dk or Dv) as zeros. The walks, grid (B * H,
+# value tiles), store their tile at every chunk boundary ([B, H, T/L, Dv, Dk] float32); the chunk kernels, grid
+# (B * H * T/L, value tiles), read it back. dq, dk and dg are sums over value columns: each value tile writes its
+# share, summed outside.
 
 def _plan(Dk, Dv, dtype):
     """(L, BK, BV, warps, stages): all of Dk in one tile, 4 warps, value tiles of 32 columns where Dk <= 64 and of 64
-    where it is larger (bf16 on an H200 at B, T, H = 8, 2048, 8: forward and backward 0.82 against 1.07 ms at
-    Dk = Dv = 64, 1.56 against 1.93 ms at Dk = 128, Dv = 64). Chunks of 64 and Triton's 3 pipeline stages for 16-bit
-    inputs; float32's exact dots run without tensor cores and hold far more per thread: chunks of 32, one stage
-    (compiled for sm_90 with Triton 3.6, the backward at Dk = 128 asks 127 KB of shared memory; chunks of 64 and 3
-    stages asked 337 KB, past H100's 227 KB)."""
+    where it is larger (bf16 on an H200 at B, T, H = 8, 2048, 8, when the backward was a single walk: forward and
+    backward 0.82 against 1.07 ms at Dk = Dv = 64, 1.56 against 1.93 ms at Dk = 128, Dv = 64). Chunks of 64 and
+    Triton's 3 pipeline stages (for the walks' loops) for 16-bit inputs; float32's exact dots run without tensor cores
+    and hold far more per thread: chunks of 32, one stage (compiled for sm_90 with Triton 3.9, the gradient kernel at
+    Dk = 128 asks 120 KB of shared memory, 192 KB in chunks of 64, near H100's 227 KB)."""
     BK = max(16, triton.next_power_of_2(Dk))
     BV = min(32 if BK <= 64 else 64, max(16, triton.next_power_of_2(Dv)))
     if INTERPRET:
@@ -202,24 +204,33 @@ def _plan(Dk, Dv, dtype):
     return (32, BK, BV, 4, 1) if dtype == torch.float32 else (CHUNK, BK, BV, 4, 3)
 
 
-def _launch(kernel, q, k, v, g, *tensors, **meta):
+def _launch(kernel, per_chunk, q, k, v, g, *tensors, **meta):
+    """kernel over (B * H, value tiles), or per_chunk over (B * H * T/L, value tiles): axis 0 has no 65535 limit."""
     Bsz, T, G, Dk = q.shape
     H, Dv = v.shape[2:]
     L, BK, BV, warps, stages = _plan(Dk, Dv, v.dtype)
-    kernel[(Bsz * H, triton.cdiv(Dv, BV))](
+    kernel[(Bsz * H * (triton.cdiv(T, L) if per_chunk else 1), triton.cdiv(Dv, BV))](
         q, k, v, g, *tensors, T, H, H // G, Dk, Dv, *q.stride(), *k.stride(), *v.stride(), *g.stride(),
         L=L, BK=BK, BV=BV, PREC="ieee" if v.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
         **meta)
 
 
-def _triton_forward(q, k, v, g, S, states=False):
-    """(y, S_final), or with states the state entering each chunk [B, H, T/L, Dv, Dk]."""
+def _walk(q, k, v, g, S, reverse=False):
+    """(S at every chunk boundary [B, H, T/L, Dv, Dk], the last S), float32: see _walk_kernel."""
     L = _plan(q.shape[3], v.shape[3], v.dtype)[0]
-    shape = S.shape[:2] + (-(-q.shape[1] // L),) + S.shape[2:] if states else S.shape
-    out = torch.empty(shape, dtype=torch.float32, device=v.device)
-    y = v if states else torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _launch(_forward_kernel, q, k, v, g, S.float().contiguous(), y, out, STATES=states)
-    return out if states else (y, out)
+    states = torch.empty(S.shape[:2] + (triton.cdiv(q.shape[1], L),) + S.shape[2:], dtype=torch.float32,
+                         device=v.device)
+    last = torch.empty(S.shape, dtype=torch.float32, device=v.device)
+    _launch(_walk_kernel, False, q, k, v, g, S.float().contiguous(), states, last, REVERSE=reverse)
+    return states, last
+
+
+def _triton_forward(q, k, v, g, S):
+    """(y, S_final)."""
+    states, S_final = _walk(q, k, v, g, S)
+    y = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    _launch(_output_kernel, True, q, k, v, g, states, y)
+    return y, S_final
 
 
 def _triton_backward(q, k, v, g, S, dy, dS_final):
@@ -227,23 +238,23 @@ def _triton_backward(q, k, v, g, S, dy, dS_final):
     Bsz, T, _, Dk = q.shape
     H, Dv = v.shape[2:]
     n_v = -(-Dv // _plan(Dk, Dv, v.dtype)[2])
-    states = _triton_forward(q, k, v, g, S, states=True)
+    dy = dy.to(v.dtype).contiguous()
+    states = _walk(q, k, v, g, S)[0]
+    dstates, dS = _walk(q, q, dy, g, dS_final, reverse=True)  # dS <- exp(c_L) dS + sum_i exp(c_i) dy_i q_i^T
     dq, dk = (torch.empty(n_v, Bsz, T, H, Dk, dtype=torch.float32, device=v.device) for _ in range(2))
     dg = torch.empty(n_v, Bsz, T, H, dtype=torch.float32, device=v.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    dS = torch.empty(S.shape, dtype=torch.float32, device=v.device)
-    _launch(_backward_kernel, q, k, v, g, states, dy.to(v.dtype).contiguous(), dS_final.float().contiguous(),
-            dq, dk, dv, dg, dS)
+    _launch(_gradient_kernel, True, q, k, v, g, states, dstates, dy, dq, dk, dv, dg)
     return dq.sum(0), dk.sum(0), dv, dg.sum(0), dS
 
 
 if triton is not None:
     @triton.jit
-    def _program(H, hpg, BV: tl.constexpr, BK: tl.constexpr):
-        """(b, h, the q/k head of h's group, value columns, key columns) of this program, as int64."""
-        bh, pid_v = tl.program_id(0).to(tl.int64), tl.program_id(1)  # B * H on axis 0: no 65535 limit
-        b, h = bh // H, bh % H
-        return b, h, h // hpg, pid_v * BV + tl.arange(0, BV), tl.arange(0, BK)
+    def _program(H, hpg, per_head, BV: tl.constexpr, BK: tl.constexpr):
+        """(b, h, the q/k head of h's group, value columns, key columns) of this program, as int64; axis 0 runs over
+        B * H * per_head, per_head 1 or the chunks (the chunk: program_id(0) % per_head)."""
+        bh = tl.program_id(0).to(tl.int64) // per_head
+        return bh // H, bh % H, bh % H // hpg, tl.program_id(1) * BV + tl.arange(0, BV), tl.arange(0, BK)
 
     @triton.jit
     def _chunk(Q, K, V, G, start, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd,
@@ -265,75 +276,85 @@ if triton is not None:
         return q, k, v, c, c_last, causal, D, t, mv
 
     @triton.jit
-    def _forward_kernel(Q, K, V, G, S0, Y, S_OUT, T, H, hpg, Dk, Dv, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
-                        svb, svt, svh, svd, sgb, sgt, sgh, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        PREC: tl.constexpr, STATES: tl.constexpr):
-        """y and S_final into S_OUT; STATES: no y, the state entering each chunk into S_OUT [B, H, T/L, Dv, Dk]."""
-        b, h, hk, cols_v, cols_k = _program(H, hpg, BV, BK)
+    def _walk_kernel(Q, K, V, G, S0, STATES, S_LAST, T, H, hpg, Dk, Dv, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
+                     svb, svt, svh, svd, sgb, sgt, sgh, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     PREC: tl.constexpr, REVERSE: tl.constexpr):
+        """S <- exp(c_L) S + sum_j w_j v_j k_j^T chunk by chunk from S0, S before each chunk into STATES and the last
+        into S_LAST. Forward, w_j = exp(c_L - c_j): the state entering each chunk, S_final. REVERSE, called with q
+        for k and dy for v, w_i = exp(c_i), last chunk first: the gradient at the state leaving each chunk, dS0."""
+        b, h, hk, cols_v, cols_k = _program(H, hpg, 1, BV, BK)
         ms = (cols_v < Dv)[:, None] & (cols_k < Dk)[None, :]
         tile = cols_v[:, None] * Dk + cols_k[None, :]
         S = tl.load(S0 + (b * H + h) * Dv * Dk + tile, mask=ms, other=0.0)  # [BV, BK] float32
         n_chunks = tl.cdiv(T, L)
-        for n in range(n_chunks):
-            q, k, v, c, c_last, causal, D, t, mv = _chunk(Q, K, V, G, n * L, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd,
-                                                          skb, skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh,
-                                                          cols_k, cols_v, L)
-            if STATES:
-                tl.store(S_OUT + ((b * H + h) * n_chunks + n) * Dv * Dk + tile, S, mask=ms)
-            else:
-                A = tl.dot(q, tl.trans(k), input_precision=PREC) * D
-                y = tl.dot(A.to(v.dtype), v, input_precision=PREC)
-                y += tl.exp(c)[:, None] * tl.dot(q, tl.trans(S).to(q.dtype), input_precision=PREC)
-                tl.store(Y + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], y.to(Y.dtype.element_ty), mask=mv)
-            v_end = (v * tl.exp(c_last - c)[:, None]).to(v.dtype)
-            S = tl.exp(c_last) * S + tl.dot(tl.trans(v_end), k, input_precision=PREC)
-        if not STATES:
-            tl.store(S_OUT + (b * H + h) * Dv * Dk + tile, S, mask=ms)
+        for i in range(n_chunks):
+            n = n_chunks - 1 - i if REVERSE else i
+            _, k, v, c, c_last, _, _, _, _ = _chunk(Q, K, V, G, n * L, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd,
+                                                    skb, skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh,
+                                                    cols_k, cols_v, L)
+            tl.store(STATES + ((b * H + h) * n_chunks + n) * Dv * Dk + tile, S, mask=ms)
+            w = tl.exp(c) if REVERSE else tl.exp(c_last - c)
+            S = tl.exp(c_last) * S + tl.dot(tl.trans((v * w[:, None]).to(v.dtype)), k, input_precision=PREC)
+        tl.store(S_LAST + (b * H + h) * Dv * Dk + tile, S, mask=ms)
 
     @triton.jit
-    def _backward_kernel(Q, K, V, G, STATES, DY, DS_FINAL, DQ, DK, DV, DG, DS0, T, H, hpg, Dk, Dv, sqb, sqt, sqh,
-                         sqd, skb, skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh, L: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-        """Reverse in time, dS (the gradient at the state leaving the chunk) in registers: dv, dS0, and this value
-        tile's share of dq, dk ([n_v, B, T, H, Dk]) and dg ([n_v, B, T, H])."""
-        b, h, hk, cols_v, cols_k = _program(H, hpg, BV, BK)
-        ms = (cols_v < Dv)[:, None] & (cols_k < Dk)[None, :]
-        tile = cols_v[:, None] * Dk + cols_k[None, :]
-        dS = tl.load(DS_FINAL + (b * H + h) * Dv * Dk + tile, mask=ms, other=0.0)
+    def _output_kernel(Q, K, V, G, STATES, Y, T, H, hpg, Dk, Dv, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
+                       svb, svt, svh, svd, sgb, sgt, sgh, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       PREC: tl.constexpr):
+        """y of one chunk and value tile, from the state entering the chunk."""
         n_chunks = tl.cdiv(T, L)
-        share = tl.program_id(1) * (tl.num_programs(0) // H) + b  # this value tile's slice of DQ, DK, DG
-        for i in range(n_chunks):
-            n = n_chunks - 1 - i
-            q, k, v, c, c_last, causal, D, t, mv = _chunk(Q, K, V, G, n * L, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd,
-                                                          skb, skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh,
-                                                          cols_k, cols_v, L)
-            S0 = tl.load(STATES + ((b * H + h) * n_chunks + n) * Dv * Dk + tile, mask=ms, other=0.0)
-            dy = tl.load(DY + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], mask=mv, other=0.0)
-            into, to_end = tl.exp(c), tl.exp(c_last - c)
-            A = tl.dot(q, tl.trans(k), input_precision=PREC) * D
-            dyv = tl.dot(dy, tl.trans(v), input_precision=PREC)
-            dA = (dyv * D).to(q.dtype)
-            k_dS = tl.dot(k, tl.trans(dS).to(k.dtype), input_precision=PREC)  # [L, BV]: dS1 k_j
-            dq = tl.dot(dA, k, input_precision=PREC) + into[:, None] * tl.dot(dy, S0.to(dy.dtype), input_precision=PREC)
-            dk = tl.dot(tl.trans(dA), q, input_precision=PREC)
-            dk += to_end[:, None] * tl.dot(v, dS.to(v.dtype), input_precision=PREC)
-            dv = tl.dot(tl.trans(A).to(dy.dtype), dy, input_precision=PREC) + to_end[:, None] * k_dS
-            # dg_r: the pairs j < r <= i of M = A * (dY V^T), exp(c_i) dy_i . S0 q_i for i >= r, exp(c_L - c_j)
-            # v_j . dS1 k_j for j < r, exp(c_L) <dS1, S0>: sums by masks, no difference of cumulative sums
-            before = tl.where(causal, 0.0, 1.0)  # [j, r]: j < r
-            pairs = tl.dot(A * dyv, before, input_precision=PREC)  # [i, r]: sum over j < r
-            q_S0 = tl.dot(q, tl.trans(S0).to(q.dtype), input_precision=PREC)  # [L, BV]: S0 q_i
-            w_in = into * tl.sum(dy.to(tl.float32) * q_S0, 1)
-            w_out = to_end * tl.sum(v.to(tl.float32) * k_dS, 1)
-            dg = tl.sum(tl.where(causal, pairs + w_in[:, None], 0.0), 0) + tl.sum(w_out[:, None] * before, 0)
-            dg += tl.exp(c_last) * tl.sum(tl.sum(dS * S0, 1), 0)
-            t_ok = t < T
-            mk = t_ok[:, None] & (cols_k < Dk)[None, :]
-            offs = ((share * T + t[:, None]) * H + h) * Dk + cols_k[None, :]
-            tl.store(DQ + offs, dq, mask=mk)
-            tl.store(DK + offs, dk, mask=mk)
-            tl.store(DG + (share * T + t) * H + h, dg, mask=t_ok)
-            tl.store(DV + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], dv.to(DV.dtype.element_ty), mask=mv)
-            dy_in = (dy * into[:, None]).to(dy.dtype)
-            dS = tl.exp(c_last) * dS + tl.dot(tl.trans(dy_in), q, input_precision=PREC)
-        tl.store(DS0 + (b * H + h) * Dv * Dk + tile, dS, mask=ms)
+        b, h, hk, cols_v, cols_k = _program(H, hpg, n_chunks, BV, BK)
+        n = tl.program_id(0).to(tl.int64) % n_chunks
+        q, k, v, c, _, _, D, t, mv = _chunk(Q, K, V, G, n * L, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd, skb, skt,
+                                            skh, skd, svb, svt, svh, svd, sgb, sgt, sgh, cols_k, cols_v, L)
+        ms = (cols_v < Dv)[:, None] & (cols_k < Dk)[None, :]
+        S0 = tl.load(STATES + ((b * H + h) * n_chunks + n) * Dv * Dk + cols_v[:, None] * Dk + cols_k[None, :],
+                     mask=ms, other=0.0)
+        A = tl.dot(q, tl.trans(k), input_precision=PREC) * D
+        y = tl.dot(A.to(v.dtype), v, input_precision=PREC)
+        y += tl.exp(c)[:, None] * tl.dot(q, tl.trans(S0).to(q.dtype), input_precision=PREC)
+        tl.store(Y + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], y.to(Y.dtype.element_ty), mask=mv)
+
+    @triton.jit
+    def _gradient_kernel(Q, K, V, G, STATES, DSTATES, DY, DQ, DK, DV, DG, T, H, hpg, Dk, Dv, sqb, sqt, sqh, sqd,
+                         skb, skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh, L: tl.constexpr, BK: tl.constexpr,
+                         BV: tl.constexpr, PREC: tl.constexpr):
+        """One chunk and value tile, from the state entering the chunk (S0) and the gradient at the state leaving
+        it (dS1): dv, and this value tile's share of dq, dk ([n_v, B, T, H, Dk]) and dg ([n_v, B, T, H])."""
+        n_chunks = tl.cdiv(T, L)
+        b, h, hk, cols_v, cols_k = _program(H, hpg, n_chunks, BV, BK)
+        n = tl.program_id(0).to(tl.int64) % n_chunks
+        q, k, v, c, c_last, causal, D, t, mv = _chunk(Q, K, V, G, n * L, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd,
+                                                      skb, skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh,
+                                                      cols_k, cols_v, L)
+        ms = (cols_v < Dv)[:, None] & (cols_k < Dk)[None, :]
+        at = ((b * H + h) * n_chunks + n) * Dv * Dk + cols_v[:, None] * Dk + cols_k[None, :]
+        S0 = tl.load(STATES + at, mask=ms, other=0.0)
+        dS = tl.load(DSTATES + at, mask=ms, other=0.0)
+        dy = tl.load(DY + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], mask=mv, other=0.0)
+        into, to_end = tl.exp(c), tl.exp(c_last - c)
+        A = tl.dot(q, tl.trans(k), input_precision=PREC) * D
+        dyv = tl.dot(dy, tl.trans(v), input_precision=PREC)
+        dA = (dyv * D).to(q.dtype)
+        k_dS = tl.dot(k, tl.trans(dS).to(k.dtype), input_precision=PREC)  # [L, BV]: dS1 k_j
+        dq = tl.dot(dA, k, input_precision=PREC) + into[:, None] * tl.dot(dy, S0.to(dy.dtype), input_precision=PREC)
+        dk = tl.dot(tl.trans(dA), q, input_precision=PREC)
+        dk += to_end[:, None] * tl.dot(v, dS.to(v.dtype), input_precision=PREC)
+        dv = tl.dot(tl.trans(A).to(dy.dtype), dy, input_precision=PREC) + to_end[:, None] * k_dS
+        # dg_r: the pairs j < r <= i of M = A * (dY V^T), exp(c_i) dy_i . S0 q_i for i >= r, exp(c_L - c_j)
+        # v_j . dS1 k_j for j < r, exp(c_L) <dS1, S0>: sums by masks, no difference of cumulative sums
+        before = tl.where(causal, 0.0, 1.0)  # [j, r]: j < r
+        pairs = tl.dot(A * dyv, before, input_precision=PREC)  # [i, r]: sum over j < r
+        q_S0 = tl.dot(q, tl.trans(S0).to(q.dtype), input_precision=PREC)  # [L, BV]: S0 q_i
+        w_in = into * tl.sum(dy.to(tl.float32) * q_S0, 1)
+        w_out = to_end * tl.sum(v.to(tl.float32) * k_dS, 1)
+        dg = tl.sum(tl.where(causal, pairs + w_in[:, None], 0.0), 0) + tl.sum(w_out[:, None] * before, 0)
+        dg += tl.exp(c_last) * tl.sum(tl.sum(dS * S0, 1), 0)
+        t_ok = t < T
+        mk = t_ok[:, None] & (cols_k < Dk)[None, :]
+        share = tl.program_id(1) * (tl.num_programs(0) // (H * n_chunks)) + b  # this value tile's slice
+        offs = ((share * T + t[:, None]) * H + h) * Dk + cols_k[None, :]
+        tl.store(DQ + offs, dq, mask=mk)
+        tl.store(DK + offs, dk, mask=mk)
+        tl.store(DG + (share * T + t) * H + h, dg, mask=t_ok)
+        tl.store(DV + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], dv.to(DV.dtype.element_ty), mask=mv)
