@@ -405,7 +405,8 @@ def step_graph(model, token, states, compile=False):
     the next logits [B, V] (a static buffer: the next run overwrites it). compile=True captures
     torch.compile(model.step) instead, compiled by the warm-up: Inductor's fused kernels, fewer per step (mode
     "default": this graph is the only CUDA graph, none of Inductor's own). Every model's step is LM.step, which
-    Dynamo compiles for at most 8 kinds of model or dtype in a process, then fails (torch._dynamo.reset() clears)."""
+    Dynamo compiles for at most 8 kinds of model or dtype in a process, then fails (torch._dynamo.reset() clears).
+    Under autocast the graph reads each nn.Linear's weight as cast at capture: run() sees no later change to it."""
     def copy(state):
         return type(state)(copy(s) for s in state) if isinstance(state, (tuple, list)) else (
             state if state is None else state.clone())
