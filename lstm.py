@@ -42,7 +42,8 @@ Forms: recurrent (the loop, one token at a time) and parallel (Newton, the defau
 since its loop stops on the data). Two engines solve it: lstm_newton below, on the whole sequence
 (CPU, MPS, float64: each iteration a block scan and a host sync for the test), and on CUDA in
 float32 newton.py's kernel, the same Newton per tile of steps, entered from the previous tile's
-exact state, with no host sync, so CUDA graphs capture it. The parallel form sets
+exact state, with no host sync, so CUDA graphs capture it; its backward is newton.lstm_backward, the adjoint
+and the vector-Jacobian product in one kernel. The parallel form sets
 self.stats["newton_iters"], a tensor: the iterations (the kernel's: the mean over its tiles).
 """
 import torch
@@ -65,10 +66,17 @@ def cell(u, r, c, h, jacobian=False):
     h_new = o * tc
     if not jacobian:
         return c_new, h_new
-    a = c * f * (1 - f) * r[1] + g * i * (1 - i) * r[0] + i * (1 - g * g) * r[3]
+    return c_new, h_new, derivatives(r, c, i, f, o, g, tc)[0]
+
+
+def derivatives(r, c, i, f, o, g, tc):
+    """A step's derivatives from its gates: the Jacobian A [..., 2, 2, D] of (c_t, h_t) w.r.t. (c_{t-1}, h_{t-1}),
+    dz [..., 4, D] = dc_t/dz for the gates i, f, g and dh_t/dz for o (z the pre-activations), k = dh_t/dc_t."""
+    dz = torch.stack([g * i * (1 - i), c * f * (1 - f), tc * o * (1 - o), i * (1 - g * g)], -2)
+    a = dz[..., 0, :] * r[0] + dz[..., 1, :] * r[1] + dz[..., 3, :] * r[3]  # dc_t/dh_{t-1}
     k = o * (1 - tc * tc)
-    A = torch.stack([f, a, k * f, o * (1 - o) * r[2] * tc + k * a], -2).unflatten(-2, (2, 2))
-    return c_new, h_new, A
+    A = torch.stack([f, a, k * f, dz[..., 2, :] * r[2] + k * a], -2).unflatten(-2, (2, 2))
+    return A, dz, k
 
 
 def lstm_recurrent(u, r, c, h):
@@ -125,15 +133,20 @@ def lstm_parallel_tiles(u: torch.Tensor, r: torch.Tensor, s0: torch.Tensor, tol:
 
 def _lstm_parallel_backward(ctx, gs, _):
     s, u, r, s0 = ctx.saved_tensors
-    prev = shift(s, s0)
-    A = cell(u, r, prev[:, :, 0], prev[:, :, 1], jacobian=True)[2]
+    if newton.runs(u):
+        return *newton.lstm_backward(u, r, s, s0, gs), None, None
+    c, h = shift(s, s0).unbind(2)
+    z = u + r * h[..., None, :]
+    i, f, o = torch.sigmoid(z[..., :3, :]).unbind(-2)
+    g = torch.tanh(z[..., 3, :])
+    A, dz, k = derivatives(r, c, i, f, o, g, torch.tanh(f * c + i * g))
     A_next = torch.cat([A[:, 1:], torch.zeros_like(A[:, :1])], 1).transpose(2, 3)
     lam = block_scan(A_next, gs.to(s.dtype), reverse=True)
-    with torch.enable_grad():  # one vector-Jacobian product of F at every t at once
-        u, r, prev = (t.detach().requires_grad_() for t in (u, r, prev))
-        c, h = cell(u, r, prev[:, :, 0], prev[:, :, 1])
-        du, dr, dprev = torch.autograd.grad((c, h), (u, r, prev), (lam[:, :, 0], lam[:, :, 1]))
-    return du, dr, dprev[:, 0], None, None
+    # the vector-Jacobian product of F at every t at once, by hand: dL/dc_t in full, then through each gate
+    dc = lam[:, :, 0] + lam[:, :, 1] * k
+    du = dz * torch.stack([dc, dc, lam[:, :, 1], dc], -2)
+    ds0 = torch.stack([dc[:, 0] * f[:, 0], (du[:, 0] * r).sum(-2)], 1)
+    return du, (du * h[..., None, :]).sum((0, 1)), ds0, None, None
 
 
 def _lstm_parallel_setup(ctx, inputs, output):

@@ -27,17 +27,20 @@ iterate into the output, waits at a barrier, and reads it back one row earlier (
 previous tile's final state, or h0), then waits again before the next store overwrites it.
 
 Engines: the kernel on CUDA (and on the CPU under TRITON_INTERPRET=1, for the tests), in float32;
-rnn.py's and lstm.py's PyTorch solvers elsewhere (CPU, MPS, float64). The backward is theirs
-(implicit differentiation at the solution, scan.py's adjoint scans).
+rnn.py's and lstm.py's PyTorch solvers elsewhere (CPU, MPS, float64). The backward is implicit
+differentiation at the solution: rnn.py's by scan.py's adjoint scan; lstm's by `lstm_backward`, one
+more kernel that walks the tiles backwards (lstm.py's PyTorch backward elsewhere).
 """
 import math
 
 import torch
 
-from scan import INTERPRET, _combine2, _next_power_of_2, combine, triton, use_triton
+from scan import INTERPRET, _next_power_of_2, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
+
+    from scan import _combine2, combine, row as _row
 
 
 def runs(u):
@@ -81,6 +84,20 @@ def lstm(u, r, s0, tol, full):
                                    num_warps=warps)
     return s, iters.float().mean()
 
+
+
+def lstm_backward(u, r, s, s0, ds):
+    """lstm.py's adjoint at the solution in one launch: u [B, T, 4, D], r [4, D], s [B, T, 2, D] the states, s0
+    [B, 2, D], ds = dL/ds [B, T, 2, D] (float32) -> (dL/du, dL/dr, dL/ds0). A program walks its tiles backwards:
+    the adjoint lam_t = ds_t + A_{t+1}^T lam_{t+1} by tl.associative_scan, entered from the later tile's lam,
+    then the gates' derivatives at every t (lstm.derivatives), all in registers."""
+    (B, T, _, C), (block_t, block_c, warps) = u.shape, _plan("lstm", u.shape[3])
+    n_cblocks, n_tiles = -(-C // block_c), -(-T // block_t)
+    du, dr, ds0 = torch.empty_like(u, memory_format=torch.contiguous_format), u.new_empty(B, 4, C), torch.empty_like(s0)
+    _lstm_backward_kernel[(B * n_cblocks,)](u.contiguous(), r.contiguous(), s.contiguous(), s0.contiguous(),
+                                            ds.contiguous(), du, dr, ds0, T, C, n_cblocks, n_tiles,
+                                            BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
+    return du, dr.sum(0), ds0
 
 if triton is not None:
     @triton.jit
@@ -141,6 +158,21 @@ if triton is not None:
             tl.store(ITERS + group * n_tiles + tile, k)
 
     @triton.jit
+    def _cell(u_i, u_f, u_o, u_g, c_prev, h_prev, r_i, r_f, r_o, r_g):
+        """lstm.py's cell and derivatives: c_t, h_t, f, A_t = [[f, a], [k f, a_hh]] as (f, a, k, a_hh), and dz
+        (dc_t/dz for the gates i, f, g, dh_t/dz for o)."""
+        i = tl.sigmoid(u_i + r_i * h_prev)
+        f = tl.sigmoid(u_f + r_f * h_prev)
+        o = tl.sigmoid(u_o + r_o * h_prev)
+        g = _tanh(u_g + r_g * h_prev)
+        c_new = f * c_prev + i * g
+        tc = _tanh(c_new)
+        dz_i, dz_f, dz_o, dz_g = g * i * (1.0 - i), c_prev * f * (1.0 - f), tc * o * (1.0 - o), i * (1.0 - g * g)
+        a = dz_i * r_i + dz_f * r_f + dz_g * r_g
+        k = o * (1.0 - tc * tc)
+        return c_new, o * tc, f, a, k, dz_o * r_o + k * a, dz_i, dz_f, dz_o, dz_g
+
+    @triton.jit
     def _lstm_kernel(U, R, S0, S, ITERS, T, C, n_cblocks, n_tiles, tol, tol_stuck,
                      FULL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
         group = tl.program_id(0)
@@ -170,16 +202,8 @@ if triton is not None:
             h_prev = _shifted(S + C, h, s_offs, mask, t, h0, 2 * C)
             k, best, stall, stop = 0, float("inf"), 0, False
             while not stop:
-                i = tl.sigmoid(u_i + r_i * h_prev)  # lstm.py's cell and its Jacobian d(c_t, h_t)/d(c_{t-1}, h_{t-1})
-                f = tl.sigmoid(u_f + r_f * h_prev)
-                o = tl.sigmoid(u_o + r_o * h_prev)
-                g = _tanh(u_g + r_g * h_prev)
-                c_new = f * c_prev + i * g
-                tc = _tanh(c_new)
-                res_c, res_h = c_new - c, o * tc - h
-                a = c_prev * f * (1.0 - f) * r_f + g * i * (1.0 - i) * r_i + i * (1.0 - g * g) * r_g
-                kk = o * (1.0 - tc * tc)
-                a_hh = o * (1.0 - o) * r_o * tc + kk * a
+                c_new, h_new, f, a, kk, a_hh, _, _, _, _ = _cell(u_i, u_f, u_o, u_g, c_prev, h_prev, r_i, r_f, r_o, r_g)
+                res_c, res_h = c_new - c, h_new - h
                 if FULL:
                     a_ch, a_hc = a, kk * f
                 else:  # the diagonal quasi-Newton
@@ -196,3 +220,69 @@ if triton is not None:
                 c_prev = _shifted(S, c, s_offs, mask, t, c0, 2 * C)
                 h_prev = _shifted(S + C, h, s_offs, mask, t, h0, 2 * C)
             tl.store(ITERS + group * n_tiles + tile, k)
+
+    @triton.jit
+    def _lstm_backward_kernel(U, R, S, S0, DS, DU, DR, DS0, T, C, n_cblocks, n_tiles,
+                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        group = tl.program_id(0)
+        pid_b, pid_c = group // n_cblocks, group % n_cblocks
+        rows = tl.arange(0, BLOCK_T)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        r_i = tl.load(R + cols, mask=col_ok, other=0.0)[None, :]
+        r_f = tl.load(R + C + cols, mask=col_ok, other=0.0)[None, :]
+        r_o = tl.load(R + 2 * C + cols, mask=col_ok, other=0.0)[None, :]
+        r_g = tl.load(R + 3 * C + cols, mask=col_ok, other=0.0)[None, :]
+        c0 = tl.load(S0 + pid_b * 2 * C + cols, mask=col_ok, other=0.0)
+        h0 = tl.load(S0 + pid_b * 2 * C + C + cols, mask=col_ok, other=0.0)
+        lam_c0 = tl.zeros([BLOCK_C], dtype=tl.float32)  # lam at the later tile's first step
+        lam_h0 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        dr_i, dr_f, dr_o, dr_g = lam_c0, lam_c0, lam_c0, lam_c0
+        ds_c, ds_h = lam_c0, lam_c0
+        for k in range(n_tiles):
+            t = (n_tiles - 1 - k) * BLOCK_T + rows
+            mask = (t < T)[:, None] & col_ok[None, :]
+            row = pid_b.to(tl.int64) * T + t[:, None]
+            u_offs, s_offs = row * 4 * C + cols[None, :], row * 2 * C + cols[None, :]
+            c = tl.load(S + s_offs, mask=mask, other=0.0)
+            h = tl.load(S + s_offs + C, mask=mask, other=0.0)
+            # A_{t+1}, from u_{t+1} at s_t (none after the last step), transposed: lam_t = ds_t + A_{t+1}^T lam_{t+1}
+            nxt = mask & (t + 1 < T)[:, None]
+            _, _, f1, a1, k1, a_hh1, _, _, _, _ = _cell(
+                tl.load(U + u_offs + 4 * C, mask=nxt, other=0.0), tl.load(U + u_offs + 5 * C, mask=nxt, other=0.0),
+                tl.load(U + u_offs + 6 * C, mask=nxt, other=0.0), tl.load(U + u_offs + 7 * C, mask=nxt, other=0.0),
+                c, h, r_i, r_f, r_o, r_g)
+            p, q, r, s, x, y = tl.associative_scan(
+                (tl.where(nxt, f1, 0.0), tl.where(nxt, k1 * f1, 0.0), tl.where(nxt, a1, 0.0),
+                 tl.where(nxt, a_hh1, 0.0), tl.load(DS + s_offs, mask=mask, other=0.0),
+                 tl.load(DS + s_offs + C, mask=mask, other=0.0)), 0, _combine2, reverse=True)
+            lam_c = p * lam_c0[None, :] + q * lam_h0[None, :] + x
+            lam_h = r * lam_c0[None, :] + s * lam_h0[None, :] + y
+            lam_c0, lam_h0 = _row(lam_c, rows, 0), _row(lam_h, rows, 0)
+            # step t's gates, at s_{t-1}: dL/du_t = dz_t * (dL/dc_t in full, or dL/dh_t for o)
+            later = (t >= 1)[:, None]
+            c_prev = tl.where(later, tl.load(S + s_offs - 2 * C, mask=mask & later, other=0.0), c0[None, :])
+            h_prev = tl.where(later, tl.load(S + s_offs - C, mask=mask & later, other=0.0), h0[None, :])
+            _, _, f, _, kk, _, dz_i, dz_f, dz_o, dz_g = _cell(
+                tl.load(U + u_offs, mask=mask, other=0.0), tl.load(U + u_offs + C, mask=mask, other=0.0),
+                tl.load(U + u_offs + 2 * C, mask=mask, other=0.0), tl.load(U + u_offs + 3 * C, mask=mask, other=0.0),
+                c_prev, h_prev, r_i, r_f, r_o, r_g)
+            dc = lam_c + lam_h * kk
+            du_i, du_f, du_o, du_g = dz_i * dc, dz_f * dc, dz_o * lam_h, dz_g * dc
+            tl.store(DU + u_offs, du_i, mask=mask)
+            tl.store(DU + u_offs + C, du_f, mask=mask)
+            tl.store(DU + u_offs + 2 * C, du_o, mask=mask)
+            tl.store(DU + u_offs + 3 * C, du_g, mask=mask)
+            dr_i += tl.sum(tl.where(mask, du_i * h_prev, 0.0), 0)
+            dr_f += tl.sum(tl.where(mask, du_f * h_prev, 0.0), 0)
+            dr_o += tl.sum(tl.where(mask, du_o * h_prev, 0.0), 0)
+            dr_g += tl.sum(tl.where(mask, du_g * h_prev, 0.0), 0)
+            ds_c = _row(f * dc, rows, 0)  # dL/ds_{-1} = A_0^T lam_0, kept from the first tile (the last walked)
+            ds_h = _row(du_i * r_i + du_f * r_f + du_o * r_o + du_g * r_g, rows, 0)
+        out = pid_b * 4 * C + cols
+        tl.store(DR + out, dr_i, mask=col_ok)
+        tl.store(DR + out + C, dr_f, mask=col_ok)
+        tl.store(DR + out + 2 * C, dr_o, mask=col_ok)
+        tl.store(DR + out + 3 * C, dr_g, mask=col_ok)
+        tl.store(DS0 + pid_b * 2 * C + cols, ds_c, mask=col_ok)
+        tl.store(DS0 + pid_b * 2 * C + C + cols, ds_h, mask=col_ok)

@@ -2366,7 +2366,8 @@ def spy_newton():
 
 def check_newton_kernel_ragged(name, full=True, B=2, T=19, C=12, seed=0):
     """newton.rnn or newton.lstm against the loop in float64: T = 19 (the last tile ragged), C = 12 (a full and a
-    partial block of channels), a random initial state, strong recurrent weights (many iterations)."""
+    partial block of channels), a random initial state, strong recurrent weights (many iterations); and
+    newton.lstm_backward's gradients against autograd's through the loop."""
     newton, g = module("newton"), torch.Generator().manual_seed(seed)
     if name == "rnn":
         u, w = torch.randn(B, T, C, generator=g), 3 * torch.rand(C, generator=g)
@@ -2375,9 +2376,15 @@ def check_newton_kernel_ragged(name, full=True, B=2, T=19, C=12, seed=0):
         u, w = torch.randn(B, T, 4, C, generator=g), 5 * (2 * torch.rand(4, C, generator=g) - 1)
         s0 = torch.stack([torch.randn(B, C, generator=g), torch.randn(B, C, generator=g).tanh()], 1)
     s, k = newton.rnn(u, w, s0, 1e-6) if name == "rnn" else newton.lstm(u, w, s0, 1e-6, full)
-    ref = newton_loop(name, u.double(), w.double(), s0.double())
+    u64, w64, s064 = (t.double().requires_grad_() for t in (u, w, s0))
+    ref = newton_loop(name, u64, w64, s064)
     assert s.shape == ref.shape and rel_err(s, ref) <= 1e-5, (name, full, rel_err(s, ref))
     assert 1 <= k <= 8, k
+    if name == "lstm":  # the adjoint kernel against autograd through the loop
+        ds = torch.randn(s.shape, generator=g)
+        grads = newton.lstm_backward(u, w, s, s0, ds)
+        for got, want in zip(grads, torch.autograd.grad(ref, (u64, w64, s064), ds.double())):
+            assert got.shape == want.shape and rel_err(got, want) <= 1e-5, (full, rel_err(got, want))
 
 
 def check_newton_kernel_iterations(name, full=True):
