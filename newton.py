@@ -86,18 +86,27 @@ def lstm(u, r, s0, tol, full):
 
 
 
-def lstm_backward(u, r, s, s0, ds):
+@torch.library.custom_op("zoo::lstm_backward", mutates_args=())
+def lstm_backward(u: torch.Tensor, r: torch.Tensor, s: torch.Tensor, s0: torch.Tensor,
+                  ds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """lstm.py's adjoint at the solution in one launch: u [B, T, 4, D], r [4, D], s [B, T, 2, D] the states, s0
     [B, 2, D], ds = dL/ds [B, T, 2, D] (float32) -> (dL/du, dL/dr, dL/ds0). A program walks its tiles backwards:
     the adjoint lam_t = ds_t + A_{t+1}^T lam_{t+1} by tl.associative_scan, entered from the later tile's lam,
     then the gates' derivatives at every t (lstm.derivatives), all in registers."""
     (B, T, _, C), (block_t, block_c, warps) = u.shape, _plan("lstm", u.shape[3])
     n_cblocks, n_tiles = -(-C // block_c), -(-T // block_t)
-    du, dr, ds0 = torch.empty_like(u, memory_format=torch.contiguous_format), u.new_empty(B, 4, C), torch.empty_like(s0)
+    du, dr = torch.empty_like(u, memory_format=torch.contiguous_format), u.new_empty(B, 4, C)
+    ds0 = s0.new_empty(s0.shape)
     _lstm_backward_kernel[(B * n_cblocks,)](u.contiguous(), r.contiguous(), s.contiguous(), s0.contiguous(),
                                             ds.contiguous(), du, dr, ds0, T, C, n_cblocks, n_tiles,
                                             BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
     return du, dr.sum(0), ds0
+
+
+@lstm_backward.register_fake
+def _(u, r, s, s0, ds):  # a custom op, so that torch.compile traces lstm.py's backward around one opaque launch
+    return torch.empty_like(u, memory_format=torch.contiguous_format), r.new_empty(r.shape), s0.new_empty(s0.shape)
+
 
 if triton is not None:
     @triton.jit
