@@ -61,9 +61,10 @@ def attention_recurrent(q, k, v, k_cache, v_cache, dropout=0.0):
 
 def attention_step(q, k, v, k_cache, v_cache, t, dropout=0.0):
     """One token into a cache with room (Attention.reserve): q, k [B, H, 1, Dk], v [B, H, 1, Dv], caches
-    [B, H, L, Dk or Dv] holding t tokens (t [] int64, t < L) -> y [B, H, 1, Dv], the caches with k, v at position
-    t. attention_recurrent's math, the L - t - 1 empty slots masked out: the shapes stay, so a CUDA graph replays it."""
-    k_cache, v_cache = k_cache.index_copy(2, t.view(1), k), v_cache.index_copy(2, t.view(1), v)
+    [B, H, L, Dk or Dv] holding t tokens (t [] int64, t < L) -> y [B, H, 1, Dv], the same caches with k, v written
+    in place at position t (a graphed step copies no whole cache per token). attention_recurrent's math, the
+    L - t - 1 empty slots masked out: the shapes stay, so a CUDA graph replays it."""
+    k_cache.index_copy_(2, t.view(1), k), v_cache.index_copy_(2, t.view(1), v)
     empty = torch.arange(k_cache.shape[2], device=q.device) > t
     w = (q @ k_cache.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(empty, float("-inf")).softmax(-1)
     return F.dropout(w, dropout) @ v_cache, (k_cache, v_cache)
@@ -130,7 +131,8 @@ class Attention(nn.Module):
 
     def step(self, x, state=None):
         """One token: x [B, d_model] -> y [B, d_model], state with the cache one longer. On a cache from reserve()
-        the token goes into the next free slot, and the new state has the old one's shapes."""
+        the token goes into the next free slot, and the new state has the old one's shapes.
+        A cache from reserve() is written in place: the state passed in is updated and returned, not left as it was."""
         if state is None or len(state) == 2:
             y, state = self.forward(x[:, None], state, form="recurrent")
             return y[:, 0], state
@@ -144,7 +146,13 @@ class Attention(nn.Module):
     @staticmethod
     def reserve(state, n):
         """(k_cache, v_cache) [B, H, t, D] -> (k_cache, v_cache) [B, H, t + n, D], the n new slots empty, and t as a
-        [] int64 tensor: room for n steps of fixed shapes, as a CUDA graph needs (train.generate)."""
+        [] int64 tensor: room for n steps of fixed shapes, as a CUDA graph needs (train.generate).
+        The cache it returns is written in place by step(): the state passed to step() is updated and returned.
+        Under autocast a float32 cache is kept in autocast's dtype, which step()'s matmuls read it in: no step casts
+        the whole cache, and the numbers stay (its keys and values come out of autocast's matmuls in that dtype); step
+        it under the same autocast."""
         k_cache, v_cache = state
+        device = k_cache.device.type
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         t = torch.tensor(k_cache.shape[2], device=k_cache.device)
-        return *(F.pad(c, (0, 0, 0, n)) for c in state), t
+        return *(F.pad(c.to(low) if low and c.dtype == torch.float32 else c, (0, 0, 0, n)) for c in state), t

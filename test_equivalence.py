@@ -2074,22 +2074,50 @@ def test_attention_cache_grows_one_per_step():
     assert all(t.dtype == torch.float32 for t in state) and state[0].shape[2] == 7
 
 
-def test_attention_reserved_cache_steps_as_the_growing_one():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_attention_reserved_cache_steps_as_the_growing_one(compiled):
     """step() on a cache from reserve() gives the growing cache's outputs, with fixed shapes: the prefill's tokens
     and each step's in their slots, the empty slots masked (planted bugs: writing at t + 1, not masking, rotating at
-    position 0, each fails it). forward() refuses a reserved cache."""
+    position 0, each fails it). It writes the cache in place: the caches it returns are the ones passed in, holding
+    the new token (planted: an out-of-place index_copy fails it), so train.step_graph's copy of the new state into
+    the static one copies no cache. The same under torch.compile(fullgraph=True) (backend aot_eager: the traced ops
+    run eager). forward() refuses a reserved cache."""
     m = make("attention")
+    step = torch.compile(m.step, fullgraph=True, dynamic=False, backend="aot_eager") if compiled else m.step
     x = torch.randn(2, 14, D_MODEL, dtype=torch.float64)
     _, grown = m(x[:, :5])
     reserved = m.reserve(grown, 9)
     shapes = [t.shape for t in reserved]
     for t in range(5, 14):
         y, grown = m.step(x[:, t], grown)
-        y_reserved, reserved = m.step(x[:, t], reserved)
+        caches = [c.data_ptr() for c in reserved[:2]]
+        y_reserved, reserved = step(x[:, t], reserved)
         assert rel_err(y_reserved, y) <= 1e-13 and [s.shape for s in reserved] == shapes, t
+        assert [c.data_ptr() for c in reserved[:2]] == caches, "step() did not write the reserved cache in place"
         assert int(reserved[2]) == t + 1 and all(torch.equal(r[:, :, :t + 1], g) for r, g in zip(reserved, grown))
     with pytest.raises(ValueError, match="reserve"):
         m(x[:, :2], reserved)
+
+
+def test_attention_reserved_cache_in_autocast_dtype():
+    """Under autocast reserve() keeps a float32 model's cache in autocast's dtype (bf16), the one step()'s matmuls
+    read it in: steps give the same outputs, bit for bit, as on the float32 cache padded as reserve() pads it (whose
+    matmuls cast the whole cache each step), and write the same keys and values (planted: no cast fails it). Without
+    autocast the cache keeps its dtype, and so does a float64 one under it (autocast leaves float64 as it is)."""
+    m = make("attention", torch.float32)
+    x = torch.randn(2, 10, D_MODEL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, grown = m(x[:, :4])
+        reserved, padded = m.reserve(grown, 6), (*(F.pad(c, (0, 0, 0, 6)) for c in grown), torch.tensor(4))
+        assert [c.dtype for c in reserved[:2]] == [torch.bfloat16] * 2 and padded[0].dtype == torch.float32
+        for t in range(4, 10):
+            y, reserved = m.step(x[:, t], reserved)
+            y_padded, padded = m.step(x[:, t], padded)
+            assert torch.equal(y, y_padded), t
+        assert all(torch.equal(r.float(), p) for r, p in zip(reserved[:2], padded[:2]))
+    assert all(c.dtype == torch.float32 for c in m.reserve(grown, 6)[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(c.dtype == torch.float64 for c in m.reserve([c.double() for c in grown], 6)[:2])
 
 
 @pytest.mark.parametrize("shift", [1, 37, 1000, 16384])
