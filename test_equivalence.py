@@ -2706,8 +2706,9 @@ def test_mlstm_init_as_xlstm():
 
 # ========== train.py ============================================================================
 
-TRAIN_TINY = ["--model", "linear_attention", "--device", "cpu", "--n-layer", "1", "--d-model", "32", "--block-size", "16",
-              "--batch-size", "4", "--eval-iters", "1", "--eval-interval", "2", "--sample-len", "10", "--patience", "0"]
+TRAIN_TINY = ("--model linear_attention --device cpu --n-layer 1 --d-model 32 --block-size 16 --batch-size 4 "
+              "--eval-iters 1 --eval-interval 2 --sample-len 10 --patience 0").split()
+TRAIN_MQAR = "--task mqar --num-pairs 3 --mqar-vocab 16".split()
 
 
 def train_corpus(n=20000):
@@ -2723,8 +2724,13 @@ def train_data(tmp_path):
     return str(path)
 
 
+def train_argv(data, out, *extra):
+    return TRAIN_TINY + ["--data", data, "--out-dir", str(out), *extra]
+
+
 def train_run(data, out, *extra):
-    train.main(TRAIN_TINY + ["--data", data, "--out-dir", str(out), *extra])
+    """train.py's tiny config on the text at data (which --task mqar or parity never reads) into out -> its ckpt.pt."""
+    train.main(train_argv(data, out, *extra))
     return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
 
 
@@ -2756,41 +2762,51 @@ def test_train_tiny_run_checkpoints_and_samples(train_data, tmp_path, capsys):
     assert out.strip().splitlines()[-1].startswith("done: stopped on steps at step 3")
 
 
-def test_train_resume_is_bit_for_bit(train_data, tmp_path, monkeypatch, capsys):
-    whole = train_run(train_data, tmp_path / "a", "--max-iters", "4", "--dropout", "0.2")
-    get_batch = train.get_batch
+def ctrl_c_at(monkeypatch, step, sigint):
+    """Ctrl-C in training step `step` as its batch is drawn: a SIGINT (train.py's handler lets the step finish), or a
+    KeyboardInterrupt (as a second Ctrl-C raises: the step is lost)."""
+    get_batches = train.get_batches
 
-    def interrupt_at_2(data, i, *args):  # Ctrl-C as a KeyboardInterrupt in the middle of step 2
-        if i == 2 and len(data) > 1000:
-            raise KeyboardInterrupt
-        return get_batch(data, i, *args)
-
-    monkeypatch.setattr(train, "get_batch", interrupt_at_2)
-    with pytest.raises(SystemExit) as e:
-        train_run(train_data, tmp_path / "b", "--max-iters", "4", "--dropout", "0.2")
-    assert e.value.code == 130 and "interrupted: saved" in capsys.readouterr().out
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 2
-    monkeypatch.setattr(train, "get_batch", get_batch)
-    resumed = train_run(train_data, tmp_path / "b", "--max-iters", "4", "--resume")  # dropout 0.2 from the checkpoint
-    assert resumed["step"] == 4 and train_same_weights(resumed["model"], whole["model"])
-    assert resumed["best_val"] == whole["best_val"]
-    assert "learning-rate schedule" not in capsys.readouterr().out  # the same schedule: nothing to say
-
-
-def test_train_sigint_finishes_the_step_saves_and_exits_130(train_data, tmp_path, monkeypatch, capsys):
-    get_batch = train.get_batch
-
-    def sigint_at_1(data, i, *args):
-        if i == 1 and len(data) > 1000:
+    def ctrl_c(i):
+        if i == step and sigint:
             os.kill(os.getpid(), signal.SIGINT)
-        return get_batch(data, i, *args)
+        elif i == step:
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "get_batch", sigint_at_1)
+    def patched(*args):
+        *rest, train_batch, val_batch = get_batches(*args)
+        return *rest, lambda i: ctrl_c(i) or train_batch(i), val_batch
+    monkeypatch.setattr(train, "get_batches", patched)
+
+
+@pytest.mark.parametrize("task,sigint", [("text", False), ("mqar", True), ("parity", False)])
+def test_train_task_logs_and_resumes_bit_for_bit(task, sigint, train_data, tmp_path, monkeypatch, capsys):
+    """Each task: a run of 4 steps with dropout, and one stopped by Ctrl-C at step 2 (a SIGINT in step 1, or a
+    KeyboardInterrupt in step 2), which exits 130 and, resumed, ends with the same weights, val loss and accuracy."""
+    flags, data_line = {"text": ([], " val characters"), "mqar": (TRAIN_MQAR, "vocab 16, 3 key-value pairs"),
+                        "parity": (["--task", "parity"], "vocab 2, 16 bits per sequence")}[task]
+    flags = flags + ["--max-iters", "4"]
+    whole = train_run(train_data, tmp_path / "a", *flags, "--dropout", "0.2")
+    out, log = capsys.readouterr().out, train_log(tmp_path / "a")
+    assert data_line in out and f"vocab {len(whole['model']['wte.weight'])}," in out and "| acc " in out
+    assert ("-" * 40 in out) == (task == "text")  # a sample of text only
+    assert [r["step"] for r in log if r["type"] == "eval"] == [0, 2, 4] and log[-1]["type"] == "final"
+    assert [log[-1][k] for k in ("task", "stop", "acc")] == [task, "steps", whole["acc"]] and 0 <= whole["acc"] <= 1
+    assert whole["args"]["task"] == task and whole["args"]["dropout"] == 0.2
+    ctrl_c_at(monkeypatch, 1 if sigint else 2, sigint)
     with pytest.raises(SystemExit) as e:
-        train_run(train_data, tmp_path / "c", "--max-iters", "5")
-    assert e.value.code == 130 and "Ctrl-C" in capsys.readouterr().out
-    assert torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["step"] == 2  # step 1 completed, then saved
+        train_run(train_data, tmp_path / "b", *flags, "--dropout", "0.2")
+    out = capsys.readouterr().out
+    assert e.value.code == 130 and "interrupted: saved" in out and ("Ctrl-C:" in out) == sigint
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 2  # a SIGINT: step 1 completed
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.undo()
+    resumed = train_run(train_data, tmp_path / "b", *flags, "--resume")  # --dropout 0.2 from the checkpoint
+    assert resumed["step"] == 4 and train_same_weights(resumed["model"], whole["model"])
+    assert (resumed["acc"], resumed["best_val"]) == (whole["acc"], whole["best_val"])
+    assert [r["step"] for r in train_log(tmp_path / "b") if r["type"] == "eval"] == [0, 2, 4]  # appended, step 2 once
+    assert "learning-rate schedule" not in capsys.readouterr().out  # the same schedule: nothing to say
+    assert not train_same_weights(train_run(train_data, tmp_path / "c", *flags)["model"], whole["model"])  # dropout
 
 
 def test_train_resume_with_more_steps_keeps_the_best_of_both_legs(train_data, tmp_path, monkeypatch, capsys):
@@ -2854,9 +2870,13 @@ def test_train_compiled_steps_match_eager_cuda(name, train_data, tmp_path):
     assert all(abs(c - e) <= 2e-2 * abs(e) for c, e in zip(compiled, eager)), (compiled, eager)
 
 
-def test_train_prefill_then_step_matches_forward_and_dropout_is_off_in_eval():
-    """Dropout changes a training forward; in eval() the same logits twice, and a prefill then step() on each further
-    token gives the logits of one forward."""
+def test_train_dropout_reaches_a_mixer_that_takes_one_is_off_in_eval_and_prefill_then_step_matches_forward():
+    """Dropout reaches a mixer that takes one (attention's) and changes a training forward; in eval() the same
+    logits twice, and a prefill then step() on each further token gives the logits of one forward."""
+    attn = train.load_mixer("attention")
+    assert train.LM(attn, 11, 1, 32, dropout=0.3).blocks[0].mixer.dropout == 0.3
+    assert train.LM(attn, 11, 1, 32, dropout=0.3, mixer_args={"dropout": 0.1}).blocks[0].mixer.dropout == 0.1
+    train.LM(train.load_mixer("mamba"), 11, 1, 32, dropout=0.3)  # takes none: not passed
     torch.manual_seed(0)
     model = train.LM(train.load_mixer("linear_attention"), 11, 2, 32, dropout=0.5).double()
     idx = torch.randint(11, (2, 9))
@@ -3194,9 +3214,6 @@ def test_train_ddp_ctrl_c_saves_at_one_step_and_leaves_the_group(train_data, tmp
     assert 6 < step < 2000 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == step
 
 
-TRAIN_MQAR = TRAIN_TINY + ["--task", "mqar", "--num-pairs", "3", "--mqar-vocab", "16"]
-
-
 def test_train_unknown_no_or_missing_model_is_a_clear_error(train_data, tmp_path, monkeypatch, capsys):
     msg = train_error_of(["--model", "transformer_xl"], capsys)
     assert "invalid choice" in msg and "linear_attention" in msg and "mamba2" in msg
@@ -3222,60 +3239,14 @@ def test_train_mqar_batch_is_recall_and_a_function_of_seed_and_i():
         assert all(yb[t] == values[keys.index(xb[t])] for t in queries)  # the answer is the key's value
 
 
-def test_train_mqar_run_logs_accuracy_and_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
-    def run(out, *extra):
-        train.main(TRAIN_MQAR + ["--out-dir", str(out), "--max-iters", "4", *extra])
-        return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-
-    whole = run(tmp_path / "a", "--dropout", "0.1")
-    out = capsys.readouterr().out
-    assert "| acc " in out and "-" * 40 not in out  # accuracy printed, no sample
-    log = train_log(tmp_path / "a")
-    assert [r["step"] for r in log if r["type"] == "eval"] == [0, 2, 4] and log[-1]["type"] == "final"
-    assert log[-1]["task"] == "mqar" and log[-1]["stop"] == "steps" and log[-1]["acc"] == whole["acc"]
-    assert 0 <= whole["acc"] <= 1 and whole["args"]["task"] == "mqar" and whole["args"]["dropout"] == 0.1
-    get_mqar_batch = train.get_mqar_batch
-
-    def interrupt_at_2(i, *args):
-        if i == 2:
-            raise KeyboardInterrupt
-        return get_mqar_batch(i, *args)
-
-    monkeypatch.setattr(train, "get_mqar_batch", interrupt_at_2)
-    with pytest.raises(SystemExit):
-        run(tmp_path / "b", "--dropout", "0.1")
-    monkeypatch.setattr(train, "get_mqar_batch", get_mqar_batch)
-    resumed = run(tmp_path / "b", "--resume")  # --dropout 0.1 comes back from the checkpoint
-    assert resumed["step"] == 4 and train_same_weights(resumed["model"], whole["model"])
-    assert resumed["acc"] == whole["acc"] and resumed["best_val"] == whole["best_val"]
-    assert [r["step"] for r in train_log(tmp_path / "b") if r["type"] == "eval"] == [0, 2, 4]  # appended, step 2 once
-    no_dropout = run(tmp_path / "c")
-    assert not train_same_weights(no_dropout["model"], whole["model"])
-
-
-def test_train_parity_batch_is_the_running_xor_of_bits_and_a_function_of_seed_and_i():
+def test_train_parity_batch_is_the_running_xor_of_bits_held_out_and_scored_at_every_position():
     x, y = train.get_parity_batch(3, 7, 40, 8, "cpu")
-    assert x.shape == y.shape == (8, 40) and set(x.unique().tolist()) == {0, 1} and set(y.unique().tolist()) == {0, 1}
+    assert x.shape == y.shape == (8, 40) and set(x.unique().tolist()) == {0, 1} == set(y.unique().tolist())
     for xb, yb in zip(x.tolist(), y.tolist()):
-        parity = 0
-        for t in range(40):
-            parity ^= xb[t]
-            assert yb[t] == parity  # the XOR of bits 0..t, position t included
+        assert yb == [sum(xb[:t + 1]) % 2 for t in range(40)]  # the XOR of bits 0..t, position t included
     assert torch.equal(x, train.get_parity_batch(3, 7, 40, 8, "cpu")[0])
-    assert not torch.equal(x, train.get_parity_batch(4, 7, 40, 8, "cpu")[0])
-    assert not torch.equal(x, train.get_parity_batch(3, 8, 40, 8, "cpu")[0])
-
-
-def test_train_parity_run_logs_accuracy_on_every_position(tmp_path, capsys):
-    argv = TRAIN_TINY + ["--task", "parity", "--model", "mamba2", "--max-iters", "2", "--out-dir", str(tmp_path / "a")]
-    train.main(argv)
-    out = capsys.readouterr().out
-    assert "vocab 2, 16 bits per sequence" in out and "| acc " in out and "-" * 40 not in out  # no sample
-    final, ckpt = train_log(tmp_path / "a")[-1], torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
-    assert final["task"] == "parity" and final["stop"] == "steps" and 0 <= final["acc"] == ckpt["acc"] <= 1
-    assert ckpt["args"]["task"] == "parity" and ckpt["model"]["wte.weight"].shape[0] == 2
-    cfg = train.get_config(train.parse_args(argv[:-1] + [str(tmp_path / "b")]))[0]
-    assert cfg.dropout == 0 and cfg.patience == 0  # fresh sequences each step: nothing to overfit
+    assert not any(torch.equal(x, train.get_parity_batch(i, seed, 40, 8, "cpu")[0]) for i, seed in ((4, 7), (3, 8)))
+    cfg = types.SimpleNamespace(task="parity", seed=1337, block_size=16, batch_size=4, device="cpu")
     *_, train_batch, val_batch = train.get_batches(cfg, None)
     assert not torch.equal(val_batch(0)[0], train_batch(0)[0])  # held-out sequences
 
@@ -3289,67 +3260,54 @@ def test_train_parity_run_logs_accuracy_on_every_position(tmp_path, capsys):
     assert train.evaluate(WrongAtTheLastPosition(), val_batch, 2, no_autocast)[1] == 15 / 16  # every position
 
 
-def test_train_start_and_final_records_have_the_study_fields_and_the_state_size(tmp_path, capsys):
+def test_train_start_and_final_records_have_the_study_fields_and_the_state_size(train_data, tmp_path, capsys):
     """deltanet at d_model 32: 4 heads of an 8 x 8 matrix and its short conv's last 3 inputs of q, k, v (3 x 96);
     conv-free, the matrix alone; attention's K and V grow with the tokens read."""
-    argv = TRAIN_MQAR + ["--model", "deltanet", "--n-layer", "2", "--max-iters", "1", "--lr", "0.003"]
-    train.main(argv + ["--seed", "5", "--out-dir", str(tmp_path / "a")])
+    flags = [*TRAIN_MQAR, "--model", "deltanet", "--n-layer", "2", "--max-iters", "1", "--lr", "0.003"]
+    train_run(train_data, tmp_path / "a", *flags, "--seed", "5")
     start, *_, final = train_log(tmp_path / "a")
     assert final["state_size"] == 4 * 8 * 8 + 3 * 3 * 32 and "state 544 numbers per layer" in capsys.readouterr().out
     # the first line already names the run, so that one killed before its final line is still reported
-    assert start["type"] == "start" and start["step"] == 0 and all(final[k] == v for k, v in start.items()
-                                                                     if k not in ("type", "step"))
-    assert (final["lr"], final["block_size"], final["batch_size"], final["num_pairs"], final["seed"]) == (0.003, 16, 4,
-                                                                                                        3, 5)
-    train.main(argv + ["--mixer-args", "conv_size=1", "--out-dir", str(tmp_path / "b")])
+    assert start["type"] == "start" and start["step"] == 0
+    assert all(final[k] == v for k, v in start.items() if k not in ("type", "step"))
+    assert [final[k] for k in ("lr", "block_size", "batch_size", "num_pairs", "seed")] == [0.003, 16, 4, 3, 5]
+    train_run(train_data, tmp_path / "b", *flags, "--mixer-args", "conv_size=1")
     assert train_log(tmp_path / "b")[-1]["state_size"] == 4 * 8 * 8
     attn = train.LM(train.load_mixer("attention"), 16, 2, 32)
     assert train.state_size(attn, 16) == 2 * 16 * 32 and train.state_size(attn.eval(), 40) == 2 * 40 * 32
     assert not attn.training and train.state_size(attn.train(), 8) and attn.training  # its mode restored
 
 
-def test_train_dropout_reaches_a_mixer_that_takes_one():
-    attn = train.load_mixer("attention")
-    assert train.LM(attn, 11, 1, 32, dropout=0.3).blocks[0].mixer.dropout == 0.3
-    assert train.LM(attn, 11, 1, 32, dropout=0.3, mixer_args={"dropout": 0.1}).blocks[0].mixer.dropout == 0.1
-    train.LM(train.load_mixer("mamba"), 11, 1, 32, dropout=0.3)  # takes none: not passed
-
-
-def test_train_width_matching(tmp_path, capsys):
+def test_train_width_matching(train_data, tmp_path, capsys):
     for name in ("mamba", "rnn", "attention"):
         d, n, target = train.match_width(train.load_mixer(name), 65, 2, 128, {})
         assert d % 16 == 0 and abs(n - target) <= 0.1 * target, (name, d, n, target)
     assert train.match_width(train.load_mixer("attention"), 65, 2, 128, {})[0] == 128
-    argv = TRAIN_MQAR + ["--model", "rnn", "--max-iters", "0"]
-    del argv[argv.index("--d-model"):argv.index("--d-model") + 2]
-    train.main(argv + ["--out-dir", str(tmp_path / "a")])
+    argv = train_argv(train_data, tmp_path / "a", *TRAIN_MQAR, "--model", "rnn", "--max-iters", "0")
+    train.main(argv[:argv.index("--d-model")] + argv[argv.index("--d-model") + 2:])
     d = train.match_width(train.load_mixer("rnn"), 16, 1, 128, {})[0]
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["args"]["d_model"] == d  # resume keeps it
     assert "d_model=matched" in capsys.readouterr().out
-    train.main(argv + ["--out-dir", str(tmp_path / "b"), "--d-model", "48"])
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["args"]["d_model"] == 48
+    ckpt = train_run(train_data, tmp_path / "b", *TRAIN_MQAR, "--model", "rnn", "--max-iters", "0", "--d-model", "48")
+    assert ckpt["args"]["d_model"] == 48
 
 
-def test_train_mixer_args_reach_the_constructor(tmp_path, capsys):
+def test_train_mixer_args_reach_the_constructor(train_data, tmp_path, capsys):
     parsed = train.parse_mixer_args("d_state=8, jacobian=diag,A_init_range=(1, 16)")
     assert parsed == {"d_state": 8, "jacobian": "diag", "A_init_range": (1, 16)}
-    argv = TRAIN_MQAR + ["--model", "mamba", "--max-iters", "0", "--out-dir", str(tmp_path / "a")]
-    train.main(argv + ["--mixer-args", "d_state=8"])
-    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
-    argv[-1] = str(tmp_path / "b")
+    flags = [*TRAIN_MQAR, "--model", "mamba", "--max-iters", "0", "--mixer-args"]
+    ckpt = train_run(train_data, tmp_path / "a", *flags, "d_state=8")
     assert ckpt["model"]["blocks.0.mixer.A_log"].shape == (2 * 32, 8) and ckpt["args"]["mixer_args"] == "d_state=8"
-    msg = train_error_of(argv + ["--mixer-args", "d_sate=8"], capsys)
+    msg = train_error_of(train_argv(train_data, tmp_path / "b", *flags, "d_sate=8"), capsys)
     assert "d_sate" in msg and "Mamba takes" in msg
-    assert "expected k=v" in train_error_of(argv + ["--mixer-args", "d_state"], capsys)
+    assert "expected k=v" in train_error_of(train_argv(train_data, tmp_path / "b", *flags, "d_state"), capsys)
 
 
-def test_train_max_time_stops_on_time_and_anneals(tmp_path, capsys):
-    argv = TRAIN_MQAR + ["--max-iters", "100000", "--max-time", "0.5", "--eval-interval", "100000",
-                         "--log-interval", "100000", "--out-dir", str(tmp_path)]
-    train.main(argv)
-    assert "stopped on time" in capsys.readouterr().out
-    ckpt, final = torch.load(tmp_path / "ckpt.pt", weights_only=False), train_log(tmp_path)[-1]
-    assert 0 < ckpt["step"] < 100000 and ckpt["train_time"] >= 0.5 and final["stop"] == "time"
+def test_train_max_time_stops_on_time_and_anneals(train_data, tmp_path, capsys):
+    ckpt = train_run(train_data, tmp_path, *TRAIN_MQAR, "--max-iters", "100000", "--max-time", "0.5",
+                     "--eval-interval", "100000", "--log-interval", "100000")
+    assert "stopped on time" in capsys.readouterr().out and train_log(tmp_path)[-1]["stop"] == "time"
+    assert 0 < ckpt["step"] < 100000 and ckpt["train_time"] >= 0.5
     assert train.get_lr(500, 1.0, 10, 1000, time_frac=1.0) == pytest.approx(0.1)  # the clock ends the schedule
     assert train.get_lr(500, 1.0, 10, 1000, time_frac=0.0) > 0.5
 
@@ -3437,9 +3395,8 @@ def figures(monkeypatch):
 
 def test_bench_report_tabulates_the_runs(train_data, tmp_path, capsys, figures):
     runs = tmp_path / "runs"
-    train_run(train_data, runs / "text", "--max-iters", "2")
-    train.main(TRAIN_MQAR + ["--max-iters", "2", "--out-dir", str(runs / "recall")])
-    train.main(TRAIN_TINY + ["--task", "parity", "--max-iters", "2", "--out-dir", str(runs / "parity")])
+    for name, flags in (("text", []), ("recall", TRAIN_MQAR), ("parity", ["--task", "parity"])):
+        train_run(train_data, runs / name, *flags, "--max-iters", "2")
     (runs / "unfinished").mkdir()
     (runs / "unfinished" / "log.jsonl").write_text(json.dumps(dict(type="eval", step=0)) + "\n")
     capsys.readouterr()
