@@ -2829,27 +2829,31 @@ def test_train_resume_with_more_steps_keeps_the_best_of_both_legs(train_data, tm
     assert len(lines) == 1 and "--max-iters 8 (was 4)" in lines[0] and "step 4 gets lr 0.000" in lines[0], lines
 
 
-def test_train_compile_failure_falls_back_to_eager(train_data, tmp_path, monkeypatch, capsys):
-    def broken(model, **kwargs):
-        def fail(*args, **kwargs):
-            raise RuntimeError("no compiler here")
-        return fail
+def test_train_defaults_follow_the_device_and_the_task(tmp_path):
+    """--compile is on by default on CUDA only; mqar and parity draw fresh sequences each step, nothing to overfit: no
+    dropout, no patience (where text has both, on a GPU)."""
+    def cfg(*flags):
+        return train.get_config(train.parse_args(["--model", "rnn", "--out-dir", str(tmp_path), *flags]))[0]
 
-    monkeypatch.setattr(torch, "compile", broken)
+    assert cfg("--device", "cuda").compile is True and cfg("--device", "cuda", "--no-compile").compile is False
+    assert cfg("--device", "cpu").compile is False and cfg("--device", "cpu", "--compile").compile is True
+    assert cfg("--device", "cuda").dropout > 0 and cfg().patience > 0
+    for task in ("mqar", "parity"):
+        assert (cfg("--device", "cuda", "--task", task).dropout, cfg("--task", task).patience) == (0, 0), task
+
+
+def test_train_compile_compiles_the_lm_and_a_failure_falls_back_to_eager(train_data, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: broken)
     assert train_run(train_data, tmp_path / "d", "--max-iters", "2", "--compile")["step"] == 2
     assert "running eager" in capsys.readouterr().out
-
-
-def test_train_compiles_by_default_on_cuda_only(train_data, tmp_path, monkeypatch):
-    def compile_of(*flags):
-        return train.get_config(train.parse_args(["--model", "rnn", "--out-dir", str(tmp_path / "none"), *flags]))[0].compile
-
-    assert compile_of("--device", "cuda") is True and compile_of("--device", "cuda", "--no-compile") is False
-    assert compile_of("--device", "cpu") is False and compile_of("--device", "cpu", "--compile") is True
     calls = []  # what --compile compiles, and with which mode (a pass-through: compiling for real takes minutes here)
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append((fn, kwargs)) or fn)
     train_run(train_data, tmp_path / "e", "--max-iters", "2", "--compile")
     assert [type(fn).__name__ for fn, _ in calls] == ["LM"] and calls[0][1] == {"mode": train.COMPILE_MODE}
+    assert "running eager" not in capsys.readouterr().out
 
 
 @slow
@@ -2937,14 +2941,16 @@ def eager_decoding(model, idx, n, temperature, seed):
     return torch.cat(out, 1)
 
 
-@pytest.mark.parametrize("name", ["rnn", "lstm", "attention", "retnet", "mamba2"])
-def test_train_generate_is_the_eager_decoding_loop(name):
+@pytest.mark.parametrize("name", ["rnn", "lstm", "attention", "retnet", "mamba2", "mamba"])
+def test_train_generate_is_the_eager_decoding_loop(name, monkeypatch):
     """On the CPU generate() runs eager: the loop's tokens for a batch of two prompts, at temperature 0 and 0.8 (the
-    same draws), and the model left in the mode it came in."""
+    same draws), and the model left in the mode it came in. cuda_graph=True and compile=True (at 0.8) change nothing
+    there: torch.compile is never called."""
     model = generation_lm(name).train()
+    monkeypatch.setattr(torch, "compile", lambda *args, **kw: pytest.fail("torch.compile called off CUDA"))
     idx = torch.randint(28, (2, 11), generator=torch.Generator().manual_seed(1))
     for temperature in (0, 0.8):
-        out = train.generate(model, idx, 17, temperature, seed=5)
+        out = train.generate(model, idx, 17, temperature, seed=5, cuda_graph=temperature > 0, compile=temperature > 0)
         assert out.shape == (2, 28) and torch.equal(out[:, :11], idx)
         assert torch.equal(out, eager_decoding(model, idx, 17, temperature, seed=5)), temperature
     assert model.training
@@ -2967,16 +2973,6 @@ def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
                 graphed = train.generate(model, idx, 40, temperature, seed=2, cuda_graph=True)
             assert torch.equal(graphed, eager), (low, temperature)
     assert len(graphs) == 4, graphs
-
-
-def test_train_generate_ignores_compile_off_cuda(monkeypatch):
-    """On the CPU compile=True changes nothing, as cuda_graph=True does not: torch.compile is never called and the
-    tokens are the eager loop's."""
-    model = generation_lm("mamba")
-    monkeypatch.setattr(torch, "compile", lambda *args, **kw: pytest.fail("torch.compile called off CUDA"))
-    idx = torch.randint(28, (2, 11), generator=torch.Generator().manual_seed(1))
-    out = train.generate(model, idx, 17, 0, seed=5, cuda_graph=True, compile=True)
-    assert torch.equal(out, eager_decoding(model, idx, 17, 0, seed=5))
 
 
 @needs_cuda
@@ -3043,14 +3039,6 @@ def test_train_step_graph_keeps_its_buffers_alive(monkeypatch):
     del run
 
 
-@pytest.mark.parametrize("content,message", [(None, "cannot read"), ("", "is empty"), ("x" * 50, "too short")])
-def test_train_bad_data_is_a_clear_error(tmp_path, capsys, content, message):
-    path = tmp_path / "data.txt"
-    if content is not None:
-        path.write_text(content)
-    assert message in train_error_of(TRAIN_TINY + ["--data", str(path), "--out-dir", str(tmp_path / "out")], capsys)
-
-
 def test_train_cached_corpus_is_hash_checked_when_used(tmp_path, monkeypatch):
     text = train_corpus()
     (tmp_path / "zoo").mkdir()
@@ -3064,11 +3052,12 @@ def test_train_cached_corpus_is_hash_checked_when_used(tmp_path, monkeypatch):
     assert train.get_data(None) == text
 
 
-TRAIN_BAD = [  # (flags, what the one-line error must name)
+TRAIN_BAD = [  # (flags, what the one-line error must name); TMP: a folder holding empty.txt and short.txt
     (["--block-size", "0"], "--block-size must be >= 1"), (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--batch-size", "-1"], "--batch-size must be >= 1"), (["--n-layer", "0"], "--n-layer"),
-    (["--d-model", "0"], "--d-model"), (["--eval-iters", "0"], "--eval-iters"), (["--eval-interval", "0"], "--eval-interval"),
-    (["--log-interval", "0"], "--log-interval"), (["--max-iters", "-1"], "--max-iters"), (["--patience", "-1"], "--patience"),
+    (["--d-model", "0"], "--d-model"), (["--eval-iters", "0"], "--eval-iters"),
+    (["--eval-interval", "0"], "--eval-interval"), (["--log-interval", "0"], "--log-interval"),
+    (["--max-iters", "-1"], "--max-iters"), (["--patience", "-1"], "--patience"),
     (["--lr", "0"], "--lr must be > 0"), (["--lr", "-0.001"], "--lr"), (["--lr", "nan"], "--lr"),
     (["--dropout", "-0.1"], "--dropout"), (["--dropout", "1"], "--dropout"), (["--max-time", "0"], "--max-time"),
     (["--stop-acc", "1.5"], "--stop-acc must be in [0, 1]"), (["--stop-acc", "nan"], "--stop-acc"),
@@ -3079,15 +3068,20 @@ TRAIN_BAD = [  # (flags, what the one-line error must name)
     (["--model", "attention", "--mixer-args", "n_head=0"], "n_head"),
     (["--model", "attention", "--mixer-args", "rope_base=0.0"], "loss is nan"), (["--resume"], "no checkpoint"),
     (["--task", "mqar", "--num-pairs", "5", "--mqar-vocab", "16"], "4 * num_pairs <= --block-size"),  # 4 * 5 > 16
+    (["--data", "TMP/absent.txt"], "cannot read"), (["--data", "TMP/empty.txt"], "is empty"),
+    (["--data", "TMP/short.txt"], "too short"),  # 50 characters
 ]
 if not CUDA:
     TRAIN_BAD.append((["--device", "cuda"], "--device cuda"))
 
 
 @pytest.mark.parametrize("flags,message", TRAIN_BAD, ids=[" ".join(f) for f, _ in TRAIN_BAD])
-def test_train_bad_arguments_are_one_line_errors_before_anything_is_written(train_data, tmp_path, capsys, flags, message):
+def test_train_bad_arguments_are_one_line_errors_before_anything_is_written(train_data, tmp_path, capsys, flags,
+                                                                           message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("x" * 50)
     with pytest.raises(SystemExit) as e:
-        train.main(TRAIN_TINY + ["--data", train_data, "--out-dir", str(tmp_path / "out"), *flags])
+        train.main(train_argv(train_data, tmp_path / "out", *(f.replace("TMP", str(tmp_path)) for f in flags)))
     assert isinstance(e.value.code, str) and message in e.value.code, e.value.code  # a message: exit status 1
     assert "\n" not in e.value.code.strip() and not (tmp_path / "out").exists()
 
@@ -3104,38 +3098,30 @@ def test_train_help_gives_every_flag_a_line_and_its_defaults(capsys):
     assert "GPU 64, CPU 16" in helps["--batch-size"] and "GPU on, CPU off" in helps["--compile"]
 
 
-def test_train_never_overwrites_an_earlier_run(train_data, tmp_path, capsys):
+def test_train_never_overwrites_an_earlier_run_and_names_a_corrupt_checkpoint(train_data, tmp_path, capsys):
     """A new run in the directory of an earlier one, or of one killed before its first checkpoint (log.jsonl alone),
-    stops with a one-line message and writes nothing."""
+    stops with a one-line message and writes nothing; so does --resume from a corrupt checkpoint."""
     out = tmp_path / "run"
     train_run(train_data, out, "--max-iters", "2")
     files = {f: (out / f).read_bytes() for f in os.listdir(out)}
-    msg = train_error_of(TRAIN_TINY + ["--data", train_data, "--out-dir", str(out)], capsys)
+    msg = train_error_of(train_argv(train_data, out), capsys)
     assert "--resume" in msg and "--out-dir" in msg and "\n" not in msg.strip()
-    msg = train_error_of(TRAIN_TINY + ["--data", train_data, "--out-dir", str(out), "--resume", "--batch-size", "0"],
-                         capsys)
-    assert "--batch-size" in msg  # and the log is not truncated:
-    assert {f: (out / f).read_bytes() for f in files} == files
+    assert "--batch-size" in train_error_of(train_argv(train_data, out, "--resume", "--batch-size", "0"), capsys)
+    assert {f: (out / f).read_bytes() for f in files} == files  # and the log is not truncated
+    for broken in (files["ckpt.pt"][:len(files["ckpt.pt"]) // 2], b"not a checkpoint"):
+        (out / "ckpt.pt").write_bytes(broken)
+        msg = train_error_of(train_argv(train_data, out, "--resume"), capsys)
+        assert "ckpt.pt is corrupt" in msg and "\n" not in msg.strip()
     out = tmp_path / "killed"  # before its first checkpoint: log.jsonl alone, byte for byte as it was
     out.mkdir()
     (out / "log.jsonl").write_text(json.dumps(dict(type="start", step=0, model="linear_attention")) + "\n")
     log = (out / "log.jsonl").read_bytes()
-    msg = train_error_of(TRAIN_TINY + ["--data", train_data, "--out-dir", str(out), "--max-iters", "2"], capsys)
+    msg = train_error_of(train_argv(train_data, out, "--max-iters", "2"), capsys)
     assert "holds an earlier run (log.jsonl)" in msg and "--resume" in msg and "\n" not in msg.strip()
     assert os.listdir(out) == ["log.jsonl"] and (out / "log.jsonl").read_bytes() == log
 
 
-def test_train_corrupt_checkpoint_is_named(train_data, tmp_path, capsys):
-    out = tmp_path / "run"
-    train_run(train_data, out, "--max-iters", "2")
-    whole = (out / "ckpt.pt").read_bytes()
-    for broken in (whole[:len(whole) // 2], b"not a checkpoint"):
-        (out / "ckpt.pt").write_bytes(broken)
-        msg = train_error_of(TRAIN_TINY + ["--data", train_data, "--out-dir", str(out), "--resume"], capsys)
-        assert "ckpt.pt is corrupt" in msg and "\n" not in msg.strip()
-
-
-def test_train_stops_early_and_samples_from_the_best(train_data, tmp_path, monkeypatch, capsys):
+def test_train_stops_on_patience_or_accuracy_and_samples_from_the_best(train_data, tmp_path, monkeypatch, capsys):
     vals = iter([3.0, 2.0, 2.5, 1.0, 1.5, 1.6, 1.7, 0.5, 0.6])  # evaluations at steps 0, 2, 4, ...
     monkeypatch.setattr(train, "evaluate", lambda *args: (next(vals), 0.5))
     sampled_with = []
@@ -3152,19 +3138,15 @@ def test_train_stops_early_and_samples_from_the_best(train_data, tmp_path, monke
     default = TRAIN_TINY[:TRAIN_TINY.index("--patience")] + ["--data", train_data, "--max-iters", "30"]
     train.main(default + ["--out-dir", str(tmp_path / "b")])  # text: --patience 1 by default
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 4
-    assert train.get_config(train.parse_args(default + ["--task", "mqar", "--out-dir", str(tmp_path / "c")]))[0].patience == 0
-
-
-def test_train_stops_once_the_accuracy_is_reached(train_data, tmp_path, monkeypatch, capsys):
     accs = iter([0.1, 0.5, 0.98, 0.97, 0.99, 1.0, 1.0])  # evaluations at steps 0, 2, 4, ...
     monkeypatch.setattr(train, "evaluate", lambda *args: (1.0, next(accs)))
-    ckpt = train_run(train_data, tmp_path / "a", "--max-iters", "30", "--stop-acc", "0.99")
+    ckpt = train_run(train_data, tmp_path / "c", "--max-iters", "30", "--stop-acc", "0.99")
     assert ckpt["step"] == 8 and ckpt["acc"] == 0.99  # 0.98 at step 4 is not enough
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("done: stopped on accuracy at step 8")
-    final = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[-1])
+    final = train_log(tmp_path / "c")[-1]
     assert final["type"] == "final" and final["stop"] == "accuracy" and final["steps"] == 8
     accs = iter([1.0] * 20)
-    assert train_run(train_data, tmp_path / "b", "--max-iters", "6")["step"] == 6  # 0 by default: never
+    assert train_run(train_data, tmp_path / "d", "--max-iters", "6")["step"] == 6  # --stop-acc 0 by default: never
 
 
 def test_train_ddp_two_processes_match_one(train_data, tmp_path):
@@ -3219,8 +3201,7 @@ def test_train_unknown_no_or_missing_model_is_a_clear_error(train_data, tmp_path
     assert "invalid choice" in msg and "linear_attention" in msg and "mamba2" in msg
     assert "--model" in train_error_of([], capsys)
     monkeypatch.setitem(train.MODELS, "ghost", "Ghost")
-    argv = TRAIN_TINY + ["--model", "ghost", "--data", train_data, "--out-dir", str(tmp_path)]
-    assert "ghost.py is not in" in train_error_of(argv, capsys)
+    assert "ghost.py is not in" in train_error_of(train_argv(train_data, tmp_path, "--model", "ghost"), capsys)
 
 
 def test_train_mqar_batch_is_recall_and_a_function_of_seed_and_i():
