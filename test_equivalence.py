@@ -2750,18 +2750,6 @@ def train_log(out):
         return [json.loads(line) for line in f]
 
 
-def test_train_tiny_run_checkpoints_and_samples(train_data, tmp_path, capsys):
-    ckpt = train_run(train_data, tmp_path / "out", "--max-iters", "3")
-    out = capsys.readouterr().out
-    assert out.startswith("cpu: small config") and "val " in out and "tok/s" in out
-    assert ckpt["step"] == 3 and ckpt["vocab"] == "".join(sorted(set(open(train_data).read())))
-    best = torch.load(tmp_path / "out" / "best.pt", weights_only=True)  # loads without pickled code
-    assert best["val"] == ckpt["best_val"] and best["step"] == ckpt["best_step"]
-    sampled = out.split("sampled from best.pt")[1].split("-" * 40)[0]
-    assert len(sampled.split("\n", 1)[1]) == 1 + 10 + 1, "no sample: the prompt, --sample-len characters, a newline"
-    assert out.strip().splitlines()[-1].startswith("done: stopped on steps at step 3")
-
-
 def ctrl_c_at(monkeypatch, step, sigint):
     """Ctrl-C in training step `step` as its batch is drawn: a SIGINT (train.py's handler lets the step finish), or a
     KeyboardInterrupt (as a second Ctrl-C raises: the step is lost)."""
@@ -2781,18 +2769,26 @@ def ctrl_c_at(monkeypatch, step, sigint):
 
 @pytest.mark.parametrize("task,sigint", [("text", False), ("mqar", True), ("parity", False)])
 def test_train_task_logs_and_resumes_bit_for_bit(task, sigint, train_data, tmp_path, monkeypatch, capsys):
-    """Each task: a run of 4 steps with dropout, and one stopped by Ctrl-C at step 2 (a SIGINT in step 1, or a
-    KeyboardInterrupt in step 2), which exits 130 and, resumed, ends with the same weights, val loss and accuracy."""
+    """Each task: a run of 3 steps with dropout (evaluated at 0, 2 and the last), and one stopped by Ctrl-C at step 2
+    (a SIGINT in step 1, or a KeyboardInterrupt in step 2), which exits 130 and, resumed, ends with the same weights,
+    val loss and accuracy. A text run samples from best.pt: the prompt, --sample-len characters, a newline."""
     flags, data_line = {"text": ([], " val characters"), "mqar": (TRAIN_MQAR, "vocab 16, 3 key-value pairs"),
                         "parity": (["--task", "parity"], "vocab 2, 16 bits per sequence")}[task]
-    flags = flags + ["--max-iters", "4"]
+    flags = flags + ["--max-iters", "3"]
     whole = train_run(train_data, tmp_path / "a", *flags, "--dropout", "0.2")
     out, log = capsys.readouterr().out, train_log(tmp_path / "a")
-    assert data_line in out and f"vocab {len(whole['model']['wte.weight'])}," in out and "| acc " in out
-    assert ("-" * 40 in out) == (task == "text")  # a sample of text only
-    assert [r["step"] for r in log if r["type"] == "eval"] == [0, 2, 4] and log[-1]["type"] == "final"
+    assert out.startswith("cpu: small config") and data_line in out and "| val " in out and "| acc " in out
+    assert f"vocab {len(whole['model']['wte.weight'])}," in out and "tok/s" in out
+    assert out.strip().splitlines()[-1].startswith("done: stopped on steps at step 3")
+    assert [r["step"] for r in log if r["type"] == "eval"] == [0, 2, 3] and log[-1]["type"] == "final"
     assert [log[-1][k] for k in ("task", "stop", "acc")] == [task, "steps", whole["acc"]] and 0 <= whole["acc"] <= 1
-    assert whole["args"]["task"] == task and whole["args"]["dropout"] == 0.2
+    assert whole["step"] == 3 and whole["args"]["task"] == task and whole["args"]["dropout"] == 0.2
+    best = torch.load(tmp_path / "a" / "best.pt", weights_only=True)  # loads without pickled code
+    assert best["val"] == whole["best_val"] and best["step"] == whole["best_step"]
+    assert ("-" * 40 in out) == (task == "text")
+    if task == "text":
+        assert whole["vocab"] == "".join(sorted(set(open(train_data).read())))
+        assert len(out.split("sampled from best.pt")[1].split("-" * 40)[0].split("\n", 1)[1]) == 1 + 10 + 1
     ctrl_c_at(monkeypatch, 1 if sigint else 2, sigint)
     with pytest.raises(SystemExit) as e:
         train_run(train_data, tmp_path / "b", *flags, "--dropout", "0.2")
@@ -2802,9 +2798,9 @@ def test_train_task_logs_and_resumes_bit_for_bit(task, sigint, train_data, tmp_p
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     monkeypatch.undo()
     resumed = train_run(train_data, tmp_path / "b", *flags, "--resume")  # --dropout 0.2 from the checkpoint
-    assert resumed["step"] == 4 and train_same_weights(resumed["model"], whole["model"])
+    assert resumed["step"] == 3 and train_same_weights(resumed["model"], whole["model"])
     assert (resumed["acc"], resumed["best_val"]) == (whole["acc"], whole["best_val"])
-    assert [r["step"] for r in train_log(tmp_path / "b") if r["type"] == "eval"] == [0, 2, 4]  # appended, step 2 once
+    assert [r["step"] for r in train_log(tmp_path / "b") if r["type"] == "eval"] == [0, 2, 3]  # appended, step 2 once
     assert "learning-rate schedule" not in capsys.readouterr().out  # the same schedule: nothing to say
     assert not train_same_weights(train_run(train_data, tmp_path / "c", *flags)["model"], whole["model"])  # dropout
 
@@ -3053,40 +3049,37 @@ def test_train_cached_corpus_is_hash_checked_when_used(tmp_path, monkeypatch):
 
 
 TRAIN_BAD = [  # (flags, what the one-line error must name); TMP: a folder holding empty.txt and short.txt
-    (["--block-size", "0"], "--block-size must be >= 1"), (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--batch-size", "-1"], "--batch-size must be >= 1"), (["--n-layer", "0"], "--n-layer"),
-    (["--d-model", "0"], "--d-model"), (["--eval-iters", "0"], "--eval-iters"),
-    (["--eval-interval", "0"], "--eval-interval"), (["--log-interval", "0"], "--log-interval"),
-    (["--max-iters", "-1"], "--max-iters"), (["--patience", "-1"], "--patience"),
-    (["--lr", "0"], "--lr must be > 0"), (["--lr", "-0.001"], "--lr"), (["--lr", "nan"], "--lr"),
-    (["--dropout", "-0.1"], "--dropout"), (["--dropout", "1"], "--dropout"), (["--max-time", "0"], "--max-time"),
-    (["--stop-acc", "1.5"], "--stop-acc must be in [0, 1]"), (["--stop-acc", "nan"], "--stop-acc"),
-    (["--temperature", "-1"], "--temperature"), (["--prompt", "Z"], "--prompt"),
-    (["--device", "gpu"], "--device gpu"), (["--device", "cuda:99"], "--device cuda:99"),
-    (["--model", "mamba2", "--mixer-args", "d_state=-4"], "sizes must be >= 1, got d_state"),  # Mamba2's own ValueError
-    (["--model", "linear_attention", "--mixer-args", "chunk_size=0"], "chunk_size"),
-    (["--model", "attention", "--mixer-args", "n_head=0"], "n_head"),
-    (["--model", "attention", "--mixer-args", "rope_base=0.0"], "loss is nan"), (["--resume"], "no checkpoint"),
-    (["--task", "mqar", "--num-pairs", "5", "--mqar-vocab", "16"], "4 * num_pairs <= --block-size"),  # 4 * 5 > 16
-    (["--data", "TMP/absent.txt"], "cannot read"), (["--data", "TMP/empty.txt"], "is empty"),
-    (["--data", "TMP/short.txt"], "too short"),  # 50 characters
+    ("--block-size 0", "--block-size must be >= 1"), ("--batch-size 0", "--batch-size must be >= 1"),
+    ("--batch-size -1", "--batch-size must be >= 1"), ("--n-layer 0", "--n-layer"), ("--d-model 0", "--d-model"),
+    ("--eval-iters 0", "--eval-iters"), ("--eval-interval 0", "--eval-interval"), ("--max-iters -1", "--max-iters"),
+    ("--log-interval 0", "--log-interval"), ("--patience -1", "--patience"), ("--lr 0", "--lr must be > 0"),
+    ("--lr -0.001", "--lr"), ("--lr nan", "--lr"), ("--dropout -0.1", "--dropout"), ("--dropout 1", "--dropout"),
+    ("--max-time 0", "--max-time"), ("--stop-acc 1.5", "--stop-acc must be in [0, 1]"),
+    ("--stop-acc nan", "--stop-acc"), ("--temperature -1", "--temperature"), ("--prompt Z", "--prompt"),
+    ("--device gpu", "--device gpu"), ("--device cuda:99", "--device cuda:99"), ("--resume", "no checkpoint"),
+    ("--model linear_attention --mixer-args chunk_size=0", "chunk_size"),
+    ("--model attention --mixer-args n_head=0", "n_head"),
+    ("--model attention --mixer-args rope_base=0.0", "loss is nan"), ("--data TMP/absent.txt", "cannot read"),
+    ("--data TMP/empty.txt", "is empty"), ("--data TMP/short.txt", "too short"),
+    ("--model mamba2 --mixer-args d_state=-4", "sizes must be >= 1, got d_state"),  # Mamba2's own ValueError
+    ("--task mqar --num-pairs 5 --mqar-vocab 16", "4 * num_pairs <= --block-size"),  # 4 * 5 > 16
 ]
 if not CUDA:
-    TRAIN_BAD.append((["--device", "cuda"], "--device cuda"))
+    TRAIN_BAD.append(("--device cuda", "--device cuda"))
 
 
-@pytest.mark.parametrize("flags,message", TRAIN_BAD, ids=[" ".join(f) for f, _ in TRAIN_BAD])
-def test_train_bad_arguments_are_one_line_errors_before_anything_is_written(train_data, tmp_path, capsys, flags,
-                                                                           message):
+@pytest.mark.parametrize("flags,message", TRAIN_BAD, ids=[f for f, _ in TRAIN_BAD])
+def test_train_bad_arguments_are_one_line_errors_before_anything_is_written(flags, message, train_data, tmp_path,
+                                                                           capsys):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("x" * 50)
     with pytest.raises(SystemExit) as e:
-        train.main(train_argv(train_data, tmp_path / "out", *(f.replace("TMP", str(tmp_path)) for f in flags)))
+        train.main(train_argv(train_data, tmp_path / "out", *flags.replace("TMP", str(tmp_path)).split()))
     assert isinstance(e.value.code, str) and message in e.value.code, e.value.code  # a message: exit status 1
     assert "\n" not in e.value.code.strip() and not (tmp_path / "out").exists()
 
 
-def test_train_help_gives_every_flag_a_line_and_its_defaults(capsys):
+def test_train_help_names_each_default_and_a_bad_model_is_a_clear_error(train_data, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--help"])
     assert e.value.code == 0
@@ -3096,6 +3089,11 @@ def test_train_help_gives_every_flag_a_line_and_its_defaults(capsys):
     assert helps.pop("--model").endswith("(required)")
     assert all("(default: " in h for h in helps.values()), [f for f, h in helps.items() if "(default: " not in h]
     assert "GPU 64, CPU 16" in helps["--batch-size"] and "GPU on, CPU off" in helps["--compile"]
+    msg = train_error_of(["--model", "transformer_xl"], capsys)
+    assert "invalid choice" in msg and "linear_attention" in msg and "mamba2" in msg
+    assert "--model" in train_error_of([], capsys)
+    monkeypatch.setitem(train.MODELS, "ghost", "Ghost")
+    assert "ghost.py is not in" in train_error_of(train_argv(train_data, tmp_path, "--model", "ghost"), capsys)
 
 
 def test_train_never_overwrites_an_earlier_run_and_names_a_corrupt_checkpoint(train_data, tmp_path, capsys):
@@ -3149,13 +3147,16 @@ def test_train_stops_on_patience_or_accuracy_and_samples_from_the_best(train_dat
     assert train_run(train_data, tmp_path / "d", "--max-iters", "6")["step"] == 6  # --stop-acc 0 by default: never
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--monitor-interval=0.1",
+            os.path.join(HERE, "train.py")]
+
+
 def test_train_ddp_two_processes_match_one(train_data, tmp_path):
     """torchrun with 2 gloo processes, each half of every batch, against one process with the whole batch."""
     argv = TRAIN_TINY + ["--model", "attention", "--data", train_data, "--max-iters", "4", "--sample-len", "0"]
     train.main(argv + ["--out-dir", str(tmp_path / "one")])
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--monitor-interval=0.1",
-                          os.path.join(HERE, "train.py"), *argv, "--out-dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(TORCHRUN + [*argv, "--out-dir", str(tmp_path / "two")], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "cpu x 2 processes" in run.stdout and "; 2 sequences per process" in run.stdout  # each half of a batch
     assert run.stdout.count("done: stopped") == 1  # rank 0 alone prints
@@ -3170,14 +3171,11 @@ def test_train_ddp_two_processes_match_one(train_data, tmp_path):
 
 
 def test_train_ddp_ctrl_c_saves_at_one_step_and_leaves_the_group(train_data, tmp_path):
-    """A terminal's Ctrl-C under torchrun (SIGINT to its whole process group): both processes stop at the same log line, rank
-    0 saves there, and each leaves through end_process; a bare sys.exit there could abort in gloo's teardown."""
-    argv = TRAIN_TINY + ["--data", train_data, "--max-iters", "2000", "--log-interval", "2", "--sample-len", "0",
-                         "--out-dir", str(tmp_path)]
-    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                            "--monitor-interval=0.1", os.path.join(HERE, "train.py"), *argv], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """Ctrl-C under torchrun (SIGINT to its process group, as from a terminal): both processes stop at the same log
+    line, rank 0 saves there, each leaves through end_process (a bare sys.exit could abort in gloo's teardown)."""
+    argv = train_argv(train_data, tmp_path, "--max-iters", "2000", "--log-interval", "2", "--sample-len", "0")
+    run = subprocess.Popen(TORCHRUN + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         for line in run.stdout:
             if line.startswith("step     6"):
@@ -3194,14 +3192,6 @@ def test_train_ddp_ctrl_c_saves_at_one_step_and_leaves_the_group(train_data, tmp
     assert len(saved) == 1, out[-3000:]  # rank 0 alone prints
     step = int(saved[0].split(" at step ")[1].split(";")[0])
     assert 6 < step < 2000 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == step
-
-
-def test_train_unknown_no_or_missing_model_is_a_clear_error(train_data, tmp_path, monkeypatch, capsys):
-    msg = train_error_of(["--model", "transformer_xl"], capsys)
-    assert "invalid choice" in msg and "linear_attention" in msg and "mamba2" in msg
-    assert "--model" in train_error_of([], capsys)
-    monkeypatch.setitem(train.MODELS, "ghost", "Ghost")
-    assert "ghost.py is not in" in train_error_of(train_argv(train_data, tmp_path, "--model", "ghost"), capsys)
 
 
 def test_train_mqar_batch_is_recall_and_a_function_of_seed_and_i():
