@@ -2859,9 +2859,9 @@ def test_train_compiled_steps_match_eager_cuda(name, train_data, tmp_path):
     """10 training steps of train.py compiled (train.COMPILE_MODE, CUDA graphs) against eager, bf16
     autocast, no dropout: the validation losses at steps 0, 5 and 10 agree to 2e-2 relative (the
     bf16 kernels round differently; 10 AdamW steps do not amplify that much, a wrong kernel does)."""
-    args = ["--model", name, "--device", "cuda", "--n-layer", "2", "--d-model", "64", "--block-size", "64",
-            "--batch-size", "8", "--max-iters", "10", "--eval-interval", "5", "--eval-iters", "2", "--log-interval", "5",
-            "--sample-len", "0", "--dropout", "0", "--patience", "0", "--data", train_data]
+    args = ["--model", name, "--data", train_data] + ("--device cuda --n-layer 2 --d-model 64 --block-size 64 "
+            "--batch-size 8 --max-iters 10 --eval-interval 5 --eval-iters 2 --log-interval 5 --sample-len 0 "
+            "--dropout 0 --patience 0").split()
     for flag, out in (("--no-compile", "eager"), ("--compile", "compiled")):
         train.main(args + [flag, "--out-dir", str(tmp_path / out)])
     eager, compiled = ([r["val_loss"] for r in train_log(tmp_path / out) if r["type"] == "eval"]
@@ -3119,7 +3119,13 @@ def test_train_never_overwrites_an_earlier_run_and_names_a_corrupt_checkpoint(tr
     assert os.listdir(out) == ["log.jsonl"] and (out / "log.jsonl").read_bytes() == log
 
 
-def test_train_stops_on_patience_or_accuracy_and_samples_from_the_best(train_data, tmp_path, monkeypatch, capsys):
+def test_train_stops_on_time_patience_or_accuracy_and_samples_from_the_best(train_data, tmp_path, monkeypatch, capsys):
+    ckpt = train_run(train_data, tmp_path / "t", *TRAIN_MQAR, "--max-iters", "100000", "--max-time", "0.5",
+                     "--eval-interval", "100000", "--log-interval", "100000")
+    assert "stopped on time" in capsys.readouterr().out and train_log(tmp_path / "t")[-1]["stop"] == "time"
+    assert 0 < ckpt["step"] < 100000 and ckpt["train_time"] >= 0.5
+    assert train.get_lr(500, 1.0, 10, 1000, time_frac=1.0) == pytest.approx(0.1)  # the clock ends the schedule
+    assert train.get_lr(500, 1.0, 10, 1000, time_frac=0.0) > 0.5
     vals = iter([3.0, 2.0, 2.5, 1.0, 1.5, 1.6, 1.7, 0.5, 0.6])  # evaluations at steps 0, 2, 4, ...
     monkeypatch.setattr(train, "evaluate", lambda *args: (next(vals), 0.5))
     sampled_with = []
@@ -3198,8 +3204,7 @@ def test_train_mqar_batch_is_recall_and_a_function_of_seed_and_i():
     P, V, B = 6, 40, 8
     x, y = train.get_mqar_batch(3, 7, 32, B, P, V, "cpu")
     assert torch.equal(x, train.get_mqar_batch(3, 7, 32, B, P, V, "cpu")[0])
-    assert not torch.equal(x, train.get_mqar_batch(4, 7, 32, B, P, V, "cpu")[0])
-    assert not torch.equal(x, train.get_mqar_batch(3, 8, 32, B, P, V, "cpu")[0])
+    assert not any(torch.equal(x, train.get_mqar_batch(i, seed, 32, B, P, V, "cpu")[0]) for i, seed in ((4, 7), (3, 8)))
     for xb, yb in zip(x.tolist(), y.tolist()):
         keys, values = xb[0:2 * P:2], xb[1:2 * P:2]
         assert len(set(keys)) == P and all(k < V // 2 <= v < V for k, v in zip(keys, values))
@@ -3231,9 +3236,11 @@ def test_train_parity_batch_is_the_running_xor_of_bits_held_out_and_scored_at_ev
     assert train.evaluate(WrongAtTheLastPosition(), val_batch, 2, no_autocast)[1] == 15 / 16  # every position
 
 
-def test_train_start_and_final_records_have_the_study_fields_and_the_state_size(train_data, tmp_path, capsys):
+def test_train_records_hold_the_run_and_its_state_size_and_mixer_args_reach_the_mixer(train_data, tmp_path, capsys):
     """deltanet at d_model 32: 4 heads of an 8 x 8 matrix and its short conv's last 3 inputs of q, k, v (3 x 96);
-    conv-free, the matrix alone; attention's K and V grow with the tokens read."""
+    conv-free (--mixer-args conv_size=1), the matrix alone; attention's K and V grow with the tokens read."""
+    parsed = train.parse_mixer_args("d_state=8, jacobian=diag,A_init_range=(1, 16)")
+    assert parsed == {"d_state": 8, "jacobian": "diag", "A_init_range": (1, 16)}
     flags = [*TRAIN_MQAR, "--model", "deltanet", "--n-layer", "2", "--max-iters", "1", "--lr", "0.003"]
     train_run(train_data, tmp_path / "a", *flags, "--seed", "5")
     start, *_, final = train_log(tmp_path / "a")
@@ -3242,8 +3249,13 @@ def test_train_start_and_final_records_have_the_study_fields_and_the_state_size(
     assert start["type"] == "start" and start["step"] == 0
     assert all(final[k] == v for k, v in start.items() if k not in ("type", "step"))
     assert [final[k] for k in ("lr", "block_size", "batch_size", "num_pairs", "seed")] == [0.003, 16, 4, 3, 5]
-    train_run(train_data, tmp_path / "b", *flags, "--mixer-args", "conv_size=1")
-    assert train_log(tmp_path / "b")[-1]["state_size"] == 4 * 8 * 8
+    ckpt = train_run(train_data, tmp_path / "b", *flags, "--mixer-args", "conv_size=1")
+    assert train_log(tmp_path / "b")[-1]["state_size"] == 4 * 8 * 8 and ckpt["args"]["mixer_args"] == "conv_size=1"
+    assert ckpt["model"]["blocks.0.mixer.conv.weight"].shape[-1] == 1
+    msg = train_error_of(train_argv(train_data, tmp_path / "c", *flags, "--mixer-args", "conv_sise=1"), capsys)
+    assert "conv_sise" in msg and "DeltaNet takes" in msg
+    msg = train_error_of(train_argv(train_data, tmp_path / "c", *flags, "--mixer-args", "conv_size"), capsys)
+    assert "expected k=v" in msg
     attn = train.LM(train.load_mixer("attention"), 16, 2, 32)
     assert train.state_size(attn, 16) == 2 * 16 * 32 and train.state_size(attn.eval(), 40) == 2 * 40 * 32
     assert not attn.training and train.state_size(attn.train(), 8) and attn.training  # its mode restored
@@ -3261,26 +3273,6 @@ def test_train_width_matching(train_data, tmp_path, capsys):
     assert "d_model=matched" in capsys.readouterr().out
     ckpt = train_run(train_data, tmp_path / "b", *TRAIN_MQAR, "--model", "rnn", "--max-iters", "0", "--d-model", "48")
     assert ckpt["args"]["d_model"] == 48
-
-
-def test_train_mixer_args_reach_the_constructor(train_data, tmp_path, capsys):
-    parsed = train.parse_mixer_args("d_state=8, jacobian=diag,A_init_range=(1, 16)")
-    assert parsed == {"d_state": 8, "jacobian": "diag", "A_init_range": (1, 16)}
-    flags = [*TRAIN_MQAR, "--model", "mamba", "--max-iters", "0", "--mixer-args"]
-    ckpt = train_run(train_data, tmp_path / "a", *flags, "d_state=8")
-    assert ckpt["model"]["blocks.0.mixer.A_log"].shape == (2 * 32, 8) and ckpt["args"]["mixer_args"] == "d_state=8"
-    msg = train_error_of(train_argv(train_data, tmp_path / "b", *flags, "d_sate=8"), capsys)
-    assert "d_sate" in msg and "Mamba takes" in msg
-    assert "expected k=v" in train_error_of(train_argv(train_data, tmp_path / "b", *flags, "d_state"), capsys)
-
-
-def test_train_max_time_stops_on_time_and_anneals(train_data, tmp_path, capsys):
-    ckpt = train_run(train_data, tmp_path, *TRAIN_MQAR, "--max-iters", "100000", "--max-time", "0.5",
-                     "--eval-interval", "100000", "--log-interval", "100000")
-    assert "stopped on time" in capsys.readouterr().out and train_log(tmp_path)[-1]["stop"] == "time"
-    assert 0 < ckpt["step"] < 100000 and ckpt["train_time"] >= 0.5
-    assert train.get_lr(500, 1.0, 10, 1000, time_frac=1.0) == pytest.approx(0.1)  # the clock ends the schedule
-    assert train.get_lr(500, 1.0, 10, 1000, time_frac=0.0) > 0.5
 
 
 def test_train_warmup_then_cosine_as_the_optimizer_sees_it(train_data, tmp_path, monkeypatch):
@@ -3323,14 +3315,14 @@ def test_train_weight_decay_on_the_matrices_not_marked(name, mixer):
 
 @pytest.mark.skipif(not shutil.which("git"), reason="needs git")
 def test_train_commit_of_names_uncommitted_code(tmp_path):
-    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)  # noqa
+    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,  # noqa
+                                       text=True).stdout.strip()
     assert train.commit_of(tmp_path) == ""  # no repository
     git("init", "-q")
     (tmp_path / "m.py").write_text("x = 1\n")
     git("add", "m.py")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "m")
-    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
     assert len(head) >= 7 and train.commit_of(tmp_path) == head
     (tmp_path / "untracked.txt").write_text("data")  # not the code: still clean
     assert train.commit_of(tmp_path) == head
@@ -3364,12 +3356,20 @@ def figures(monkeypatch):
     return saved
 
 
+def write_log(folder, records):
+    folder.mkdir()
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def table_rows(out):
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+
+
 def test_bench_report_tabulates_the_runs(train_data, tmp_path, capsys, figures):
     runs = tmp_path / "runs"
     for name, flags in (("text", []), ("recall", TRAIN_MQAR), ("parity", ["--task", "parity"])):
         train_run(train_data, runs / name, *flags, "--max-iters", "2")
-    (runs / "unfinished").mkdir()
-    (runs / "unfinished" / "log.jsonl").write_text(json.dumps(dict(type="eval", step=0)) + "\n")
+    write_log(runs / "unfinished", [dict(type="eval", step=0)])
     capsys.readouterr()
     bench.main(["--report", str(runs)])
     out = capsys.readouterr().out
@@ -3390,26 +3390,7 @@ def test_bench_report_tabulates_the_runs(train_data, tmp_path, capsys, figures):
     assert evals[0]["tokens"] == 0 and evals[-1]["tokens"] == 2 * 4 * 16 and by_tokens.get_xscale() == "log"
 
 
-def test_bench_report_takes_a_cut_runs_best_evaluation_not_its_last(tmp_path, capsys):
-    """Text runs cut before their final line (killed, or still running): the report's best val loss and the seeds
-    table's step of it are each run's best evaluation's (1.5 at step 100, 1.7 at 200), not its last."""
-    config = dict(model="attention", task="text", params=123456, d_model=64, n_layer=2, mixer_args={}, lr=1e-3,
-                  block_size=32, batch_size=8, num_pairs=None, state_size=4096)
-    for name, seed, vals in (("cut", 1337, [3.0, 1.5, 2.0]), ("cut_s2", 1338, [3.0, 1.8, 1.7, 1.75])):
-        evals = [dict(type="eval", step=100 * i, tokens=25600 * i, train_time=1.0 * i, train_loss=v, val_loss=v,
-                      acc=0.4, tok_s=None) for i, v in enumerate(vals)]
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "log.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in [dict(type="start", step=0, seed=seed, **config)] + evals))
-    bench.main(["--report", str(tmp_path)])
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ")]
-    assert [row[6] for row in rows[1:3]] == ["1.5000", "1.7000"]  # best val loss
-    assert [row[8] for row in rows[1:3]] == ["cut at 200", "cut at 300"]  # stopped on
-    assert rows[4] == ["attention", "cut, cut_s2", "1.6000", "1.5000", "1.7000", "100, 200"], rows
-
-
-def test_bench_report_spreads_the_seeds_of_each_text_configuration(capsys):
+def test_bench_report_spreads_the_seeds_of_each_text_configuration_and_takes_a_cut_runs_best(tmp_path, capsys):
     def run(name, best_val, best_step, model="attention", lr=1e-3):
         return name, dict(model=model, d_model=64, n_layer=2, lr=lr, block_size=32, batch_size=8, best_val=best_val,
                           best_step=best_step)
@@ -3417,21 +3398,33 @@ def test_bench_report_spreads_the_seeds_of_each_text_configuration(capsys):
         run("attn", 1.44, 2750), run("rnn_s2", 1.47, 2000, "rnn"), run("attn_s2", 1.43, 2250),
         run("attn_lr3e-3", 1.30, 500, lr=3e-3),  # another configuration, one run: no row
         run("rnn", 1.46, 1750, "rnn"), run("attn_s3", 1.45, 2250), run("mamba", 1.51, 750, "mamba")])
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ")]
-    assert rows[1:] == [["attention", "attn, attn_s2, attn_s3", "1.4400", "1.4300", "1.4500", "2750, 2250, 2250"],
-                        ["rnn", "rnn_s2, rnn", "1.4650", "1.4600", "1.4700", "2000, 1750"]]
+    assert table_rows(capsys.readouterr().out)[1:] == [
+        ["attention", "attn, attn_s2, attn_s3", "1.4400", "1.4300", "1.4500", "2750, 2250, 2250"],
+        ["rnn", "rnn_s2, rnn", "1.4650", "1.4600", "1.4700", "2000, 1750"]]
+    # text runs cut before their final line (killed, or still running): the report's best val loss and the seeds
+    # table's step of it are each run's best evaluation's (1.5 at step 100, 1.7 at 200), not its last
+    config = dict(model="attention", task="text", params=123456, d_model=64, n_layer=2, mixer_args={}, lr=1e-3,
+                  block_size=32, batch_size=8, num_pairs=None, state_size=4096)
+    for name, seed, vals in (("cut", 1337, [3.0, 1.5, 2.0]), ("cut_s2", 1338, [3.0, 1.8, 1.7, 1.75])):
+        write_log(tmp_path / name, [dict(type="start", step=0, seed=seed, **config)] + [
+            dict(type="eval", step=100 * i, tokens=25600 * i, train_time=1.0 * i, train_loss=v, val_loss=v, acc=0.4,
+                 tok_s=None) for i, v in enumerate(vals)])
+    bench.main(["--report", str(tmp_path)])
+    rows = table_rows(capsys.readouterr().out)
+    assert [row[6] for row in rows[1:3]] == ["1.5000", "1.7000"]  # best val loss
+    assert [row[8] for row in rows[1:3]] == ["cut at 200", "cut at 300"]  # stopped on
+    assert rows[4] == ["attention", "cut, cut_s2", "1.6000", "1.5000", "1.7000", "100, 200"], rows
 
 
 def test_bench_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, capsys, figures):
-    def run(name, accs, lr, state=1600, model="deltanet", mixer_args=None, new=True):  # accs: evals every 100 steps
-        (tmp_path / name).mkdir()
-        final = dict(type="final", model=model, task="mqar", params=123456, d_model=64, n_layer=2,
-                     mixer_args=mixer_args or {}, tok_s=1e5, best_val=0.1, acc=accs[-1], stop="steps")
-        if new:
-            final.update(lr=lr, block_size=64, batch_size=16, num_pairs=4, state_size=state)
-        lines = [dict(type="eval", step=100 * i, acc=a, val_loss=1 - a, train_time=i) for i, a in enumerate(accs)]
-        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines + [final]))
+    def run(name, accs, lr, state=1600, model="deltanet", mixer_args=None, cut=False):  # accs: evals every 100 steps
+        config = dict(model=model, task="mqar", params=123456, d_model=64, n_layer=2, mixer_args=mixer_args or {})
+        if lr:
+            config.update(lr=lr, block_size=64, batch_size=16, num_pairs=4, state_size=state)
+        evals = [dict(type="eval", step=100 * i, tokens=102400 * i, acc=a, val_loss=1 - a, train_time=i)
+                 for i, a in enumerate(accs)]
+        final = dict(type="final", **config, tok_s=1e5, best_val=0.1, acc=accs[-1], stop="steps")
+        write_log(tmp_path / name, [dict(type="start", step=0, **config)] + evals if cut else evals + [final])
 
     run("dn_1e-3", [0.2, 0.995, 0.9], 1e-3)  # at 0.99 once, but its final accuracy is the lower
     run("dn_3e-3", [0.1, 0.98, 0.992, 0.999], 3e-3)
@@ -3440,29 +3433,20 @@ def test_bench_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, cap
     run("free_1e-3", [0.5, 0.9, 0.9, 0.995, 1.0], 1e-3, 1024, mixer_args={"conv_size": 1})
     run("free_3e-3", [0.5, 0.995, 1.0, 1.0, 1.0], 3e-3, 1024, mixer_args={"conv_size": 1})  # as good, sooner
     run("attn", [0.3, 1.0], 1e-3, 2 * 64 * 64, "attention")
-    run("old", [0.0, 0.05], None, model="rnn", new=False)  # an older train.py: no lr, state_size, ...
+    run("old", [0.0, 0.05], None, model="rnn")  # an older train.py: no lr, state_size, ...
     run("plateau", [0.0, 0.3, 0.5, 0.495, 0.51, 0.5], 1e-3, 64, "lstm")  # flat from step 200
-    (tmp_path / "cut").mkdir()  # killed at step 200: its start line and evaluations, no final line
-    start = dict(type="start", step=0, model="lstm", task="mqar", params=123456, d_model=64, n_layer=2, mixer_args={},
-                 lr=3e-3, block_size=64, batch_size=16, num_pairs=4, state_size=64)
-    lines = [start] + [dict(type="eval", step=100 * i, tokens=102400 * i, acc=a, val_loss=1 - a, train_time=i)
-                       for i, a in enumerate([0.0, 0.4, 0.6])]
-    (tmp_path / "cut" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    run("cut", [0.0, 0.4, 0.6], 3e-3, 64, "lstm", cut=True)  # killed at step 200: a start line, evaluations, no final
     bench.main(["--report", str(tmp_path)])
     out = capsys.readouterr().out
-    table = out.split("| model | mixer args |")[1]
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| ")]
     # model, mixer args, d_model, layers, block, pairs, state, params, accuracy, lr, steps to 0.99, flat from,
     # stopped on, runs; the lstm's cut run is its best (0.6 at its last evaluation, against 0.5)
-    assert rows == [["attention", "-", "64", "2", "64", "4", "8,192", "0.12M", "1.000", "0.001", "100", "100",
-                     "steps", "1"],
-                    ["deltanet", "conv_size=1", "64", "2", "64", "4", "1,024", "0.12M", "1.000", "0.003", "100", "100",
-                     "steps", "2"],
-                    ["deltanet", "-", "64", "2", "64", "4", "1,600", "0.12M", "0.991", "0.0003", "100", "100", "steps",
-                     "4"],
-                    ["lstm", "-", "64", "2", "64", "4", "64", "0.12M", "0.600", "0.003", "-", "200", "cut at 200",
-                     "2"],
-                    ["rnn", "-", "64", "2", "-", "-", "-", "0.12M", "0.050", "-", "-", "100", "steps", "1"]]
+    assert table_rows(out.split("| model | mixer args |")[1]) == [
+        ["attention", "-", "64", "2", "64", "4", "8,192", "0.12M", "1.000", "0.001", "100", "100", "steps", "1"],
+        ["deltanet", "conv_size=1", "64", "2", "64", "4", "1,024", "0.12M", "1.000", "0.003", "100", "100", "steps",
+         "2"],
+        ["deltanet", "-", "64", "2", "64", "4", "1,600", "0.12M", "0.991", "0.0003", "100", "100", "steps", "4"],
+        ["lstm", "-", "64", "2", "64", "4", "64", "0.12M", "0.600", "0.003", "-", "200", "cut at 200", "2"],
+        ["rnn", "-", "64", "2", "-", "-", "-", "0.12M", "0.050", "-", "-", "100", "steps", "1"]]
     if figures is None:  # no figure, and the report says why (CI installs matplotlib: the figures are checked there)
         assert "matplotlib is not installed" in out
         return
