@@ -2810,26 +2810,6 @@ def test_train_task_logs_and_resumes_bit_for_bit(task, sigint, train_data, tmp_p
     assert not train_same_weights(train_run(train_data, tmp_path / "c", *flags)["model"], whole["model"])  # dropout
 
 
-def test_train_resume_with_more_steps_keeps_the_best_of_both_legs(train_data, tmp_path, monkeypatch, capsys):
-    """A resumed run knows its first leg's best: when the second leg never beats it, the final record, the checkpoint,
-    the done line and the sample name step 2 and its val loss, and best.pt is left as the first leg wrote it. It says
-    once that the learning-rate schedule changed with --max-iters."""
-    vals = iter([3.0, 1.0, 2.0, 1.5, 1.2])  # evaluations at steps 0, 2, 4, then, resumed, 6 and 8
-    monkeypatch.setattr(train, "evaluate", lambda *args: (next(vals), 0.5))
-    train_run(train_data, tmp_path, "--max-iters", "4", "--warmup", "2")
-    best = (tmp_path / "best.pt").read_bytes()
-    capsys.readouterr()
-    ckpt = train_run(train_data, tmp_path, "--max-iters", "8", "--resume")
-    assert ckpt["step"] == 8 and next(vals, None) is None  # step 4 is not evaluated again
-    final = train_log(tmp_path)[-1]
-    assert (final["type"], final["steps"], final["best_val"], final["best_step"]) == ("final", 8, 1.0, 2), final
-    assert (ckpt["best_val"], ckpt["best_step"]) == (1.0, 2) and (tmp_path / "best.pt").read_bytes() == best
-    out = capsys.readouterr().out
-    assert "sampled from best.pt (step 2)" in out and "best val 1.0000 at step 2," in out.strip().splitlines()[-1]
-    lines = [ln for ln in out.splitlines() if "learning-rate schedule" in ln]
-    assert len(lines) == 1 and "--max-iters 8 (was 4)" in lines[0] and "step 4 gets lr 0.000" in lines[0], lines
-
-
 def test_train_defaults_follow_the_device_and_the_task(tmp_path):
     """--compile is on by default on CUDA only; mqar and parity draw fresh sequences each step, nothing to overfit: no
     dropout, no patience (where text has both, on a GPU)."""
@@ -3123,13 +3103,16 @@ def test_train_never_overwrites_an_earlier_run_and_names_a_corrupt_checkpoint(tr
 
 
 def test_train_stops_on_time_patience_or_accuracy_and_samples_from_the_best(train_data, tmp_path, monkeypatch, capsys):
+    """A run stops on --max-time, --patience or --stop-acc and samples from best.pt. Resumed, it knows its earlier
+    legs' best: when a leg never beats it, the final record, the checkpoint, the done line and the sample name that
+    step and val loss, and best.pt is left as it was; it says once that the learning-rate schedule changed."""
     ckpt = train_run(train_data, tmp_path / "t", *TRAIN_MQAR, "--max-iters", "100000", "--max-time", "0.5",
                      "--eval-interval", "100000", "--log-interval", "100000")
     assert "stopped on time" in capsys.readouterr().out and train_log(tmp_path / "t")[-1]["stop"] == "time"
     assert 0 < ckpt["step"] < 100000 and ckpt["train_time"] >= 0.5
     assert train.get_lr(500, 1.0, 10, 1000, time_frac=1.0) == pytest.approx(0.1)  # the clock ends the schedule
     assert train.get_lr(500, 1.0, 10, 1000, time_frac=0.0) > 0.5
-    vals = iter([3.0, 2.0, 2.5, 1.0, 1.5, 1.6, 1.7, 0.5, 0.6])  # evaluations at steps 0, 2, 4, ...
+    vals = iter([3.0, 2.0, 2.5, 1.0, 1.5, 1.6, 0.5, 1.7, 0.6, 0.7])  # evaluations at steps 0, 2, 4, ...
     monkeypatch.setattr(train, "evaluate", lambda *args: (next(vals), 0.5))
     sampled_with = []
     monkeypatch.setattr(train, "sample", lambda model, *a, **k: sampled_with.append(model.state_dict()) or "x")
@@ -3140,7 +3123,17 @@ def test_train_stops_on_time_patience_or_accuracy_and_samples_from_the_best(trai
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("done: stopped on patience at step 10") and "best val 1.0000 at step 6" in last
     ckpt = train_run(train_data, tmp_path / "a", "--max-iters", "14", "--resume", "--patience", "0")  # past the stop
-    assert ckpt["step"] == 14 and ckpt["best_step"] == 14 and ckpt["best_val"] == 0.5  # 1.7 at 12, 0.5 at 14
+    assert ckpt["step"] == 14 and ckpt["best_step"] == 12 and ckpt["best_val"] == 0.5  # 0.5 at 12, 1.7 at 14
+    best, _ = (tmp_path / "a" / "best.pt").read_bytes(), capsys.readouterr()
+    ckpt = train_run(train_data, tmp_path / "a", "--max-iters", "18", "--resume")  # 0.6 at 16, 0.7 at 18: no better
+    assert ckpt["step"] == 18 and next(vals, None) is None  # step 14 is not evaluated again
+    final = train_log(tmp_path / "a")[-1]
+    assert (final["type"], final["steps"], final["best_val"], final["best_step"]) == ("final", 18, 0.5, 12), final
+    assert (ckpt["best_val"], ckpt["best_step"]) == (0.5, 12) and (tmp_path / "a" / "best.pt").read_bytes() == best
+    out = capsys.readouterr().out
+    assert "sampled from best.pt (step 12)" in out and "best val 0.5000 at step 12," in out.strip().splitlines()[-1]
+    lines = [ln for ln in out.splitlines() if "learning-rate schedule" in ln]
+    assert len(lines) == 1 and "--max-iters 18 (was 14)" in lines[0] and "step 14 gets lr 0.000" in lines[0], lines
     vals = iter([3.0, 2.0, 2.5, 2.4])
     default = TRAIN_TINY[:TRAIN_TINY.index("--patience")] + ["--data", train_data, "--max-iters", "30"]
     train.main(default + ["--out-dir", str(tmp_path / "b")])  # text: --patience 1 by default
