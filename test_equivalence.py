@@ -3006,9 +3006,8 @@ def test_train_step_graph_keeps_its_buffers_alive(monkeypatch):
     model, seen = generation_lm("mamba").eval(), []  # two state tensors a layer
     step, linears = model.step, [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     weights = [m.weight for m in linears]
-    monkeypatch.setattr(model, "step", lambda token, states: seen.append(
-        [weakref.ref(t) for t in [token, *train.state_tensors(states)] + [m.weight for m in linears]]
-    ) or step(token, states))
+    monkeypatch.setattr(model, "step", lambda token, states: seen.append([weakref.ref(t) for t in [
+        token, *train.state_tensors(states), *(m.weight for m in linears)]]) or step(token, states))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits, states = model(torch.randint(28, (1, 5)))
         run = train.step_graph(model, logits[:, -1].argmax(-1), states)
@@ -3339,11 +3338,8 @@ def figures(monkeypatch):
     except ImportError:
         return None
     saved, savefig = {}, Figure.savefig
-
-    def spy(fig, path, **kw):
-        saved[os.path.basename(path)] = fig
-        return savefig(fig, path, **kw)
-    monkeypatch.setattr(Figure, "savefig", spy)
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: saved.update({os.path.basename(path): fig})
+                        or savefig(fig, path, **kw))
     return saved
 
 
