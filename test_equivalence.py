@@ -2844,9 +2844,9 @@ def test_train_compiled_steps_match_eager_cuda(name, train_data, tmp_path):
     """10 training steps of train.py compiled (train.COMPILE_MODE, CUDA graphs) against eager, bf16
     autocast, no dropout: the validation losses at steps 0, 5 and 10 agree to 2e-2 relative (the
     bf16 kernels round differently; 10 AdamW steps do not amplify that much, a wrong kernel does)."""
-    args = ["--model", name, "--data", train_data] + ("--device cuda --n-layer 2 --d-model 64 --block-size 64 "
-            "--batch-size 8 --max-iters 10 --eval-interval 5 --eval-iters 2 --log-interval 5 --sample-len 0 "
-            "--dropout 0 --patience 0").split()
+    args = ["--model", name, "--data", train_data] + (
+        "--device cuda --n-layer 2 --d-model 64 --block-size 64 --batch-size 8 --max-iters 10 --eval-interval 5 "
+        "--eval-iters 2 --log-interval 5 --sample-len 0 --dropout 0 --patience 0").split()
     for flag, out in (("--no-compile", "eager"), ("--compile", "compiled")):
         train.main(args + [flag, "--out-dir", str(tmp_path / out)])
     eager, compiled = ([r["val_loss"] for r in train_log(tmp_path / out) if r["type"] == "eval"]
@@ -3054,7 +3054,7 @@ if not CUDA:
 
 @pytest.mark.parametrize("flags,message", TRAIN_BAD, ids=[f for f, _ in TRAIN_BAD])
 def test_train_bad_arguments_are_one_line_errors_before_anything_is_written(flags, message, train_data, tmp_path,
-                                                                           capsys):
+                                                                            capsys):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("x" * 50)
     with pytest.raises(SystemExit) as e:
