@@ -2745,8 +2745,9 @@ def test_mlstm_init_as_xlstm():
 
 # ========== train.py ============================================================================
 
-TRAIN_TINY = ["--model", "linear_attention", "--device", "cpu", "--n-layer", "1", "--d-model", "32", "--block-size", "16",
-              "--batch-size", "4", "--eval-iters", "1", "--eval-interval", "2", "--sample-len", "10", "--patience", "0"]
+TRAIN_TINY = ("--model linear_attention --device cpu --n-layer 1 --d-model 32 --block-size 16 --batch-size 4 "
+              "--eval-iters 1 --eval-interval 2 --sample-len 10 --patience 0").split()
+TRAIN_MQAR = "--task mqar --num-pairs 3 --mqar-vocab 16".split()
 
 
 def train_corpus(n=20000):
@@ -2762,8 +2763,13 @@ def train_data(tmp_path):
     return str(path)
 
 
+def train_argv(data, out, *extra):
+    return TRAIN_TINY + ["--data", data, "--out-dir", str(out), *extra]
+
+
 def train_run(data, out, *extra):
-    train.main(TRAIN_TINY + ["--data", data, "--out-dir", str(out), *extra])
+    """train.py's tiny config on the text at data (which --task mqar or parity never reads) into out -> its ckpt.pt."""
+    train.main(train_argv(data, out, *extra))
     return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
 
 
@@ -2783,96 +2789,91 @@ def train_log(out):
         return [json.loads(line) for line in f]
 
 
-def test_train_tiny_run_checkpoints_and_samples(train_data, tmp_path, capsys):
-    ckpt = train_run(train_data, tmp_path / "out", "--max-iters", "3")
-    out = capsys.readouterr().out
-    assert out.startswith("cpu: small config") and "val " in out and "tok/s" in out
-    assert ckpt["step"] == 3 and ckpt["vocab"] == "".join(sorted(set(open(train_data).read())))
-    best = torch.load(tmp_path / "out" / "best.pt", weights_only=True)  # loads without pickled code
-    assert best["val"] == ckpt["best_val"] and best["step"] == ckpt["best_step"]
-    sampled = out.split("sampled from best.pt")[1].split("-" * 40)[0]
-    assert len(sampled.split("\n", 1)[1]) == 1 + 10 + 1, "no sample: the prompt, --sample-len characters, a newline"
-    assert out.strip().splitlines()[-1].startswith("done: stopped on steps at step 3")
+def write_log(folder, records):
+    folder.mkdir()
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def test_train_resume_is_bit_for_bit(train_data, tmp_path, monkeypatch, capsys):
-    whole = train_run(train_data, tmp_path / "a", "--max-iters", "4", "--dropout", "0.2")
-    get_batch = train.get_batch
+def ctrl_c_at(monkeypatch, step, sigint):
+    """Ctrl-C in training step `step` as its batch is drawn: a SIGINT (train.py's handler lets the step finish), or a
+    KeyboardInterrupt (as a second Ctrl-C raises: the step is lost)."""
+    get_batches = train.get_batches
 
-    def interrupt_at_2(data, i, *args):  # Ctrl-C as a KeyboardInterrupt in the middle of step 2
-        if i == 2 and len(data) > 1000:
-            raise KeyboardInterrupt
-        return get_batch(data, i, *args)
-
-    monkeypatch.setattr(train, "get_batch", interrupt_at_2)
-    with pytest.raises(SystemExit) as e:
-        train_run(train_data, tmp_path / "b", "--max-iters", "4", "--dropout", "0.2")
-    assert e.value.code == 130 and "interrupted: saved" in capsys.readouterr().out
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 2
-    monkeypatch.setattr(train, "get_batch", get_batch)
-    resumed = train_run(train_data, tmp_path / "b", "--max-iters", "4", "--resume")  # dropout 0.2 from the checkpoint
-    assert resumed["step"] == 4 and train_same_weights(resumed["model"], whole["model"])
-    assert resumed["best_val"] == whole["best_val"]
-    assert "learning-rate schedule" not in capsys.readouterr().out  # the same schedule: nothing to say
-
-
-def test_train_sigint_finishes_the_step_saves_and_exits_130(train_data, tmp_path, monkeypatch, capsys):
-    get_batch = train.get_batch
-
-    def sigint_at_1(data, i, *args):
-        if i == 1 and len(data) > 1000:
+    def ctrl_c(i):
+        if i == step and sigint:
             os.kill(os.getpid(), signal.SIGINT)
-        return get_batch(data, i, *args)
+        elif i == step:
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "get_batch", sigint_at_1)
+    def patched(*args):
+        *rest, train_batch, val_batch = get_batches(*args)
+        return *rest, lambda i: ctrl_c(i) or train_batch(i), val_batch
+    monkeypatch.setattr(train, "get_batches", patched)
+
+
+@pytest.mark.parametrize("task,sigint", [("text", False), ("mqar", True), ("parity", False)])
+def test_train_task_logs_and_resumes_bit_for_bit(task, sigint, train_data, tmp_path, monkeypatch, capsys):
+    """Each task: a run of 3 steps with dropout (evaluated at 0, 2 and the last), and one stopped by Ctrl-C at step 2
+    (a SIGINT in step 1, or a KeyboardInterrupt in step 2), which exits 130 and, resumed, ends with the same weights,
+    val loss and accuracy. A text run samples from best.pt: the prompt, --sample-len characters, a newline."""
+    flags, data_line = {"text": ([], " val characters"), "mqar": (TRAIN_MQAR, "vocab 16, 3 key-value pairs"),
+                        "parity": (["--task", "parity"], "vocab 2, 16 bits per sequence")}[task]
+    flags = flags + ["--max-iters", "3"]
+    whole = train_run(train_data, tmp_path / "a", *flags, "--dropout", "0.2")
+    out, log = capsys.readouterr().out, train_log(tmp_path / "a")
+    assert out.startswith("cpu: small config") and data_line in out and "| val " in out and "| acc " in out
+    assert f"vocab {len(whole['model']['wte.weight'])}," in out and "tok/s" in out
+    assert out.strip().splitlines()[-1].startswith("done: stopped on steps at step 3")
+    assert [r["step"] for r in log if r["type"] == "eval"] == [0, 2, 3] and log[-1]["type"] == "final"
+    assert [log[-1][k] for k in ("task", "stop", "acc")] == [task, "steps", whole["acc"]] and 0 <= whole["acc"] <= 1
+    assert whole["step"] == 3 and whole["args"]["task"] == task and whole["args"]["dropout"] == 0.2
+    best = torch.load(tmp_path / "a" / "best.pt", weights_only=True)  # loads without pickled code
+    assert best["val"] == whole["best_val"] and best["step"] == whole["best_step"]
+    assert ("-" * 40 in out) == (task == "text")
+    if task == "text":
+        assert whole["vocab"] == "".join(sorted(set(open(train_data).read())))
+        assert len(out.split("sampled from best.pt")[1].split("-" * 40)[0].split("\n", 1)[1]) == 1 + 10 + 1
+    ctrl_c_at(monkeypatch, 1 if sigint else 2, sigint)
     with pytest.raises(SystemExit) as e:
-        train_run(train_data, tmp_path / "c", "--max-iters", "5")
-    assert e.value.code == 130 and "Ctrl-C" in capsys.readouterr().out
-    assert torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["step"] == 2  # step 1 completed, then saved
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
-
-
-def test_train_resume_with_more_steps_keeps_the_best_of_both_legs(train_data, tmp_path, monkeypatch, capsys):
-    """A resumed run knows its first leg's best: when the second leg never beats it, the final record, the checkpoint,
-    the done line and the sample name step 2 and its val loss, and best.pt is left as the first leg wrote it. It says
-    once that the learning-rate schedule changed with --max-iters."""
-    vals = iter([3.0, 1.0, 2.0, 1.5, 1.2])  # evaluations at steps 0, 2, 4, then, resumed, 6 and 8
-    monkeypatch.setattr(train, "evaluate", lambda *args: (next(vals), 0.5))
-    train_run(train_data, tmp_path, "--max-iters", "4", "--warmup", "2")
-    best = (tmp_path / "best.pt").read_bytes()
-    capsys.readouterr()
-    ckpt = train_run(train_data, tmp_path, "--max-iters", "8", "--resume")
-    assert ckpt["step"] == 8 and next(vals, None) is None  # step 4 is not evaluated again
-    final = train_log(tmp_path)[-1]
-    assert (final["type"], final["steps"], final["best_val"], final["best_step"]) == ("final", 8, 1.0, 2), final
-    assert (ckpt["best_val"], ckpt["best_step"]) == (1.0, 2) and (tmp_path / "best.pt").read_bytes() == best
+        train_run(train_data, tmp_path / "b", *flags, "--dropout", "0.2")
     out = capsys.readouterr().out
-    assert "sampled from best.pt (step 2)" in out and "best val 1.0000 at step 2," in out.strip().splitlines()[-1]
-    lines = [ln for ln in out.splitlines() if "learning-rate schedule" in ln]
-    assert len(lines) == 1 and "--max-iters 8 (was 4)" in lines[0] and "step 4 gets lr 0.000" in lines[0], lines
+    assert e.value.code == 130 and "interrupted: saved" in out and ("Ctrl-C:" in out) == sigint
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 2  # a SIGINT: step 1 completed
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.undo()
+    resumed = train_run(train_data, tmp_path / "b", *flags, "--resume")  # --dropout 0.2 from the checkpoint
+    assert resumed["step"] == 3 and train_same_weights(resumed["model"], whole["model"])
+    assert (resumed["acc"], resumed["best_val"]) == (whole["acc"], whole["best_val"])
+    assert [r["step"] for r in train_log(tmp_path / "b") if r["type"] == "eval"] == [0, 2, 3]  # appended, step 2 once
+    assert "learning-rate schedule" not in capsys.readouterr().out  # the same schedule: nothing to say
+    assert not train_same_weights(train_run(train_data, tmp_path / "c", *flags)["model"], whole["model"])  # dropout
 
 
-def test_train_compile_failure_falls_back_to_eager(train_data, tmp_path, monkeypatch, capsys):
-    def broken(model, **kwargs):
-        def fail(*args, **kwargs):
-            raise RuntimeError("no compiler here")
-        return fail
+def test_train_defaults_follow_the_device_and_the_task(tmp_path):
+    """--compile is on by default on CUDA only; mqar and parity draw fresh sequences each step, nothing to overfit: no
+    dropout, no patience (where text has both, on a GPU)."""
+    def cfg(*flags):
+        return train.get_config(train.parse_args(["--model", "rnn", "--out-dir", str(tmp_path), *flags]))[0]
 
-    monkeypatch.setattr(torch, "compile", broken)
+    assert cfg("--device", "cuda").compile is True and cfg("--device", "cuda", "--no-compile").compile is False
+    assert cfg("--device", "cpu").compile is False and cfg("--device", "cpu", "--compile").compile is True
+    assert cfg("--device", "cuda").dropout > 0 and cfg().patience > 0
+    for task in ("mqar", "parity"):
+        assert (cfg("--device", "cuda", "--task", task).dropout, cfg("--task", task).patience) == (0, 0), task
+
+
+def test_train_compile_compiles_the_lm_and_a_failure_falls_back_to_eager(train_data, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: broken)
     assert train_run(train_data, tmp_path / "d", "--max-iters", "2", "--compile")["step"] == 2
     assert "running eager" in capsys.readouterr().out
-
-
-def test_train_compiles_by_default_on_cuda_only(train_data, tmp_path, monkeypatch):
-    def compile_of(*flags):
-        return train.get_config(train.parse_args(["--model", "rnn", "--out-dir", str(tmp_path / "none"), *flags]))[0].compile
-
-    assert compile_of("--device", "cuda") is True and compile_of("--device", "cuda", "--no-compile") is False
-    assert compile_of("--device", "cpu") is False and compile_of("--device", "cpu", "--compile") is True
     calls = []  # what --compile compiles, and with which mode (a pass-through: compiling for real takes minutes here)
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append((fn, kwargs)) or fn)
     train_run(train_data, tmp_path / "e", "--max-iters", "2", "--compile")
     assert [type(fn).__name__ for fn, _ in calls] == ["LM"] and calls[0][1] == {"mode": train.COMPILE_MODE}
+    assert "running eager" not in capsys.readouterr().out
 
 
 @slow
@@ -2882,9 +2883,9 @@ def test_train_compiled_steps_match_eager_cuda(name, train_data, tmp_path):
     """10 training steps of train.py compiled (train.COMPILE_MODE, CUDA graphs) against eager, bf16
     autocast, no dropout: the validation losses at steps 0, 5 and 10 agree to 2e-2 relative (the
     bf16 kernels round differently; 10 AdamW steps do not amplify that much, a wrong kernel does)."""
-    args = ["--model", name, "--device", "cuda", "--n-layer", "2", "--d-model", "64", "--block-size", "64",
-            "--batch-size", "8", "--max-iters", "10", "--eval-interval", "5", "--eval-iters", "2", "--log-interval", "5",
-            "--sample-len", "0", "--dropout", "0", "--patience", "0", "--data", train_data]
+    args = ["--model", name, "--data", train_data] + (
+        "--device cuda --n-layer 2 --d-model 64 --block-size 64 --batch-size 8 --max-iters 10 --eval-interval 5 "
+        "--eval-iters 2 --log-interval 5 --sample-len 0 --dropout 0 --patience 0").split()
     for flag, out in (("--no-compile", "eager"), ("--compile", "compiled")):
         train.main(args + [flag, "--out-dir", str(tmp_path / out)])
     eager, compiled = ([r["val_loss"] for r in train_log(tmp_path / out) if r["type"] == "eval"]
@@ -2893,9 +2894,13 @@ def test_train_compiled_steps_match_eager_cuda(name, train_data, tmp_path):
     assert all(abs(c - e) <= 2e-2 * abs(e) for c, e in zip(compiled, eager)), (compiled, eager)
 
 
-def test_train_prefill_then_step_matches_forward_and_dropout_is_off_in_eval():
-    """Dropout changes a training forward; in eval() the same logits twice, and a prefill then step() on each further
-    token gives the logits of one forward."""
+def test_train_dropout_reaches_a_mixer_that_takes_one_is_off_in_eval_and_prefill_then_step_matches_forward():
+    """Dropout reaches a mixer that takes one (attention's) and changes a training forward; in eval() the same
+    logits twice, and a prefill then step() on each further token gives the logits of one forward."""
+    attn = train.load_mixer("attention")
+    assert train.LM(attn, 11, 1, 32, dropout=0.3).blocks[0].mixer.dropout == 0.3
+    assert train.LM(attn, 11, 1, 32, dropout=0.3, mixer_args={"dropout": 0.1}).blocks[0].mixer.dropout == 0.1
+    train.LM(train.load_mixer("mamba"), 11, 1, 32, dropout=0.3)  # takes none: not passed
     torch.manual_seed(0)
     model = train.LM(train.load_mixer("linear_attention"), 11, 2, 32, dropout=0.5).double()
     idx = torch.randint(11, (2, 9))
@@ -2956,14 +2961,16 @@ def eager_decoding(model, idx, n, temperature, seed):
     return torch.cat(out, 1)
 
 
-@pytest.mark.parametrize("name", ["rnn", "lstm", "attention", "retnet", "mamba2"])
-def test_train_generate_is_the_eager_decoding_loop(name):
+@pytest.mark.parametrize("name", ["rnn", "lstm", "attention", "retnet", "mamba2", "mamba"])
+def test_train_generate_is_the_eager_decoding_loop(name, monkeypatch):
     """On the CPU generate() runs eager: the loop's tokens for a batch of two prompts, at temperature 0 and 0.8 (the
-    same draws), and the model left in the mode it came in."""
+    same draws), and the model left in the mode it came in. cuda_graph=True and compile=True (at 0.8) change nothing
+    there: torch.compile is never called."""
     model = generation_lm(name).train()
+    monkeypatch.setattr(torch, "compile", lambda *args, **kw: pytest.fail("torch.compile called off CUDA"))
     idx = torch.randint(28, (2, 11), generator=torch.Generator().manual_seed(1))
     for temperature in (0, 0.8):
-        out = train.generate(model, idx, 17, temperature, seed=5)
+        out = train.generate(model, idx, 17, temperature, seed=5, cuda_graph=temperature > 0, compile=temperature > 0)
         assert out.shape == (2, 28) and torch.equal(out[:, :11], idx)
         assert torch.equal(out, eager_decoding(model, idx, 17, temperature, seed=5)), temperature
     assert model.training
@@ -2986,16 +2993,6 @@ def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
                 graphed = train.generate(model, idx, 40, temperature, seed=2, cuda_graph=True)
             assert torch.equal(graphed, eager), (low, temperature)
     assert len(graphs) == 4, graphs
-
-
-def test_train_generate_ignores_compile_off_cuda(monkeypatch):
-    """On the CPU compile=True changes nothing, as cuda_graph=True does not: torch.compile is never called and the
-    tokens are the eager loop's."""
-    model = generation_lm("mamba")
-    monkeypatch.setattr(torch, "compile", lambda *args, **kw: pytest.fail("torch.compile called off CUDA"))
-    idx = torch.randint(28, (2, 11), generator=torch.Generator().manual_seed(1))
-    out = train.generate(model, idx, 17, 0, seed=5, cuda_graph=True, compile=True)
-    assert torch.equal(out, eager_decoding(model, idx, 17, 0, seed=5))
 
 
 @needs_cuda
@@ -3048,9 +3045,8 @@ def test_train_step_graph_keeps_its_buffers_alive(monkeypatch):
     model, seen = generation_lm("mamba").eval(), []  # two state tensors a layer
     step, linears = model.step, [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     weights = [m.weight for m in linears]
-    monkeypatch.setattr(model, "step", lambda token, states: seen.append(
-        [weakref.ref(t) for t in [token, *train.state_tensors(states)] + [m.weight for m in linears]]
-    ) or step(token, states))
+    monkeypatch.setattr(model, "step", lambda token, states: seen.append([weakref.ref(t) for t in [
+        token, *train.state_tensors(states), *(m.weight for m in linears)]]) or step(token, states))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits, states = model(torch.randint(28, (1, 5)))
         run = train.step_graph(model, logits[:, -1].argmax(-1), states)
@@ -3060,14 +3056,6 @@ def test_train_step_graph_keeps_its_buffers_alive(monkeypatch):
     assert all(ref().dtype == torch.bfloat16 for ref in seen[1][-len(linears):])
     assert all(m.weight is w for m, w in zip(linears, weights, strict=True)), "the model's weights not restored"
     del run
-
-
-@pytest.mark.parametrize("content,message", [(None, "cannot read"), ("", "is empty"), ("x" * 50, "too short")])
-def test_train_bad_data_is_a_clear_error(tmp_path, capsys, content, message):
-    path = tmp_path / "data.txt"
-    if content is not None:
-        path.write_text(content)
-    assert message in train_error_of(TRAIN_TINY + ["--data", str(path), "--out-dir", str(tmp_path / "out")], capsys)
 
 
 def test_train_cached_corpus_is_hash_checked_when_used(tmp_path, monkeypatch):
@@ -3083,35 +3071,38 @@ def test_train_cached_corpus_is_hash_checked_when_used(tmp_path, monkeypatch):
     assert train.get_data(None) == text
 
 
-TRAIN_BAD = [  # (flags, what the one-line error must name)
-    (["--block-size", "0"], "--block-size must be >= 1"), (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--batch-size", "-1"], "--batch-size must be >= 1"), (["--n-layer", "0"], "--n-layer"),
-    (["--d-model", "0"], "--d-model"), (["--eval-iters", "0"], "--eval-iters"), (["--eval-interval", "0"], "--eval-interval"),
-    (["--log-interval", "0"], "--log-interval"), (["--max-iters", "-1"], "--max-iters"), (["--patience", "-1"], "--patience"),
-    (["--lr", "0"], "--lr must be > 0"), (["--lr", "-0.001"], "--lr"), (["--lr", "nan"], "--lr"),
-    (["--dropout", "-0.1"], "--dropout"), (["--dropout", "1"], "--dropout"), (["--max-time", "0"], "--max-time"),
-    (["--stop-acc", "1.5"], "--stop-acc must be in [0, 1]"), (["--stop-acc", "nan"], "--stop-acc"),
-    (["--temperature", "-1"], "--temperature"), (["--prompt", "Z"], "--prompt"),
-    (["--device", "gpu"], "--device gpu"), (["--device", "cuda:99"], "--device cuda:99"),
-    (["--model", "mamba2", "--mixer-args", "d_state=-4"], "sizes must be >= 1, got d_state"),  # Mamba2's own ValueError
-    (["--model", "linear_attention", "--mixer-args", "chunk_size=0"], "chunk_size"),
-    (["--model", "attention", "--mixer-args", "n_head=0"], "n_head"),
-    (["--model", "attention", "--mixer-args", "rope_base=0.0"], "loss is nan"), (["--resume"], "no checkpoint"),
-    (["--task", "mqar", "--num-pairs", "5", "--mqar-vocab", "16"], "4 * num_pairs <= --block-size"),  # 4 * 5 > 16
+TRAIN_BAD = [  # (flags, what the one-line error must name); TMP: a folder holding empty.txt and short.txt
+    ("--block-size 0", "--block-size must be >= 1"), ("--batch-size 0", "--batch-size must be >= 1"),
+    ("--batch-size -1", "--batch-size must be >= 1"), ("--n-layer 0", "--n-layer"), ("--d-model 0", "--d-model"),
+    ("--eval-iters 0", "--eval-iters"), ("--eval-interval 0", "--eval-interval"), ("--max-iters -1", "--max-iters"),
+    ("--log-interval 0", "--log-interval"), ("--patience -1", "--patience"), ("--lr 0", "--lr must be > 0"),
+    ("--lr -0.001", "--lr"), ("--lr nan", "--lr"), ("--dropout -0.1", "--dropout"), ("--dropout 1", "--dropout"),
+    ("--max-time 0", "--max-time"), ("--stop-acc 1.5", "--stop-acc must be in [0, 1]"),
+    ("--stop-acc nan", "--stop-acc"), ("--temperature -1", "--temperature"), ("--prompt Z", "--prompt"),
+    ("--device gpu", "--device gpu"), ("--device cuda:99", "--device cuda:99"), ("--resume", "no checkpoint"),
+    ("--model linear_attention --mixer-args chunk_size=0", "chunk_size"),
+    ("--model attention --mixer-args n_head=0", "n_head"),
+    ("--model attention --mixer-args rope_base=0.0", "loss is nan"), ("--data TMP/absent.txt", "cannot read"),
+    ("--data TMP/empty.txt", "is empty"), ("--data TMP/short.txt", "too short"),
+    ("--model mamba2 --mixer-args d_state=-4", "sizes must be >= 1, got d_state"),  # Mamba2's own ValueError
+    ("--task mqar --num-pairs 5 --mqar-vocab 16", "4 * num_pairs <= --block-size"),  # 4 * 5 > 16
 ]
 if not CUDA:
-    TRAIN_BAD.append((["--device", "cuda"], "--device cuda"))
+    TRAIN_BAD.append(("--device cuda", "--device cuda"))
 
 
-@pytest.mark.parametrize("flags,message", TRAIN_BAD, ids=[" ".join(f) for f, _ in TRAIN_BAD])
-def test_train_bad_arguments_are_one_line_errors_before_anything_is_written(train_data, tmp_path, capsys, flags, message):
+@pytest.mark.parametrize("flags,message", TRAIN_BAD, ids=[f for f, _ in TRAIN_BAD])
+def test_train_bad_arguments_are_one_line_errors_before_anything_is_written(flags, message, train_data, tmp_path,
+                                                                            capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("x" * 50)
     with pytest.raises(SystemExit) as e:
-        train.main(TRAIN_TINY + ["--data", train_data, "--out-dir", str(tmp_path / "out"), *flags])
+        train.main(train_argv(train_data, tmp_path / "out", *flags.replace("TMP", str(tmp_path)).split()))
     assert isinstance(e.value.code, str) and message in e.value.code, e.value.code  # a message: exit status 1
     assert "\n" not in e.value.code.strip() and not (tmp_path / "out").exists()
 
 
-def test_train_help_gives_every_flag_a_line_and_its_defaults(capsys):
+def test_train_help_names_each_default_and_a_bad_model_is_a_clear_error(train_data, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--help"])
     assert e.value.code == 0
@@ -3121,41 +3112,45 @@ def test_train_help_gives_every_flag_a_line_and_its_defaults(capsys):
     assert helps.pop("--model").endswith("(required)")
     assert all("(default: " in h for h in helps.values()), [f for f, h in helps.items() if "(default: " not in h]
     assert "GPU 64, CPU 16" in helps["--batch-size"] and "GPU on, CPU off" in helps["--compile"]
+    msg = train_error_of(["--model", "transformer_xl"], capsys)
+    assert "invalid choice" in msg and "linear_attention" in msg and "mamba2" in msg
+    assert "--model" in train_error_of([], capsys)
+    monkeypatch.setitem(train.MODELS, "ghost", "Ghost")
+    assert "ghost.py is not in" in train_error_of(train_argv(train_data, tmp_path, "--model", "ghost"), capsys)
 
 
-def test_train_never_overwrites_an_earlier_run(train_data, tmp_path, capsys):
+def test_train_never_overwrites_an_earlier_run_and_names_a_corrupt_checkpoint(train_data, tmp_path, capsys):
     """A new run in the directory of an earlier one, or of one killed before its first checkpoint (log.jsonl alone),
-    stops with a one-line message and writes nothing."""
+    stops with a one-line message and writes nothing; so does --resume from a corrupt checkpoint."""
     out = tmp_path / "run"
     train_run(train_data, out, "--max-iters", "2")
     files = {f: (out / f).read_bytes() for f in os.listdir(out)}
-    msg = train_error_of(TRAIN_TINY + ["--data", train_data, "--out-dir", str(out)], capsys)
+    msg = train_error_of(train_argv(train_data, out), capsys)
     assert "--resume" in msg and "--out-dir" in msg and "\n" not in msg.strip()
-    msg = train_error_of(TRAIN_TINY + ["--data", train_data, "--out-dir", str(out), "--resume", "--batch-size", "0"],
-                         capsys)
-    assert "--batch-size" in msg  # and the log is not truncated:
-    assert {f: (out / f).read_bytes() for f in files} == files
-    out = tmp_path / "killed"  # before its first checkpoint: log.jsonl alone, byte for byte as it was
-    out.mkdir()
-    (out / "log.jsonl").write_text(json.dumps(dict(type="start", step=0, model="linear_attention")) + "\n")
-    log = (out / "log.jsonl").read_bytes()
-    msg = train_error_of(TRAIN_TINY + ["--data", train_data, "--out-dir", str(out), "--max-iters", "2"], capsys)
+    assert "--batch-size" in train_error_of(train_argv(train_data, out, "--resume", "--batch-size", "0"), capsys)
+    assert {f: (out / f).read_bytes() for f in files} == files  # and the log is not truncated
+    for broken in (files["ckpt.pt"][:len(files["ckpt.pt"]) // 2], b"not a checkpoint"):
+        (out / "ckpt.pt").write_bytes(broken)
+        msg = train_error_of(train_argv(train_data, out, "--resume"), capsys)
+        assert "ckpt.pt is corrupt" in msg and "\n" not in msg.strip()
+    write_log(out := tmp_path / "killed", [dict(type="start", step=0, model="linear_attention")])
+    log = (out / "log.jsonl").read_bytes()  # killed before its first checkpoint: log.jsonl alone, kept byte for byte
+    msg = train_error_of(train_argv(train_data, out, "--max-iters", "2"), capsys)
     assert "holds an earlier run (log.jsonl)" in msg and "--resume" in msg and "\n" not in msg.strip()
     assert os.listdir(out) == ["log.jsonl"] and (out / "log.jsonl").read_bytes() == log
 
 
-def test_train_corrupt_checkpoint_is_named(train_data, tmp_path, capsys):
-    out = tmp_path / "run"
-    train_run(train_data, out, "--max-iters", "2")
-    whole = (out / "ckpt.pt").read_bytes()
-    for broken in (whole[:len(whole) // 2], b"not a checkpoint"):
-        (out / "ckpt.pt").write_bytes(broken)
-        msg = train_error_of(TRAIN_TINY + ["--data", train_data, "--out-dir", str(out), "--resume"], capsys)
-        assert "ckpt.pt is corrupt" in msg and "\n" not in msg.strip()
-
-
-def test_train_stops_early_and_samples_from_the_best(train_data, tmp_path, monkeypatch, capsys):
-    vals = iter([3.0, 2.0, 2.5, 1.0, 1.5, 1.6, 1.7, 0.5, 0.6])  # evaluations at steps 0, 2, 4, ...
+def test_train_stops_on_time_patience_or_accuracy_and_samples_from_the_best(train_data, tmp_path, monkeypatch, capsys):
+    """A run stops on --max-time, --patience or --stop-acc and samples from best.pt. Resumed, it knows its earlier
+    legs' best: when a leg never beats it, the final record, the checkpoint, the done line and the sample name that
+    step and val loss, and best.pt is left as it was; it says once that the learning-rate schedule changed."""
+    ckpt = train_run(train_data, tmp_path / "t", *TRAIN_MQAR, "--max-iters", "100000", "--max-time", "0.5",
+                     "--eval-interval", "100000", "--log-interval", "100000")
+    assert "stopped on time" in capsys.readouterr().out and train_log(tmp_path / "t")[-1]["stop"] == "time"
+    assert 0 < ckpt["step"] < 100000 and ckpt["train_time"] >= 0.5
+    assert train.get_lr(500, 1.0, 10, 1000, time_frac=1.0) == pytest.approx(0.1)  # the clock ends the schedule
+    assert train.get_lr(500, 1.0, 10, 1000, time_frac=0.0) > 0.5
+    vals = iter([3.0, 2.0, 2.5, 1.0, 1.5, 1.6, 0.5, 1.7, 0.6, 0.7])  # evaluations at steps 0, 2, 4, ...
     monkeypatch.setattr(train, "evaluate", lambda *args: (next(vals), 0.5))
     sampled_with = []
     monkeypatch.setattr(train, "sample", lambda model, *a, **k: sampled_with.append(model.state_dict()) or "x")
@@ -3166,33 +3161,42 @@ def test_train_stops_early_and_samples_from_the_best(train_data, tmp_path, monke
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("done: stopped on patience at step 10") and "best val 1.0000 at step 6" in last
     ckpt = train_run(train_data, tmp_path / "a", "--max-iters", "14", "--resume", "--patience", "0")  # past the stop
-    assert ckpt["step"] == 14 and ckpt["best_step"] == 14 and ckpt["best_val"] == 0.5  # 1.7 at 12, 0.5 at 14
+    assert ckpt["step"] == 14 and ckpt["best_step"] == 12 and ckpt["best_val"] == 0.5  # 0.5 at 12, 1.7 at 14
+    best, _ = (tmp_path / "a" / "best.pt").read_bytes(), capsys.readouterr()
+    ckpt = train_run(train_data, tmp_path / "a", "--max-iters", "18", "--resume")  # 0.6 at 16, 0.7 at 18: no better
+    assert ckpt["step"] == 18 and next(vals, None) is None  # step 14 is not evaluated again
+    final = train_log(tmp_path / "a")[-1]
+    assert (final["type"], final["steps"], final["best_val"], final["best_step"]) == ("final", 18, 0.5, 12), final
+    assert (ckpt["best_val"], ckpt["best_step"]) == (0.5, 12) and (tmp_path / "a" / "best.pt").read_bytes() == best
+    out = capsys.readouterr().out
+    assert "sampled from best.pt (step 12)" in out and "best val 0.5000 at step 12," in out.strip().splitlines()[-1]
+    lines = [ln for ln in out.splitlines() if "learning-rate schedule" in ln]
+    assert len(lines) == 1 and "--max-iters 18 (was 14)" in lines[0] and "step 14 gets lr 0.000" in lines[0], lines
     vals = iter([3.0, 2.0, 2.5, 2.4])
     default = TRAIN_TINY[:TRAIN_TINY.index("--patience")] + ["--data", train_data, "--max-iters", "30"]
     train.main(default + ["--out-dir", str(tmp_path / "b")])  # text: --patience 1 by default
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 4
-    assert train.get_config(train.parse_args(default + ["--task", "mqar", "--out-dir", str(tmp_path / "c")]))[0].patience == 0
-
-
-def test_train_stops_once_the_accuracy_is_reached(train_data, tmp_path, monkeypatch, capsys):
     accs = iter([0.1, 0.5, 0.98, 0.97, 0.99, 1.0, 1.0])  # evaluations at steps 0, 2, 4, ...
     monkeypatch.setattr(train, "evaluate", lambda *args: (1.0, next(accs)))
-    ckpt = train_run(train_data, tmp_path / "a", "--max-iters", "30", "--stop-acc", "0.99")
+    ckpt = train_run(train_data, tmp_path / "c", "--max-iters", "30", "--stop-acc", "0.99")
     assert ckpt["step"] == 8 and ckpt["acc"] == 0.99  # 0.98 at step 4 is not enough
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("done: stopped on accuracy at step 8")
-    final = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[-1])
+    final = train_log(tmp_path / "c")[-1]
     assert final["type"] == "final" and final["stop"] == "accuracy" and final["steps"] == 8
     accs = iter([1.0] * 20)
-    assert train_run(train_data, tmp_path / "b", "--max-iters", "6")["step"] == 6  # 0 by default: never
+    assert train_run(train_data, tmp_path / "d", "--max-iters", "6")["step"] == 6  # --stop-acc 0 by default: never
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--monitor-interval=0.1",
+            os.path.join(HERE, "train.py")]
 
 
 def test_train_ddp_two_processes_match_one(train_data, tmp_path):
     """torchrun with 2 gloo processes, each half of every batch, against one process with the whole batch."""
     argv = TRAIN_TINY + ["--model", "attention", "--data", train_data, "--max-iters", "4", "--sample-len", "0"]
     train.main(argv + ["--out-dir", str(tmp_path / "one")])
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--monitor-interval=0.1",
-                          os.path.join(HERE, "train.py"), *argv, "--out-dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(TORCHRUN + [*argv, "--out-dir", str(tmp_path / "two")], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "cpu x 2 processes" in run.stdout and "; 2 sequences per process" in run.stdout  # each half of a batch
     assert run.stdout.count("done: stopped") == 1  # rank 0 alone prints
@@ -3207,14 +3211,11 @@ def test_train_ddp_two_processes_match_one(train_data, tmp_path):
 
 
 def test_train_ddp_ctrl_c_saves_at_one_step_and_leaves_the_group(train_data, tmp_path):
-    """A terminal's Ctrl-C under torchrun (SIGINT to its whole process group): both processes stop at the same log line, rank
-    0 saves there, and each leaves through end_process; a bare sys.exit there could abort in gloo's teardown."""
-    argv = TRAIN_TINY + ["--data", train_data, "--max-iters", "2000", "--log-interval", "2", "--sample-len", "0",
-                         "--out-dir", str(tmp_path)]
-    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                            "--monitor-interval=0.1", os.path.join(HERE, "train.py"), *argv], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """Ctrl-C under torchrun (SIGINT to its process group, as from a terminal): both processes stop at the same log
+    line, rank 0 saves there, each leaves through end_process (a bare sys.exit could abort in gloo's teardown)."""
+    argv = train_argv(train_data, tmp_path, "--max-iters", "2000", "--log-interval", "2", "--sample-len", "0")
+    run = subprocess.Popen(TORCHRUN + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         for line in run.stdout:
             if line.startswith("step     6"):
@@ -3233,24 +3234,11 @@ def test_train_ddp_ctrl_c_saves_at_one_step_and_leaves_the_group(train_data, tmp
     assert 6 < step < 2000 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == step
 
 
-TRAIN_MQAR = TRAIN_TINY + ["--task", "mqar", "--num-pairs", "3", "--mqar-vocab", "16"]
-
-
-def test_train_unknown_no_or_missing_model_is_a_clear_error(train_data, tmp_path, monkeypatch, capsys):
-    msg = train_error_of(["--model", "transformer_xl"], capsys)
-    assert "invalid choice" in msg and "linear_attention" in msg and "mamba2" in msg
-    assert "--model" in train_error_of([], capsys)
-    monkeypatch.setitem(train.MODELS, "ghost", "Ghost")
-    argv = TRAIN_TINY + ["--model", "ghost", "--data", train_data, "--out-dir", str(tmp_path)]
-    assert "ghost.py is not in" in train_error_of(argv, capsys)
-
-
 def test_train_mqar_batch_is_recall_and_a_function_of_seed_and_i():
     P, V, B = 6, 40, 8
     x, y = train.get_mqar_batch(3, 7, 32, B, P, V, "cpu")
     assert torch.equal(x, train.get_mqar_batch(3, 7, 32, B, P, V, "cpu")[0])
-    assert not torch.equal(x, train.get_mqar_batch(4, 7, 32, B, P, V, "cpu")[0])
-    assert not torch.equal(x, train.get_mqar_batch(3, 8, 32, B, P, V, "cpu")[0])
+    assert not any(torch.equal(x, train.get_mqar_batch(i, seed, 32, B, P, V, "cpu")[0]) for i, seed in ((4, 7), (3, 8)))
     for xb, yb in zip(x.tolist(), y.tolist()):
         keys, values = xb[0:2 * P:2], xb[1:2 * P:2]
         assert len(set(keys)) == P and all(k < V // 2 <= v < V for k, v in zip(keys, values))
@@ -3261,60 +3249,14 @@ def test_train_mqar_batch_is_recall_and_a_function_of_seed_and_i():
         assert all(yb[t] == values[keys.index(xb[t])] for t in queries)  # the answer is the key's value
 
 
-def test_train_mqar_run_logs_accuracy_and_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
-    def run(out, *extra):
-        train.main(TRAIN_MQAR + ["--out-dir", str(out), "--max-iters", "4", *extra])
-        return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-
-    whole = run(tmp_path / "a", "--dropout", "0.1")
-    out = capsys.readouterr().out
-    assert "| acc " in out and "-" * 40 not in out  # accuracy printed, no sample
-    log = train_log(tmp_path / "a")
-    assert [r["step"] for r in log if r["type"] == "eval"] == [0, 2, 4] and log[-1]["type"] == "final"
-    assert log[-1]["task"] == "mqar" and log[-1]["stop"] == "steps" and log[-1]["acc"] == whole["acc"]
-    assert 0 <= whole["acc"] <= 1 and whole["args"]["task"] == "mqar" and whole["args"]["dropout"] == 0.1
-    get_mqar_batch = train.get_mqar_batch
-
-    def interrupt_at_2(i, *args):
-        if i == 2:
-            raise KeyboardInterrupt
-        return get_mqar_batch(i, *args)
-
-    monkeypatch.setattr(train, "get_mqar_batch", interrupt_at_2)
-    with pytest.raises(SystemExit):
-        run(tmp_path / "b", "--dropout", "0.1")
-    monkeypatch.setattr(train, "get_mqar_batch", get_mqar_batch)
-    resumed = run(tmp_path / "b", "--resume")  # --dropout 0.1 comes back from the checkpoint
-    assert resumed["step"] == 4 and train_same_weights(resumed["model"], whole["model"])
-    assert resumed["acc"] == whole["acc"] and resumed["best_val"] == whole["best_val"]
-    assert [r["step"] for r in train_log(tmp_path / "b") if r["type"] == "eval"] == [0, 2, 4]  # appended, step 2 once
-    no_dropout = run(tmp_path / "c")
-    assert not train_same_weights(no_dropout["model"], whole["model"])
-
-
-def test_train_parity_batch_is_the_running_xor_of_bits_and_a_function_of_seed_and_i():
+def test_train_parity_batch_is_the_running_xor_of_bits_held_out_and_scored_at_every_position():
     x, y = train.get_parity_batch(3, 7, 40, 8, "cpu")
-    assert x.shape == y.shape == (8, 40) and set(x.unique().tolist()) == {0, 1} and set(y.unique().tolist()) == {0, 1}
+    assert x.shape == y.shape == (8, 40) and set(x.unique().tolist()) == {0, 1} == set(y.unique().tolist())
     for xb, yb in zip(x.tolist(), y.tolist()):
-        parity = 0
-        for t in range(40):
-            parity ^= xb[t]
-            assert yb[t] == parity  # the XOR of bits 0..t, position t included
+        assert yb == [sum(xb[:t + 1]) % 2 for t in range(40)]  # the XOR of bits 0..t, position t included
     assert torch.equal(x, train.get_parity_batch(3, 7, 40, 8, "cpu")[0])
-    assert not torch.equal(x, train.get_parity_batch(4, 7, 40, 8, "cpu")[0])
-    assert not torch.equal(x, train.get_parity_batch(3, 8, 40, 8, "cpu")[0])
-
-
-def test_train_parity_run_logs_accuracy_on_every_position(tmp_path, capsys):
-    argv = TRAIN_TINY + ["--task", "parity", "--model", "mamba2", "--max-iters", "2", "--out-dir", str(tmp_path / "a")]
-    train.main(argv)
-    out = capsys.readouterr().out
-    assert "vocab 2, 16 bits per sequence" in out and "| acc " in out and "-" * 40 not in out  # no sample
-    final, ckpt = train_log(tmp_path / "a")[-1], torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
-    assert final["task"] == "parity" and final["stop"] == "steps" and 0 <= final["acc"] == ckpt["acc"] <= 1
-    assert ckpt["args"]["task"] == "parity" and ckpt["model"]["wte.weight"].shape[0] == 2
-    cfg = train.get_config(train.parse_args(argv[:-1] + [str(tmp_path / "b")]))[0]
-    assert cfg.dropout == 0 and cfg.patience == 0  # fresh sequences each step: nothing to overfit
+    assert not any(torch.equal(x, train.get_parity_batch(i, seed, 40, 8, "cpu")[0]) for i, seed in ((4, 7), (3, 8)))
+    cfg = types.SimpleNamespace(task="parity", seed=1337, block_size=16, batch_size=4, device="cpu")
     *_, train_batch, val_batch = train.get_batches(cfg, None)
     assert not torch.equal(val_batch(0)[0], train_batch(0)[0])  # held-out sequences
 
@@ -3328,82 +3270,51 @@ def test_train_parity_run_logs_accuracy_on_every_position(tmp_path, capsys):
     assert train.evaluate(WrongAtTheLastPosition(), val_batch, 2, no_autocast)[1] == 15 / 16  # every position
 
 
-def test_train_start_and_final_records_have_the_study_fields_and_the_state_size(tmp_path, capsys):
+def test_train_records_hold_the_run_and_its_state_size_and_mixer_args_reach_the_mixer(train_data, tmp_path, capsys):
     """deltanet at d_model 32: 4 heads of an 8 x 8 matrix and its short conv's last 3 inputs of q, k, v (3 x 96);
-    conv-free, the matrix alone; attention's K and V grow with the tokens read."""
-    argv = TRAIN_MQAR + ["--model", "deltanet", "--n-layer", "2", "--max-iters", "1", "--lr", "0.003"]
-    train.main(argv + ["--seed", "5", "--out-dir", str(tmp_path / "a")])
+    conv-free (--mixer-args conv_size=1), the matrix alone; attention's K and V grow with the tokens read."""
+    parsed = train.parse_mixer_args("d_state=8, jacobian=diag,A_init_range=(1, 16)")
+    assert parsed == {"d_state": 8, "jacobian": "diag", "A_init_range": (1, 16)}
+    flags = [*TRAIN_MQAR, "--model", "deltanet", "--n-layer", "2", "--max-iters", "1", "--lr", "0.003"]
+    train_run(train_data, tmp_path / "a", *flags, "--seed", "5")
     start, *_, final = train_log(tmp_path / "a")
     assert final["state_size"] == 4 * 8 * 8 + 3 * 3 * 32 and "state 544 numbers per layer" in capsys.readouterr().out
     # the first line already names the run, so that one killed before its final line is still reported
-    assert start["type"] == "start" and start["step"] == 0 and all(final[k] == v for k, v in start.items()
-                                                                     if k not in ("type", "step"))
-    assert (final["lr"], final["block_size"], final["batch_size"], final["num_pairs"], final["seed"]) == (0.003, 16, 4,
-                                                                                                        3, 5)
-    train.main(argv + ["--mixer-args", "conv_size=1", "--out-dir", str(tmp_path / "b")])
-    assert train_log(tmp_path / "b")[-1]["state_size"] == 4 * 8 * 8
+    assert start["type"] == "start" and start["step"] == 0
+    assert all(final[k] == v for k, v in start.items() if k not in ("type", "step"))
+    assert [final[k] for k in ("lr", "block_size", "batch_size", "num_pairs", "seed")] == [0.003, 16, 4, 3, 5]
+    ckpt = train_run(train_data, tmp_path / "b", *flags, "--mixer-args", "conv_size=1")
+    assert train_log(tmp_path / "b")[-1]["state_size"] == 4 * 8 * 8 and ckpt["args"]["mixer_args"] == "conv_size=1"
+    assert ckpt["model"]["blocks.0.mixer.conv.weight"].shape[-1] == 1
+    msg = train_error_of(train_argv(train_data, tmp_path / "c", *flags, "--mixer-args", "conv_sise=1"), capsys)
+    assert "conv_sise" in msg and "DeltaNet takes" in msg
+    msg = train_error_of(train_argv(train_data, tmp_path / "c", *flags, "--mixer-args", "conv_size"), capsys)
+    assert "expected k=v" in msg
     attn = train.LM(train.load_mixer("attention"), 16, 2, 32)
     assert train.state_size(attn, 16) == 2 * 16 * 32 and train.state_size(attn.eval(), 40) == 2 * 40 * 32
     assert not attn.training and train.state_size(attn.train(), 8) and attn.training  # its mode restored
 
 
-def test_train_dropout_reaches_a_mixer_that_takes_one():
-    attn = train.load_mixer("attention")
-    assert train.LM(attn, 11, 1, 32, dropout=0.3).blocks[0].mixer.dropout == 0.3
-    assert train.LM(attn, 11, 1, 32, dropout=0.3, mixer_args={"dropout": 0.1}).blocks[0].mixer.dropout == 0.1
-    train.LM(train.load_mixer("mamba"), 11, 1, 32, dropout=0.3)  # takes none: not passed
-
-
-def test_train_width_matching(tmp_path, capsys):
+def test_train_width_matching(train_data, tmp_path, capsys):
     for name in ("mamba", "rnn", "attention"):
         d, n, target = train.match_width(train.load_mixer(name), 65, 2, 128, {})
         assert d % 16 == 0 and abs(n - target) <= 0.1 * target, (name, d, n, target)
     assert train.match_width(train.load_mixer("attention"), 65, 2, 128, {})[0] == 128
-    argv = TRAIN_MQAR + ["--model", "rnn", "--max-iters", "0"]
-    del argv[argv.index("--d-model"):argv.index("--d-model") + 2]
-    train.main(argv + ["--out-dir", str(tmp_path / "a")])
+    argv = train_argv(train_data, tmp_path / "a", *TRAIN_MQAR, "--model", "rnn", "--max-iters", "0")
+    train.main(argv[:argv.index("--d-model")] + argv[argv.index("--d-model") + 2:])
     d = train.match_width(train.load_mixer("rnn"), 16, 1, 128, {})[0]
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["args"]["d_model"] == d  # resume keeps it
     assert "d_model=matched" in capsys.readouterr().out
-    train.main(argv + ["--out-dir", str(tmp_path / "b"), "--d-model", "48"])
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["args"]["d_model"] == 48
-
-
-def test_train_mixer_args_reach_the_constructor(tmp_path, capsys):
-    parsed = train.parse_mixer_args("d_state=8, jacobian=diag,A_init_range=(1, 16)")
-    assert parsed == {"d_state": 8, "jacobian": "diag", "A_init_range": (1, 16)}
-    argv = TRAIN_MQAR + ["--model", "mamba", "--max-iters", "0", "--out-dir", str(tmp_path / "a")]
-    train.main(argv + ["--mixer-args", "d_state=8"])
-    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
-    argv[-1] = str(tmp_path / "b")
-    assert ckpt["model"]["blocks.0.mixer.A_log"].shape == (2 * 32, 8) and ckpt["args"]["mixer_args"] == "d_state=8"
-    msg = train_error_of(argv + ["--mixer-args", "d_sate=8"], capsys)
-    assert "d_sate" in msg and "Mamba takes" in msg
-    assert "expected k=v" in train_error_of(argv + ["--mixer-args", "d_state"], capsys)
-
-
-def test_train_max_time_stops_on_time_and_anneals(tmp_path, capsys):
-    argv = TRAIN_MQAR + ["--max-iters", "100000", "--max-time", "0.5", "--eval-interval", "100000",
-                         "--log-interval", "100000", "--out-dir", str(tmp_path)]
-    train.main(argv)
-    assert "stopped on time" in capsys.readouterr().out
-    ckpt, final = torch.load(tmp_path / "ckpt.pt", weights_only=False), train_log(tmp_path)[-1]
-    assert 0 < ckpt["step"] < 100000 and ckpt["train_time"] >= 0.5 and final["stop"] == "time"
-    assert train.get_lr(500, 1.0, 10, 1000, time_frac=1.0) == pytest.approx(0.1)  # the clock ends the schedule
-    assert train.get_lr(500, 1.0, 10, 1000, time_frac=0.0) > 0.5
+    ckpt = train_run(train_data, tmp_path / "b", *TRAIN_MQAR, "--model", "rnn", "--max-iters", "0", "--d-model", "48")
+    assert ckpt["args"]["d_model"] == 48
 
 
 def test_train_warmup_then_cosine_as_the_optimizer_sees_it(train_data, tmp_path, monkeypatch):
     """The lr of each optimizer step in both groups, as the loop sets it: lr / warmup at step 0, lr at step
     warmup - 1, then the cosine from lr down towards lr / 10 at max_iters (written out here, not get_lr's)."""
-    seen, make_optimizer = [], train.make_optimizer
-
-    def spy(model, lr):
-        optimizer = make_optimizer(model, lr)
-        optimizer.register_step_pre_hook(lambda opt, *_: seen.append([g["lr"] for g in opt.param_groups]))
-        return optimizer
-
-    monkeypatch.setattr(train, "make_optimizer", spy)
+    seen, step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda optimizer: seen.append([g["lr"] for g in optimizer.param_groups]) or step(optimizer))
     lr, warmup, steps = 0.01, 3, 8
     train_run(train_data, tmp_path, "--max-iters", str(steps), "--warmup", str(warmup), "--lr", str(lr))
     expected = [lr * (s + 1) / warmup if s < warmup
@@ -3433,14 +3344,14 @@ def test_train_weight_decay_on_the_matrices_not_marked(name, mixer):
 
 @pytest.mark.skipif(not shutil.which("git"), reason="needs git")
 def test_train_commit_of_names_uncommitted_code(tmp_path):
-    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)  # noqa
+    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,  # noqa
+                                       text=True).stdout.strip()
     assert train.commit_of(tmp_path) == ""  # no repository
     git("init", "-q")
     (tmp_path / "m.py").write_text("x = 1\n")
     git("add", "m.py")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "m")
-    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
     assert len(head) >= 7 and train.commit_of(tmp_path) == head
     (tmp_path / "untracked.txt").write_text("data")  # not the code: still clean
     assert train.commit_of(tmp_path) == head
@@ -3466,30 +3377,29 @@ def figures(monkeypatch):
     except ImportError:
         return None
     saved, savefig = {}, Figure.savefig
-
-    def spy(fig, path, **kw):
-        saved[os.path.basename(path)] = fig
-        return savefig(fig, path, **kw)
-    monkeypatch.setattr(Figure, "savefig", spy)
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: saved.update({os.path.basename(path): fig})
+                        or savefig(fig, path, **kw))
     return saved
+
+
+def table_rows(out):
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
 
 
 def test_bench_report_tabulates_the_runs(train_data, tmp_path, capsys, figures):
     runs = tmp_path / "runs"
-    train_run(train_data, runs / "text", "--max-iters", "2")
-    train.main(TRAIN_MQAR + ["--max-iters", "2", "--out-dir", str(runs / "recall")])
-    train.main(TRAIN_TINY + ["--task", "parity", "--max-iters", "2", "--out-dir", str(runs / "parity")])
-    (runs / "unfinished").mkdir()
-    (runs / "unfinished" / "log.jsonl").write_text(json.dumps(dict(type="eval", step=0)) + "\n")
+    for name, flags in (("text", []), ("recall", TRAIN_MQAR), ("parity", ["--task", "parity"])):
+        train_run(train_data, runs / name, *flags, "--max-iters", "2")
+    write_log(runs / "unfinished", [dict(type="eval", step=0)])
     capsys.readouterr()
     bench.main(["--report", str(runs)])
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert len(rows) == 8 and rows[1].startswith("| parity | linear_attention | parity |")
-    assert rows[2].startswith("| recall | linear_attention | mqar |")
-    assert rows[3].startswith("| text | linear_attention | text |")
-    assert rows[5].startswith("| linear_attention |") and "| 16 | 3 |" in rows[5]  # the recall table: 3 pairs
-    assert rows[7].startswith("| linear_attention |") and "| 16 | - |" in rows[7]  # the parity table: no pairs
+    rows = table_rows(out)
+    assert len(rows) == 8 and [row[:3] for row in rows[1:4]] == [["parity", "linear_attention", "parity"],
+                                                                 ["recall", "linear_attention", "mqar"],
+                                                                 ["text", "linear_attention", "text"]]
+    assert rows[5][0] == "linear_attention" and rows[5][4:6] == ["16", "3"]  # the recall table: block 16, 3 pairs
+    assert rows[7][0] == "linear_attention" and rows[7][4:6] == ["16", "-"]  # the parity table: no pairs
     assert "unfinished" in out and "left out" in out
     if figures is None:  # no figure, and the report says why (CI installs matplotlib: the figures are checked there)
         assert "matplotlib is not installed" in out
@@ -3501,26 +3411,7 @@ def test_bench_report_tabulates_the_runs(train_data, tmp_path, capsys, figures):
     assert evals[0]["tokens"] == 0 and evals[-1]["tokens"] == 2 * 4 * 16 and by_tokens.get_xscale() == "log"
 
 
-def test_bench_report_takes_a_cut_runs_best_evaluation_not_its_last(tmp_path, capsys):
-    """Text runs cut before their final line (killed, or still running): the report's best val loss and the seeds
-    table's step of it are each run's best evaluation's (1.5 at step 100, 1.7 at 200), not its last."""
-    config = dict(model="attention", task="text", params=123456, d_model=64, n_layer=2, mixer_args={}, lr=1e-3,
-                  block_size=32, batch_size=8, num_pairs=None, state_size=4096)
-    for name, seed, vals in (("cut", 1337, [3.0, 1.5, 2.0]), ("cut_s2", 1338, [3.0, 1.8, 1.7, 1.75])):
-        evals = [dict(type="eval", step=100 * i, tokens=25600 * i, train_time=1.0 * i, train_loss=v, val_loss=v,
-                      acc=0.4, tok_s=None) for i, v in enumerate(vals)]
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "log.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in [dict(type="start", step=0, seed=seed, **config)] + evals))
-    bench.main(["--report", str(tmp_path)])
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ")]
-    assert [row[6] for row in rows[1:3]] == ["1.5000", "1.7000"]  # best val loss
-    assert [row[8] for row in rows[1:3]] == ["cut at 200", "cut at 300"]  # stopped on
-    assert rows[4] == ["attention", "cut, cut_s2", "1.6000", "1.5000", "1.7000", "100, 200"], rows
-
-
-def test_bench_report_spreads_the_seeds_of_each_text_configuration(capsys):
+def test_bench_report_spreads_the_seeds_of_each_text_configuration_and_takes_a_cut_runs_best(tmp_path, capsys):
     def run(name, best_val, best_step, model="attention", lr=1e-3):
         return name, dict(model=model, d_model=64, n_layer=2, lr=lr, block_size=32, batch_size=8, best_val=best_val,
                           best_step=best_step)
@@ -3528,21 +3419,33 @@ def test_bench_report_spreads_the_seeds_of_each_text_configuration(capsys):
         run("attn", 1.44, 2750), run("rnn_s2", 1.47, 2000, "rnn"), run("attn_s2", 1.43, 2250),
         run("attn_lr3e-3", 1.30, 500, lr=3e-3),  # another configuration, one run: no row
         run("rnn", 1.46, 1750, "rnn"), run("attn_s3", 1.45, 2250), run("mamba", 1.51, 750, "mamba")])
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ")]
-    assert rows[1:] == [["attention", "attn, attn_s2, attn_s3", "1.4400", "1.4300", "1.4500", "2750, 2250, 2250"],
-                        ["rnn", "rnn_s2, rnn", "1.4650", "1.4600", "1.4700", "2000, 1750"]]
+    assert table_rows(capsys.readouterr().out)[1:] == [
+        ["attention", "attn, attn_s2, attn_s3", "1.4400", "1.4300", "1.4500", "2750, 2250, 2250"],
+        ["rnn", "rnn_s2, rnn", "1.4650", "1.4600", "1.4700", "2000, 1750"]]
+    # text runs cut before their final line (killed, or still running): the report's best val loss and the seeds
+    # table's step of it are each run's best evaluation's (1.5 at step 100, 1.7 at 200), not its last
+    config = dict(model="attention", task="text", params=123456, d_model=64, n_layer=2, mixer_args={}, lr=1e-3,
+                  block_size=32, batch_size=8, num_pairs=None, state_size=4096)
+    for name, seed, vals in (("cut", 1337, [3.0, 1.5, 2.0]), ("cut_s2", 1338, [3.0, 1.8, 1.7, 1.75])):
+        write_log(tmp_path / name, [dict(type="start", step=0, seed=seed, **config)] + [
+            dict(type="eval", step=100 * i, tokens=25600 * i, train_time=1.0 * i, train_loss=v, val_loss=v, acc=0.4,
+                 tok_s=None) for i, v in enumerate(vals)])
+    bench.main(["--report", str(tmp_path)])
+    rows = table_rows(capsys.readouterr().out)
+    assert [row[6] for row in rows[1:3]] == ["1.5000", "1.7000"]  # best val loss
+    assert [row[8] for row in rows[1:3]] == ["cut at 200", "cut at 300"]  # stopped on
+    assert rows[4] == ["attention", "cut, cut_s2", "1.6000", "1.5000", "1.7000", "100, 200"], rows
 
 
 def test_bench_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, capsys, figures):
-    def run(name, accs, lr, state=1600, model="deltanet", mixer_args=None, new=True):  # accs: evals every 100 steps
-        (tmp_path / name).mkdir()
-        final = dict(type="final", model=model, task="mqar", params=123456, d_model=64, n_layer=2,
-                     mixer_args=mixer_args or {}, tok_s=1e5, best_val=0.1, acc=accs[-1], stop="steps")
-        if new:
-            final.update(lr=lr, block_size=64, batch_size=16, num_pairs=4, state_size=state)
-        lines = [dict(type="eval", step=100 * i, acc=a, val_loss=1 - a, train_time=i) for i, a in enumerate(accs)]
-        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines + [final]))
+    def run(name, accs, lr, state=1600, model="deltanet", mixer_args=None, cut=False):  # accs: evals every 100 steps
+        config = dict(model=model, task="mqar", params=123456, d_model=64, n_layer=2, mixer_args=mixer_args or {})
+        if lr:
+            config.update(lr=lr, block_size=64, batch_size=16, num_pairs=4, state_size=state)
+        evals = [dict(type="eval", step=100 * i, tokens=102400 * i, acc=a, val_loss=1 - a, train_time=i)
+                 for i, a in enumerate(accs)]
+        final = dict(type="final", **config, tok_s=1e5, best_val=0.1, acc=accs[-1], stop="steps")
+        write_log(tmp_path / name, [dict(type="start", step=0, **config)] + evals if cut else evals + [final])
 
     run("dn_1e-3", [0.2, 0.995, 0.9], 1e-3)  # at 0.99 once, but its final accuracy is the lower
     run("dn_3e-3", [0.1, 0.98, 0.992, 0.999], 3e-3)
@@ -3551,29 +3454,20 @@ def test_bench_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, cap
     run("free_1e-3", [0.5, 0.9, 0.9, 0.995, 1.0], 1e-3, 1024, mixer_args={"conv_size": 1})
     run("free_3e-3", [0.5, 0.995, 1.0, 1.0, 1.0], 3e-3, 1024, mixer_args={"conv_size": 1})  # as good, sooner
     run("attn", [0.3, 1.0], 1e-3, 2 * 64 * 64, "attention")
-    run("old", [0.0, 0.05], None, model="rnn", new=False)  # an older train.py: no lr, state_size, ...
+    run("old", [0.0, 0.05], None, model="rnn")  # an older train.py: no lr, state_size, ...
     run("plateau", [0.0, 0.3, 0.5, 0.495, 0.51, 0.5], 1e-3, 64, "lstm")  # flat from step 200
-    (tmp_path / "cut").mkdir()  # killed at step 200: its start line and evaluations, no final line
-    start = dict(type="start", step=0, model="lstm", task="mqar", params=123456, d_model=64, n_layer=2, mixer_args={},
-                 lr=3e-3, block_size=64, batch_size=16, num_pairs=4, state_size=64)
-    lines = [start] + [dict(type="eval", step=100 * i, tokens=102400 * i, acc=a, val_loss=1 - a, train_time=i)
-                       for i, a in enumerate([0.0, 0.4, 0.6])]
-    (tmp_path / "cut" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    run("cut", [0.0, 0.4, 0.6], 3e-3, 64, "lstm", cut=True)  # killed at step 200: a start line, evaluations, no final
     bench.main(["--report", str(tmp_path)])
     out = capsys.readouterr().out
-    table = out.split("| model | mixer args |")[1]
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| ")]
     # model, mixer args, d_model, layers, block, pairs, state, params, accuracy, lr, steps to 0.99, flat from,
     # stopped on, runs; the lstm's cut run is its best (0.6 at its last evaluation, against 0.5)
-    assert rows == [["attention", "-", "64", "2", "64", "4", "8,192", "0.12M", "1.000", "0.001", "100", "100",
-                     "steps", "1"],
-                    ["deltanet", "conv_size=1", "64", "2", "64", "4", "1,024", "0.12M", "1.000", "0.003", "100", "100",
-                     "steps", "2"],
-                    ["deltanet", "-", "64", "2", "64", "4", "1,600", "0.12M", "0.991", "0.0003", "100", "100", "steps",
-                     "4"],
-                    ["lstm", "-", "64", "2", "64", "4", "64", "0.12M", "0.600", "0.003", "-", "200", "cut at 200",
-                     "2"],
-                    ["rnn", "-", "64", "2", "-", "-", "-", "0.12M", "0.050", "-", "-", "100", "steps", "1"]]
+    assert table_rows(out.split("| model | mixer args |")[1]) == [
+        ["attention", "-", "64", "2", "64", "4", "8,192", "0.12M", "1.000", "0.001", "100", "100", "steps", "1"],
+        ["deltanet", "conv_size=1", "64", "2", "64", "4", "1,024", "0.12M", "1.000", "0.003", "100", "100", "steps",
+         "2"],
+        ["deltanet", "-", "64", "2", "64", "4", "1,600", "0.12M", "0.991", "0.0003", "100", "100", "steps", "4"],
+        ["lstm", "-", "64", "2", "64", "4", "64", "0.12M", "0.600", "0.003", "-", "200", "cut at 200", "2"],
+        ["rnn", "-", "64", "2", "-", "-", "-", "0.12M", "0.050", "-", "-", "100", "steps", "1"]]
     if figures is None:  # no figure, and the report says why (CI installs matplotlib: the figures are checked there)
         assert "matplotlib is not installed" in out
         return
