@@ -704,15 +704,43 @@ def test_forms_match_recurrent_at_the_extremes(name, regime, dtype, tol):
             check_form(name, form, dtype, "cpu", T=T, tol=tol, edit=EXTREMES[name][regime], gates=GATES.get(name, ()))
 
 
-@pytest.mark.parametrize("name,regime", [(name, "plain") for name in MODELS]
-                         + [case for case in EXTREME_CASES if case not in UNREFERENCED])
-def test_forms_match_reference(name, regime):
+# check_form where MODELS' options and the CPU do not reach: kda's largest chunk (factors up to e^80) in float32 at
+# T = 100, its gates at their ends; mamba2's groups and ragged chunks; mamba on a GPU with dt at its ends (~1e-9, 20)
+FORM_CASES = [("kda", r, "cpu", torch.float32, None, 100, dict(chunk_size=32)) for r in ["plain", *EXTREMES["kda"]]] + [
+    ("mamba2", "plain", "cpu", dtype, None, T, dict(ngroups=G, chunk_size=L))
+    for dtype in (torch.float64, torch.float32) for G, L, T in [(2, 8, 21), (4, 5, 3), (1, 7, 29), (2, 32, 19)]] + [
+    ("mamba", r, "cuda", dtype, tol, 300, {}) for r in ("dt_bias=20", "dt_bias=-20")
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2))]
+
+
+@pytest.mark.parametrize("name,regime,device,dtype,tol,T,options", [pytest.param(*case, marks=[needs_cuda] * (
+    case[2] == "cuda"), id="-".join([*case[:3], str(case[3])[6:], *(f"{k}={v}" for k, v in case[6].items())]))
+    for case in FORM_CASES])
+def test_forms_match_recurrent_with_options(name, regime, device, dtype, tol, T, options):
+    for form in forms(name):
+        check_form(name, form, dtype, device, T=T, tol=tol, edit=EXTREMES.get(name, {}).get(regime), **options)
+
+
+# the models whose references start from a state (mamba3's: its complex recurrence, mamba3_complex)
+FROM_A_STATE = ("mamba2", "mamba3", "deltanet", "gated_deltanet", "rwkv7", "rnn", "lstm")
+REFERENCE_CASES = ([(name, "plain", {}) for name in MODELS] + [(*c, {}) for c in EXTREME_CASES if c not in UNREFERENCED]
+                   + [("mamba2", "plain", dict(ngroups=G)) for G in (1, 4)]
+                   + [("mamba3", "plain", o) for o in (dict(ngroups=1), dict(rope_fraction=1.0, d_state=6))])
+
+
+@pytest.mark.parametrize("name,regime,options", REFERENCE_CASES, ids=[
+    "-".join([name, regime, *(f"{k}={v}" for k, v in options.items())]) for name, regime, options in REFERENCE_CASES])
+def test_forms_match_reference(name, regime, options):
     """Every form against the model's independent reference (<model>_reference, each model's section: written from
     the paper or by someone else), from an empty state and from the state the form left after a prefix (the
-    reference reads the prefix's tokens too): outputs, and the final state where the reference keeps one."""
+    reference reads the prefix's tokens too): outputs, and the final state where the reference keeps one. Those of
+    FROM_A_STATE also from an arbitrary state, a prefix's with every float in it moved by 10 U(0, 1) (mamba3's angles
+    past 2 pi, kept in [0, 2 pi) on the way out). mamba2's and mamba3's groups, mamba3 with every state dimension
+    turned (rope_fraction 1)."""
     reference = globals()[name + "_reference"]
-    model = make(name, edit=EXTREMES.get(name, {}).get(regime))
-    x = torch.randn(2, 23, D_MODEL, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model = make(name, edit=EXTREMES.get(name, {}).get(regime), **options)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 23, D_MODEL, dtype=torch.float64, generator=g)
     with torch.no_grad():
         y_ref, s_ref = reference(model, x)
         for form in forms(name, recurrent=True):
@@ -723,34 +751,16 @@ def test_forms_match_reference(name, regime):
             if s_ref is not None:
                 assert_states_equal(s, s_ref, 1e-12, f"{name}/{form}")
                 assert_states_equal(s_cont, s_ref, 1e-12, f"{name}/{form} after a prefix:")
-
-
-# the models whose references start from a state, with options: mamba2's and mamba3's groups, mamba3 with every state
-# dimension turned (rope_fraction 1)
-FROM_A_STATE = [("mamba2", dict(ngroups=g)) for g in (1, 2, 4)] + [
-    ("mamba3", options) for options in (dict(ngroups=1), {}, dict(rope_fraction=1.0, d_state=6))] + [
-    (name, {}) for name in ("deltanet", "gated_deltanet", "rwkv7", "rnn", "lstm")]
-
-
-@pytest.mark.parametrize("name,options", FROM_A_STATE,
-                         ids=[name + "".join(f"-{k}={v}" for k, v in o.items()) for name, o in FROM_A_STATE])
-def test_forms_match_reference_from_any_state(name, options):
-    """Every form against the model's reference (mamba3's: its complex recurrence, mamba3_complex) from an arbitrary
-    state, a prefix's with every float in it moved by 10 U(0, 1) (mamba3's angles past 2 pi): outputs and final
-    states, mamba3's angles kept in [0, 2 pi)."""
-    m = make(name, **options)
-    reference = mamba3_complex if name == "mamba3" else globals()[name + "_reference"]
-    g = torch.Generator().manual_seed(1)
-    draw = lambda f, *shape: f(*shape, dtype=torch.float64, generator=g)  # noqa: E731
-    with torch.no_grad():
-        _, s0 = m(draw(torch.randn, 2, 6, D_MODEL), form="recurrent")
-        s0 = map_state(lambda t: t + 10 * draw(torch.rand, t.shape) if t.is_floating_point() else t, s0)
-        x = draw(torch.randn, 2, 19, D_MODEL)
-        y_ref, s_ref = reference(m, x, s0)
-        for form in m.forms:
-            y, s = m(x, s0, form=form)
-            assert rel_err(y, y_ref) <= 1e-12, f"{form}: y rel err {rel_err(y, y_ref):.2e}"
-            assert_states_equal(s, s_ref, 1e-12, f"{name}/{form}")
+        if name not in FROM_A_STATE:
+            return
+        _, s0 = model(torch.randn(2, 6, D_MODEL, dtype=torch.float64, generator=g), form="recurrent")
+        s0 = map_state(lambda t: t + 10 * torch.rand(t.shape, dtype=t.dtype, generator=g) if t.is_floating_point()
+                       else t, s0)
+        y_ref, s_ref = (mamba3_complex if name == "mamba3" else reference)(model, x, s0)
+        for form in forms(name, recurrent=True):
+            y, s = model(x, s0, form=form)
+            assert rel_err(y, y_ref) <= 1e-12, f"{name}/{form} from a state: y rel err {rel_err(y, y_ref):.2e}"
+            assert_states_equal(s, s_ref, 1e-12, f"{name}/{form} from a state")
             assert name != "mamba3" or ((s[0] >= 0).all() and (s[0] < 2 * math.pi).all()), form
 
 
@@ -1243,13 +1253,6 @@ def mamba2_reference(model, x, state=None):
     return torch.stack(ys, 1), (conv, h)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("ngroups,chunk,T", [(2, 8, 21), (4, 5, 3), (1, 7, 29), (2, 32, 19)])
-def test_mamba2_forms_groups_and_ragged_chunks(ngroups, chunk, T, dtype):
-    for form in ("parallel", "chunked"):
-        check_form("mamba2", form, dtype, "cpu", T=T, ngroups=ngroups, chunk_size=chunk)
-
-
 @pytest.mark.parametrize("name,shapes", [  # [B, *shape] after T tokens
     ("mamba2", lambda m, T: [(m.conv_dim, m.d_conv - 1), (m.n_head, m.headdim, m.d_state)]),
     ("mamba3", lambda m, T: [(m.n_head, m.n_angles), (m.n_head, m.headdim, m.d_state), (m.n_head, m.d_state),
@@ -1342,8 +1345,8 @@ def mamba3_complex(m, x, state=None):
 
 
 def mamba3_reference(m, x):
-    """mamba3_complex's outputs; its final state is compared from an arbitrary state (test_forms_match_reference_
-    from_any_state): from 0, at dt ~ 0 the angles stay at 0 mod 2 pi, which rounding puts at 0 or at 2 pi."""
+    """mamba3_complex's outputs; its final state is compared from an arbitrary state (test_forms_match_reference):
+    from 0, at dt ~ 0 the angles stay at 0 mod 2 pi, which rounding puts at 0 or at 2 pi."""
     return mamba3_complex(m, x)[0], None
 
 
@@ -1418,13 +1421,6 @@ def test_mamba_bf16_parameters_run():
     for form in mb.forms:
         y, (c, h) = mb(x.bfloat16(), form=form)
         assert y.dtype == torch.bfloat16 and h.dtype == torch.float32 and rel_err(y, y32) <= 5e-2
-
-
-@needs_cuda
-@pytest.mark.parametrize("regime", ["dt_bias=20", "dt_bias=-20"])
-def test_mamba_cuda_extreme_dt_forms_agree(regime):
-    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2)):
-        check_form("mamba", "parallel", dtype, "cuda", T=300, tol=tol, edit=EXTREMES["mamba"][regime])
 
 
 def test_mamba_parallel_keeps_no_state_sequence():
@@ -1686,13 +1682,6 @@ def test_kda_chunked_every_length(L):
         y, S = delta_rule("kda", "chunked", q, k, v, b, g, S0, L=L)
         y_ref, S_ref = delta_rule("kda", "recurrent", q, k, v, b, g, S0)
         assert rel_err(y, y_ref) <= 1e-10 and rel_err(S, S_ref) <= 1e-10, (T, L)
-
-
-@pytest.mark.parametrize("regime", ["plain", *EXTREMES["kda"]])
-def test_kda_largest_chunk_float32_at_the_extremes(regime):
-    """Chunks of 32, the largest (factors up to e^80), in float32 at T = 100, gates at their ends: outputs, state and
-    every gradient as the recurrent form's (check_form)."""
-    check_form("kda", "chunked", torch.float32, "cpu", T=100, edit=EXTREMES["kda"].get(regime), chunk_size=32)
 
 
 def conv_qkv_reference(model, x, sizes, H, conv0=None):
