@@ -224,23 +224,14 @@ def interpreted(code):
 # ========== scan.py and selective_scan.py =======================================================
 
 def scan_reference(a, b, h0=None, reverse=False):
-    """The recurrence exactly as written, one step at a time."""
-    a = a.expand(b.shape)
+    """h_t = a_t h_{t-1} + b_t exactly as written, one step at a time: a broadcast to b, or (block_scan's) 2 x 2
+    blocks a [B, T, 2, 2, *] acting on b [B, T, 2, *]."""
+    block = a.dim() > b.dim()
+    a = a if block else a.expand(b.shape)
     h = torch.zeros_like(b[:, 0]) if h0 is None else h0
     out = [None] * b.shape[1]
     for t in (reversed(range(b.shape[1])) if reverse else range(b.shape[1])):
-        h = a[:, t] * h + b[:, t]
-        out[t] = h
-    return torch.stack(out, 1)
-
-
-def block_scan_reference(a, b, h0=None, reverse=False):
-    """h_t = a_t @ h_{t-1} + b_t one step at a time, a [B, T, 2, 2, *], b [B, T, 2, *]."""
-    h = torch.zeros_like(b[:, 0]) if h0 is None else h0
-    out = [None] * b.shape[1]
-    for t in (reversed(range(b.shape[1])) if reverse else range(b.shape[1])):
-        h = torch.stack([a[:, t, 0, 0] * h[:, 0] + a[:, t, 0, 1] * h[:, 1],
-                         a[:, t, 1, 0] * h[:, 0] + a[:, t, 1, 1] * h[:, 1]], 1) + b[:, t]
+        h = ((a[:, t] * h[:, None]).sum(2) if block else a[:, t] * h) + b[:, t]
         out[t] = h
     return torch.stack(out, 1)
 
@@ -293,7 +284,7 @@ def check_scan(device, dtype, tol, cases=SCAN_CASES + BLOCK_SCAN_CASES, referenc
     draw = lambda *shape: torch.randn(shape, device=device, generator=g)  # noqa: E731
     for shape, a_shape in cases:
         block = len(a_shape) > len(shape)
-        fn, loop = (scan_module.block_scan, block_scan_reference) if block else (scan, scan_reference)
+        fn = scan_module.block_scan if block else scan
         for reverse in (False, True):
             for with_h0 in (False, True):
                 b = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_()
@@ -302,7 +293,7 @@ def check_scan(device, dtype, tol, cases=SCAN_CASES + BLOCK_SCAN_CASES, referenc
                 h0 = torch.randn(shape[:1] + shape[2:], device=device, dtype=dtype, generator=g).requires_grad_()
                 leaves = [a, b, h0][:2 + with_h0]
                 run = lambda f: lambda a, b, h0=None: (f(a, b, h0, reverse),)  # noqa: E731
-                (h,) = check_grads(run(fn), run(reference or loop), leaves, ["h", "da", "db", "dh0"][:1 + len(leaves)],
+                (h,) = check_grads(run(fn), run(reference or scan_reference), leaves, ["h", "da", "db", "dh0"][:1 + len(leaves)],
                                    tol, draw, f"{shape} a{a_shape} reverse={reverse} h0={with_h0}")
                 assert h.shape == b.shape and h.dtype == b.dtype
 
@@ -1084,14 +1075,9 @@ def linear_attention_reference(model, x):
     q, k, v = ((x.double() @ W.T).view(B, T, H, d // H) for W in (Wq, Wk, Wv))
     y = torch.zeros(B, T, H, d // H, dtype=torch.float64)
     for i in range(T):
-        S = torch.zeros(B, H, d // H, d // H, dtype=torch.float64)
-        z = torch.zeros(B, H, d // H, dtype=torch.float64)
-        for j in range(i + 1):
-            S = S + phi(k[:, j])[..., :, None] * v[:, j][..., None, :]
-            z = z + phi(k[:, j])
-        numerator = (phi(q[:, i])[..., :, None] * S).sum(-2)  # phi(q_i)^T S_i: [B, H, E]
-        denominator = (phi(q[:, i]) * z).sum(-1, keepdim=True)  # phi(q_i)^T z_i: [B, H, 1]
-        y[:, i] = numerator / (denominator + model.eps)
+        S = sum(phi(k[:, j])[..., :, None] * v[:, j][..., None, :] for j in range(i + 1))  # S_i [B, H, D, E]
+        z = sum(phi(k[:, j]) for j in range(i + 1))  # z_i [B, H, D]
+        y[:, i] = (phi(q[:, i])[..., :, None] * S).sum(-2) / ((phi(q[:, i]) * z).sum(-1, keepdim=True) + model.eps)
     return y.flatten(2) @ model.out.weight.double().T, torch.cat([S.transpose(-1, -2), z[..., None, :]], -2)
 
 
@@ -1223,20 +1209,17 @@ def test_gated_retention_gate_exactly_one_is_retention_without_decay():
 
 def mamba2_reference(model, x, state=None):
     """The block written out token by token, head by head, from the paper's equations; its own conv."""
-    W = model.in_proj.weight
-    K, H, P, G, N = model.d_conv, model.n_head, model.headdim, model.ngroups, model.d_state
-    di = model.d_inner
+    K, H, P, G, N, di = model.d_conv, model.n_head, model.headdim, model.ngroups, model.d_state, model.d_inner
     if state is None:
         state = (x.new_zeros(x.shape[0], model.conv_dim, K - 1), x.new_zeros(x.shape[0], H, P, N))
     conv, h = [s.clone() for s in state]  # conv [B, C, K-1], h [B, H, P, N]
     ys = []
     for t in range(x.shape[1]):
-        u = x[:, t] @ W.T
-        z, xbc, dtr = u[:, :di], u[:, di:di + model.conv_dim], u[:, di + model.conv_dim:]
+        z, xbc, dtr = (x[:, t] @ model.in_proj.weight.T).split([di, model.conv_dim, H], -1)
         window = torch.cat([conv, xbc[:, :, None]], -1)  # [B, C, K]
         conv = window[:, :, 1:]
         c = F.silu((window * model.conv1d.weight[:, 0]).sum(-1) + model.conv1d.bias)
-        xs, Bv, Cv = c[:, :di], c[:, di:di + G * N], c[:, di + G * N:]
+        xs, Bv, Cv = c.split([di, G * N, G * N], -1)
         y = torch.zeros(x.shape[0], di, dtype=x.dtype)
         h = h.clone()
         for hh in range(H):
@@ -1246,9 +1229,7 @@ def mamba2_reference(model, x, state=None):
             xh, Bg, Cg = xs[:, hh * P:(hh + 1) * P], Bv[:, g * N:(g + 1) * N], Cv[:, g * N:(g + 1) * N]
             h[:, hh] = torch.exp(dt * A)[:, None, None] * h[:, hh] + dt[:, None, None] * xh[:, :, None] * Bg[:, None, :]
             y[:, hh * P:(hh + 1) * P] = (h[:, hh] @ Cg[:, :, None])[..., 0] + model.D[hh] * xh
-        y = y * F.silu(z)
-        yg = y.view(y.shape[0], G, -1)
-        y = (yg / torch.sqrt(yg.pow(2).mean(-1, keepdim=True) + model.eps)).view(y.shape[0], -1) * model.norm_weight
+        y = rms_norm((y * F.silu(z)).view(y.shape[0], G, -1), model.eps).flatten(1) * model.norm_weight  # per group
         ys.append(y @ model.out_proj.weight.T)
     return torch.stack(ys, 1), (conv, h)
 
@@ -1384,33 +1365,19 @@ def test_mamba3_lambda_one_is_mamba2_euler(form):
 def mamba_reference(m, x):
     """The block written out from the paper, from the raw parameters, channel-wise loops over time."""
     K, Di, N, R = m.d_conv, m.d_inner, m.d_state, m.dt_rank
-    Bsz, T, _ = x.shape
-    xz = x @ m.in_proj.weight.T
-    u, z = xz[..., :Di], xz[..., Di:]
-    ctx = torch.zeros(Bsz, K - 1, Di, dtype=x.dtype)
-    upad = torch.cat([ctx, u], 1)  # [B, K-1+T, Di]
-    w, cb = m.conv1d.weight[:, 0, :], m.conv1d.bias  # [Di, K]
-    A = -torch.exp(m.A_log)
-    h = torch.zeros(Bsz, Di, N, dtype=x.dtype)
-    Wx = m.x_proj.weight
+    u, z = (x @ m.in_proj.weight.T).split(Di, -1)
+    upad = torch.cat([x.new_zeros(x.shape[0], K - 1, Di), u], 1)  # [B, K-1+T, Di]
+    w, A, h = m.conv1d.weight[:, 0, :], -torch.exp(m.A_log), x.new_zeros(x.shape[0], Di, N)  # w [Di, K]
     ys = []
-    for t in range(T):
-        v = cb.clone().expand(Bsz, Di).clone()
-        for k in range(K):
-            v = v + w[:, k] * upad[:, t + k]
+    for t in range(x.shape[1]):
+        v = m.conv1d.bias + sum(w[:, k] * upad[:, t + k] for k in range(K))
         v = v * torch.sigmoid(v)
-        proj = v @ Wx.T
-        dlow, Bt, Ct = proj[:, :R], proj[:, R:R + N], proj[:, R + N:]
+        dlow, Bt, Ct = (v @ m.x_proj.weight.T).split([R, N, N], -1)
         pre = dlow @ m.dt_proj.weight.T + m.dt_proj.bias
         dt = torch.where(pre > 20, pre, torch.log1p(torch.exp(pre)))
-        new_h = torch.empty_like(h)
-        for n in range(N):  # one state coordinate at a time
-            new_h[:, :, n] = torch.exp(dt * A[:, n]) * h[:, :, n] + dt * Bt[:, n:n + 1] * v
-        h = new_h
-        y = (h * Ct[:, None, :]).sum(-1) + m.D * v
-        ys.append(y * z[:, t] * torch.sigmoid(z[:, t]))
-    out = torch.stack(ys, 1) @ m.out_proj.weight.T
-    return out, (upad[:, -(K - 1):].transpose(1, 2), h)
+        h = torch.stack([torch.exp(dt * A[:, n]) * h[:, :, n] + dt * Bt[:, n:n + 1] * v for n in range(N)], -1)
+        ys.append(((h * Ct[:, None, :]).sum(-1) + m.D * v) * z[:, t] * torch.sigmoid(z[:, t]))
+    return torch.stack(ys, 1) @ m.out_proj.weight.T, (upad[:, -(K - 1):].transpose(1, 2), h)
 
 
 def test_mamba_bf16_parameters_run():
@@ -2357,17 +2324,21 @@ def test_mlstm_core_matches_unstabilised_paper(form, regime):
 @pytest.mark.parametrize("T", [1, 8, 21])
 def test_mlstm_core_forms_match_recurrent_under_extreme_gates(regime, dtype, T):
     """Outputs, states and the gradients, from a random state, gates at 0 and 1 and beyond float32's exp: all
-    finite, and equal to the recurrence's. m is compared relative to its size, C~ and n~ in the recurrence's frame,
-    C~ exp(m - m_recurrent): at m ~ 1e4 float32 rounds m itself by ~1e-3, a choice of frame, not an error in the
-    state. Gradients are measured against the scale of dL/dv: where one token outweighs the rest (h_t -> +-v_t),
-    the gradients w.r.t. q, k and the gates are 0 up to rounding, and those w.r.t. the initial state ~e^-100.
-    In float32, q and k are drawn nonnegative, so that n_t^T q_t sums positive terms: with signs it can be any
-    small number, and float32 resolves h_t and its gradients only to ~1e-7 (sum of |terms|) / |n_t^T q_t| (the
-    recurrence itself measured 3e-3 off the float64 one in dL/dq at 21 jumpy tokens: where one token dominates,
-    dh_t/dq_t = 0 is two terms of ~1 / |k_t q_t| that cancel)."""
+    finite, and equal to the recurrence's; m in every form the paper's max recurrence m_t = max(log f_t + m_{t-1},
+    i~_t) (i = e^100 overflows float32's exp; f = 0 with i = e^-1e4 puts m near -1e4, exp(-m) = inf). m is compared
+    relative to its size, C~ and n~ in the recurrence's frame, C~ exp(m - m_recurrent): at m ~ 1e4 float32 rounds m
+    itself by ~1e-3, a choice of frame, not an error in the state. Gradients are measured against the scale of dL/dv:
+    where one token outweighs the rest (h_t -> +-v_t), the gradients w.r.t. q, k and the gates are 0 up to rounding,
+    and those w.r.t. the initial state ~e^-100. In float32, q and k are drawn nonnegative, so that n_t^T q_t sums
+    positive terms: with signs it can be any small number, and float32 resolves h_t and its gradients only to ~1e-7
+    (sum of |terms|) / |n_t^T q_t| (the recurrence itself measured 3e-3 off the float64 one in dL/dq at 21 jumpy
+    tokens: where one token dominates, dh_t/dq_t = 0 is two terms of ~1 / |k_t q_t| that cancel)."""
     inputs, state = mlstm_core_inputs(regime, dtype, T=T, positive=dtype == torch.float32)
+    assert regime != "i_huge" or dtype == torch.float64 or torch.isinf(inputs[3].exp()).any()  # e^100 overflows
     leaves = [t.requires_grad_() for t in inputs + list(state[:2])]
-    state = (leaves[5], leaves[6], state[2])
+    state, m_paper = (leaves[5], leaves[6], state[2]), state[2]
+    for t in range(T):  # the paper's max recurrence
+        m_paper = torch.maximum(inputs[4][:, t].detach() + m_paper, inputs[3][:, t].detach())
     with torch.no_grad():
         m_ref = mlstm_core("recurrent", *inputs, state)[1][2]
     B, T, H, Dv = inputs[2].shape
@@ -2383,25 +2354,12 @@ def test_mlstm_core_forms_match_recurrent_under_extreme_gates(regime, dtype, T):
         outs[form] = [h, C, n, m, *grads]
         for name, t in zip(names, outs[form]):
             assert torch.isfinite(t).all(), f"{form} {name} not finite"
+        assert rel_err(m, m_paper) <= 1e-6, f"{form}: m rel err {rel_err(m, m_paper):.2e}"
     scale = outs["recurrent"][names.index("v")].norm().item()
     for form in ("parallel", "chunked"):
         for i, (name, o, r) in enumerate(zip(names, outs[form], outs["recurrent"])):
             err = rel_err(o, r) if i < 4 else (o - r).norm().item() / (max(r.norm().item(), scale) or 1.0)
             assert err <= TOL[dtype], f"{form} {name}: {err:.2e}"
-
-
-def test_mlstm_m_is_the_max_recurrence():
-    """i = e^100 overflows float32's exp, and f = 0 with i = e^-1e4 puts m near -1e4 (exp(-m) = inf): every form
-    returns a finite h and the m of the paper's max recurrence m_t = max(log f_t + m_{t-1}, i~_t)."""
-    for regime in ("i_huge", "f_zero_i_tiny"):
-        inputs, state = mlstm_core_inputs(regime, torch.float32)
-        log_i, g, m = inputs[3], inputs[4], state[2]
-        assert regime != "i_huge" or torch.isinf(log_i.exp()).any()
-        for t in range(log_i.shape[1]):
-            m = torch.maximum(g[:, t] + m, log_i[:, t])
-        for form in ("recurrent", "parallel", "chunked"):
-            h, (_, _, m_form) = mlstm_core(form, *inputs, state)
-            assert torch.isfinite(h).all() and rel_err(m_form, m) <= 1e-6, (regime, form)
 
 
 @pytest.mark.parametrize("i_bias", [None, 15.0, -15.0])
