@@ -161,19 +161,23 @@ def assert_states_equal(got, want, tol, what):
             assert torch.equal(a, b), f"{what} state[{i}] differs"
 
 
-def check_grads(fn, reference, leaves, names, tol, draw, what="", grad_tol=None):
+def check_grads(fn, reference, leaves, names, tol, draw, what="", grad_tol=None, against=None):
     """fn(*leaves) against reference(*float64 copies of leaves), both tuples of outputs: every output within tol, and
     the gradient w.r.t. every leaf of a random projection of all of them (draw(*shape), rounded to the output's
-    dtype) within grad_tol (default tol). names: the outputs', then the gradients'. Returns fn's outputs."""
+    dtype) within grad_tol (default tol). names: the outputs', then the gradients'; against {name: other}: that one
+    measured against the larger of its scale and other's (where the reference's is 0, the forms' is rounding that
+    cancels). Returns fn's outputs."""
     outs = fn(*leaves)
     ws = [draw(*o.shape).to(o.dtype) for o in outs]
     ref = [t.detach().double().requires_grad_() for t in leaves]
     refs = reference(*ref)
     grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, ws)), leaves)
     ref_grads = torch.autograd.grad(sum((r * w.double()).sum() for r, w in zip(refs, ws)), ref)
+    scale, against = dict(zip(names, [t.norm().item() for t in [*refs, *ref_grads]])), against or {}
     for i, (n, o, r) in enumerate(zip(names, [*outs, *grads], [*refs, *ref_grads], strict=True)):
         bound = tol if i < len(outs) else grad_tol or tol
-        assert o.shape == r.shape and rel_err(o, r) <= bound, f"{what} {n}: rel err {rel_err(o, r):.1e}"
+        err = (o.double() - r).norm().item() / max(scale[n], scale[against[n]]) if n in against else rel_err(o, r)
+        assert o.shape == r.shape and err <= bound, f"{what} {n}: rel err {err:.1e}"
     return outs
 
 
@@ -186,14 +190,14 @@ def model_class(name):
     return getattr(module(name), MODELS[name][0])
 
 
-def make(name, dtype=torch.float64, device="cpu", seed=0, edit=None, **options):
-    """MODELS[name] at width D_MODEL with its small options (options override them), seeded. The paper's init stays,
+def make(name, dtype=torch.float64, device="cpu", seed=0, edit=None, d_model=D_MODEL, **options):
+    """MODELS[name] at width d_model with its small options (options override them), seeded. The paper's init stays,
     but parameters initialised to a constant (zeros; ones: a norm's weight, Mamba's D) get 0.1 N(0, 1) added, so
     their gradients matter and a wrong index into them shows; edit(model) then sets a regime (EXTREMES); then to
     dtype and device."""
     torch.manual_seed(seed)
     cls_name, small = MODELS[name]
-    model = getattr(module(name), cls_name)(D_MODEL, **{**small, **options})
+    model = getattr(module(name), cls_name)(d_model, **{**small, **options})
     with torch.no_grad():
         for p in model.parameters():
             if p.min() == p.max():
@@ -220,23 +224,14 @@ def interpreted(code):
 # ========== scan.py and selective_scan.py =======================================================
 
 def scan_reference(a, b, h0=None, reverse=False):
-    """The recurrence exactly as written, one step at a time."""
-    a = a.expand(b.shape)
+    """h_t = a_t h_{t-1} + b_t exactly as written, one step at a time: a broadcast to b, or (block_scan's) 2 x 2
+    blocks a [B, T, 2, 2, *] acting on b [B, T, 2, *]."""
+    block = a.dim() > b.dim()
+    a = a if block else a.expand(b.shape)
     h = torch.zeros_like(b[:, 0]) if h0 is None else h0
     out = [None] * b.shape[1]
     for t in (reversed(range(b.shape[1])) if reverse else range(b.shape[1])):
-        h = a[:, t] * h + b[:, t]
-        out[t] = h
-    return torch.stack(out, 1)
-
-
-def block_scan_reference(a, b, h0=None, reverse=False):
-    """h_t = a_t @ h_{t-1} + b_t one step at a time, a [B, T, 2, 2, *], b [B, T, 2, *]."""
-    h = torch.zeros_like(b[:, 0]) if h0 is None else h0
-    out = [None] * b.shape[1]
-    for t in (reversed(range(b.shape[1])) if reverse else range(b.shape[1])):
-        h = torch.stack([a[:, t, 0, 0] * h[:, 0] + a[:, t, 0, 1] * h[:, 1],
-                         a[:, t, 1, 0] * h[:, 0] + a[:, t, 1, 1] * h[:, 1]], 1) + b[:, t]
+        h = ((a[:, t] * h[:, None]).sum(2) if block else a[:, t] * h) + b[:, t]
         out[t] = h
     return torch.stack(out, 1)
 
@@ -289,7 +284,7 @@ def check_scan(device, dtype, tol, cases=SCAN_CASES + BLOCK_SCAN_CASES, referenc
     draw = lambda *shape: torch.randn(shape, device=device, generator=g)  # noqa: E731
     for shape, a_shape in cases:
         block = len(a_shape) > len(shape)
-        fn, loop = (scan_module.block_scan, block_scan_reference) if block else (scan, scan_reference)
+        fn = scan_module.block_scan if block else scan
         for reverse in (False, True):
             for with_h0 in (False, True):
                 b = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_()
@@ -298,7 +293,7 @@ def check_scan(device, dtype, tol, cases=SCAN_CASES + BLOCK_SCAN_CASES, referenc
                 h0 = torch.randn(shape[:1] + shape[2:], device=device, dtype=dtype, generator=g).requires_grad_()
                 leaves = [a, b, h0][:2 + with_h0]
                 run = lambda f: lambda a, b, h0=None: (f(a, b, h0, reverse),)  # noqa: E731
-                (h,) = check_grads(run(fn), run(reference or loop), leaves, ["h", "da", "db", "dh0"][:1 + len(leaves)],
+                (h,) = check_grads(run(fn), run(reference or scan_reference), leaves, ["h", "da", "db", "dh0"][:1 + len(leaves)],
                                    tol, draw, f"{shape} a{a_shape} reverse={reverse} h0={with_h0}")
                 assert h.shape == b.shape and h.dtype == b.dtype
 
@@ -375,13 +370,9 @@ def few_unless_slow(cases, few):
     return cases if os.environ.get("SLOW") == "1" else few
 
 
-def cuda_modes(f32_tol, bf16_tol):
-    """(dtype, tol, mode) for a kernel's GPU tests: each dtype in one mode by default, in both with SLOW=1 (each
-    mode and dtype compiles its own kernels: 7 to 50 s a case on an H200)."""
-    return [pytest.param(torch.float32, f32_tol, "chunks", id="f32-chunks"),
-            pytest.param(torch.bfloat16, bf16_tol, "one pass", id="bf16-one pass"),
-            pytest.param(torch.float32, f32_tol, "one pass", id="f32-one pass", marks=slow),
-            pytest.param(torch.bfloat16, bf16_tol, "chunks", id="bf16-chunks", marks=slow)]
+def force_mode(monkeypatch, mode):
+    monkeypatch.setattr(scan_module, "PROGRAMS_PER_SM", SCAN_MODES[mode][0])
+    monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
 
 
 def spy_reduce(*kernels, module=scan_module):
@@ -431,14 +422,10 @@ def test_scan_accumulates_in_float32(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_scan_gates_at_zero_and_one(device):
+def test_scan_gates_at_zero_and_one_and_long_sequences(device):
     b = torch.randn(2, 300, 8, device=device)
     a = torch.randint(0, 2, (2, 300, 8), device=device).float()  # forget everything, or keep everything
     assert rel_err(scan(a, b), scan_reference(a.double(), b.double())) <= 1e-6
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_scan_long_sequence_is_finite(device):
     b = torch.randn(2, 16384, 8, device=device, requires_grad=True)
     a = torch.rand(2, 16384, 8, device=device).requires_grad_()
     h = scan(a, b)
@@ -498,13 +485,33 @@ def test_scan_compiled_interpreted():
 
 
 @needs_cuda
-# bf16 inputs and h are rounded to 8 bits (4e-3 each); the sums stay float32, so errors do not compound
-@pytest.mark.parametrize("dtype,tol,mode", cuda_modes(1e-5, 2e-2))
-def test_scan_triton_cuda(dtype, tol, mode, monkeypatch):
-    monkeypatch.setattr(scan_module, "PROGRAMS_PER_SM", SCAN_MODES[mode][0])
-    monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
-    # full, a gate per head over 16 channels, one per head for all batches and steps, blocks of 2 x 2
-    check_scan("cuda", dtype, tol, few_unless_slow(SCAN_CASES + BLOCK_SCAN_CASES, SCAN_CASES[:3] + BLOCK_SCAN_CASES[:1]))
+@pytest.mark.parametrize("dtype,mode", [  # each dtype in one mode, in both with SLOW=1: 7 to 50 s a case on an H200
+    pytest.param(torch.float32, "chunks", id="f32-chunks"),
+    pytest.param(torch.bfloat16, "one pass", id="bf16-one pass"),
+    pytest.param(torch.float32, "one pass", id="f32-one pass", marks=slow),
+    pytest.param(torch.bfloat16, "chunks", id="bf16-chunks", marks=slow)])
+@pytest.mark.parametrize("kernel", ["scan", "selective_scan", "scalar_decay"])
+def test_kernels_triton_cuda(kernel, dtype, mode, monkeypatch):
+    """Each kernel in the mode forced (scalar_decay's has one) against the loop (scan) or the PyTorch engine in
+    float64. scalar_decay at model shapes: T = 2048 by 64 with two heads sharing q and k, linear attention's 97 value
+    columns with its normaliser; with SLOW=1 also RetNet's 96 by 192 (three value tiles), Mamba-2's 128 by 64
+    (groups) and 32 by 256."""
+    force_mode(monkeypatch, mode)
+    f32 = dtype == torch.float32
+    if kernel == "scan":  # bf16: inputs and h rounded to 8 bits (4e-3 each), the sums float32: no compounding
+        few = SCAN_CASES[:3] + BLOCK_SCAN_CASES[:1]  # full, one gate per head over 16 channels, per head, 2 x 2 blocks
+        check_scan("cuda", dtype, 1e-5 if f32 else 2e-2, few_unless_slow(SCAN_CASES + BLOCK_SCAN_CASES, few))
+    elif kernel == "selective_scan":  # bf16: x, dt, B, C rounded before both; y and dx once more, the sums float32
+        cases = [(2, 333, 100, 16, True, 1.0), (1, 8192, 256, 16, True, 1.0), (4, 1000, 48, 5, False, 1.0),
+                 (2, 500, 64, 16, True, 30.0)]
+        check_selective("cuda", dtype, 1e-4 if f32 else 2e-2, cases, reference=selective_scan)
+    elif f32 != (mode == "chunks"):
+        pytest.skip("scalar_decay's kernels have one mode: each dtype runs once")
+    else:  # bf16: q, k, v rounded before both; A, S, dS rounded for the dots, sums float32
+        cases = [(2, 2048, 1, 2, 64, 64), (1, 300, 3, 3, 96, 97), (2, 333, 2, 2, 96, 192), (1, 200, 1, 4, 128, 64),
+                 (1, 100, 1, 1, 32, 256)]
+        check_scalar_decay("cuda", dtype, 1e-4 if f32 else 5e-2, few_unless_slow(cases, cases[:2]),
+                           reference=scalar_decay)
 
 
 @slow
@@ -513,8 +520,7 @@ def test_scan_triton_cuda(dtype, tol, mode, monkeypatch):
 def test_scan_triton_cuda_long(mode, monkeypatch):
     """Long, thin sequences (T = 65536 by 8 channels; 3000 steps by 300 channels, a per-row gate): chunked over time,
     against the PyTorch engine in float64, itself checked against the loop (which takes 8 to 15 s a call here)."""
-    monkeypatch.setattr(scan_module, "PROGRAMS_PER_SM", SCAN_MODES[mode][0])
-    monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
+    force_mode(monkeypatch, mode)
     check_scan("cuda", torch.float32, 1e-4, [((1, 65536, 8), (1, 65536, 8)), ((2, 3000, 300), (2, 3000, 1))], scan)
 
 
@@ -523,29 +529,6 @@ def test_scan_triton_cuda_long(mode, monkeypatch):
 def test_scan_compiled_cuda():
     """Inductor's code around the custom ops on a GPU (18 s on an H200; the models' compiled tests call them too)."""
     check_scan_compiled("cuda")
-
-
-@needs_cuda
-# bf16: x, dt, B, C rounded to 8 bits before both; y and dx rounded once more, the sums stay float32
-@pytest.mark.parametrize("dtype,tol,mode", cuda_modes(1e-4, 2e-2))
-def test_selective_scan_triton_cuda(dtype, tol, mode, monkeypatch):
-    monkeypatch.setattr(scan_module, "PROGRAMS_PER_SM", SCAN_MODES[mode][0])
-    monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
-    cases = [(2, 333, 100, 16, True, 1.0), (1, 8192, 256, 16, True, 1.0), (4, 1000, 48, 5, False, 1.0),
-             (2, 500, 64, 16, True, 30.0)]
-    check_selective("cuda", dtype, tol, cases, reference=selective_scan)
-
-
-@needs_cuda
-# bf16: q, k, v rounded before both; inside, A, S and dS rounded to bf16 for the dots, sums in float32
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["f32", "bf16"])
-def test_scalar_decay_triton_cuda(dtype, tol):
-    """The kernels at model shapes against the PyTorch engine in float64: T = 2048 by 64 with two heads sharing q and
-    k, linear attention's 97 value columns with its normaliser; with SLOW=1 also RetNet's 96 by 192 (three value
-    tiles), Mamba-2's 128 by 64 (groups) and 32 by 256."""
-    cases = [(2, 2048, 1, 2, 64, 64), (1, 300, 3, 3, 96, 97), (2, 333, 2, 2, 96, 192), (1, 200, 1, 4, 128, 64),
-             (1, 100, 1, 1, 32, 256)]
-    check_scalar_decay("cuda", dtype, tol, few_unless_slow(cases, cases[:2]), reference=scalar_decay)
 
 
 def custom_op_args(op, device, T=37):
@@ -663,16 +646,19 @@ def check_form(name, form, dtype, device, T=21, B=2, tol=None, edit=None, gates=
         assert err <= bound, f"{where}: rel err {err:.2e} > {bound:.2e}"
 
 
-def check_long(name, regime, device):
-    """T = 16384 (attention on the CPU: 4096, its T x T scores) in float32 through the default (training) form, under
-    bf16 autocast on a GPU, forward and backward, chunks of 8 (2048 composed) and the largest allowed (64; kda: 32),
-    where the factors inside a chunk are largest: the output, the state and every gradient finite."""
-    T = 4096 if name == "attention" and device == "cpu" else 16384
-    for chunk in [dict(chunk_size=8), dict(chunk_size=LARGEST_CHUNK.get(name, 64))] if name in CHUNKED else [{}]:
-        model = make(name, torch.float32, device, edit=EXTREMES.get(name, {}).get(regime), **chunk)
-        x = torch.randn(1 if device == "cpu" else 2, T, D_MODEL, device=device, requires_grad=True)
+def check_long(name, regime, device, form=None, T=None, **options):
+    """T = 16384 (attention on the CPU: 4096, its T x T scores) in float32 through the default (training) form or
+    form, under bf16 autocast on a GPU, forward and backward, chunks of 8 (2048 composed) and the largest allowed (64;
+    kda: 32), where the factors inside a chunk are largest, or as options say: the output, the state and every
+    gradient finite."""
+    T = T or (4096 if name == "attention" and device == "cpu" else 16384)
+    chunked = name in CHUNKED and form is None and not options
+    for chunk in [dict(chunk_size=8), dict(chunk_size=LARGEST_CHUNK.get(name, 64))] if chunked else [{}]:
+        model = make(name, torch.float32, device, edit=EXTREMES.get(name, {}).get(regime), **chunk, **options)
+        x = torch.randn(1 if device == "cpu" else 2, T, options.get("d_model", D_MODEL), device=device,
+                        requires_grad=True)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            y, state = model(x)
+            y, state = model(x) if form is None else model(x, form=form)
         floats = [t for t in tensors(state) if t.is_floating_point()]
         (y.float().square().mean() + sum(t.float().square().mean() for t in floats)).backward()
         what = f"{name} {regime} {chunk}"
@@ -709,15 +695,43 @@ def test_forms_match_recurrent_at_the_extremes(name, regime, dtype, tol):
             check_form(name, form, dtype, "cpu", T=T, tol=tol, edit=EXTREMES[name][regime], gates=GATES.get(name, ()))
 
 
-@pytest.mark.parametrize("name,regime", [(name, "plain") for name in MODELS]
-                         + [case for case in EXTREME_CASES if case not in UNREFERENCED])
-def test_forms_match_reference(name, regime):
+# check_form where MODELS' options and the CPU do not reach: kda's largest chunk (factors up to e^80) in float32 at
+# T = 100, its gates at their ends; mamba2's groups and ragged chunks; mamba on a GPU with dt at its ends (~1e-9, 20)
+FORM_CASES = [("kda", r, "cpu", torch.float32, None, 100, dict(chunk_size=32)) for r in ["plain", *EXTREMES["kda"]]] + [
+    ("mamba2", "plain", "cpu", dtype, None, T, dict(ngroups=G, chunk_size=L))
+    for dtype in (torch.float64, torch.float32) for G, L, T in [(2, 8, 21), (4, 5, 3), (1, 7, 29), (2, 32, 19)]] + [
+    ("mamba", r, "cuda", dtype, tol, 300, {}) for r in ("dt_bias=20", "dt_bias=-20")
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2))]
+
+
+@pytest.mark.parametrize("name,regime,device,dtype,tol,T,options", [pytest.param(*case, marks=[needs_cuda] * (
+    case[2] == "cuda"), id="-".join([*case[:3], str(case[3])[6:], *(f"{k}={v}" for k, v in case[6].items())]))
+    for case in FORM_CASES])
+def test_forms_match_recurrent_with_options(name, regime, device, dtype, tol, T, options):
+    for form in forms(name):
+        check_form(name, form, dtype, device, T=T, tol=tol, edit=EXTREMES.get(name, {}).get(regime), **options)
+
+
+# the models whose references start from a state (mamba3's: its complex recurrence, mamba3_complex)
+FROM_A_STATE = ("mamba2", "mamba3", "deltanet", "gated_deltanet", "rwkv7", "rnn", "lstm")
+REFERENCE_CASES = ([(name, "plain", {}) for name in MODELS] + [(*c, {}) for c in EXTREME_CASES if c not in UNREFERENCED]
+                   + [("mamba2", "plain", dict(ngroups=G)) for G in (1, 4)]
+                   + [("mamba3", "plain", o) for o in (dict(ngroups=1), dict(rope_fraction=1.0, d_state=6))])
+
+
+@pytest.mark.parametrize("name,regime,options", REFERENCE_CASES, ids=[
+    "-".join([name, regime, *(f"{k}={v}" for k, v in options.items())]) for name, regime, options in REFERENCE_CASES])
+def test_forms_match_reference(name, regime, options):
     """Every form against the model's independent reference (<model>_reference, each model's section: written from
     the paper or by someone else), from an empty state and from the state the form left after a prefix (the
-    reference reads the prefix's tokens too): outputs, and the final state where the reference keeps one."""
+    reference reads the prefix's tokens too): outputs, and the final state where the reference keeps one. Those of
+    FROM_A_STATE also from an arbitrary state, a prefix's with every float in it moved by 10 U(0, 1) (mamba3's angles
+    past 2 pi, kept in [0, 2 pi) on the way out). mamba2's and mamba3's groups, mamba3 with every state dimension
+    turned (rope_fraction 1)."""
     reference = globals()[name + "_reference"]
-    model = make(name, edit=EXTREMES.get(name, {}).get(regime))
-    x = torch.randn(2, 23, D_MODEL, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model = make(name, edit=EXTREMES.get(name, {}).get(regime), **options)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 23, D_MODEL, dtype=torch.float64, generator=g)
     with torch.no_grad():
         y_ref, s_ref = reference(model, x)
         for form in forms(name, recurrent=True):
@@ -728,6 +742,17 @@ def test_forms_match_reference(name, regime):
             if s_ref is not None:
                 assert_states_equal(s, s_ref, 1e-12, f"{name}/{form}")
                 assert_states_equal(s_cont, s_ref, 1e-12, f"{name}/{form} after a prefix:")
+        if name not in FROM_A_STATE:
+            return
+        _, s0 = model(torch.randn(2, 6, D_MODEL, dtype=torch.float64, generator=g), form="recurrent")
+        s0 = map_state(lambda t: t + 10 * torch.rand(t.shape, dtype=t.dtype, generator=g) if t.is_floating_point()
+                       else t, s0)
+        y_ref, s_ref = (mamba3_complex if name == "mamba3" else reference)(model, x, s0)
+        for form in forms(name, recurrent=True):
+            y, s = model(x, s0, form=form)
+            assert rel_err(y, y_ref) <= 1e-12, f"{name}/{form} from a state: y rel err {rel_err(y, y_ref):.2e}"
+            assert_states_equal(s, s_ref, 1e-12, f"{name}/{form} from a state")
+            assert name != "mamba3" or ((s[0] >= 0).all() and (s[0] < 2 * math.pi).all()), form
 
 
 @pytest.mark.parametrize("name,regime", [(name, "plain") for name in MODELS]
@@ -807,21 +832,25 @@ def test_long_decoding_matches_one_pass(name):
     assert_states_equal(s_rest, s_full, tol, f"{name}: after a continuing forward:")
 
 
-# the models with a short conv, and the option that sets its width
-@pytest.mark.parametrize("name,conv", [("deltanet", "conv_size"), ("gated_deltanet", "conv_size"), ("mamba", "d_conv"),
-                                       ("mamba2", "d_conv"), ("kda", "conv_size"), ("mlstm", "conv_size")])
-def test_conv_free_variant_forms_agree(name, conv):
-    """The recall study's conv-free variants (--mixer-args conv_size=1 / d_conv=1: a width-1 conv, no mixing in
-    time): every form and a loop of step() agree."""
-    m = make(name, **{conv: 1})
+# the models with a short conv, the option that sets its width, and widths: 1, the recall study's conv-free variants
+# (--mixer-args conv_size=1 / d_conv=1: no mixing in time); Mamba's others, with a dt_rank of 3
+@pytest.mark.parametrize("name,conv,width", [(name, conv, 1) for name, conv in [
+    ("deltanet", "conv_size"), ("gated_deltanet", "conv_size"), ("mamba", "d_conv"), ("mamba2", "d_conv"),
+    ("kda", "conv_size"), ("mlstm", "conv_size")]] + [("mamba", "d_conv", width) for width in (2, 4, 6)])
+def test_conv_widths_forms_agree(name, conv, width):
+    """Every form and a loop of step() agree; mamba's conv state keeps the last width - 1 inputs, and its reference
+    agrees."""
+    m = make(name, **{conv: width}, **({"dt_rank": 3} if width > 1 else {}))
     x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
     state, ys = None, []
     for t in range(x.shape[1]):
         y, state = m.step(x[:, t], state)
         ys.append(y)
     for form in forms(name, recurrent=True):
-        y, _ = m(x, form=form)
+        y, s = m(x, form=form)
         assert rel_err(y, torch.stack(ys, 1)) <= 1e-10, form
+    if name == "mamba":
+        assert s[0].shape == (2, 64, width - 1) and (width == 1 or rel_err(y, mamba_reference(m, x)[0]) <= 1e-10)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -883,10 +912,10 @@ def assert_drawn(cdf, what):
     assert ks <= 1.95 / math.sqrt(n), f"{what}: KS distance {ks:.3f}, n = {n}"
 
 
-def assert_uniform(w, low, high, what):
+def assert_uniform(w, low, high, what, slack=1e-6):
     """The entries of w are draws from U(low, high): all inside, and their KS distance small (assert_drawn)."""
     x = w.detach().double().flatten().sort().values
-    slack = 1e-6 * (high - low)  # float32 draws: rounding at the ends
+    slack *= high - low  # float32 draws: rounding at the ends
     assert x[0] >= low - slack and x[-1] <= high + slack, \
         f"{what}: range [{x[0]:.4g}, {x[-1]:.4g}] is not inside [{low:.4g}, {high:.4g}]"
     assert_drawn((x - low) / (high - low), f"{what} from U({low:.4g}, {high:.4g})")
@@ -914,6 +943,124 @@ def assert_xavier(layer, gain, what):
     assert_uniform(layer.weight, -bound, bound, f"{what}.weight (xavier, gain {gain:.4g})")
 
 
+def xavier(gain):
+    return lambda layer, what: assert_xavier(layer, gain, what)
+
+
+def uniform(low, high, of=lambda w: w, slack=1e-6):
+    return lambda w, what: assert_uniform(of(w.detach().double()), low, high, what, slack)
+
+
+def normal(std, of=lambda w: w):
+    return lambda w, what: assert_normal(of(w), std, what)
+
+
+def holds(claim):
+    def check(w, what):
+        assert claim(w.detach() if torch.is_tensor(w) else w), what
+    return check
+
+
+TORCH = assert_torch_default  # nn.Linear's and nn.Conv1d's own init
+LOG_DT = uniform(math.log(1e-3), math.log(0.1), lambda w: F.softplus(w).log())  # Mamba's dt_init: softplus(dt_bias)
+# each model's defaults and init as its docstring and the code it follows say: name -> [(constructor arguments,
+# {attribute: the value it equals (None: no such bias), or checks of it})], torch.manual_seed(0) before each model;
+# distributions drawn at widths that give hundreds of draws
+INITS = {
+    "linear_attention": [(dict(d_model=256), {"qkv": TORCH, "out": TORCH})],  # no init of its own
+    "attention": [(dict(d_model=512), {"n_head": 8}), (dict(d_model=256), {"qkv": TORCH, "out": TORCH})],
+    "retnet": [(dict(d_model=256, n_head=8), {  # torchscale 0.3.0's: gain 2^-2.5 on W_Q, W_K, W_V, W_G; GroupNorm 1, 0
+        **dict.fromkeys("qkvg", xavier(2 ** -2.5)), "out": xavier(1.0), "norm.weight": 1, "norm.bias": 0})],
+    "gated_retention": [(dict(d_model=256, n_head=16), {  # YOCO's GateRetention; its gate has no bias: nn.Linear's
+        **dict.fromkeys(["q", "k", "v", "g", "gate"], xavier(2 ** -2.5)), "out": xavier(0.5),
+        "gate.bias": uniform(-1 / 16, 1 / 16)})],
+    "mamba2": [  # mamba_ssm's Mamba2: no projection biases; A = -exp(A_log) ~ U(-16, -1) (A_init_range), D = 1
+        (dict(d_model=32), {"n_head": 1, "headdim": 64, "d_state": 128, "d_conv": 4, "chunk_size": 256,
+                            "in_proj.bias": None, "out_proj.bias": None, "conv1d.bias.shape": (320,)}),
+        (dict(d_model=256, expand=8, headdim=1, d_state=8), {  # 2048 heads
+            "dt_bias": LOG_DT, "A_log": uniform(1.0, 16.0, torch.exp, slack=0), "D": 1, "norm_weight": 1})],
+    "mamba3": [  # mamba_ssm's Mamba3 (SISO): rope_fraction 1/2 (d_state / 4 angles), in_proj without bias to
+        # 2 d_inner + 2 G N + 3 H + angles; B and C biases 1 [H, N]; the B and C norms' weights 1; D = 1
+        (dict(d_model=64), {"d_state": 128, "headdim": 64, "d_inner": 128, "ngroups": 1, "n_head": 2, "n_angles": 32,
+                            "chunk_size": 64, "A_floor": 1e-4, "eps": 1e-5, "in_proj.bias": None, "out_proj.bias": None,
+                            "in_proj.weight.shape": (2 * 128 + 2 * 128 + 3 * 2 + 32, 64), "in_proj": TORCH,
+                            "out_proj": TORCH, "B_bias.shape": (2, 128), "C_bias.shape": (2, 128), "B_bias": 1,
+                            "C_bias": 1, "B_norm_weight": 1, "C_norm_weight": 1, "D": 1}),
+        (dict(d_model=256, expand=8, headdim=1, d_state=8), {"dt_bias": LOG_DT})],
+    "mamba": [  # the paper's and mamba_ssm's: A = -(1..N) in every channel (S4D-real), D = 1, dt_init "random":
+        # dt_proj's weight U(-dt_rank^-0.5, dt_rank^-0.5)
+        (dict(d_model=64), {"dt_rank": 4, "d_inner": 128, "A_log.shape": (128, 16), "in_proj.bias": None,
+                            "x_proj.bias": None, "out_proj.bias": None, "conv1d.bias.shape": (128,)}),
+        (dict(d_model=256, expand=8), {"dt_rank": 16, "D": 1, "dt_proj.bias": LOG_DT,
+                                       "A_log": holds(lambda w: torch.allclose(w.exp(), torch.arange(1.0, 17.0))),
+                                       "dt_proj.weight": uniform(-16 ** -0.5, 16 ** -0.5)})],
+    "deltanet": [  # fla's defaults; no init of its own (the optional gate's too), the RMSNorm's weight 1
+        (dict(d_model=64), {"n_head": 4, "chunk_size": 64, "conv.kernel_size": (4,), "gate": None}),
+        (dict(d_model=256, use_gate=True), {**dict.fromkeys(["qkv", "conv", "beta", "gate", "out"], TORCH),
+                                            "norm": 1})],
+    "gated_deltanet": [  # fla's: keys 0.75 d_model and values 1.5 d_model wide, no biases, ~6 d_model^2 parameters
+        (dict(d_model=384), {"n_head": 6, "key": 288, "value": 576, "chunk_size": 64, "eps": 1e-5,
+                             "conv.kernel_size": (4,), "conv.bias": None, "norm.shape": (96,),
+                             **{name + ".bias": None for name in ("qkv", "a", "beta", "gate", "out")},
+                             "parameters": holds(lambda ps: sum(p.numel() for p in ps()) == pytest.approx(
+                                 6 * 384 ** 2, rel=0.02))}),
+        (dict(d_model=800, n_head=100), {  # A = exp(A_log) ~ U(0, 16), not Mamba2's (1, 16); dt as Mamba2's
+            "A_log": holds(lambda w: 0 < w.exp().min() < 1 and w.exp().max() < 16 and 6 < w.exp().mean() < 10),
+            "dt_bias": holds(lambda w: 1e-3 * (1 - 1e-6) <= F.softplus(w).min() and F.softplus(w).max() <= 0.1 * (
+                1 + 1e-6) and abs(F.softplus(w).log().mean() - math.log(1e-2)) < 0.5)})],  # log dt centred
+    "kda": [  # fla's KimiDeltaAttention at its default width 2048: 16 heads of 128, f_proj and g_proj of rank head_dim
+        # (only g_proj's second with a bias); A_log = 0 (fla's with safe_gate), the norm's weight 1; chunks of 32 at
+        # most; PyTorch's default elsewhere
+        (dict(d_model=2048), {"n_head": 16, "head_dim": 128, "chunk_size": 32, "eps": 1e-5, "conv.kernel_size": (4,),
+                              "conv.bias": None, "conv.in_channels": 3 * 2048, "A_log.shape": (16,),
+                              "norm.shape": (128,), "f_proj.0.weight.shape": (128, 2048),
+                              "f_proj.1.weight.shape": (2048, 128), "g_proj.0.weight.shape": (128, 2048),
+                              "g_proj.1.weight.shape": (2048, 128), "named_parameters": holds(lambda ps: [
+                                  n for n, _ in ps() if n.endswith("bias")] == ["dt_bias", "g_proj.1.bias"]),
+                              # q, k, v, o; f_proj and g_proj; b_proj; convs; A_log; dt_bias; norm; g_proj's bias
+                              "parameters": holds(lambda ps: sum(p.numel() for p in ps()) == 4 * 2048 ** 2 + 4 * 2048
+                                                  * 128 + 2048 * 16 + 3 * 2048 * 4 + 16 + 2048 + 128 + 2048)}),
+        (dict(d_model=512), {"n_head": 4, "A_log": 0, "norm": 1, "dt_bias": LOG_DT, **dict.fromkeys(
+            ["qkv", "conv", "f_proj.0", "f_proj.1", "b_proj", "g_proj.0", "g_proj.1", "o_proj"], TORCH)}),
+        (dict(d_model=32), {"head_dim": 32}), (dict(d_model=384), {"n_head": 3})],
+    "rnn": [(dict(d_model=64, d_hidden=4096), {"w_h": uniform(0.0, 1.0), "inp": TORCH, "out": TORCH})],  # |w_h| < 1
+    "lstm": [(dict(d_model=64, d_hidden=1024), {  # the biases in the docstring's gate order [i, f, o, g]: f's 1
+        "inp.weight": uniform(-1 / 8, 1 / 8), "r": uniform(-1.0, 1.0), "out": TORCH,
+        "inp.bias": holds(lambda b: (b.view(4, -1)[1] == 1).all() and b.view(4, -1)[[0, 2, 3]].abs().max() <= 1 / 8)})],
+    "mlstm": [  # xLSTM's mLSTMLayer and mLSTMCell: small init N(0, 2 / (5 d_model)), wang init N(0, (2 / sqrt(d))^2);
+        # gate weights 0, input-gate biases N(0, 0.1^2), forget-gate biases linspace(3, 6) over the heads
+        (dict(d_model=256), {**dict.fromkeys(["up.weight", "wq", "wk", "wv"], normal(math.sqrt(2 / (5 * 256)))),
+                             "down.weight": normal(2 / 16), "conv": TORCH, "gates.weight": 0, "skip": 1, "norm": 0,
+                             "n_head": 4, "skip.shape": (512,), "wq.shape": (128, 4, 4), "up.bias": None,
+                             "down.bias": None, "conv.bias.shape": (512,),
+                             "gates.bias": holds(lambda b: torch.equal(b[4:], torch.linspace(3.0, 6.0, 4)))}),
+        (dict(d_model=256, n_head=256), {"gates.bias": [normal(0.1, lambda b: b[:256]), holds(
+            lambda b: torch.equal(b[256:], torch.linspace(3.0, 6.0, 256)))]})],
+}
+
+
+@pytest.mark.parametrize("name", INITS)
+def test_defaults_and_init_as_documented(name):
+    """INITS: every attribute as the table says, of a model built with each entry's arguments."""
+    for options, expected in INITS[name]:
+        torch.manual_seed(0)
+        model = model_class(name)(**options)
+        for what, want in expected.items():
+            got, where = model, f"{name}{options} {what}"
+            for attribute in what.split("."):
+                got = getattr(got, attribute)
+            for check in want if isinstance(want, list) else [want]:
+                if callable(check):
+                    check(got, where)
+                else:
+                    same = torch.equal(got, torch.full_like(got, check)) if torch.is_tensor(got) else got == check
+                    assert same, f"{where}: {got} is not {check}"
+
+
+def rms_norm(y, eps):
+    return y / torch.sqrt(y.square().mean(-1, keepdim=True) + eps)
+
+
 # ---------- linear_attention.py -----------------------------------------------------------------
 
 def linear_attention_reference(model, x):
@@ -928,65 +1075,56 @@ def linear_attention_reference(model, x):
     q, k, v = ((x.double() @ W.T).view(B, T, H, d // H) for W in (Wq, Wk, Wv))
     y = torch.zeros(B, T, H, d // H, dtype=torch.float64)
     for i in range(T):
-        S = torch.zeros(B, H, d // H, d // H, dtype=torch.float64)
-        z = torch.zeros(B, H, d // H, dtype=torch.float64)
-        for j in range(i + 1):
-            S = S + phi(k[:, j])[..., :, None] * v[:, j][..., None, :]
-            z = z + phi(k[:, j])
-        numerator = (phi(q[:, i])[..., :, None] * S).sum(-2)  # phi(q_i)^T S_i: [B, H, E]
-        denominator = (phi(q[:, i]) * z).sum(-1, keepdim=True)  # phi(q_i)^T z_i: [B, H, 1]
-        y[:, i] = numerator / (denominator + model.eps)
+        S = sum(phi(k[:, j])[..., :, None] * v[:, j][..., None, :] for j in range(i + 1))  # S_i [B, H, D, E]
+        z = sum(phi(k[:, j]) for j in range(i + 1))  # z_i [B, H, D]
+        y[:, i] = (phi(q[:, i])[..., :, None] * S).sum(-2) / ((phi(q[:, i]) * z).sum(-1, keepdim=True) + model.eps)
     return y.flatten(2) @ model.out.weight.double().T, torch.cat([S.transpose(-1, -2), z[..., None, :]], -2)
 
 
-def test_linear_attention_init_is_torch_default():
-    """The docstring claims no init: q, k, v and out projections keep nn.Linear's default."""
-    torch.manual_seed(0)
-    model = model_class("linear_attention")(256)
-    assert_torch_default(model.qkv, "qkv")
-    assert_torch_default(model.out, "out")
+# ---------- retnet.py and gated_retention.py ----------------------------------------------------
 
-
-# ---------- retnet.py (and what gated retention shares) -----------------------------------------
-
-def retnet_reference(model, x):
-    """RetNet from the paper's formulas, written independently of retnet.py: complex rotary,
-    gamma_h = 1 - 2^(-5-h), y_t = sum_{s<=t} gamma^(t-s) Re(q_t conj k_s) v_s, a double loop."""
+def retention_reference(model, x, gamma):
+    """Retention from the formulas, independent of retnet.py and gated_retention.py: complex rotary, a double loop
+    over y_t = sum_{s<=t} (prod_{s<r<=t} gamma_r) Re(q_t conj k_s) v_s / sqrt(Dk), gamma [B, T, H] taken literally
+    (no log space). Returns y [B, T, H, Dv] before the norm."""
     B, T, d = x.shape
-    H = model.n_head
-    q = (x @ model.q.weight.T).view(B, T, H, -1)
-    k = (x @ model.k.weight.T).view(B, T, H, -1)
-    v = (x @ model.v.weight.T).view(B, T, H, -1)
+    q, k, v = ((x @ lin.weight.T).view(B, T, model.n_head, -1) for lin in (model.q, model.k, model.v))
     D = q.shape[-1]
     theta = torch.tensor([10000.0 ** (-j / (D // 2 - 1)) for j in range(D // 2)], dtype=torch.float64)
-    t = torch.arange(T, dtype=torch.float64)
-    rot = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), t[:, None] * theta)[None, :, None]
-    qc = torch.view_as_complex(q.reshape(B, T, H, D // 2, 2).contiguous()) * rot
-    kc = torch.view_as_complex(k.reshape(B, T, H, D // 2, 2).contiguous()) * rot / math.sqrt(D)
-    y = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
-    for h in range(H):
-        gamma = 1 - 2.0 ** (-5 - h)
-        for ti in range(T):
-            for si in range(ti + 1):
-                score = (qc[:, ti, h] * kc[:, si, h].conj()).sum(-1).real  # [B]
-                y[:, ti, h] += gamma ** (ti - si) * score[:, None] * v[:, si, h]
-    mu = y.mean(-1, keepdim=True)
-    var = y.var(-1, unbiased=False, keepdim=True)
-    y = ((y - mu) / torch.sqrt(var + model.norm.eps)).flatten(2) * model.norm.weight + model.norm.bias
-    y = F.silu(x @ model.g.weight.T) * y
-    return y @ model.out.weight.T, None
+    rot = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), torch.arange(T, dtype=torch.float64)[:, None] * theta)
+    qc, kc = (torch.view_as_complex(z.reshape(B, T, -1, D // 2, 2).contiguous()) * rot[:, None] for z in (q, k))
+    y = torch.zeros_like(v)
+    for ti in range(T):
+        for si in range(ti + 1):
+            decay = torch.ones(B, model.n_head, dtype=torch.float64)
+            for r in range(si + 1, ti + 1):
+                decay = decay * gamma[:, r]
+            score = (qc[:, ti] * kc[:, si].conj()).sum(-1).real / math.sqrt(D)  # [B, H]
+            y[:, ti] += (decay * score)[..., None] * v[:, si]
+    return y
 
 
-def test_retnet_init_as_torchscale_and_decays_as_the_paper():
-    """gamma_h = 1 - 2^(-5-h), h = 0..H-1 (sec. 2.2), read off what the layer does: zero input
-    writes nothing, and step() and every form decay the state by gamma_h per token. Projections as
-    torchscale 0.3.0: xavier_uniform, gain 2^-2.5 on W_Q, W_K, W_V, W_G, gain 1 on W_O; GroupNorm 1, 0."""
-    torch.manual_seed(0)
+def retnet_reference(model, x):
+    """RetNet (Sun et al. 2023): gamma_h = 1 - 2^(-5-h) (sec. 2.2), GroupNorm per head, swish gate."""
+    gamma = torch.tensor([1 - 2.0 ** (-5 - h) for h in range(model.n_head)], dtype=torch.float64)
+    y = retention_reference(model, x, gamma.expand(*x.shape[:2], -1))
+    y = (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + model.norm.eps)
+    y = y.flatten(2) * model.norm.weight + model.norm.bias
+    return (F.silu(x @ model.g.weight.T) * y) @ model.out.weight.T, None
+
+
+def gated_retention_reference(model, x):
+    """Gated retention (YOCO, Sun et al. 2024): gamma_t = sigmoid(w.x_t + b)^(1/16), RMSNorm, swish gate."""
+    y = retention_reference(model, x, torch.sigmoid(x @ model.gate.weight.T + model.gate.bias) ** (1 / 16))
+    return (F.silu(x @ model.g.weight.T) * rms_norm(y, model.eps).flatten(2)) @ model.out.weight.T, None
+
+
+
+def test_retnet_decays_as_the_paper():
+    """gamma_h = 1 - 2^(-5-h), h = 0..H-1 (sec. 2.2), read off what the layer does: zero input writes nothing, and
+    step() and every form decay the state by gamma_h per token."""
     H = 8
     model = model_class("retnet")(256, n_head=H).double()
-    for name, gain in (("q", 2 ** -2.5), ("k", 2 ** -2.5), ("v", 2 ** -2.5), ("g", 2 ** -2.5), ("out", 1.0)):
-        assert_xavier(getattr(model, name), gain, name)
-    assert (model.norm.weight == 1).all() and (model.norm.bias == 0).all()
     gamma = torch.tensor([1 - 2.0 ** (-5 - h) for h in range(H)], dtype=torch.float64)[:, None, None]
     state = (torch.randn(2, H, 64, 32, dtype=torch.float64), torch.tensor([0, 100]))
     with torch.no_grad():
@@ -1050,44 +1188,14 @@ def test_retention_long_forms_finite_and_agree(name, regime, device):
 
 
 @needs_cuda
-@pytest.mark.parametrize("name,regime", RETENTION_LONG)
-def test_retention_parallel_long_bf16_backward_finite(name, regime):
-    """The parallel form at T = 16384 under bf16 autocast, forward and backward (chunked: the contract's)."""
-    model = make(name, torch.float32, "cuda", edit=EXTREMES.get(name, {}).get(regime))
-    x = torch.randn(1, 16384, 32, device="cuda", requires_grad=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y, (S, _) = model(x, form="parallel")
-    (y.float().square().mean() + S.square().mean()).backward()
-    assert torch.isfinite(y).all() and torch.isfinite(S).all() and torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-# ---------- gated_retention.py ------------------------------------------------------------------
-
-def gated_retention_reference(model, x):
-    """Gated retention from the formulas, independent of gated_retention.py: gamma_t =
-    sigmoid(w.x_t + b)^(1/16) taken literally (no log space), complex rotary, a double loop over
-    y_t = sum_{s<=t} (prod_{s<r<=t} gamma_r) Re(q_t conj k_s) v_s, RMSNorm, swish gate."""
-    B, T, d = x.shape
-    H = model.n_head
-    q, k, v = ((x @ lin.weight.T).view(B, T, H, -1) for lin in (model.q, model.k, model.v))
-    D = q.shape[-1]
-    theta = torch.tensor([10000.0 ** (-j / (D // 2 - 1)) for j in range(D // 2)], dtype=torch.float64)
-    t = torch.arange(T, dtype=torch.float64)
-    rot = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), t[:, None] * theta)[None, :, None]
-    qc = torch.view_as_complex(q.reshape(B, T, H, D // 2, 2).contiguous()) * rot
-    kc = torch.view_as_complex(k.reshape(B, T, H, D // 2, 2).contiguous()) * rot / math.sqrt(D)
-    gamma = torch.sigmoid(x @ model.gate.weight.T + model.gate.bias) ** (1 / 16)  # [B, T, H]
-    y = torch.zeros_like(v)
-    for ti in range(T):
-        for si in range(ti + 1):
-            decay = torch.ones(B, H, dtype=torch.float64)
-            for r in range(si + 1, ti + 1):
-                decay = decay * gamma[:, r]
-            score = (qc[:, ti] * kc[:, si].conj()).sum(-1).real  # [B, H]
-            y[:, ti] += (decay * score)[..., None] * v[:, si]
-    y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + model.eps)
-    return (F.silu(x @ model.g.weight.T) * y.flatten(2)) @ model.out.weight.T, None
+@pytest.mark.parametrize("name,regime,form,T,options", [(*case, "parallel", 16384, {}) for case in RETENTION_LONG] + [
+    ("deltanet", "plain", form, T, dict(d_model=64, n_head=4, chunk_size=64, use_gate=False))  # fla's defaults
+    for form, T in (("parallel", 4096), ("chunked", 16384))],
+    ids=[f"{name}-{regime}" for name, regime in RETENTION_LONG] + ["deltanet-parallel", "deltanet-chunked"])
+def test_long_forms_finite_cuda(name, regime, form, T, options):
+    """check_long through forms other than the default (whose own long run is test_long_sequence_is_finite's) under
+    bf16 autocast: retention's parallel form; deltanet's with fla's defaults, heads of 16 and chunks of 64."""
+    check_long(name, regime, "cuda", form, T, **options)
 
 
 def test_gated_retention_gate_exactly_one_is_retention_without_decay():
@@ -1097,35 +1205,21 @@ def test_gated_retention_gate_exactly_one_is_retention_without_decay():
     assert (g == 0).all()  # log gamma = 0 exactly: gamma = 1, no decay at all
 
 
-def test_gated_retention_init_as_yoco():
-    """xavier_uniform, gain 2^-2.5 on q, k, v, g and the gate, 2^-1 on out (YOCO's GateRetention);
-    the gate's bias, which YOCO's gate lacks, keeps nn.Linear's default."""
-    torch.manual_seed(0)
-    model = model_class("gated_retention")(256, n_head=16)
-    for name, gain in (("q", 2 ** -2.5), ("k", 2 ** -2.5), ("v", 2 ** -2.5), ("g", 2 ** -2.5), ("gate", 2 ** -2.5),
-                       ("out", 2 ** -1)):
-        assert_xavier(getattr(model, name), gain, name)
-    assert model.gate.bias.abs().max() <= 1 / math.sqrt(256)
-
-
 # ---------- mamba2.py ---------------------------------------------------------------------------
 
 def mamba2_reference(model, x, state=None):
     """The block written out token by token, head by head, from the paper's equations; its own conv."""
-    W = model.in_proj.weight
-    K, H, P, G, N = model.d_conv, model.n_head, model.headdim, model.ngroups, model.d_state
-    di = model.d_inner
+    K, H, P, G, N, di = model.d_conv, model.n_head, model.headdim, model.ngroups, model.d_state, model.d_inner
     if state is None:
         state = (x.new_zeros(x.shape[0], model.conv_dim, K - 1), x.new_zeros(x.shape[0], H, P, N))
     conv, h = [s.clone() for s in state]  # conv [B, C, K-1], h [B, H, P, N]
     ys = []
     for t in range(x.shape[1]):
-        u = x[:, t] @ W.T
-        z, xbc, dtr = u[:, :di], u[:, di:di + model.conv_dim], u[:, di + model.conv_dim:]
+        z, xbc, dtr = (x[:, t] @ model.in_proj.weight.T).split([di, model.conv_dim, H], -1)
         window = torch.cat([conv, xbc[:, :, None]], -1)  # [B, C, K]
         conv = window[:, :, 1:]
         c = F.silu((window * model.conv1d.weight[:, 0]).sum(-1) + model.conv1d.bias)
-        xs, Bv, Cv = c[:, :di], c[:, di:di + G * N], c[:, di + G * N:]
+        xs, Bv, Cv = c.split([di, G * N, G * N], -1)
         y = torch.zeros(x.shape[0], di, dtype=x.dtype)
         h = h.clone()
         for hh in range(H):
@@ -1135,54 +1229,27 @@ def mamba2_reference(model, x, state=None):
             xh, Bg, Cg = xs[:, hh * P:(hh + 1) * P], Bv[:, g * N:(g + 1) * N], Cv[:, g * N:(g + 1) * N]
             h[:, hh] = torch.exp(dt * A)[:, None, None] * h[:, hh] + dt[:, None, None] * xh[:, :, None] * Bg[:, None, :]
             y[:, hh * P:(hh + 1) * P] = (h[:, hh] @ Cg[:, :, None])[..., 0] + model.D[hh] * xh
-        y = y * F.silu(z)
-        yg = y.view(y.shape[0], G, -1)
-        y = (yg / torch.sqrt(yg.pow(2).mean(-1, keepdim=True) + model.eps)).view(y.shape[0], -1) * model.norm_weight
+        y = rms_norm((y * F.silu(z)).view(y.shape[0], G, -1), model.eps).flatten(1) * model.norm_weight  # per group
         ys.append(y @ model.out_proj.weight.T)
     return torch.stack(ys, 1), (conv, h)
 
 
-@pytest.mark.parametrize("ngroups", [1, 2, 4])
-def test_mamba2_recurrent_matches_reference(ngroups):
-    m = make("mamba2", ngroups=ngroups)
-    x = torch.randn(2, 13, 32, dtype=torch.float64)
-    with torch.no_grad():
-        _, s0 = m(torch.randn(2, 6, 32, dtype=torch.float64), form="recurrent")
-        s0 = (s0[0], s0[1] + torch.randn_like(s0[1]))  # an arbitrary nonzero SSM state too
-        y, s = m(x, s0, form="recurrent")
-        y_ref, s_ref = mamba2_reference(m, x, s0)
-    assert rel_err(y, y_ref) <= 1e-12
-    for a, b in zip(s, s_ref):
-        assert rel_err(a, b) <= 1e-12
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("ngroups,chunk,T", [(2, 8, 21), (4, 5, 3), (1, 7, 29), (2, 32, 19)])
-def test_mamba2_forms_groups_and_ragged_chunks(ngroups, chunk, T, dtype):
-    for form in ("parallel", "chunked"):
-        check_form("mamba2", form, dtype, "cpu", T=T, ngroups=ngroups, chunk_size=chunk)
-
-
-def test_mamba2_state_defaults_and_init_as_mamba_ssm():
-    """The state's shapes and dtype; as mamba_ssm's Mamba2: headdim 64, d_state 128, conv 4, chunk 256, no projection
-    biases; dt = softplus(dt_bias) log-uniform in [dt_min, dt_max] = [1e-3, 1e-1], A = -exp(A_log) uniform in
-    [-16, -1] (A_init_range), D = 1, the norm's weight 1: 2048 heads."""
-    m = make("mamba2", torch.float32)
-    _, (conv, h) = m(torch.randn(3, 5, 32))
-    assert conv.shape == (3, m.conv_dim, m.d_conv - 1) and h.shape == (3, m.n_head, m.headdim, m.d_state)
-    assert conv.dtype == h.dtype == torch.float32
-    m = model_class("mamba2")(32)  # the official defaults: headdim 64, d_state 128, one head here
-    assert (m.n_head, m.headdim, m.d_state, m.d_conv, m.chunk_size) == (1, 64, 128, 4, 256)
-    assert m.in_proj.bias is None and m.out_proj.bias is None and m.conv1d.bias is not None
-    torch.manual_seed(0)
-    m = model_class("mamba2")(256, expand=8, headdim=1, d_state=8)
-    dt = F.softplus(m.dt_bias.double())
-    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
-    assert_uniform(dt.log(), math.log(1e-3), math.log(0.1), "log dt")
-    A = torch.exp(m.A_log.double())
-    assert A.min() >= 1 and A.max() <= 16
-    assert_uniform(-A, -16.0, -1.0, "A")
-    assert (m.D == 1).all() and (m.norm_weight == 1).all()
+@pytest.mark.parametrize("name,shapes", [  # [B, *shape] after T tokens
+    ("mamba2", lambda m, T: [(m.conv_dim, m.d_conv - 1), (m.n_head, m.headdim, m.d_state)]),
+    ("mamba3", lambda m, T: [(m.n_head, m.n_angles), (m.n_head, m.headdim, m.d_state), (m.n_head, m.d_state),
+                             (m.n_head, m.headdim)]),
+    ("attention", lambda m, T: [(m.n_head, T, D_MODEL // m.n_head)] * 2)], ids=["mamba2", "mamba3", "attention"])
+def test_state_shapes_and_float32_under_autocast(name, shapes):
+    """The state's documented shapes after a forward of 5 tokens and a step(), float32 (the model's dtype) under bf16
+    autocast too: mamba2 (conv, h), mamba3 (theta, h, B_prev, x_prev), attention's cache (K, V, one more a token)."""
+    m = make(name, torch.float32)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, state = m(torch.randn(3, 5, D_MODEL))
+            _, stepped = m.step(torch.randn(3, D_MODEL), state)
+        for T, s in ((5, state), (6, stepped)):
+            assert [t.shape for t in s] == [(3, *shape) for shape in shapes(m, T)], (autocast, T)
+            assert all(t.dtype == torch.float32 for t in s), (autocast, T)
 
 
 @needs_cuda
@@ -1259,30 +1326,9 @@ def mamba3_complex(m, x, state=None):
 
 
 def mamba3_reference(m, x):
-    """mamba3_complex's outputs; its final state is compared below, from an arbitrary state (at dt ~ 0 the angles
-    stay at 0 mod 2 pi, which rounding puts at 0 or at 2 pi)."""
+    """mamba3_complex's outputs; its final state is compared from an arbitrary state (test_forms_match_reference):
+    from 0, at dt ~ 0 the angles stay at 0 mod 2 pi, which rounding puts at 0 or at 2 pi."""
     return mamba3_complex(m, x)[0], None
-
-
-@pytest.mark.parametrize("options", [dict(ngroups=1), {}, dict(rope_fraction=1.0, d_state=6)],
-                         ids=["g1", "g2", "rope1"])
-def test_mamba3_matches_reference_from_any_state(options):
-    """Every form against the complex recurrence (mamba3_complex) from an arbitrary state (a prefix's, with h
-    redrawn on top and angles past 2 pi): outputs and final states, the angles kept in [0, 2 pi). One and two
-    groups; every state dimension turned (rope_fraction 1)."""
-    m = make("mamba3", **options)
-    g = torch.Generator().manual_seed(1)
-    draw = lambda f, *shape: f(*shape, dtype=torch.float64, generator=g)  # noqa: E731
-    with torch.no_grad():
-        _, (theta, h, B_prev, x_prev) = m(draw(torch.randn, 2, 6, D_MODEL), form="recurrent")
-        s0 = (theta + 10 * draw(torch.rand, theta.shape), h + draw(torch.randn, h.shape), B_prev, x_prev)
-        x = draw(torch.randn, 2, 19, D_MODEL)
-        y_ref, s_ref = mamba3_complex(m, x, s0)
-        for form in m.forms:
-            y, s = m(x, s0, form=form)
-            assert rel_err(y, y_ref) <= 1e-12, f"{form}: y rel err {rel_err(y, y_ref):.2e}"
-            assert_states_equal(s, s_ref, 1e-12, f"mamba3/{form}")
-            assert (s[0] >= 0).all() and (s[0] < 2 * math.pi).all(), form
 
 
 def mamba2_euler(x, g, dt, B, C, h):
@@ -1314,98 +1360,24 @@ def test_mamba3_lambda_one_is_mamba2_euler(form):
     assert rel_err(y, y_ref) > 1e-2
 
 
-def test_mamba3_state_defaults_and_init_as_mamba_ssm():
-    """The state's shapes, float32 under autocast too. As mamba_ssm's Mamba3 (SISO): d_state 128, headdim 64, expand
-    2, one group, rope_fraction 1/2 (d_state / 4 angles), chunk 64; in_proj to 2 d_inner + 2 G N + 3 H + angles
-    without bias; dt = softplus(dt_bias) log-uniform in [1e-3, 1e-1]; B and C biases 1 [H, N]; the B and C norms'
-    weights 1; D = 1; in_proj and out_proj nn.Linear's own init."""
-    m = make("mamba3", torch.float32)
-    for autocast in (False, True):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            _, (theta, h, B_prev, x_prev) = m(torch.randn(3, 5, D_MODEL))
-        assert theta.shape == (3, m.n_head, m.n_angles) and h.shape == (3, m.n_head, m.headdim, m.d_state)
-        assert B_prev.shape == (3, m.n_head, m.d_state) and x_prev.shape == (3, m.n_head, m.headdim)
-        assert theta.dtype == h.dtype == B_prev.dtype == x_prev.dtype == torch.float32
-    Mamba3 = model_class("mamba3")
-    m = Mamba3(64)
-    assert (m.d_state, m.headdim, m.d_inner, m.ngroups, m.n_head, m.n_angles) == (128, 64, 128, 1, 2, 32)
-    assert m.chunk_size == 64 and (m.A_floor, m.eps) == (1e-4, 1e-5)
-    assert m.in_proj.weight.shape == (2 * 128 + 2 * 128 + 3 * 2 + 32, 64)
-    assert m.in_proj.bias is None and m.out_proj.bias is None
-    assert m.B_bias.shape == m.C_bias.shape == (2, 128) and (m.B_bias == 1).all() and (m.C_bias == 1).all()
-    assert (m.B_norm_weight == 1).all() and (m.C_norm_weight == 1).all() and (m.D == 1).all()
-    assert_torch_default(m.in_proj, "in_proj")
-    assert_torch_default(m.out_proj, "out_proj")
-    torch.manual_seed(0)
-    m = Mamba3(256, expand=8, headdim=1, d_state=8)  # 2048 heads
-    dt = F.softplus(m.dt_bias.double())
-    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
-    assert_uniform(dt.log(), math.log(1e-3), math.log(0.1), "log dt")
-
-
 # ---------- mamba.py ----------------------------------------------------------------------------
 
 def mamba_reference(m, x):
     """The block written out from the paper, from the raw parameters, channel-wise loops over time."""
     K, Di, N, R = m.d_conv, m.d_inner, m.d_state, m.dt_rank
-    Bsz, T, _ = x.shape
-    xz = x @ m.in_proj.weight.T
-    u, z = xz[..., :Di], xz[..., Di:]
-    ctx = torch.zeros(Bsz, K - 1, Di, dtype=x.dtype)
-    upad = torch.cat([ctx, u], 1)  # [B, K-1+T, Di]
-    w, cb = m.conv1d.weight[:, 0, :], m.conv1d.bias  # [Di, K]
-    A = -torch.exp(m.A_log)
-    h = torch.zeros(Bsz, Di, N, dtype=x.dtype)
-    Wx = m.x_proj.weight
+    u, z = (x @ m.in_proj.weight.T).split(Di, -1)
+    upad = torch.cat([x.new_zeros(x.shape[0], K - 1, Di), u], 1)  # [B, K-1+T, Di]
+    w, A, h = m.conv1d.weight[:, 0, :], -torch.exp(m.A_log), x.new_zeros(x.shape[0], Di, N)  # w [Di, K]
     ys = []
-    for t in range(T):
-        v = cb.clone().expand(Bsz, Di).clone()
-        for k in range(K):
-            v = v + w[:, k] * upad[:, t + k]
+    for t in range(x.shape[1]):
+        v = m.conv1d.bias + sum(w[:, k] * upad[:, t + k] for k in range(K))
         v = v * torch.sigmoid(v)
-        proj = v @ Wx.T
-        dlow, Bt, Ct = proj[:, :R], proj[:, R:R + N], proj[:, R + N:]
+        dlow, Bt, Ct = (v @ m.x_proj.weight.T).split([R, N, N], -1)
         pre = dlow @ m.dt_proj.weight.T + m.dt_proj.bias
         dt = torch.where(pre > 20, pre, torch.log1p(torch.exp(pre)))
-        new_h = torch.empty_like(h)
-        for n in range(N):  # one state coordinate at a time
-            new_h[:, :, n] = torch.exp(dt * A[:, n]) * h[:, :, n] + dt * Bt[:, n:n + 1] * v
-        h = new_h
-        y = (h * Ct[:, None, :]).sum(-1) + m.D * v
-        ys.append(y * z[:, t] * torch.sigmoid(z[:, t]))
-    out = torch.stack(ys, 1) @ m.out_proj.weight.T
-    return out, (upad[:, -(K - 1):].transpose(1, 2), h)
-
-
-@pytest.mark.parametrize("d_conv", [1, 2, 4, 6])
-def test_mamba_other_conv_widths(d_conv):
-    m = make("mamba", d_conv=d_conv, dt_rank=3)
-    x = torch.randn(2, 9, 32, dtype=torch.float64)
-    y_p, s_p = m(x)
-    y_r, s_r = m(x, form="recurrent")
-    assert rel_err(y_p, y_r) <= 1e-10 and s_p[0].shape == (2, 64, d_conv - 1)
-    if d_conv > 1:
-        assert rel_err(y_p, mamba_reference(m, x)[0]) <= 1e-10
-
-
-def test_mamba_init():
-    """As the paper and mamba_ssm's Mamba: A = -(1..N) in every channel (S4D-real), D = 1, dt at init
-    log-uniform in [dt_min, dt_max] = [1e-3, 1e-1] (softplus of dt_proj's bias), dt_proj's weight
-    U(-dt_rank^-0.5, dt_rank^-0.5) (dt_init "random"); the distributions at 2048 channels."""
-    Mamba = model_class("mamba")
-    m = Mamba(64)
-    assert m.dt_rank == 4 and m.d_inner == 128 and m.A_log.shape == (128, 16)
-    assert torch.allclose(-torch.exp(m.A_log[3]), -torch.arange(1., 17.))
-    dt = F.softplus(m.dt_proj.bias)
-    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
-    assert m.dt_proj.weight.abs().max() <= 0.5 and torch.equal(m.D, torch.ones(128))
-    assert m.in_proj.bias is None and m.x_proj.bias is None and m.out_proj.bias is None and m.conv1d.bias is not None
-    torch.manual_seed(0)
-    m = Mamba(256, expand=8)
-    assert torch.allclose(-torch.exp(m.A_log), -torch.arange(1., 17.).expand(2048, 16))
-    assert_uniform(F.softplus(m.dt_proj.bias.double()).log(), math.log(1e-3), math.log(0.1), "log dt")
-    assert_uniform(m.dt_proj.weight, -m.dt_rank ** -0.5, m.dt_rank ** -0.5, "dt_proj.weight")
-    assert torch.equal(m.D, torch.ones(2048))
+        h = torch.stack([torch.exp(dt * A[:, n]) * h[:, :, n] + dt * Bt[:, n:n + 1] * v for n in range(N)], -1)
+        ys.append(((h * Ct[:, None, :]).sum(-1) + m.D * v) * z[:, t] * torch.sigmoid(z[:, t]))
+    return torch.stack(ys, 1) @ m.out_proj.weight.T, (upad[:, -(K - 1):].transpose(1, 2), h)
 
 
 def test_mamba_bf16_parameters_run():
@@ -1418,28 +1390,19 @@ def test_mamba_bf16_parameters_run():
         assert y.dtype == torch.bfloat16 and h.dtype == torch.float32 and rel_err(y, y32) <= 5e-2
 
 
-@needs_cuda
-@pytest.mark.parametrize("regime", ["dt_bias=20", "dt_bias=-20"])
-def test_mamba_cuda_extreme_dt_forms_agree(regime):
-    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2)):
-        check_form("mamba", "parallel", dtype, "cuda", T=300, tol=tol, edit=EXTREMES["mamba"][regime])
-
-
 def test_mamba_parallel_keeps_no_state_sequence():
     """autograd keeps nothing [B, T, d_inner, N]-sized: the states are recomputed in the backward
     (the scan of a and b followed by y = C . h keeps a and h, N times the largest tensor here)."""
+    def largest_saved(fn, *args):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            fn(*args)
+        return max(sizes)
     m = make("mamba", torch.float32, d_state=16)
     x = torch.randn(2, 40, 32, requires_grad=True)
-    bound = 2 * 40 * 2 * m.d_inner  # in_proj's output [B, T, 2 d_inner]
-    sizes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        m(x)
-    assert max(sizes) <= bound
     A = torch.rand(2, 40, m.d_inner, 16, requires_grad=True)  # the premise: the old form's saved a and h
-    sizes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        scan(A, A * 1.0)
-    assert max(sizes) > bound
+    # the bound: in_proj's output [B, T, 2 d_inner]
+    assert largest_saved(m, x) <= 2 * 40 * 2 * m.d_inner < largest_saved(lambda A: scan(A, A * 1.0), A)
 
 
 @needs_cuda
@@ -1464,7 +1427,9 @@ def test_mamba_parallel_memory_cuda():
     assert torch.cuda.max_memory_allocated() - base < 2 * h_bytes, (torch.cuda.max_memory_allocated() - base, h_bytes)
 
 
-# ---------- deltanet.py (and the delta rule gated deltanet shares) ------------------------------
+# ---------- deltanet.py, gated_deltanet.py, kda.py: the delta rules ------------------------------
+# (kda's reference is written from the paper, in its own layout S [Dk, Dv], with every transition an explicit Dk x Dk
+# matrix (I - beta_t k_t k_t^T) Diag(alpha_t); the layers rebuilt by hand from fla's definitions)
 
 def delta_rule_reference(q, k, v, beta, S, alpha=None):
     """S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, y_t = S_t q_t, as written with explicit Dk x Dk
@@ -1480,40 +1445,78 @@ def delta_rule_reference(q, k, v, beta, S, alpha=None):
     return torch.stack(ys, 1), S
 
 
-def delta_rule_inputs(B=2, T=37, H=3, Dk=8, Dv=5, dtype=torch.float64, seed=0, beta=None, same_key=False):
-    g = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, T, H, Dk, generator=g, dtype=dtype), dim=-1)
-    k = F.normalize(torch.randn(B, 1 if same_key else T, H, Dk, generator=g, dtype=dtype), dim=-1).expand(B, T, H, Dk)
-    v = torch.randn(B, T, H, Dv, generator=g, dtype=dtype)
-    b = torch.rand(B, T, H, generator=g, dtype=dtype) if beta is None else beta(B, T, H, g).to(dtype)
-    S0 = torch.randn(B, H, Dv, Dk, generator=g, dtype=dtype)
-    return q, k.contiguous(), v, b, S0
+def kda_paper(q, k, v, beta, alpha, S):
+    """Kimi Linear's KDA as written: S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T,
+    o_t = S_t^T q_t, with S [B, H, Dk, Dv] (the paper's layout, the transpose of kda.py's), in float64."""
+    q, k, v, beta, alpha, S = (x.double() for x in (q, k, v, beta, alpha, S))
+    I = torch.eye(k.shape[-1], dtype=torch.float64)
+    ys = []
+    for t in range(q.shape[1]):
+        kt, bt = k[:, t, :, :, None], beta[:, t, :, None, None]
+        S = (I - bt * kt @ kt.mT) @ torch.diag_embed(alpha[:, t]) @ S + bt * kt @ v[:, t, :, None, :]
+        ys.append((S.mT @ q[:, t, :, :, None])[..., 0])
+    return torch.stack(ys, 1), S
 
 
-def delta_rule(form, *inputs, L=8):
-    """deltanet.py's delta rule (inputs q, k, v, beta, S) or gated_deltanet.py's gated one (q, k, v, beta, log alpha,
-    S) in one of its forms; chunked: chunks of L."""
-    rule = "gated_delta_rule" if len(inputs) == 6 else "delta_rule"
-    fn = getattr(module("gated_deltanet" if len(inputs) == 6 else "deltanet"), f"{rule}_{form}")
-    return fn(*inputs, L) if form == "chunked" else fn(*inputs)
+def delta_reference(rule, q, k, v, beta, *g_S):
+    """The rule's reference on delta_inputs' inputs, in kda.py's layout."""
+    if rule == "kda":
+        y, S = kda_paper(q, k, v, beta, g_S[0].exp(), g_S[1].mT)
+        return y, S.mT
+    return delta_rule_reference(q, k, v, beta, g_S[-1], *[g.exp() for g in g_S[:-1]])
 
 
-DELTA_FORMS = ("recurrent", "parallel", "chunked")
+# log alpha, gated_deltanet's one per head: ordinary; mild (the state decays to ~0.2 in 37 tokens); alpha exactly 1;
+# alpha = exp(-1e4) = 0; tokens jumping between the two. kda's one per key channel: ordinary; 1; its lowest, e^-5 (the
+# gate's bound, kda.LOWER_BOUND); channels and tokens jumping between the two ends
+LOG_ALPHAS = {
+    "gated_deltanet": {
+        "random": lambda s, g: -2 * torch.rand(s, generator=g), "mild": lambda s, g: -0.08 * torch.rand(s, generator=g),
+        "one": lambda s, g: torch.zeros(s), "zero": lambda s, g: torch.full(s, -1e4),
+        "jumpy": lambda s, g: -1e4 * torch.randint(0, 2, s, generator=g)},
+    "kda": {"random": lambda s, g: -5 * torch.rand(s, generator=g), "one": lambda s, g: torch.zeros(s),
+            "lowest": lambda s, g: torch.full(s, -5.0), "jumpy": lambda s, g: -5 * torch.randint(0, 2, s, generator=g)},
+}
 BETAS = {
     "random": None,
     "zero": lambda B, T, H, g: torch.zeros(B, T, H),
     "one": lambda B, T, H, g: torch.ones(B, T, H),
     "zero_or_one": lambda B, T, H, g: torch.randint(0, 2, (B, T, H), generator=g).float(),
 }
+DELTA_FORMS = {"deltanet": ("recurrent", "parallel", "chunked"), "gated_deltanet": ("recurrent", "parallel", "chunked"),
+               "kda": ("recurrent", "chunked")}
+
+
+def delta_inputs(rule="deltanet", gate="random", B=2, T=37, H=3, Dk=8, Dv=5, dtype=torch.float64, seed=0, beta=None,
+                 same_key=False):
+    """q, k [B, T, H, Dk] (unit vectors), v [B, T, H, Dv], beta [B, T, H] (BETAS), the rule's log alpha (LOG_ALPHAS:
+    gated_deltanet [B, T, H], kda [B, T, H, Dk], deltanet none) and S0 [B, H, Dv, Dk]."""
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, Dk, generator=g, dtype=dtype), dim=-1)
+    k = F.normalize(torch.randn(B, 1 if same_key else T, H, Dk, generator=g, dtype=dtype), dim=-1).expand(B, T, H, Dk)
+    v = torch.randn(B, T, H, Dv, generator=g, dtype=dtype)
+    b = torch.rand(B, T, H, generator=g, dtype=dtype) if beta is None else beta(B, T, H, g).to(dtype)
+    S0 = torch.randn(B, H, Dv, Dk, generator=g, dtype=dtype)
+    log_alpha = [] if rule == "deltanet" else [
+        LOG_ALPHAS[rule][gate]((B, T, H, Dk)[:3 + (rule == "kda")], torch.Generator().manual_seed(seed + 1)).to(dtype)]
+    return q, k.contiguous(), v, b, *log_alpha, S0
+
+
+def delta_rule(rule, form, *inputs, L=8):
+    """deltanet.py's delta_rule_<form>, gated_deltanet.py's gated_delta_rule_<form> or kda.py's kda_<form> on
+    delta_inputs' inputs; chunked: chunks of L."""
+    fn = getattr(module(rule), {"deltanet": "delta_rule", "gated_deltanet": "gated_delta_rule", "kda": "kda"}[rule]
+                 + "_" + form)
+    return fn(*inputs, L) if form == "chunked" else fn(*inputs)
 
 
 def test_delta_rule_gradient_step_reading():
     """S_t = S_{t-1} - beta_t * grad_S 1/2 ||S k_t - v_t||^2 at S = S_{t-1}."""
-    q, k, v, b, S0 = delta_rule_inputs(T=1)
+    q, k, v, b, S0 = delta_inputs(T=1)
     S_prev = S0.clone().requires_grad_()
     loss = 0.5 * (torch.einsum("bhed,bhd->bhe", S_prev, k[:, 0]) - v[:, 0]).square().sum()
     (grad,) = torch.autograd.grad(loss, S_prev)
-    _, S1 = delta_rule("recurrent", q, k, v, b, S0)
+    _, S1 = delta_rule("deltanet", "recurrent", q, k, v, b, S0)
     assert rel_err(S1, S0 - b[:, 0, :, None, None] * grad) <= 1e-14
 
 
@@ -1540,26 +1543,18 @@ def test_chunk_states_composes_affine_maps(name, n_chunks):
     assert rel_err(ins, ins_ref) <= 1e-12 and rel_err(last, last_ref) <= 1e-12
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
-@pytest.mark.parametrize("chunks,T", [(1, 4), (2, 7), (3, 12), (5, 18), (8, 32), (33, 131)])
-def test_delta_rule_chunked_matches_recurrent(chunks, T, dtype, tol):
-    """Chunk size 4, T/4 rounded up = chunks (ragged where 4 does not divide T): outputs, final state
-    and the gradients w.r.t. q, k, v, beta and S0 against the float64 recurrence."""
-    inputs = [t.requires_grad_() for t in delta_rule_inputs(T=T, H=2, dtype=dtype, seed=chunks)]
-    g = torch.Generator().manual_seed(100 + chunks)
-    check_grads(lambda *i: delta_rule("chunked", *i, L=4), lambda *i: delta_rule("recurrent", *i), inputs,
-                ["y", "S", "grad q", "grad k", "grad v", "grad beta", "grad S0"], tol,
-                lambda *shape: torch.randn(shape, generator=g, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("L", [8, 64])
-def test_delta_rule_long_chunked_matches_recurrent_float32(L):
-    """T = 16384 float32 chunked (and random state) against a float64 recurrence."""
-    q, k, v, b, S0 = delta_rule_inputs(B=1, T=16384, H=2, Dk=16, Dv=16, dtype=torch.float32, seed=3)
+@pytest.mark.parametrize("device,form,L,T,tol", [
+    ("cpu", "chunked", 8, 16384, 1e-4), ("cpu", "chunked", 64, 16384, 1e-4),
+    pytest.param("cuda", "parallel", 64, 4096, 2e-3, marks=needs_cuda),  # tf32 matmuls
+    pytest.param("cuda", "chunked", 64, 16384, 2e-3, marks=needs_cuda)])
+def test_delta_rule_long_float32(device, form, L, T, tol):
+    """T = 16384 (the GPU's parallel form: 4096) in float32 from a random state against the float64 recurrence."""
+    B, H, seed = (1, 2, 3) if device == "cpu" else (2, 4, 5)
+    q, k, v, b, S0 = (t.to(device) for t in delta_inputs(B=B, T=T, H=H, Dk=16, Dv=16, dtype=torch.float32, seed=seed))
     with torch.no_grad():
-        y, S = delta_rule("chunked", q, k, v, b, S0, L=L)
-        y_ref, S_ref = delta_rule("recurrent", q, k, v, b, S0.double())
-    assert rel_err(y, y_ref) <= 1e-4 and rel_err(S, S_ref) <= 1e-4
+        y, S = delta_rule("deltanet", form, q, k, v, b, S0, L=L)
+        y_ref, S_ref = delta_rule("deltanet", "recurrent", q, k, v, b, S0.double())
+    assert rel_err(y, y_ref) <= tol and rel_err(S, S_ref) <= tol, (rel_err(y, y_ref), rel_err(S, S_ref))
 
 
 @pytest.mark.parametrize("form", ["parallel", "chunked"])
@@ -1575,28 +1570,110 @@ def test_delta_rule_adversarial_keys_float32(form):
         b = torch.ones(B, T, H) if spread == 0 else 1 - 1e-3 * torch.rand(B, T, H, generator=g)
         S0 = torch.zeros(B, H, D, D)
         with torch.no_grad():
-            y, S = delta_rule(form, q, k, v, b, S0, L=64)
-            y_ref, S_ref = delta_rule("recurrent", q, k, v, b, S0.double())
+            y, S = delta_rule("deltanet", form, q, k, v, b, S0, L=64)
+            y_ref, S_ref = delta_rule("deltanet", "recurrent", q, k, v, b, S0.double())
         assert rel_err(y, y_ref) <= 1e-3 and rel_err(S, S_ref) <= 1e-3, (spread, rel_err(y, y_ref), rel_err(S, S_ref))
 
 
-def deltanet_reference(model, x, state=None):
-    """The layer rebuilt from its parameters: conv as an explicit window sum, the delta rule as written."""
-    B, T, d = x.shape
-    H, W = model.n_head, model.conv.weight[:, 0]  # [3d, K]
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
+@pytest.mark.parametrize("rule,case", [("deltanet", beta) for beta in BETAS]
+                         + [(rule, gate) for rule in LOG_ALPHAS for gate in LOG_ALPHAS[rule] if gate != "mild"])
+def test_delta_rules_against_reference(rule, case, dtype, tol):
+    """Every form's outputs, final state and gradients (q, k, v, beta, [log alpha,] S0) against the reference in
+    float64 over 70 tokens, chunks of 4 (18), 8 and 32 (kda's cap: factors up to e^80), all ragged: the delta rule
+    with betas at 0 and 1, the gated ones with alphas at their ends. Where gated_deltanet's alpha underflows,
+    d/d(log alpha) = alpha dL/dalpha is 0 in the reference, while the log-space forms get it as O(1) terms that
+    cancel: that gradient is measured against dL/dv's scale."""
+    beta = BETAS[case] if rule == "deltanet" else None
+    inputs = [t.requires_grad_() for t in delta_inputs(rule, case, T=70, dtype=dtype, beta=beta)]
+    names = ["y", "S"] + ["grad " + n for n in ["q", "k", "v", "beta"] + ["log alpha"] * (rule != "deltanet") + ["S0"]]
+    gen = torch.Generator().manual_seed(2)
+    for form, L in [(form, L) for form in DELTA_FORMS[rule] for L in ((4, 8, 32) if form == "chunked" else (8,))]:
+        check_grads(lambda *i: delta_rule(rule, form, *i, L=L), lambda *i: delta_reference(rule, *i), inputs, names,
+                    tol, lambda *shape: torch.randn(shape, generator=gen, dtype=torch.float64), f"{form} L={L}",
+                    against={"grad log alpha": "grad v"} if rule == "gated_deltanet" else None)
+
+
+@pytest.mark.parametrize("rule,form", [(rule, form) for rule in LOG_ALPHAS for form in DELTA_FORMS[rule]])
+def test_one_decay_per_head_is_the_gated_delta_rule(rule, form):
+    """One decay per head (in every channel, kda) is the gated delta rule, alpha = 1 exactly deltanet.py's own form;
+    alpha = 0 keeps only the current token's write (kda: the recurrence alone, the chunked form needs log alpha >=
+    -5)."""
+    for gate in ("random", "one", "zero"):
+        q, k, v, b, g, S0 = delta_inputs("gated_deltanet", gate)
+        if gate == "zero" and (rule, form) == ("kda", "chunked"):
+            continue
+        if rule == "kda":  # alpha = 0 as exp(-inf)
+            g = (torch.full_like(g, -math.inf) if gate == "zero" else g)[..., None].expand_as(k)
+        y, S = delta_rule(rule, form, q, k, v, b, g, S0)
+        refs = {"random": [delta_rule_reference(q, k, v, b, S0, g[..., 0].exp() if rule == "kda" else g.exp())],
+                "one": [delta_rule_reference(q, k, v, b, S0), delta_rule("deltanet", form, q, k, v, b, S0)],
+                "zero": [(b[..., None] * (q * k).sum(-1, keepdim=True) * v,  # y_t = beta_t (k_t . q_t) v_t
+                          b[:, -1, :, None, None] * v[:, -1, :, :, None] * k[:, -1, :, None, :])]}[gate]
+        for y_ref, S_ref in refs:
+            assert rel_err(y, y_ref) <= 1e-12 and rel_err(S, S_ref) <= 1e-12, gate
+
+
+@pytest.mark.parametrize("rule,form", [(rule, form) for rule in DELTA_FORMS for form in DELTA_FORMS[rule]])
+def test_delta_rules_beta_zero_skips_and_beta_one_overwrites(rule, form):
+    """beta = 0: nothing is written, S only decays (gated: mild alpha; kda: each key channel its own). beta = 1:
+    every token overwrites its key's slot, S_t k_t = v_t (read with q = k); with one key again and again S k = v
+    exactly, and (one decay per head) what is orthogonal to k only decays."""
+    def rule_of(beta, read_k=False, **kw):  # q, k, v, log alpha per key channel, S0, y, S
+        q, k, v, b, *g, S0 = delta_inputs(rule, "mild" if rule == "gated_deltanet" else "random", beta=beta, **kw)
+        q = k if read_k else q
+        y, S = delta_rule(rule, form, q, k, v, b, *g, S0)
+        g = g[0] if rule == "kda" else (g[0] if g else torch.zeros_like(b))[..., None].expand_as(k)
+        return q, k, v, g, S0, y, S
+    q, k, v, g, S0, y, S = rule_of(BETAS["zero"])
+    c = g.cumsum(1)
+    assert rel_err(S, S0 * c[:, -1, :, None, :].exp()) <= 1e-12
+    assert rel_err(y, torch.einsum("bhed,bthd->bthe", S0, q * c.exp())) <= 1e-12
+    q, k, v, g, S0, y, S = rule_of(BETAS["one"], read_k=True)
+    assert rel_err(y, v) <= 1e-10
+    q, k, v, g, S0, y, S = rule_of(BETAS["one"], same_key=True)
+    assert rel_err(torch.einsum("bhed,bhd->bhe", S, k[:, -1]), v[:, -1]) <= 1e-10  # S k = v exactly
+    if rule != "kda":
+        P = torch.eye(8, dtype=torch.float64) - k[:, 0, :, :, None] * k[:, 0, :, None, :]
+        assert rel_err(S @ P, g[..., 0].sum(1).exp()[..., None, None] * S0 @ P) <= 1e-10  # nothing orthogonal changed
+
+
+@pytest.mark.parametrize("L", [1, 3, 8, 32])
+def test_kda_chunked_every_length(L):
+    """Ragged last chunks, T shorter than a chunk, one token per chunk, gates jumping between their ends: against
+    the recurrence."""
+    for T in (1, 2, 7, 8, 9, 23, 31, 32, 33, 70):
+        q, k, v, b, g, S0 = delta_inputs("kda", "jumpy", T=T, seed=T)
+        y, S = delta_rule("kda", "chunked", q, k, v, b, g, S0, L=L)
+        y_ref, S_ref = delta_rule("kda", "recurrent", q, k, v, b, g, S0)
+        assert rel_err(y, y_ref) <= 1e-10 and rel_err(S, S_ref) <= 1e-10, (T, L)
+
+
+def conv_qkv_reference(model, x, sizes, H, conv0=None):
+    """fla's short-conv path as written: x @ model.qkv^T through a causal depthwise conv (model.conv's weight, an
+    explicit window sum over the K - 1 inputs before, conv0 [B, K - 1, C] or zeros), SiLU, split into q, k, v of
+    sizes and H heads; q and k l2-normalised (fla's eps 1e-6), q scaled by Dk^-1/2 (fla's kernels compute y_t = S_t
+    (q_t Dk^-1/2)). Returns q, k, v [B, T, H, *] and the conv's last K - 1 inputs."""
+    W = model.conv.weight[:, 0]  # [C, K]
     K = W.shape[1]
-    S0, conv0 = state if state is not None else (x.new_zeros(B, H, d // H, d // H), x.new_zeros(B, K - 1, 3 * d))
-    p = torch.cat([conv0, x @ model.qkv.weight.T], 1)
-    c = torch.stack([sum(p[:, t + i] * W[:, i] for i in range(K)) for t in range(T)], 1)
-    q, k, v = F.silu(c).split(d, -1)
-    q, k, v = (z.unflatten(-1, (H, -1)) for z in (q, k, v))
-    q, k = (z / torch.sqrt((z * z).sum(-1, keepdim=True) + 1e-6) for z in (q, k))  # fla's l2norm eps
-    q = q / math.sqrt(q.shape[-1])  # fla's scale: its kernels compute y_t = S_t (q_t * d_k^-1/2)
+    p = torch.cat([x.new_zeros(x.shape[0], K - 1, W.shape[0]) if conv0 is None else conv0, x @ model.qkv.weight.T], 1)
+    c = torch.stack([sum(p[:, t + i] * W[:, i] for i in range(K)) for t in range(x.shape[1])], 1)
+    q, k, v = (z.unflatten(-1, (H, -1)) for z in F.silu(c).split(sizes, -1))
+    q, k = (z / torch.sqrt((z * z).sum(-1, keepdim=True) + 1e-6) for z in (q, k))
+    return q / math.sqrt(q.shape[-1]), k, v, p[:, -(K - 1):]
+
+
+def deltanet_reference(model, x, state=None):
+    """The layer rebuilt from its parameters: conv_qkv_reference, the delta rule as written, RMSNorm, the gate."""
+    B, T, d = x.shape
+    H = model.n_head
+    S0, conv0 = state if state is not None else (x.new_zeros(B, H, d // H, d // H), None)
+    q, k, v, conv = conv_qkv_reference(model, x, d, H, conv0)
     y, S = delta_rule_reference(q, k, v, torch.sigmoid(x @ model.beta.weight.T), S0)
-    y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + model.eps) * model.norm
+    y = rms_norm(y, model.eps) * model.norm
     if model.gate is not None:
         y = y * F.silu(x @ model.gate.weight.T).unflatten(-1, (H, -1))
-    return y.flatten(2) @ model.out.weight.T, (S, p[:, -(K - 1):])
+    return y.flatten(2) @ model.out.weight.T, (S, conv)
 
 
 def test_deltanet_layer_scales_q_as_fla_at_the_showdown_width():
@@ -1612,134 +1689,31 @@ def test_deltanet_layer_scales_q_as_fla_at_the_showdown_width():
             assert rel_err(y, y_ref) <= 1e-10 and rel_err(s[0], s_ref[0]) <= 1e-10 and torch.equal(s[1], s_ref[1]), form
 
 
-def test_deltanet_defaults_and_init_are_fla_and_torch_default():
-    """fla's defaults (4 heads, chunk 64, conv 4, no gate). The docstring claims no init of the layer's own: the
-    projections (the optional gate too) and the conv keep PyTorch's default, the RMSNorm's weight starts at 1."""
-    m = model_class("deltanet")(64)
-    assert m.n_head == 4 and m.chunk_size == 64 and m.conv.kernel_size == (4,) and m.gate is None
-    torch.manual_seed(0)
-    model = model_class("deltanet")(256, use_gate=True)
-    for name in ("qkv", "conv", "beta", "gate", "out"):
-        assert_torch_default(getattr(model, name), name)
-    assert (model.norm == 1).all()
-
-
-@needs_cuda
-@pytest.mark.parametrize("form", ["parallel", "chunked"])
-def test_deltanet_cuda_long_bf16_and_f32(form):
-    """T = 16384 (parallel: 4096) on the GPU with fla's defaults (chunk 64): bf16 autocast forward + backward finite;
-    float32 chunked against the float64 recurrence."""
-    T = 16384 if form == "chunked" else 4096
-    torch.manual_seed(0)
-    model = model_class("deltanet")(64).cuda()
-    x = torch.randn(2, T, 64, device="cuda", requires_grad=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y, (S, conv) = model(x, form=form)
-    y.float().square().mean().backward()
-    assert torch.isfinite(y).all() and torch.isfinite(S).all() and torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    q, k, v, b, S0 = (t.cuda() for t in delta_rule_inputs(B=2, T=T, H=4, Dk=16, Dv=16, dtype=torch.float32, seed=5))
-    with torch.no_grad():
-        yc, Sc = delta_rule(form, q, k, v, b, S0, L=64)
-        yr, Sr = delta_rule("recurrent", q, k, v, b, S0.double())
-    assert rel_err(yc, yr) <= 2e-3 and rel_err(Sc, Sr) <= 2e-3, (rel_err(yc, yr), rel_err(Sc, Sr))  # tf32 matmuls
-
-
-# ---------- gated_deltanet.py -------------------------------------------------------------------
-
-# log alpha: ordinary; mild (the state decays to ~0.2 in 37 tokens); alpha exactly 1; alpha = exp(-1e4) = 0;
-# tokens that jump between the two
-LOG_ALPHAS = {
-    "random": lambda B, T, H, g: -2 * torch.rand(B, T, H, generator=g),
-    "mild": lambda B, T, H, g: -0.08 * torch.rand(B, T, H, generator=g),
-    "one": lambda B, T, H, g: torch.zeros(B, T, H),
-    "zero": lambda B, T, H, g: torch.full((B, T, H), -1e4),
-    "jumpy": lambda B, T, H, g: -1e4 * torch.randint(0, 2, (B, T, H), generator=g),
-}
-
-
-def gated_delta_rule_inputs(gate="random", dtype=torch.float64, seed=0, **kw):
-    q, k, v, b, S0 = delta_rule_inputs(dtype=dtype, seed=seed, **kw)
-    g = LOG_ALPHAS[gate](*b.shape, torch.Generator().manual_seed(seed + 1)).to(dtype)
-    return q, k, v, b, g, S0
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
-@pytest.mark.parametrize("rule,case", [("deltanet", beta) for beta in BETAS]
-                         + [("gated_deltanet", alpha) for alpha in ("random", "one", "zero", "jumpy")])
-def test_delta_rules_against_reference(rule, case, dtype, tol):
-    """Every form's outputs, final state and gradients (q, k, v, beta, [log alpha,] S0) against the reference in
-    float64: the delta rule with betas at 0 and 1, the gated one with alphas at 1 and 0. Where alpha underflows,
-    d/d(log alpha) = alpha dL/dalpha is 0 in the reference, while the log-space forms get it as O(1) terms that
-    cancel: that gradient is measured against the others' scale."""
-    gated = rule == "gated_deltanet"
-    inputs = gated_delta_rule_inputs(case, dtype) if gated else delta_rule_inputs(dtype=dtype, beta=BETAS[case])
-    inputs = [t.requires_grad_() for t in inputs]
-    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    q, k, v, b, *g, S0 = ref_inputs
-    y_ref, S_ref = delta_rule_reference(q, k, v, b, S0, g[0].exp() if gated else None)
-    gen = torch.Generator().manual_seed(2)
-    gy, gS = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (y_ref, S_ref))
-    grads_ref = torch.autograd.grad((y_ref * gy).sum() + (S_ref * gS).sum(), ref_inputs)
-    for form in DELTA_FORMS:
-        y, S = delta_rule(form, *inputs)
-        assert rel_err(y, y_ref) <= tol and rel_err(S, S_ref) <= tol, form
-        grads = torch.autograd.grad((y.double() * gy).sum() + (S.double() * gS).sum(), inputs)
-        for name, a, r in zip(["q", "k", "v", "beta"] + ["log alpha"] * gated + ["S0"], grads, grads_ref, strict=True):
-            err = rel_err(a, r)
-            if name == "log alpha":  # against dL/dv's scale
-                err = (a.double() - r).norm().item() / max(r.norm().item(), grads_ref[2].norm().item())
-            assert err <= tol, f"{form} grad {name}: {err:.2e}"
-
-
-@pytest.mark.parametrize("form", DELTA_FORMS)
-def test_gated_deltanet_alpha_one_is_deltanet_alpha_zero_forgets(form):
-    q, k, v, b, g, S0 = gated_delta_rule_inputs("one")
-    y, S = delta_rule(form, q, k, v, b, g, S0)
-    y_ref, S_ref = delta_rule(form, q, k, v, b, S0)  # alpha = 1 exactly: deltanet.py's own forms
-    assert rel_err(y, y_ref) <= 1e-12 and rel_err(S, S_ref) <= 1e-12
-    q, k, v, b, g, S0 = gated_delta_rule_inputs("zero")  # alpha = 0: only the current token's write survives
-    y, S = delta_rule(form, q, k, v, b, g, S0)
-    y_ref = b[..., None] * (q * k).sum(-1, keepdim=True) * v  # y_t = beta_t (k_t . q_t) v_t
-    S_ref = b[:, -1, :, None, None] * v[:, -1, :, :, None] * k[:, -1, :, None, :]
-    assert rel_err(y, y_ref) <= 1e-12 and rel_err(S, S_ref) <= 1e-12
-
-
 def gated_deltanet_reference(model, x, state=None):
-    """The layer rebuilt from its parameters as fla defines it: conv as an explicit window sum, alpha
-    = exp(-softplus(w_a x + dt_bias) exp(A_log)), fla's q scale, FusedRMSNormGated, the rule as written."""
+    """The layer rebuilt from its parameters as fla defines it: conv_qkv_reference, alpha = exp(-softplus(w_a x +
+    dt_bias) exp(A_log)), the rule as written, FusedRMSNormGated."""
     B, T, d = x.shape
-    H, W = model.n_head, model.conv.weight[:, 0]  # [C, K]
-    K, key, value = W.shape[1], model.key, model.value
-    S0, conv0 = state if state is not None else (x.new_zeros(B, H, value // H, key // H), x.new_zeros(B, K - 1, W.shape[0]))
-    p = torch.cat([conv0, x @ model.qkv.weight.T], 1)
-    c = torch.stack([sum(p[:, t + i] * W[:, i] for i in range(K)) for t in range(T)], 1)
-    q, k, v = (z.unflatten(-1, (H, -1)) for z in F.silu(c).split([key, key, value], -1))
-    q, k = (z / torch.sqrt((z * z).sum(-1, keepdim=True) + 1e-6) for z in (q, k))  # fla's l2norm eps
-    q = q / math.sqrt(q.shape[-1])  # fla's default scale
+    H, key, value = model.n_head, model.key, model.value
+    S0, conv0 = state if state is not None else (x.new_zeros(B, H, value // H, key // H), None)
+    q, k, v, conv = conv_qkv_reference(model, x, [key, key, value], H, conv0)
     alpha = torch.exp(-F.softplus(x @ model.a.weight.T + model.dt_bias) * torch.exp(model.A_log))
     y, S = delta_rule_reference(q, k, v, torch.sigmoid(x @ model.beta.weight.T), S0, alpha)
-    y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + model.eps) * model.norm
-    y = y * F.silu(x @ model.gate.weight.T).unflatten(-1, (H, -1))
-    return y.flatten(2) @ model.out.weight.T, (S, p[:, -(K - 1):])
+    y = rms_norm(y, model.eps) * model.norm * F.silu(x @ model.gate.weight.T).unflatten(-1, (H, -1))
+    return y.flatten(2) @ model.out.weight.T, (S, conv)
 
 
-def test_gated_deltanet_defaults_and_init_as_fla():
-    """fla's GatedDeltaNet: 6 heads, keys 0.75 d_model and values 1.5 d_model wide, conv 4 without
-    bias, no projection biases, norm eps 1e-5; A = exp(A_log) ~ U(0, 16), dt = softplus(dt_bias)
-    log-uniform in [1e-3, 0.1] (Mamba2's init)."""
-    GatedDeltaNet = model_class("gated_deltanet")
-    m = GatedDeltaNet(384)
-    assert (m.n_head, m.key, m.value, m.chunk_size, m.eps) == (6, 288, 576, 64, 1e-5)
-    assert m.conv.kernel_size == (4,) and m.conv.bias is None and m.norm.shape == (96,)
-    assert all(lin.bias is None for lin in (m.qkv, m.a, m.beta, m.gate, m.out))
-    assert sum(p.numel() for p in m.parameters()) == pytest.approx(6 * 384 ** 2, rel=0.02)
-    torch.manual_seed(0)
-    m = GatedDeltaNet(800, n_head=100)  # 100 draws of each per-head parameter
-    A, dt = m.A_log.detach().exp(), F.softplus(m.dt_bias.detach())
-    assert A.min() > 0 and A.max() < 16 and A.min() < 1 and 6 < A.mean() < 10  # U(0, 16), not Mamba2's (1, 16)
-    assert dt.min() >= 1e-3 * (1 - 1e-6) and dt.max() <= 0.1 * (1 + 1e-6)
-    assert abs(dt.log().mean() - math.log(1e-2)) < 0.5  # the middle of [log 1e-3, log 0.1]
+def kda_reference(model, x):
+    """The layer rebuilt from its parameters as fla's KimiDeltaAttention defines it (safe_gate, lower_bound -5):
+    conv_qkv_reference, fla's lower-bound gate, the paper's recurrence, FusedRMSNormGated with a sigmoid."""
+    B, T, d = x.shape
+    H, D = model.n_head, model.head_dim
+    q, k, v, conv = conv_qkv_reference(model, x, d, H)
+    f = (x @ model.f_proj[0].weight.T @ model.f_proj[1].weight.T).unflatten(-1, (H, D))
+    alpha = torch.exp(-5 * torch.sigmoid(model.A_log.exp()[:, None] * (f + model.dt_bias.view(H, D))))
+    y, S = kda_paper(q, k, v, torch.sigmoid(x @ model.b_proj.weight.T), alpha, x.new_zeros(B, H, D, D))
+    gate = x @ model.g_proj[0].weight.T @ model.g_proj[1].weight.T + model.g_proj[1].bias
+    y = rms_norm(y, 1e-5) * model.norm * torch.sigmoid(gate).unflatten(-1, (H, D))
+    return y.flatten(2) @ model.o_proj.weight.T, (S.mT, conv)
 
 
 # ---------- rwkv7.py ----------------------------------------------------------------------------
@@ -1864,167 +1838,6 @@ def test_rwkv7_init_as_official():
     assert RWKV7(32).n_head == 1 and RWKV7(32).head_size == 32
 
 
-# ---------- kda.py ------------------------------------------------------------------------------
-# (the reference is written from the paper, in its own layout S [Dk, Dv], with every transition an explicit Dk x Dk
-# matrix (I - beta_t k_t k_t^T) Diag(alpha_t); the layer rebuilt by hand from fla's definitions)
-
-def kda_paper(q, k, v, beta, alpha, S):
-    """Kimi Linear's KDA as written: S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T,
-    o_t = S_t^T q_t, with S [B, H, Dk, Dv] (the paper's layout, the transpose of kda.py's), in float64."""
-    q, k, v, beta, alpha, S = (x.double() for x in (q, k, v, beta, alpha, S))
-    I = torch.eye(k.shape[-1], dtype=torch.float64)
-    ys = []
-    for t in range(q.shape[1]):
-        kt, bt = k[:, t, :, :, None], beta[:, t, :, None, None]
-        S = (I - bt * kt @ kt.mT) @ torch.diag_embed(alpha[:, t]) @ S + bt * kt @ v[:, t, :, None, :]
-        ys.append((S.mT @ q[:, t, :, :, None])[..., 0])
-    return torch.stack(ys, 1), S
-
-
-def kda_reference(model, x):
-    """The layer rebuilt from its parameters as fla's KimiDeltaAttention defines it (safe_gate, lower_bound -5):
-    the convs as explicit window sums, fla's l2norm and q scale, fla's lower-bound gate, FusedRMSNormGated with
-    a sigmoid, the paper's recurrence."""
-    B, T, d = x.shape
-    H, D, W = model.n_head, model.head_dim, model.conv.weight[:, 0]  # [3 d, K]
-    K = W.shape[1]
-    p = torch.cat([x.new_zeros(B, K - 1, 3 * d), x @ model.qkv.weight.T], 1)
-    c = torch.stack([sum(p[:, t + i] * W[:, i] for i in range(K)) for t in range(T)], 1)
-    q, k, v = (z.unflatten(-1, (H, D)) for z in F.silu(c).split(d, -1))
-    q, k = (z / torch.sqrt((z * z).sum(-1, keepdim=True) + 1e-6) for z in (q, k))
-    q = q / math.sqrt(D)
-    f = (x @ model.f_proj[0].weight.T @ model.f_proj[1].weight.T).unflatten(-1, (H, D))
-    alpha = torch.exp(-5 * torch.sigmoid(model.A_log.exp()[:, None] * (f + model.dt_bias.view(H, D))))
-    y, S = kda_paper(q, k, v, torch.sigmoid(x @ model.b_proj.weight.T), alpha, x.new_zeros(B, H, D, D))
-    y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + 1e-5) * model.norm
-    gate = x @ model.g_proj[0].weight.T @ model.g_proj[1].weight.T + model.g_proj[1].bias
-    y = y * torch.sigmoid(gate).unflatten(-1, (H, D))
-    return y.flatten(2) @ model.o_proj.weight.T, (S.mT, p[:, -(K - 1):])
-
-
-# log alpha per channel: ordinary; alpha = 1 exactly; alpha at its lowest, e^-5 (the gate's bound, kda.LOWER_BOUND);
-# channels and tokens jumping between the two ends
-KDA_GATES = {
-    "random": lambda shape, g: -5 * torch.rand(shape, generator=g),
-    "one": lambda shape, g: torch.zeros(shape),
-    "lowest": lambda shape, g: torch.full(shape, -5.0),
-    "jumpy": lambda shape, g: -5 * torch.randint(0, 2, shape, generator=g),
-}
-
-
-def kda_inputs(gate="random", dtype=torch.float64, seed=0, **kw):
-    """delta_rule_inputs and log alpha g [B, T, H, Dk]: q, k, v, beta, g, S0."""
-    q, k, v, b, S0 = delta_rule_inputs(dtype=dtype, seed=seed, **kw)
-    return q, k, v, b, KDA_GATES[gate](k.shape, torch.Generator().manual_seed(seed + 1)).to(dtype), S0
-
-
-def kda_core(form, q, k, v, beta, g, S, L=8):
-    kda = module("kda")
-    return kda.kda_recurrent(q, k, v, beta, g, S) if form == "recurrent" else kda.kda_chunked(q, k, v, beta, g, S, L)
-
-
-@pytest.mark.parametrize("gate", KDA_GATES)
-@pytest.mark.parametrize("form,L", [("recurrent", None), ("chunked", 8), ("chunked", 32)],
-                         ids=["recurrent", "chunked8", "chunked32"])  # 32: the cap, factors up to e^80
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
-def test_kda_core_against_paper(form, L, gate, dtype, tol):
-    """Outputs, final state and gradients (q, k, v, beta, log alpha, S0) against the paper's recurrence in
-    float64, 70 tokens (ragged chunks of 8 and of 32)."""
-    def paper(q, k, v, b, g, S0):  # in kda.py's layout, S [B, H, Dv, Dk]
-        y, S = kda_paper(q, k, v, b, g.exp(), S0.mT)
-        return y, S.mT
-    inputs, gen = [t.requires_grad_() for t in kda_inputs(gate, T=70, dtype=dtype)], torch.Generator().manual_seed(2)
-    check_grads(lambda *i: kda_core(form, *i, L=L), paper, inputs,
-                ["y", "S", "grad q", "grad k", "grad v", "grad beta", "grad log alpha", "grad S0"], tol,
-                lambda *shape: torch.randn(shape, generator=gen, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("form", ["recurrent", "chunked"])
-def test_kda_one_decay_for_all_channels_is_gated_deltanet(form):
-    """The same decay in every channel is Gated DeltaNet (delta_rule_reference), alpha = 1 DeltaNet; and alpha = 0
-    (the recurrence alone: the chunked form needs log alpha >= -5) keeps only the current token's write."""
-    for gate in ("random", "one"):
-        q, k, v, b, g, S0 = kda_inputs(gate)
-        g = g[..., :1]  # one log alpha per head
-        y, S = kda_core(form, q, k, v, b, g.expand_as(k), S0)
-        y_ref, S_ref = delta_rule_reference(q, k, v, b, S0, g[..., 0].exp())
-        assert rel_err(y, y_ref) <= 1e-12 and rel_err(S, S_ref) <= 1e-12, gate
-    if form == "recurrent":
-        y, S = kda_core(form, q, k, v, b, torch.full_like(k, -math.inf), S0)
-        assert rel_err(y, b[..., None] * (q * k).sum(-1, keepdim=True) * v) <= 1e-12  # y_t = beta_t (k_t . q_t) v_t
-        assert rel_err(S, b[:, -1, :, None, None] * v[:, -1, :, :, None] * k[:, -1, :, None, :]) <= 1e-12
-
-
-@pytest.mark.parametrize("rule,form", [(r, f) for r in ("deltanet", "gated_deltanet") for f in DELTA_FORMS]
-                         + [("kda", "recurrent"), ("kda", "chunked")])
-def test_delta_rules_beta_zero_skips_and_beta_one_overwrites(rule, form):
-    """beta = 0: nothing is written, S only decays (gated: mild alpha; kda: each key channel its own). beta = 1:
-    every token overwrites its key's slot, S_t k_t = v_t (read with q = k); with one key again and again S k = v
-    exactly, and (one decay per head) what is orthogonal to k only decays."""
-    def rule_of(beta, read_k=False, **kw):  # q, k, v, log alpha per key channel, S0, y, S
-        if rule == "kda":
-            q, k, v, b, g, S0 = kda_inputs(beta=beta, **kw)
-        else:
-            q, k, v, b, g, S0 = gated_delta_rule_inputs("mild" if rule == "gated_deltanet" else "one", beta=beta, **kw)
-        q = k if read_k else q
-        y, S = (kda_core if rule == "kda" else delta_rule)(form, q, k, v, b, *[g] * (rule != "deltanet"), S0)
-        return q, k, v, g if rule == "kda" else g[..., None].expand_as(k), S0, y, S
-    q, k, v, g, S0, y, S = rule_of(BETAS["zero"])
-    c = g.cumsum(1)
-    assert rel_err(S, S0 * c[:, -1, :, None, :].exp()) <= 1e-12
-    assert rel_err(y, torch.einsum("bhed,bthd->bthe", S0, q * c.exp())) <= 1e-12
-    q, k, v, g, S0, y, S = rule_of(BETAS["one"], read_k=True)
-    assert rel_err(y, v) <= 1e-10
-    q, k, v, g, S0, y, S = rule_of(BETAS["one"], same_key=True)
-    assert rel_err(torch.einsum("bhed,bhd->bhe", S, k[:, -1]), v[:, -1]) <= 1e-10  # S k = v exactly
-    if rule != "kda":
-        P = torch.eye(8, dtype=torch.float64) - k[:, 0, :, :, None] * k[:, 0, :, None, :]
-        assert rel_err(S @ P, g[..., 0].sum(1).exp()[..., None, None] * S0 @ P) <= 1e-10  # nothing orthogonal changed
-
-
-@pytest.mark.parametrize("L", [1, 3, 8, 32])
-def test_kda_chunked_every_length(L):
-    """Ragged last chunks, T shorter than a chunk, one token per chunk, gates jumping between their ends: against
-    the recurrence."""
-    for T in (1, 2, 7, 8, 9, 23, 31, 32, 33, 70):
-        q, k, v, b, g, S0 = kda_inputs("jumpy", T=T, seed=T)
-        y, S = kda_core("chunked", q, k, v, b, g, S0, L)
-        y_ref, S_ref = kda_core("recurrent", q, k, v, b, g, S0)
-        assert rel_err(y, y_ref) <= 1e-10 and rel_err(S, S_ref) <= 1e-10, (T, L)
-
-
-@pytest.mark.parametrize("regime", ["plain", *EXTREMES["kda"]])
-def test_kda_largest_chunk_float32_at_the_extremes(regime):
-    """Chunks of 32, the largest (factors up to e^80), in float32 at T = 100, gates at their ends: outputs, state and
-    every gradient as the recurrent form's (check_form)."""
-    check_form("kda", "chunked", torch.float32, "cpu", T=100, edit=EXTREMES["kda"].get(regime), chunk_size=32)
-
-
-def test_kda_defaults_and_init_as_fla():
-    """fla's KimiDeltaAttention at its default width 2048: 16 heads of 128, values as wide as keys, convs of 4
-    without bias, f_proj and g_proj of rank head_dim (only g_proj's second with a bias), norm eps 1e-5 and weight
-    1; A_log = 0 (fla's with safe_gate), dt = softplus(dt_bias) log-uniform in [1e-3, 0.1] per channel;
-    projections and convs as PyTorch's defaults (drawn at width 512). Chunks of 32 at most."""
-    KDA = model_class("kda")
-    with torch.device("meta"):
-        m = KDA(2048)
-    assert (m.n_head, m.head_dim, m.chunk_size, m.eps) == (16, 128, 32, 1e-5)
-    assert m.conv.kernel_size == (4,) and m.conv.bias is None and m.conv.in_channels == 3 * 2048
-    assert [lin.weight.shape for lin in (*m.f_proj, *m.g_proj)] == [(128, 2048), (2048, 128)] * 2
-    assert [n for n, p in m.named_parameters() if n.endswith("bias")] == ["dt_bias", "g_proj.1.bias"]
-    assert m.A_log.shape == (16,) and m.norm.shape == (128,)
-    d, r = 2048, 128
-    # q, k, v, o; f_proj and g_proj; b_proj; convs; A_log; dt_bias; norm; g_proj's bias
-    assert sum(p.numel() for p in m.parameters()) == 4 * d * d + 4 * d * r + d * 16 + 3 * d * 4 + 16 + d + r + d
-    torch.manual_seed(0)
-    m = KDA(512)
-    assert m.n_head == 4 and m.A_log.abs().max() == 0 and (m.norm == 1).all()
-    assert_uniform(F.softplus(m.dt_bias.detach().double()).log(), math.log(1e-3), math.log(0.1), "log dt")
-    for name in ("qkv", "conv", "f_proj.0", "f_proj.1", "b_proj", "g_proj.0", "g_proj.1", "o_proj"):
-        assert_torch_default(m.get_submodule(name), name)
-    assert KDA(32).head_dim == 32 and KDA(384).n_head == 3
-
-
 # ---------- attention.py ------------------------------------------------------------------------
 
 def attention_reference(m, x):
@@ -2050,28 +1863,6 @@ def attention_reference(m, x):
                 w = torch.exp(s - s.max())
                 ys[b, h, t] = sum(w[j] / w.sum() * V[b, h, j] for j in range(t + 1))
     return ys.transpose(1, 2).flatten(2) @ m.out.weight.T, (K, V)
-
-
-def test_attention_cache_grows_one_per_step():
-    """One more K and V per token, in every form and step(); kept in the model's dtype under autocast."""
-    m = make("attention")
-    x = torch.randn(2, 9, D_MODEL, dtype=torch.float64)
-    state = None
-    for t in range(9):
-        _, state = m.step(x[:, t], state)
-        assert all(s.shape == (2, 2, t + 1, D_MODEL // 2) for s in state)
-    for form in m.forms:
-        _, state = m(x[:, :5], form=form)
-        assert state[0].shape[2] == 5
-        _, state = m(x[:, 5:7], state, form=form)
-        assert state[0].shape[2] == 7
-        _, state = m.step(x[:, 7], state)
-        assert state[0].shape[2] == state[1].shape[2] == 8
-    m = make("attention", torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the cache in the model's dtype
-        _, state = m(torch.randn(1, 6, D_MODEL))
-        _, state = m.step(torch.randn(1, D_MODEL), state)
-    assert all(t.dtype == torch.float32 for t in state) and state[0].shape[2] == 7
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -2135,18 +1926,6 @@ def test_attention_rotary_relative_positions(shift):
     assert rel_err(b, a) <= 1e-12
 
 
-def test_attention_positions_are_absolute_in_the_cache():
-    """A second forward must rotate at offset t: continuing from a cache equals one pass."""
-    m = make("attention")
-    x = torch.randn(1, 12, D_MODEL, dtype=torch.float64)
-    y, _ = m(x, form="parallel")
-    _, s = m(x[:, :5], form="sdpa")
-    y2, _ = m(x[:, 5:], s, form="sdpa")
-    assert rel_err(y2, y[:, 5:]) <= 1e-12
-    y_wrong, _ = m(x[:, 5:], form="sdpa")  # same tokens without the past: differs
-    assert rel_err(y_wrong, y[:, 5:]) > 1e-3
-
-
 @pytest.mark.parametrize("form", ["sdpa", "parallel"])
 def test_attention_no_nan_with_extreme_inputs(form):
     m = make("attention", torch.float32)
@@ -2191,16 +1970,7 @@ def test_attention_dropout_only_in_training():
         assert torch.equal(dropped.eval()(x, form=form)[0], y_plain), form  # same weights, same ops: bit-identical
 
 
-def test_attention_defaults_and_init_are_torch_default():
-    """8 heads by default. The docstring claims no init: the qkv and out projections keep nn.Linear's default."""
-    assert model_class("attention")(512).n_head == 8
-    torch.manual_seed(0)
-    model = model_class("attention")(256)
-    assert_torch_default(model.qkv, "qkv")
-    assert_torch_default(model.out, "out")
-
-
-# ---------- rnn.py (pytest -s prints the iteration counts) --------------------------------------
+# ---------- rnn.py and lstm.py, newton.py's kernel (pytest -s prints the iteration counts) -------
 
 def rnn_reference(model, x, h=None):
     """torch.nn.RNNCell with W_hh = diag(w_h): the same layer, written by someone else."""
@@ -2216,39 +1986,6 @@ def rnn_reference(model, x, h=None):
         ys.append(model.out(h))
     return torch.stack(ys, 1), h
 
-
-def rnn_hard(T, seed=0):
-    """Strongly nonlinear, long memory: w_h in (0, 3) makes channels bistable (tanh(3 h) = h has
-    three roots), so the solution flips between basins and Newton resolves it only slowly."""
-    model = make("rnn", seed=seed, edit=lambda m: m.w_h.mul_(3))
-    return model, torch.randn(2, T, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64).tanh()
-
-
-@pytest.mark.parametrize("dtype,most", [(torch.float32, 12), (torch.float64, 12)], ids=["f32", "f64"])
-def test_rnn_iteration_counts_fresh_layer(dtype, most):
-    """Fresh layer, x ~ N(0, 1): a handful of iterations, and the answer of the loop."""
-    for T in (2048, 16384) if dtype == torch.float32 else (2048,):
-        torch.manual_seed(0)
-        model, x = model_class("rnn")(32).to(dtype), torch.randn(1, T, 32, dtype=dtype)
-        with torch.no_grad():
-            y, _ = model(x)
-            k = model.stats["newton_iters"]
-            y_ref, _ = model(x, form="recurrent")
-        print(f"\nrnn fresh layer, T={T}, {dtype}: {k} Newton iterations")
-        assert k <= most and rel_err(y, y_ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
-
-
-def test_rnn_init_as_documented():
-    """w_h ~ U(0, 1), as the docstring says (every channel has memory, |dh_t/dh_{t-1}| < 1); W_x, b and
-    W_o keep nn.Linear's default."""
-    torch.manual_seed(0)
-    model = model_class("rnn")(64, d_hidden=4096)
-    assert_uniform(model.w_h, 0.0, 1.0, "w_h")
-    assert_torch_default(model.inp, "inp")
-    assert_torch_default(model.out, "out")
-
-
-# ---------- lstm.py (pytest -s prints the iteration counts) -------------------------------------
 
 def lstm_reference(model, x, state=None):
     """torch.nn.LSTMCell (gate order i, f, g, o) with W_hh = diag(r) per gate: the same layer,
@@ -2269,14 +2006,18 @@ def lstm_reference(model, x, state=None):
     return torch.stack(ys, 1), (c, h)
 
 
-def lstm_hard(T, r_scale=10.0, jacobian="full", seed=0):
-    """Strongly nonlinear, long memory: recurrent weights up to r_scale, small inputs, forget bias
-    4 (c remembers ~50 steps): h feeds back through saturated gates, and Newton crawls."""
+def newton_hard(name, T, jacobian="full", r_scale=10.0):
+    """Strongly nonlinear, long memory, and Newton crawls: the model (float64), x and a state. rnn: w_h in (0, 3)
+    makes channels bistable (tanh(3 h) = h has three roots), so the solution flips between basins. lstm: recurrent
+    weights up to r_scale, small inputs, forget bias 4 (c remembers ~50 steps): h feeds back through saturated gates."""
     def edit(m):
         m.r.mul_(r_scale)
         m.inp.weight.mul_(0.35)
         m.inp.bias[32:64] += 3
-    model = make("lstm", seed=seed, jacobian=jacobian, edit=edit)
+    if name == "rnn":
+        model = make("rnn", edit=lambda m: m.w_h.mul_(3))
+        return model, torch.randn(2, T, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64).tanh()
+    model = make("lstm", jacobian=jacobian, edit=edit)
     x = torch.randn(2, T, 32, dtype=torch.float64)
     return model, x, (torch.randn(2, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64).tanh())
 
@@ -2284,52 +2025,29 @@ def lstm_hard(T, r_scale=10.0, jacobian="full", seed=0):
 # r up to 10: exact Newton takes 97 of 128 steps. The diagonal quasi-Newton is given r up to 5,
 # where it needs all 128 (exact Newton: 22); at r up to 10 (T=256) it hits the cap ~1e-2 off: its
 # diagonal Jacobian products overstate the true ones and amplify rounding (one more reason for full).
-LSTM_HARD = [("full", 10.0), ("diag", 5.0)]
+NEWTON_HARD = {"rnn": dict(), "lstm-full": dict(jacobian="full", r_scale=10.0),
+               "lstm-diag": dict(jacobian="diag", r_scale=5.0)}
 
 
-def test_lstm_iteration_counts_fresh_layer(dtype=torch.float32):
-    """Fresh layer, x ~ N(0, 1), T = 2048: exact Newton in a handful of iterations, the diagonal
-    quasi-Newton in several times as many; both the answer of the loop."""
-    counts = {}
-    for jacobian in ("full", "diag"):
+@pytest.mark.parametrize("name,jacobian,dtype,lengths", [
+    ("rnn", "full", torch.float32, (2048, 16384)), ("rnn", "full", torch.float64, (2048,)),
+    ("lstm", "full", torch.float32, (2048,)), ("lstm", "diag", torch.float32, (2048,))],
+    ids=["rnn-f32", "rnn-f64", "lstm-full", "lstm-diag"])
+def test_newton_iteration_counts_fresh_layer(name, jacobian, dtype, lengths):
+    """Fresh layer, x ~ N(0, 1): exact Newton in a handful of iterations (at most 12), the lstm's diagonal
+    quasi-Newton in more; both the answer of the loop."""
+    for T in lengths:
         torch.manual_seed(0)
-        model, x = model_class("lstm")(32, jacobian=jacobian).to(dtype), torch.randn(1, 2048, 32, dtype=dtype)
+        model = model_class(name)(32, **({"jacobian": jacobian} if name == "lstm" else {})).to(dtype)
+        x = torch.randn(1, T, 32, dtype=dtype)
         with torch.no_grad():
             y, _ = model(x)
-            counts[jacobian] = model.stats["newton_iters"]
+            k = model.stats["newton_iters"]
             y_ref, _ = model(x, form="recurrent")
-        assert rel_err(y, y_ref) <= 1e-5
-    print(f"\nlstm fresh layer, T=2048, {dtype}: Newton iterations {counts}")
-    assert counts["full"] <= 12 < counts["diag"]
+        print(f"\n{name} fresh layer, T={T}, {dtype}, jacobian={jacobian}: {k} Newton iterations")
+        assert rel_err(y, y_ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
+        assert k <= 12 if jacobian == "full" else k > 12, k
 
-
-def test_lstm_init_forget_bias_one_on_the_gate_that_keeps_c():
-    """Gers et al. 2000: the forget gate's bias starts at 1. In the parameters: in the docstring's gate
-    order [i, f, o, g] the f slice is 1, the other biases and W keep nn.Linear's default, r ~ U(-1, 1)
-    as documented. In what the cell does: with W = 0 and r = 0 each gate is its bias, and two states
-    that differ by 1 in c differ by f in the next c; f, the gate that multiplies c_{t-1}, is sigmoid(1)."""
-    torch.manual_seed(0)
-    H = 1024
-    model = model_class("lstm")(64, d_hidden=H).double()
-    b, bound = model.inp.bias.view(4, H), 1 / math.sqrt(64)
-    assert (b[1] == 1).all(), "the forget slice of the bias is not 1"
-    assert b[[0, 2, 3]].abs().max() <= bound, "a bias other than the forget gate's is not nn.Linear's default"
-    assert_uniform(model.inp.weight, -bound, bound, "inp.weight")
-    assert_uniform(model.r, -1.0, 1.0, "r")
-    assert_torch_default(model.out, "out")
-    with torch.no_grad():
-        model.inp.weight.zero_()
-        model.r.zero_()
-        x, c = torch.randn(3, 64, dtype=torch.float64), torch.randn(3, H, dtype=torch.float64)
-        h = torch.zeros(3, H, dtype=torch.float64)
-        _, (c1, _) = model.step(x, (c, h))
-        _, (c2, _) = model.step(x, (c + 1, h))
-    forget = c2 - c1
-    assert rel_err(forget, torch.full_like(forget, 1 / (1 + math.exp(-1)))) <= 1e-12, \
-        f"c_{{t-1}} is multiplied by {forget.mean():.4f}, not sigmoid(1) = 0.7311"
-
-
-# ---------- rnn.py and lstm.py: the Newton solve, newton.py's kernel ----------------------------
 
 def newton_loop(name, u, w, s0):
     """rnn.py's or lstm.py's recurrence one step at a time, all its states as the Newton solvers return them: u [B, T,
@@ -2343,17 +2061,27 @@ def newton_loop(name, u, w, s0):
     return torch.stack(ss, 1)
 
 
-@pytest.mark.parametrize("name,jacobian,r_scale,T,least", [("rnn", None, None, 256, 50),
-                                                           *[("lstm", j, r, 128, 20) for j, r in LSTM_HARD]])
-def test_newton_cap_is_what_makes_it_exact(name, jacobian, r_scale, T, least):
+def newton_inputs(name, B, T, C, scale, g=None, device="cpu"):
+    """newton_loop's inputs, drawn: u ~ N(0, 1), w ~ scale U(0, 1) (lstm: r ~ scale U(-1, 1)), h0 = tanh(N(0, 1))
+    (lstm: c0 ~ N(0, 1) too)."""
+    draw = lambda f, *shape: f(*shape, generator=g, device=device)  # noqa: E731
+    if name == "rnn":
+        return draw(torch.randn, B, T, C), scale * draw(torch.rand, C), draw(torch.randn, B, C).tanh()
+    u, r = draw(torch.randn, B, T, 4, C), scale * (2 * draw(torch.rand, 4, C) - 1)
+    return u, r, torch.stack([draw(torch.randn, B, C), draw(torch.randn, B, C).tanh()], 1)
+
+
+@pytest.mark.parametrize("case,T,least", [("rnn", 256, 50), ("lstm-full", 128, 20), ("lstm-diag", 128, 20)])
+def test_newton_cap_is_what_makes_it_exact(case, T, least):
     """Many Newton steps (the rnn: hundreds), never more than T, and still the recurrent form's outputs,
     final state and gradients (implicit differentiation at the solution)."""
-    model, x, s0 = rnn_hard(T) if name == "rnn" else lstm_hard(T, r_scale, jacobian)
+    name = case[:4]
+    model, x, s0 = newton_hard(name, T, **NEWTON_HARD[case])
     x.requires_grad_()
     s0 = map_state(lambda t: t.requires_grad_(), s0)
     y, s = model(x, s0)
     k = model.stats["newton_iters"]
-    print(f"\n{name} hard case, T={T}, float64, jacobian={jacobian}: {k} Newton iterations")
+    print(f"\n{case} hard case, T={T}, float64: {k} Newton iterations")
     assert least < k <= T
     y_ref, s_ref = model(x, s0, form="recurrent")
     assert rel_err(y, y_ref) <= 1e-10
@@ -2366,20 +2094,18 @@ def test_newton_cap_is_what_makes_it_exact(name, jacobian, r_scale, T, least):
 
 
 @pytest.mark.parametrize("k", [1, 7, 64])
-@pytest.mark.parametrize("name,jacobian,r_scale", [("rnn", None, None), *[("lstm", j, r) for j, r in LSTM_HARD]],
-                         ids=["rnn", *[f"lstm-{j}" for j, _ in LSTM_HARD]])
-def test_newton_first_k_steps_exact_after_k_iterations(name, jacobian, r_scale, k):
+@pytest.mark.parametrize("case", NEWTON_HARD)
+def test_newton_first_k_steps_exact_after_k_iterations(case, k):
     """The guarantee behind the cap, for exact and quasi-Newton alike: k undamped Newton steps from any guess fix
     s_0 .. s_{k-1}."""
+    name, full = case[:4], case != "lstm-diag"
     with torch.no_grad():
+        model, x, s0 = newton_hard(name, 256 if name == "rnn" else 128, r_scale=NEWTON_HARD[case].get("r_scale"))
         if name == "rnn":
-            model, x, s0 = rnn_hard(256)
             u, w = model.inp(x), model.w_h
-            s, iters = module("rnn").rnn_newton(u, w, s0, tol=0.0, cap=k)
         else:
-            model, x, s0 = lstm_hard(128, r_scale)
             u, w, s0 = model.inp(x).unflatten(-1, (4, 32)), model.r, torch.stack(s0, 1)
-            s, iters = module("lstm").lstm_newton(u, w, s0, tol=0.0, full=jacobian == "full", cap=k)
+        s, iters = getattr(module(name), f"{name}_newton")(u, w, s0, 0.0, *[full] * (name == "lstm"), cap=k)
         ref = newton_loop(name, u, w, s0)
     assert iters == k
     assert (s[:, :k] - ref[:, :k]).abs().max() <= 1e-12
@@ -2400,21 +2126,16 @@ def check_newton_kernel_ragged(name, full=True, B=2, T=19, C=12, seed=0):
     """newton.rnn or newton.lstm against the loop in float64: T = 19 (the last tile ragged), C = 12 (a full and a
     partial block of channels), a random initial state, strong recurrent weights (many iterations); and
     newton.lstm_backward's gradients against autograd's through the loop."""
-    newton, g = module("newton"), torch.Generator().manual_seed(seed)
-    if name == "rnn":
-        u, w = torch.randn(B, T, C, generator=g), 3 * torch.rand(C, generator=g)
-        s0 = torch.randn(B, C, generator=g).tanh()
-    else:
-        u, w = torch.randn(B, T, 4, C, generator=g), 5 * (2 * torch.rand(4, C, generator=g) - 1)
-        s0 = torch.stack([torch.randn(B, C, generator=g), torch.randn(B, C, generator=g).tanh()], 1)
-    s, k = newton.rnn(u, w, s0, 1e-6) if name == "rnn" else newton.lstm(u, w, s0, 1e-6, full)
+    g = torch.Generator().manual_seed(seed)
+    u, w, s0 = newton_inputs(name, B, T, C, 3 if name == "rnn" else 5, g)
+    s, k = getattr(module("newton"), name)(u, w, s0, 1e-6, *[full] * (name == "lstm"))
     u64, w64, s064 = (t.double().requires_grad_() for t in (u, w, s0))
     ref = newton_loop(name, u64, w64, s064)
     assert s.shape == ref.shape and rel_err(s, ref) <= 1e-5, (name, full, rel_err(s, ref))
     assert 1 <= k <= 8, k
     if name == "lstm":  # the adjoint kernel against autograd through the loop
         ds = torch.randn(s.shape, generator=g)
-        grads = newton.lstm_backward(u, w, s, s0, ds)
+        grads = module("newton").lstm_backward(u, w, s, s0, ds)
         for got, want in zip(grads, torch.autograd.grad(ref, (u64, w64, s064), ds.double())):
             assert got.shape == want.shape and rel_err(got, want) <= 1e-5, (full, rel_err(got, want))
 
@@ -2422,22 +2143,16 @@ def check_newton_kernel_ragged(name, full=True, B=2, T=19, C=12, seed=0):
 def check_newton_kernel_iterations(name, full=True):
     """On one tile (B = 1, T = 8 = BLOCK_T, 8 channels) the kernel is rnn_newton's or lstm_newton's Newton: the same
     iteration count, over seeds and recurrent weights up to 1 and 3 (a wrong Jacobian still converges, slower)."""
-    newton = module("newton")
     for seed in range(2):
         for scale in (1, 3):
-            g = torch.Generator().manual_seed(seed)
-            if name == "rnn":
-                u, w, h0 = torch.randn(1, 8, 8, generator=g), scale * torch.rand(8, generator=g), torch.zeros(1, 8)
-                got, ref = newton.rnn(u, w, h0, 1e-6)[1], module("rnn").rnn_newton(u, w, h0, 1e-6)[1]
-            else:
-                u, r = torch.randn(1, 8, 4, 8, generator=g), scale * (2 * torch.rand(4, 8, generator=g) - 1)
-                s0 = torch.stack([torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g).tanh()], 1)
-                got, ref = newton.lstm(u, r, s0, 1e-6, full)[1], module("lstm").lstm_newton(u, r, s0, 1e-6, full)[1]
+            args = (*newton_inputs(name, 1, 8, 8, scale, torch.Generator().manual_seed(seed)), 1e-6)
+            args += (full,) * (name == "lstm")
+            got, ref = getattr(module("newton"), name)(*args)[1], getattr(module(name), f"{name}_newton")(*args)[1]
             assert got == ref, (name, full, seed, scale, float(got), ref)
 
 
 def check_newton_hard_float32(model, x, s0, device="cpu"):
-    """A hard case (rnn_hard's or lstm_hard's model, input and state) in float32: the parallel form against the
+    """A hard case (newton_hard's model, input and state) in float32: the parallel form against the
     recurrent one in float64, as close as float32's own loop gets (within 1e-4, or 3x the loop's error: bistable
     channels amplify a GPU matmul's rounding in dL/dx to ~2e-4): outputs, final state and gradients w.r.t. the
     input, the initial state and every parameter. Returns the parallel form's iteration count."""
@@ -2469,7 +2184,7 @@ def test_newton_kernel_interpreted(name):
                 f"for full in {(True, False) if name == 'lstm' else (True,)}:\n"
                 f"    t.check_newton_kernel_ragged({name!r}, full)\n"
                 f"    t.check_newton_kernel_iterations({name!r}, full)\n"
-                f"k = t.check_newton_hard_float32(*t.{name}_hard(20))\n"
+                f"k = t.check_newton_hard_float32(*t.newton_hard({name!r}, 20))\n"
                 f"print(f'{name} hard case, T=20, float32, kernel: {{k:.2f}} Newton iterations per tile of 8')\n"
                 f"assert 5 <= k <= 8, k\n"
                 f"assert seen == {{{name!r}}}, seen")
@@ -2480,22 +2195,35 @@ def test_newton_kernel_interpreted(name):
 def test_newton_kernel_cuda(name):
     """On the GPU (tiles of newton.PLAN): the kernel against rnn_newton / lstm_newton (both Jacobians) and the loop at
     B=4, T=1000 (16 tiles, ragged channels); the hard cases at T=256 in float32 with gradients."""
-    newton, layer = module("newton"), module(name)
     torch.manual_seed(0)
-    if name == "rnn":
-        u, w, s0 = (torch.randn(4, 1000, 200, device="cuda"), 2 * torch.rand(200, device="cuda"),
-                    torch.rand(4, 200, device="cuda"))
-    else:
-        u, w = torch.randn(4, 1000, 4, 200, device="cuda"), 2 * torch.rand(4, 200, device="cuda") - 1
-        s0 = torch.stack([torch.randn(4, 200, device="cuda"), torch.rand(4, 200, device="cuda")], 1)
+    u, w, s0 = newton_inputs(name, 4, 1000, 200, 2 if name == "rnn" else 1, device="cuda")
     ref = newton_loop(name, u, w, s0)
     for full in (True, False) if name == "lstm" else (True,):
-        args = (u, w, s0, 1e-6, full) if name == "lstm" else (u, w, s0, 1e-6)
-        s, k = getattr(newton, name)(*args)
-        assert rel_err(s, getattr(layer, f"{name}_newton")(*args)[0]) <= 1e-5 and rel_err(s, ref) <= 1e-5
-        assert 1 <= float(k) <= newton.PLAN[name][0]
-    for model, x, s0 in [rnn_hard(256)] if name == "rnn" else [lstm_hard(256, r, j) for j, r in LSTM_HARD]:
-        check_newton_hard_float32(model, x, s0, device="cuda")
+        args = (u, w, s0, 1e-6) + (full,) * (name == "lstm")
+        s, k = getattr(module("newton"), name)(*args)
+        assert rel_err(s, getattr(module(name), f"{name}_newton")(*args)[0]) <= 1e-5 and rel_err(s, ref) <= 1e-5
+        assert 1 <= float(k) <= module("newton").PLAN[name][0]
+    for case in [c for c in NEWTON_HARD if c.startswith(name)]:
+        check_newton_hard_float32(*newton_hard(name, 256, **NEWTON_HARD[case]), device="cuda")
+
+
+
+def test_lstm_forget_bias_is_one_on_the_gate_that_keeps_c():
+    """Gers et al. 2000: the forget gate's bias starts at 1 (INITS: in the parameters). In what the cell does: with W
+    = 0 and r = 0 each gate is its bias, and two states that differ by 1 in c differ by f in the next c; f, the gate
+    that multiplies c_{t-1}, is sigmoid(1)."""
+    H = 1024
+    model = model_class("lstm")(64, d_hidden=H).double()
+    with torch.no_grad():
+        model.inp.weight.zero_()
+        model.r.zero_()
+        x, c = torch.randn(3, 64, dtype=torch.float64), torch.randn(3, H, dtype=torch.float64)
+        h = torch.zeros(3, H, dtype=torch.float64)
+        _, (c1, _) = model.step(x, (c, h))
+        _, (c2, _) = model.step(x, (c + 1, h))
+    forget = c2 - c1
+    assert rel_err(forget, torch.full_like(forget, 1 / (1 + math.exp(-1)))) <= 1e-12, \
+        f"c_{{t-1}} is multiplied by {forget.mean():.4f}, not sigmoid(1) = 0.7311"
 
 
 @needs_cuda
@@ -2630,17 +2358,21 @@ def test_mlstm_core_matches_unstabilised_paper(form, regime):
 @pytest.mark.parametrize("T", [1, 8, 21])
 def test_mlstm_core_forms_match_recurrent_under_extreme_gates(regime, dtype, T):
     """Outputs, states and the gradients, from a random state, gates at 0 and 1 and beyond float32's exp: all
-    finite, and equal to the recurrence's. m is compared relative to its size, C~ and n~ in the recurrence's frame,
-    C~ exp(m - m_recurrent): at m ~ 1e4 float32 rounds m itself by ~1e-3, a choice of frame, not an error in the
-    state. Gradients are measured against the scale of dL/dv: where one token outweighs the rest (h_t -> +-v_t),
-    the gradients w.r.t. q, k and the gates are 0 up to rounding, and those w.r.t. the initial state ~e^-100.
-    In float32, q and k are drawn nonnegative, so that n_t^T q_t sums positive terms: with signs it can be any
-    small number, and float32 resolves h_t and its gradients only to ~1e-7 (sum of |terms|) / |n_t^T q_t| (the
-    recurrence itself measured 3e-3 off the float64 one in dL/dq at 21 jumpy tokens: where one token dominates,
-    dh_t/dq_t = 0 is two terms of ~1 / |k_t q_t| that cancel)."""
+    finite, and equal to the recurrence's; m in every form the paper's max recurrence m_t = max(log f_t + m_{t-1},
+    i~_t) (i = e^100 overflows float32's exp; f = 0 with i = e^-1e4 puts m near -1e4, exp(-m) = inf). m is compared
+    relative to its size, C~ and n~ in the recurrence's frame, C~ exp(m - m_recurrent): at m ~ 1e4 float32 rounds m
+    itself by ~1e-3, a choice of frame, not an error in the state. Gradients are measured against the scale of dL/dv:
+    where one token outweighs the rest (h_t -> +-v_t), the gradients w.r.t. q, k and the gates are 0 up to rounding,
+    and those w.r.t. the initial state ~e^-100. In float32, q and k are drawn nonnegative, so that n_t^T q_t sums
+    positive terms: with signs it can be any small number, and float32 resolves h_t and its gradients only to ~1e-7
+    (sum of |terms|) / |n_t^T q_t| (the recurrence itself measured 3e-3 off the float64 one in dL/dq at 21 jumpy
+    tokens: where one token dominates, dh_t/dq_t = 0 is two terms of ~1 / |k_t q_t| that cancel)."""
     inputs, state = mlstm_core_inputs(regime, dtype, T=T, positive=dtype == torch.float32)
+    assert regime != "i_huge" or dtype == torch.float64 or torch.isinf(inputs[3].exp()).any()  # e^100 overflows
     leaves = [t.requires_grad_() for t in inputs + list(state[:2])]
-    state = (leaves[5], leaves[6], state[2])
+    state, m_paper = (leaves[5], leaves[6], state[2]), state[2]
+    for t in range(T):  # the paper's max recurrence
+        m_paper = torch.maximum(inputs[4][:, t].detach() + m_paper, inputs[3][:, t].detach())
     with torch.no_grad():
         m_ref = mlstm_core("recurrent", *inputs, state)[1][2]
     B, T, H, Dv = inputs[2].shape
@@ -2656,25 +2388,12 @@ def test_mlstm_core_forms_match_recurrent_under_extreme_gates(regime, dtype, T):
         outs[form] = [h, C, n, m, *grads]
         for name, t in zip(names, outs[form]):
             assert torch.isfinite(t).all(), f"{form} {name} not finite"
+        assert rel_err(m, m_paper) <= 1e-6, f"{form}: m rel err {rel_err(m, m_paper):.2e}"
     scale = outs["recurrent"][names.index("v")].norm().item()
     for form in ("parallel", "chunked"):
         for i, (name, o, r) in enumerate(zip(names, outs[form], outs["recurrent"])):
             err = rel_err(o, r) if i < 4 else (o - r).norm().item() / (max(r.norm().item(), scale) or 1.0)
             assert err <= TOL[dtype], f"{form} {name}: {err:.2e}"
-
-
-def test_mlstm_m_is_the_max_recurrence():
-    """i = e^100 overflows float32's exp, and f = 0 with i = e^-1e4 puts m near -1e4 (exp(-m) = inf): every form
-    returns a finite h and the m of the paper's max recurrence m_t = max(log f_t + m_{t-1}, i~_t)."""
-    for regime in ("i_huge", "f_zero_i_tiny"):
-        inputs, state = mlstm_core_inputs(regime, torch.float32)
-        log_i, g, m = inputs[3], inputs[4], state[2]
-        assert regime != "i_huge" or torch.isinf(log_i.exp()).any()
-        for t in range(log_i.shape[1]):
-            m = torch.maximum(g[:, t] + m, log_i[:, t])
-        for form in ("recurrent", "parallel", "chunked"):
-            h, (_, _, m_form) = mlstm_core(form, *inputs, state)
-            assert torch.isfinite(h).all() and rel_err(m_form, m) <= 1e-6, (regime, form)
 
 
 @pytest.mark.parametrize("i_bias", [None, 15.0, -15.0])
@@ -2715,32 +2434,6 @@ def test_mlstm_gradients_across_calls_equal_one_pass(form):
     two = torch.autograd.grad((torch.cat([y1, y2], 1) * gy).sum(), leaves)
     for name, a, b in zip(["x"] + [p for p, _ in model.named_parameters()], two, one):
         assert rel_err(a, b) <= 1e-10, f"grad {name}: {rel_err(a, b):.2e}"
-
-
-def test_mlstm_init_as_xlstm():
-    """xLSTM's mLSTMLayer.reset_parameters and mLSTMCell.reset_parameters: small init N(0, 2 / (5 d_model)) on the
-    up-projection and q, k, v; wang init N(0, (2 / sqrt(d_model))^2) (one block) on the down-projection; the conv
-    PyTorch's default; gate weights 0, input-gate biases N(0, 0.1^2), forget-gate biases linspace(3, 6); skip 1,
-    the norm's weight 1 + 0; the inner width 2 d_model and 4 heads. The gate biases' draws from a layer of 256
-    heads."""
-    MLSTM = model_class("mlstm")
-    torch.manual_seed(0)
-    d = 256
-    model = MLSTM(d)
-    small = math.sqrt(2 / (5 * d))
-    for name in ("up.weight", "wq", "wk", "wv"):
-        assert_normal(model.get_parameter(name), small, name)
-    assert_normal(model.down.weight, 2 / math.sqrt(d), "down.weight")
-    assert_torch_default(model.conv, "conv")
-    H = model.n_head
-    assert H == 4 and model.skip.shape == (2 * d,) and model.wq.shape == (2 * d // 4, 4, 4)
-    assert model.gates.weight.abs().max() == 0
-    assert torch.equal(model.gates.bias[H:], torch.linspace(3.0, 6.0, H))
-    many = MLSTM(d, n_head=256).gates.bias
-    assert_normal(many[:256], 0.1, "input-gate bias")
-    assert torch.equal(many[256:], torch.linspace(3.0, 6.0, 256))
-    assert torch.equal(model.skip, torch.ones(2 * d)) and model.norm.abs().max() == 0
-    assert model.up.bias is None and model.down.bias is None and model.conv.bias is not None
 
 
 # ========== train.py ============================================================================
