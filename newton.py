@@ -182,8 +182,8 @@ if triton is not None:
         return c_new, o * tc, f, a, k, dz_o * r_o + k * a, dz_i, dz_f, dz_o, dz_g
 
     @triton.jit
-    def _lstm_kernel(U, R, S0, S, ITERS, T, C, n_cblocks, n_tiles, tol, tol_stuck,
-                     FULL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _lstm_program(R, S0, C, n_cblocks, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """What an lstm program owns: its batch row and channel block, the recurrent weights and the initial state."""
         group = tl.program_id(0)
         pid_b, pid_c = group // n_cblocks, group % n_cblocks
         rows = tl.arange(0, BLOCK_T)
@@ -195,6 +195,13 @@ if triton is not None:
         r_g = tl.load(R + 3 * C + cols, mask=col_ok, other=0.0)[None, :]
         c0 = tl.load(S0 + pid_b * 2 * C + cols, mask=col_ok, other=0.0)
         h0 = tl.load(S0 + pid_b * 2 * C + C + cols, mask=col_ok, other=0.0)
+        return group, pid_b, rows, cols, col_ok, r_i, r_f, r_o, r_g, c0, h0
+
+    @triton.jit
+    def _lstm_kernel(U, R, S0, S, ITERS, T, C, n_cblocks, n_tiles, tol, tol_stuck,
+                     FULL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        program = _lstm_program(R, S0, C, n_cblocks, BLOCK_T, BLOCK_C)
+        group, pid_b, rows, cols, col_ok, r_i, r_f, r_o, r_g, c0, h0 = program
         for tile in range(n_tiles):
             t = tile * BLOCK_T + rows
             mask = (t < T)[:, None] & col_ok[None, :]
@@ -233,17 +240,8 @@ if triton is not None:
     @triton.jit
     def _lstm_backward_kernel(U, R, S, S0, DS, DU, DR, DS0, T, C, n_cblocks, n_tiles,
                               BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-        group = tl.program_id(0)
-        pid_b, pid_c = group // n_cblocks, group % n_cblocks
-        rows = tl.arange(0, BLOCK_T)
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        r_i = tl.load(R + cols, mask=col_ok, other=0.0)[None, :]
-        r_f = tl.load(R + C + cols, mask=col_ok, other=0.0)[None, :]
-        r_o = tl.load(R + 2 * C + cols, mask=col_ok, other=0.0)[None, :]
-        r_g = tl.load(R + 3 * C + cols, mask=col_ok, other=0.0)[None, :]
-        c0 = tl.load(S0 + pid_b * 2 * C + cols, mask=col_ok, other=0.0)
-        h0 = tl.load(S0 + pid_b * 2 * C + C + cols, mask=col_ok, other=0.0)
+        program = _lstm_program(R, S0, C, n_cblocks, BLOCK_T, BLOCK_C)
+        group, pid_b, rows, cols, col_ok, r_i, r_f, r_o, r_g, c0, h0 = program
         lam_c0 = tl.zeros([BLOCK_C], dtype=tl.float32)  # lam at the later tile's first step
         lam_h0 = tl.zeros([BLOCK_C], dtype=tl.float32)
         dr_i, dr_f, dr_o, dr_g = lam_c0, lam_c0, lam_c0, lam_c0
