@@ -212,8 +212,8 @@ def interpreted(code):
     kernels then run on the CPU through its interpreter. Fails the test with the child's output."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", "import torch, scan, test_equivalence as t\n" + code], cwd=HERE, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", "import torch, scan, test_equivalence as t\n" + code], cwd=HERE,
+                          env=env, capture_output=True, text=True)
     if done.returncode and "only 0-dimensional arrays can be converted to Python scalars" in done.stderr:
         import numpy, triton  # the interpreter's int() of its 1-element scalars; Triton 3.9's squeezes them first
         pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run under NumPy {numpy.__version__} "
@@ -270,8 +270,8 @@ SCAN_CASES = [  # (b shape, a shape): full, per-head gate, broadcast over batch 
 BLOCK_SCAN_CASES = [(b, b[:2] + (2,) + b[2:]) for b in [(2, 37, 2, 3), (1, 70, 2, 5), (3, 1, 2, 4), (2, 45, 2, 3, 2)]]
 # (B, T, D, N, h0, dt scale): several tiles over time (16 on a GPU, 8 interpreted), several channel
 # blocks, ragged T, D and N, and dt up to 30 (gates ~1e-26: the backward's h_t - b_t = a_t h_{t-1})
-SELECTIVE_CASES = [(2, 21, 10, 4, True, 1.0), (1, 37, 9, 3, False, 1.0), (3, 8, 4, 4, True, 1.0), (2, 19, 6, 4, True, 30.0),
-                   (2, 19, 6, 4, True, 1000.0)]  # dt up to 1000: most a_t underflow to 0
+SELECTIVE_CASES = [(2, 21, 10, 4, True, 1.0), (1, 37, 9, 3, False, 1.0), (3, 8, 4, 4, True, 1.0),
+                   (2, 19, 6, 4, True, 30.0), (2, 19, 6, 4, True, 1000.0)]  # dt up to 1000: most a_t underflow to 0
 # (B, T, G, H, Dk, Dv): one chunk and several (16 interpreted, 64 else), a padded tail, Dk and Dv no powers of two,
 # several value tiles (16 columns interpreted), groups of heads sharing q and k
 SCALAR_DECAY_CASES = [(2, 37, 2, 2, 16, 16), (1, 70, 1, 2, 20, 24), (1, 33, 1, 2, 16, 40)]
@@ -293,8 +293,9 @@ def check_scan(device, dtype, tol, cases=SCAN_CASES + BLOCK_SCAN_CASES, referenc
                 h0 = torch.randn(shape[:1] + shape[2:], device=device, dtype=dtype, generator=g).requires_grad_()
                 leaves = [a, b, h0][:2 + with_h0]
                 run = lambda f: lambda a, b, h0=None: (f(a, b, h0, reverse),)  # noqa: E731
-                (h,) = check_grads(run(fn), run(reference or scan_reference), leaves, ["h", "da", "db", "dh0"][:1 + len(leaves)],
-                                   tol, draw, f"{shape} a{a_shape} reverse={reverse} h0={with_h0}")
+                names = ["h", "da", "db", "dh0"][:1 + len(leaves)]
+                (h,) = check_grads(run(fn), run(reference or scan_reference), leaves, names, tol, draw,
+                                   f"{shape} a{a_shape} reverse={reverse} h0={with_h0}")
                 assert h.shape == b.shape and h.dtype == b.dtype
 
 
