@@ -647,7 +647,7 @@ def check_form(name, form, dtype, device, T=21, B=2, tol=None, edit=None, gates=
         assert err <= bound, f"{where}: rel err {err:.2e} > {bound:.2e}"
 
 
-def check_long(name, regime, device, form=None, T=None, **options):
+def check_long(name, regime, device, form=None, T=None, B=None, **options):
     """T = 16384 (attention on the CPU: 4096, its T x T scores) in float32 through the default (training) form or
     form, under bf16 autocast on a GPU, forward and backward, chunks of 8 (2048 composed) and the largest allowed (64;
     kda: 32), where the factors inside a chunk are largest, or as options say: the output, the state and every
@@ -656,7 +656,7 @@ def check_long(name, regime, device, form=None, T=None, **options):
     chunked = name in CHUNKED and form is None and not options
     for chunk in [dict(chunk_size=8), dict(chunk_size=LARGEST_CHUNK.get(name, 64))] if chunked else [{}]:
         model = make(name, torch.float32, device, edit=EXTREMES.get(name, {}).get(regime), **chunk, **options)
-        x = torch.randn(1 if device == "cpu" else 2, T, options.get("d_model", D_MODEL), device=device,
+        x = torch.randn(B or (1 if device == "cpu" else 2), T, options.get("d_model", D_MODEL), device=device,
                         requires_grad=True)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             y, state = model(x) if form is None else model(x, form=form)
@@ -1189,7 +1189,8 @@ def test_retention_long_forms_finite_and_agree(name, regime, device):
 
 
 @needs_cuda
-@pytest.mark.parametrize("name,regime,form,T,options", [(*case, "parallel", 16384, {}) for case in RETENTION_LONG] + [
+@pytest.mark.parametrize("name,regime,form,T,options", [  # retention's [B, H, T, T] matrices: batch 1
+    (*case, "parallel", 16384, dict(B=1)) for case in RETENTION_LONG] + [
     ("deltanet", "plain", form, T, dict(d_model=64, n_head=4, chunk_size=64, use_gate=False))  # fla's defaults
     for form, T in (("parallel", 4096), ("chunked", 16384))],
     ids=[f"{name}-{regime}" for name, regime in RETENTION_LONG] + ["deltanet-parallel", "deltanet-chunked"])
