@@ -29,8 +29,8 @@ previous tile's final state, or h0), then waits again before the next store over
 Engines: the kernel on CUDA (and on the CPU under TRITON_INTERPRET=1, for the tests), in float32;
 rnn.py's and lstm.py's PyTorch solvers elsewhere (CPU, MPS, float64). The backward is implicit
 differentiation at the solution: rnn.py's by scan.py's adjoint scan; lstm's by `lstm_backward`, one
-more kernel that walks the tiles backwards (lstm.py's PyTorch backward elsewhere). It took LSTM(512)'s forward
-and backward at batch 8, T = 2048 from 7.71 to 4.50 ms (H100, commit 95ce11b), the eager PyTorch backward's cost.
+more kernel that walks the tiles backwards (lstm.py's PyTorch backward elsewhere). With it LSTM(512)'s forward
+and backward at batch 8, T = 2048 takes 4.50 ms, against 7.71 with the PyTorch backward (H100, commit 95ce11b).
 """
 import math
 
