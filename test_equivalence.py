@@ -133,13 +133,9 @@ def rel_err(out, ref):
 
 def tensors(state):
     """The tensors of a state, whatever its structure (tensor, tuple, list, dict)."""
-    if state is None:
-        return []
-    if torch.is_tensor(state):
-        return [state]
-    if isinstance(state, dict):
-        state = list(state.values())
-    return [t for s in state for t in tensors(s)]
+    if state is None or torch.is_tensor(state):
+        return [] if state is None else [state]
+    return [t for s in (state.values() if isinstance(state, dict) else state) for t in tensors(s)]
 
 
 def map_state(fn, state):
@@ -151,14 +147,14 @@ def map_state(fn, state):
     return type(state)(map_state(fn, s) for s in state)
 
 
-def assert_states_equal(got, want, tol, what):
-    """Every tensor of two states: the same shapes, floats within tol, integers (step counters) equal."""
+def assert_close(got, want, tol, what):
+    """Every tensor of two outputs or states: the same shapes, floats within tol, integers (step counters) equal."""
     for i, (a, b) in enumerate(zip(tensors(got), tensors(want), strict=True)):
-        assert a.shape == b.shape, f"{what} state[{i}]: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        assert a.shape == b.shape, f"{what} [{i}]: shape {tuple(a.shape)} != {tuple(b.shape)}"
         if b.is_floating_point():
-            assert rel_err(a, b) <= tol, f"{what} state[{i}]: rel err {rel_err(a, b):.2e}"
+            assert rel_err(a, b) <= tol, f"{what} [{i}]: rel err {rel_err(a, b):.2e}"
         else:
-            assert torch.equal(a, b), f"{what} state[{i}] differs"
+            assert torch.equal(a, b), f"{what} [{i}] differs"
 
 
 def check_grads(fn, reference, leaves, names, tol, draw, what="", grad_tol=None, against=None):
@@ -738,11 +734,9 @@ def test_forms_match_reference(name, regime, options):
         for form in forms(name, recurrent=True):
             y, s = model(x, form=form)
             y_cont, s_cont = model(x[:, 6:], model(x[:, :6], form=form)[1], form=form)
-            for what, got, want in (("y", y, y_ref), ("y after a prefix", y_cont, y_ref[:, 6:])):
-                assert rel_err(got, want) <= 1e-12, f"{name}/{form} {what}: rel err {rel_err(got, want):.2e}"
+            assert_close((y, y_cont), (y_ref, y_ref[:, 6:]), 1e-12, f"{name}/{form} y, y after a prefix")
             if s_ref is not None:
-                assert_states_equal(s, s_ref, 1e-12, f"{name}/{form}")
-                assert_states_equal(s_cont, s_ref, 1e-12, f"{name}/{form} after a prefix:")
+                assert_close((s, s_cont), (s_ref, s_ref), 1e-12, f"{name}/{form} state, state after a prefix")
         if name not in FROM_A_STATE:
             return
         _, s0 = model(torch.randn(2, 6, D_MODEL, dtype=torch.float64, generator=g), form="recurrent")
@@ -751,8 +745,7 @@ def test_forms_match_reference(name, regime, options):
         y_ref, s_ref = (mamba3_complex if name == "mamba3" else reference)(model, x, s0)
         for form in forms(name, recurrent=True):
             y, s = model(x, s0, form=form)
-            assert rel_err(y, y_ref) <= 1e-12, f"{name}/{form} from a state: y rel err {rel_err(y, y_ref):.2e}"
-            assert_states_equal(s, s_ref, 1e-12, f"{name}/{form} from a state")
+            assert_close((y, s), (y_ref, s_ref), 1e-12, f"{name}/{form} from a state: y, state")
             assert name != "mamba3" or ((s[0] >= 0).all() and (s[0] < 2 * math.pi).all()), form
 
 
@@ -781,8 +774,7 @@ def test_short_calls_chain_like_one_call(name, regime):
                         y, state = model(x[:, t:t + n], state, form=form)
                     ys.append(y)
                     t += n
-                assert rel_err(torch.cat(ys, 1), y_full) <= 1e-12, f"{form}, calls of {sizes}"
-                assert_states_equal(state, s_full, 1e-12, f"{name}/{form}, calls of {sizes}")
+                assert_close((torch.cat(ys, 1), state), (y_full, s_full), 1e-12, f"{name}/{form}, calls of {sizes}")
 
 
 @pytest.mark.parametrize("name", CHUNKED)
@@ -798,9 +790,7 @@ def test_chunked_every_length(name):
             y_ref, s_ref = model(x, s0, form="recurrent")
             for L in (1, 3, 8, 64):
                 model.chunk_size = L
-                y, s = model(x, s0, form="chunked")
-                assert rel_err(y, y_ref) <= 1e-12, f"T={T} L={L}: rel err {rel_err(y, y_ref):.2e}"
-                assert_states_equal(s, s_ref, 1e-12, f"{name} T={T} L={L}")
+                assert_close(model(x, s0, form="chunked"), (y_ref, s_ref), 1e-12, f"{name} T={T} L={L}: y, state")
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -815,22 +805,15 @@ def test_long_decoding_matches_one_pass(name):
     P, tol = 37, 1e-12  # float64: the summation order alone
     with torch.no_grad():
         y_full, s_full = model(x)
-        y_pre, s_pre = model(x[:, :P])
-        y_rest, s_rest = model(x[:, P:], s_pre)
-        state = s_pre
+        y_pre, state = model(x[:, :P])
+        assert_close(y_pre, y_full[:, :P], tol, f"{name}: the prefill")
+        assert_close(model(x[:, P:], state), (y_full[:, P:], s_full), tol, f"{name}: a forward continuing from it")
         for t in range(P, x.shape[1]):
             y_t, state = model.step(x[:, t], state)
-            err = rel_err(y_t, y_full[:, t])
-            assert err <= tol, f"{name}: step() at token {t}: rel err {err:.2e}"
+            assert_close(y_t, y_full[:, t], tol, f"{name}: step() at token {t}")
+        assert_close(state, s_full, tol, f"{name}: the state after step()")
         for form in forms(name, recurrent=True):
-            y, s = model(x, form=form)
-            assert rel_err(y, y_full) <= tol, f"{name}: one {form} pass: rel err {rel_err(y, y_full):.2e}"
-            assert_states_equal(s, s_full, tol, f"{name}: one {form} pass:")
-    assert rel_err(y_pre, y_full[:, :P]) <= tol, f"{name}: the prefill: rel err {rel_err(y_pre, y_full[:, :P]):.2e}"
-    err = rel_err(y_rest, y_full[:, P:])
-    assert err <= tol, f"{name}: a forward continuing from the prefill's state: rel err {err:.2e}"
-    assert_states_equal(state, s_full, tol, f"{name}: after step():")
-    assert_states_equal(s_rest, s_full, tol, f"{name}: after a continuing forward:")
+            assert_close(model(x, form=form), (y_full, s_full), tol, f"{name}: one {form} pass: y, state")
 
 
 # the models with a short conv, the option that sets its width, and widths: 1, the recall study's conv-free variants
@@ -1118,7 +1101,6 @@ def gated_retention_reference(model, x):
     """Gated retention (YOCO, Sun et al. 2024): gamma_t = sigmoid(w.x_t + b)^(1/16), RMSNorm, swish gate."""
     y = retention_reference(model, x, torch.sigmoid(x @ model.gate.weight.T + model.gate.bias) ** (1 / 16))
     return (F.silu(x @ model.g.weight.T) * rms_norm(y, model.eps).flatten(2)) @ model.out.weight.T, None
-
 
 
 def test_retnet_decays_as_the_paper():
@@ -2086,7 +2068,7 @@ def test_newton_cap_is_what_makes_it_exact(case, T, least):
     assert least < k <= T
     y_ref, s_ref = model(x, s0, form="recurrent")
     assert rel_err(y, y_ref) <= 1e-10
-    assert_states_equal(s, s_ref, 1e-10, name)
+    assert_close(s, s_ref, 1e-10, name)
     gy = torch.randn_like(y)
     leaves = [x, *tensors(s0)] + list(model.parameters())
     loss = lambda y, s: (y * gy).sum() + sum((-1) ** i * t.sum() for i, t in enumerate(tensors(s)))  # noqa: E731
@@ -2206,7 +2188,6 @@ def test_newton_kernel_cuda(name):
         assert 1 <= float(k) <= module("newton").PLAN[name][0]
     for case in [c for c in NEWTON_HARD if c.startswith(name)]:
         check_newton_hard_float32(*newton_hard(name, 256, **NEWTON_HARD[case]), device="cuda")
-
 
 
 def test_lstm_forget_bias_is_one_on_the_gate_that_keeps_c():
