@@ -896,47 +896,42 @@ def assert_drawn(cdf, what):
     assert ks <= 1.95 / math.sqrt(n), f"{what}: KS distance {ks:.3f}, n = {n}"
 
 
-def assert_uniform(w, low, high, what, slack=1e-6):
-    """The entries of w are draws from U(low, high): all inside, and their KS distance small (assert_drawn)."""
-    x = w.detach().double().flatten().sort().values
-    slack *= high - low  # float32 draws: rounding at the ends
-    assert x[0] >= low - slack and x[-1] <= high + slack, \
-        f"{what}: range [{x[0]:.4g}, {x[-1]:.4g}] is not inside [{low:.4g}, {high:.4g}]"
-    assert_drawn((x - low) / (high - low), f"{what} from U({low:.4g}, {high:.4g})")
-
-
-def assert_normal(w, std, what):
-    """The entries of w are draws from N(0, std^2): their KS distance small (assert_drawn)."""
-    x = w.detach().double().flatten().sort().values
-    assert_drawn(0.5 * (1 + torch.erf(x / (std * math.sqrt(2)))), f"{what} from N(0, {std:.4g}^2)")
-
-
-def assert_torch_default(layer, what):
-    """nn.Linear's and nn.Conv1d's own init (kaiming_uniform with a = sqrt(5)): weight and bias
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_features (conv: in_channels / groups * kernel)."""
-    bound = 1 / math.sqrt(layer.weight[0].numel())
-    assert_uniform(layer.weight, -bound, bound, f"{what}.weight")
-    if layer.bias is not None:
-        assert layer.bias.abs().max() <= bound, f"{what}.bias outside U(-{bound:.4g}, {bound:.4g})"
-
-
-def assert_xavier(layer, gain, what):
-    """nn.init.xavier_uniform_(weight, gain): U(-b, b), b = gain * sqrt(6 / (fan_in + fan_out))."""
-    fan_out, fan_in = layer.weight.shape
-    bound = gain * math.sqrt(6 / (fan_in + fan_out))
-    assert_uniform(layer.weight, -bound, bound, f"{what}.weight (xavier, gain {gain:.4g})")
-
-
-def xavier(gain):
-    return lambda layer, what: assert_xavier(layer, gain, what)
-
-
 def uniform(low, high, of=lambda w: w, slack=1e-6):
-    return lambda w, what: assert_uniform(of(w.detach().double()), low, high, what, slack)
+    """A check that the entries of of(w) are draws from U(low, high): all inside (slack: float32 rounding at the
+    ends), and their KS distance small (assert_drawn)."""
+    def check(w, what):
+        x = of(w.detach().double()).flatten().sort().values
+        pad = slack * (high - low)
+        assert x[0] >= low - pad and x[-1] <= high + pad, \
+            f"{what}: range [{x[0]:.4g}, {x[-1]:.4g}] is not inside [{low:.4g}, {high:.4g}]"
+        assert_drawn((x - low) / (high - low), f"{what} from U({low:.4g}, {high:.4g})")
+    return check
 
 
 def normal(std, of=lambda w: w):
-    return lambda w, what: assert_normal(of(w), std, what)
+    """A check that the entries of of(w) are draws from N(0, std^2): their KS distance small (assert_drawn)."""
+    def check(w, what):
+        x = of(w).detach().double().flatten().sort().values
+        assert_drawn(0.5 * (1 + torch.erf(x / (std * math.sqrt(2)))), f"{what} from N(0, {std:.4g}^2)")
+    return check
+
+
+def xavier(gain):
+    """nn.init.xavier_uniform_(weight, gain): U(-b, b), b = gain * sqrt(6 / (fan_in + fan_out))."""
+    def check(layer, what):
+        fan_out, fan_in = layer.weight.shape
+        bound = gain * math.sqrt(6 / (fan_in + fan_out))
+        uniform(-bound, bound)(layer.weight, f"{what}.weight (xavier, gain {gain:.4g})")
+    return check
+
+
+def TORCH(layer, what):
+    """nn.Linear's and nn.Conv1d's own init (kaiming_uniform with a = sqrt(5)): weight and bias
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_features (conv: in_channels / groups * kernel)."""
+    bound = 1 / math.sqrt(layer.weight[0].numel())
+    uniform(-bound, bound)(layer.weight, f"{what}.weight")
+    if layer.bias is not None:
+        assert layer.bias.abs().max() <= bound, f"{what}.bias outside U(-{bound:.4g}, {bound:.4g})"
 
 
 def holds(claim):
@@ -945,7 +940,6 @@ def holds(claim):
     return check
 
 
-TORCH = assert_torch_default  # nn.Linear's and nn.Conv1d's own init
 LOG_DT = uniform(math.log(1e-3), math.log(0.1), lambda w: F.softplus(w).log())  # Mamba's dt_init: softplus(dt_bias)
 # each model's defaults and init as its docstring and the code it follows say: name -> [(constructor arguments,
 # {attribute: the value it equals (None: no such bias), or checks of it})], torch.manual_seed(0) before each model;
