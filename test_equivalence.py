@@ -1308,19 +1308,11 @@ def mamba3_reference(m, x):
     return mamba3_complex(m, x)[0], None
 
 
-def mamba2_euler(x, g, dt, B, C, h):
-    """Mamba-2's exponential-Euler recurrence, h_t = exp(g_t) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t."""
-    ys = []
-    for t in range(x.shape[1]):
-        h = torch.exp(g[:, t])[..., None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None]
-        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
-    return torch.stack(ys, 1), h
-
-
 @pytest.mark.parametrize("form", ["recurrent", "parallel", "chunked"])
 def test_mamba3_lambda_one_is_mamba2_euler(form):
     """lambda = 1: beta = 0, the previous token drops out (whatever B_prev, x_prev hold), and every form is
-    Mamba-2's exponential-Euler recurrence; lambda = 1/2 is not."""
+    Mamba-2's exponential-Euler recurrence h_t = exp(g_t) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t (scalar_decay's,
+    with v = dt x, k = B, q = C); lambda = 1/2 is not."""
     mamba3, g = module("mamba3"), torch.Generator().manual_seed(0)
     Bsz, T, H, P, N = 2, 13, 3, 4, 6
     x, B, C = (torch.randn(Bsz, T, H, d, dtype=torch.float64, generator=g) for d in (P, N, N))
@@ -1328,7 +1320,7 @@ def test_mamba3_lambda_one_is_mamba2_euler(form):
     gl = -dt * torch.rand(Bsz, T, H, dtype=torch.float64, generator=g) * 3
     h, B_prev, x_prev = (torch.randn(*s, dtype=torch.float64, generator=g)
                          for s in ((Bsz, H, P, N), (Bsz, H, N), (Bsz, H, P)))
-    y_ref, h_ref = mamba2_euler(x, gl, dt, B, C, h)
+    y_ref, h_ref = scalar_decay_reference(C, B, dt[..., None] * x, gl, h)
     chunk = (5,) if form == "chunked" else ()
     trapezoid = getattr(mamba3, f"trapezoid_{form}")
     y, h1 = trapezoid(x, gl, dt, torch.ones_like(dt), B, C, h, B_prev, x_prev, *chunk)
