@@ -47,7 +47,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-slow = pytest.mark.skipif(os.environ.get("SLOW") != "1", reason="slow: run with SLOW=1")
+SLOW = os.environ.get("SLOW") == "1"
+slow = pytest.mark.skipif(not SLOW, reason="slow: run with SLOW=1")
 
 # file -> (class, small options for tests: several chunks, a few heads, Mamba2's and Mamba3's groups, DeltaNet's gate)
 MODELS = {
@@ -361,12 +362,6 @@ SCAN_MODES = {"chunks": (10 ** 6, 1), "one pass": (0, 10 ** 6)}  # scan.PROGRAMS
 INTERPRETED_MODES = ["chunks", pytest.param("one pass", marks=slow)]
 
 
-def few_unless_slow(cases, few):
-    """A GPU test's shapes: `few` by default, all of `cases` with SLOW=1. Each new shape, stride alignment and flag
-    compiles its own kernels (2 to 5 s each on a GPU); the interpreter runs all of them on the CPU."""
-    return cases if os.environ.get("SLOW") == "1" else few
-
-
 def force_mode(monkeypatch, mode):
     monkeypatch.setattr(scan_module, "PROGRAMS_PER_SM", SCAN_MODES[mode][0])
     monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
@@ -492,12 +487,13 @@ def test_kernels_triton_cuda(kernel, dtype, mode, monkeypatch):
     """Each kernel in the mode forced (scalar_decay's has one) against the loop (scan) or the PyTorch engine in
     float64. scalar_decay at model shapes: T = 2048 by 64 with two heads sharing q and k, linear attention's 97 value
     columns with its normaliser; with SLOW=1 also RetNet's 96 by 192 (three value tiles), Mamba-2's 128 by 64
-    (groups) and 32 by 256."""
+    (groups) and 32 by 256. A few shapes unless SLOW=1: each new shape, stride alignment and flag compiles its own
+    kernels (2 to 5 s each on a GPU); the interpreter runs all of them on the CPU."""
     force_mode(monkeypatch, mode)
     f32 = dtype == torch.float32
     if kernel == "scan":  # bf16: inputs and h rounded to 8 bits (4e-3 each), the sums float32: no compounding
         few = SCAN_CASES[:3] + BLOCK_SCAN_CASES[:1]  # full, one gate per head over 16 channels, per head, 2 x 2 blocks
-        check_scan("cuda", dtype, 1e-5 if f32 else 2e-2, few_unless_slow(SCAN_CASES + BLOCK_SCAN_CASES, few))
+        check_scan("cuda", dtype, 1e-5 if f32 else 2e-2, SCAN_CASES + BLOCK_SCAN_CASES if SLOW else few)
     elif kernel == "selective_scan":  # bf16: x, dt, B, C rounded before both; y and dx once more, the sums float32
         cases = [(2, 333, 100, 16, True, 1.0), (1, 8192, 256, 16, True, 1.0), (4, 1000, 48, 5, False, 1.0),
                  (2, 500, 64, 16, True, 30.0)]
@@ -507,8 +503,7 @@ def test_kernels_triton_cuda(kernel, dtype, mode, monkeypatch):
     else:  # bf16: q, k, v rounded before both; A, S, dS rounded for the dots, sums float32
         cases = [(2, 2048, 1, 2, 64, 64), (1, 300, 3, 3, 96, 97), (2, 333, 2, 2, 96, 192), (1, 200, 1, 4, 128, 64),
                  (1, 100, 1, 1, 32, 256)]
-        check_scalar_decay("cuda", dtype, 1e-4 if f32 else 5e-2, few_unless_slow(cases, cases[:2]),
-                           reference=scalar_decay)
+        check_scalar_decay("cuda", dtype, 1e-4 if f32 else 5e-2, cases if SLOW else cases[:2], scalar_decay)
 
 
 @slow
@@ -1140,28 +1135,20 @@ RETENTION_LONG = [("retnet", "plain")] + [("gated_retention", r) for r in ("plai
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,regime", RETENTION_LONG)
 def test_retention_long_forms_finite_and_agree(name, regime, device):
-    """T = 16384 in float32: every form finite; chunked and recurrent agree to float32 precision.
-    (parallel at T = 4096 on the CPU: its [H, T, T] matrices need too much memory at 16384.)"""
+    """T = 16384 in float32 (the parallel form's [H, T, T] matrices: T = 4096 on the CPU): every form finite;
+    chunked and recurrent agree to float32 precision (tf32 on a GPU). Gated retention's parallel form: its cumulative
+    log gates c_t grow without bound (to ~1e7 with gates ~0), and float32 differences c_t - c_s of numbers that large
+    are coarse (1.9e-4 measured at T = 4096, jumpy gates): with strong gates it is only asserted finite; chunked
+    restarts c at each chunk and is the form to use."""
     model = make(name, torch.float32, device, edit=EXTREMES.get(name, {}).get(regime))
-    T = 16384
-    x = torch.randn(1, T, 32, device=device)
+    x, Tp, tol = torch.randn(1, 16384, 32, device=device), *((16384, 1e-3) if device == "cuda" else (4096, 1e-4))
     with torch.no_grad():
-        y_c, s_c = model(x, form="chunked")
-        y_r, s_r = model(x, form="recurrent")
-        Tp = T if device == "cuda" else 4096
+        (y_c, s_c), (y_r, s_r) = (model(x, form=form) for form in ("chunked", "recurrent"))
         y_p, s_p = model(x[:, :Tp], form="parallel")
-    for t in (y_c, s_c[0], y_r, s_r[0], y_p, s_p[0]):
-        assert torch.isfinite(t).all()
-    tol = 1e-3 if device == "cuda" else 1e-4  # tf32
+    assert all(torch.isfinite(t).all() for t in (y_c, s_c[0], y_r, s_r[0], y_p, s_p[0]))
     assert rel_err(y_c, y_r) <= tol and rel_err(s_c[0], s_r[0]) <= tol
-    # gated retention's parallel form: its cumulative log gates c_t grow without bound (to ~1e7 with
-    # gates ~0), and float32 differences c_t - c_s of numbers that large are coarse (1.9e-4 measured
-    # at T = 4096, jumpy gates): with strong gates its precision at long T is only asserted finite;
-    # chunked restarts c at each chunk and is the form to use
-    err = rel_err(y_p, y_r[:, :Tp])
-    print(f"{name} parallel vs recurrent, {regime}, T={Tp}, {device}: {err:.2e}")
-    if regime in ("plain", "one"):
-        assert err <= tol
+    print(f"{name} parallel vs recurrent, {regime}, T={Tp}, {device}: {rel_err(y_p, y_r[:, :Tp]):.2e}")
+    assert regime not in ("plain", "one") or rel_err(y_p, y_r[:, :Tp]) <= tol
 
 
 @needs_cuda
