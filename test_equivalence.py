@@ -2219,33 +2219,22 @@ def mlstm_unstabilised(q, k, v, log_i, g, C, n):
 
 
 def mlstm_unstabilised_layer(model, x):
-    """xLSTM's mLSTM layer (xlstm/blocks/mlstm/layer.py) token by token from the paper's unstabilised equations,
-    float64 (x and the model), from the empty state; its own conv window, block-diagonal matrices and per-head
+    """xLSTM's mLSTM layer (xlstm/blocks/mlstm/layer.py) from the paper's unstabilised equations (mlstm_unstabilised),
+    float64 (x and the model), from the empty state; its own conv window sum, block-diagonal matrices and per-head
     LayerNorm. Returns y and the unstabilised (C, n): the layer keeps C~ = C exp(-m), n~ alike."""
     P = dict(model.named_parameters())
-    inner, H = P["skip"].shape[0], model.n_head
-    Wq, Wk, Wv = (torch.block_diag(*P[w]) for w in ("wq", "wk", "wv"))
-    B, K = x.shape[0], P["conv.weight"].shape[-1]
-    window = torch.zeros(B, K, inner, dtype=torch.float64)
-    C = torch.zeros(B, H, inner // H, inner // H, dtype=torch.float64)
-    n = torch.zeros(B, H, inner // H, dtype=torch.float64)
-    ys = []
-    for t in range(x.shape[1]):
-        x_m, z = (x[:, t] @ P["up.weight"].T).split(inner, -1)
-        window = torch.cat([window[:, 1:], x_m[:, None]], 1)
-        x_c = F.silu((window * P["conv.weight"][:, 0].T).sum(1) + P["conv.bias"])
-        q, k, v = x_c @ Wq.T, x_c @ Wk.T, x_m @ Wv.T
-        pre = torch.cat([q, k, v], -1) @ P["gates.weight"].T + P["gates.bias"]
-        i, f = pre[:, :H].exp(), torch.sigmoid(pre[:, H:])
-        q, k, v = (u.unflatten(-1, (H, -1)) for u in (q, k, v))
-        k = k / math.sqrt(k.shape[-1])
-        C = f[..., None, None] * C + i[..., None, None] * v[..., :, None] * k[..., None, :]
-        n = f[..., None] * n + i[..., None] * k
-        h = (C @ q[..., None])[..., 0] / (n * q).sum(-1).abs().clamp_min(1)[..., None]
-        h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + model.eps)
-        h = h.flatten(1) * (1 + P["norm"]) + P["skip"] * x_c
-        ys.append((h * F.silu(z)) @ P["down.weight"].T)
-    return torch.stack(ys, 1), (C, n)
+    inner, H, K = P["skip"].shape[0], model.n_head, P["conv.weight"].shape[-1]
+    x_m, z = (x @ P["up.weight"].T).split(inner, -1)
+    pad = F.pad(x_m, (0, 0, K - 1, 0))
+    x_c = F.silu(sum(pad[:, i:i + x.shape[1]] * P["conv.weight"][:, 0, i] for i in range(K)) + P["conv.bias"])
+    q, k, v = (u @ torch.block_diag(*P[w]).T for u, w in ((x_c, "wq"), (x_c, "wk"), (x_m, "wv")))
+    pre = torch.cat([q, k, v], -1) @ P["gates.weight"].T + P["gates.bias"]
+    q, k, v = (u.unflatten(-1, (H, -1)) for u in (q, k, v))
+    C0, n0 = x.new_zeros(x.shape[0], H, inner // H, inner // H), x.new_zeros(x.shape[0], H, inner // H)
+    h, C, n = mlstm_unstabilised(q, k / math.sqrt(k.shape[-1]), v, pre[..., :H], F.logsigmoid(pre[..., H:]), C0, n0)
+    h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + model.eps)
+    h = h.flatten(2) * (1 + P["norm"]) + P["skip"] * x_c
+    return (h * F.silu(z)) @ P["down.weight"].T, (C, n)
 
 
 def mlstm_reference(model, x):
