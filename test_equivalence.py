@@ -84,10 +84,9 @@ EXTREMES = {
         "one": lambda m: m.gate.bias.fill_(1e4), "zero": lambda m: m.gate.bias.fill_(-1e4),
         "mixed": lambda m: m.gate.bias.copy_(torch.tensor([1e4, -1e4])), "jumpy": lambda m: m.gate.weight.mul_(1e4)},
     "mamba2": {
-        "dt_huge": lambda m: m.dt_bias.fill_(30.0),  # dt ~ 30: decay exp(-30 A) ~ 0
-        "dt_tiny": lambda m: m.dt_bias.fill_(-30.0),  # dt ~ 1e-13: decay ~ 1, nothing written
-        "A_near_0": lambda m: m.A_log.fill_(-20.0),  # A ~ -2e-9: decay ~ 1
-        "A_huge": lambda m: m.A_log.fill_(6.0),  # A ~ -400
+        # dt ~ 30: decay exp(-30 A) ~ 0; dt ~ 1e-13: decay ~ 1, nothing written; A ~ -2e-9: decay ~ 1; A ~ -400
+        "dt_huge": lambda m: m.dt_bias.fill_(30.0), "dt_tiny": lambda m: m.dt_bias.fill_(-30.0),
+        "A_near_0": lambda m: m.A_log.fill_(-20.0), "A_huge": lambda m: m.A_log.fill_(6.0),
         "mixed": lambda m: (m.dt_bias.copy_(torch.linspace(-20, 20, m.n_head)),
                             m.A_log.copy_(torch.linspace(-20, 5, m.n_head)))},
     "mamba": {f"dt_bias={b:g}": (lambda m, b=b: m.dt_proj.bias.fill_(b)) for b in (20.0, -20.0, 50.0, -50.0)},
@@ -253,17 +252,11 @@ def scalar_decay_reference(q, k, v, g, S):
     return torch.stack(ys, 1), S
 
 
-SCAN_CASES = [  # (b shape, a shape): full, per-head gate, broadcast over batch and time, T=1, odd T
-    ((2, 37, 3), (2, 37, 3)),
-    ((2, 40, 2, 16), (2, 40, 2, 1)),  # a gate per head over 16 channels: da summed over a tile's channels
-    ((2, 40, 3, 16), (1, 1, 3, 1)),  # one per head, constant over batch and time: summed over both
-    ((2, 40, 16), (2, 1, 16)),  # constant over time: summed over a tile's steps
-    ((2, 70, 2, 4), (2, 70, 2, 1)),
-    ((2, 45, 3, 4), (1, 45, 1, 4)),
-    ((3, 1, 5), (3, 1, 5)),
-    ((2, 50, 4), (1, 1, 4)),
-    ((2, 33, 2, 3, 2), (2, 33, 2, 1, 1)),
-]
+SCAN_CASES = [  # (b shape, a shape): full; a gate per head over 16 channels (da summed over a tile's channels); one
+    # per head, constant over batch and time (summed over both); constant over time (summed over a tile's steps); ...
+    ((2, 37, 3), (2, 37, 3)), ((2, 40, 2, 16), (2, 40, 2, 1)), ((2, 40, 3, 16), (1, 1, 3, 1)),
+    ((2, 40, 16), (2, 1, 16)), ((2, 70, 2, 4), (2, 70, 2, 1)), ((2, 45, 3, 4), (1, 45, 1, 4)), ((3, 1, 5), (3, 1, 5)),
+    ((2, 50, 4), (1, 1, 4)), ((2, 33, 2, 3, 2), (2, 33, 2, 1, 1))]
 BLOCK_SCAN_CASES = [(b, b[:2] + (2,) + b[2:]) for b in [(2, 37, 2, 3), (1, 70, 2, 5), (3, 1, 2, 4), (2, 45, 2, 3, 2)]]
 # (B, T, D, N, h0, dt scale): several tiles over time (16 on a GPU, 8 interpreted), several channel
 # blocks, ragged T, D and N, and dt up to 30 (gates ~1e-26: the backward's h_t - b_t = a_t h_{t-1})
@@ -282,18 +275,16 @@ def check_scan(device, dtype, tol, cases=SCAN_CASES + BLOCK_SCAN_CASES, referenc
     for shape, a_shape in cases:
         block = len(a_shape) > len(shape)
         fn = scan_module.block_scan if block else scan
-        for reverse in (False, True):
-            for with_h0 in (False, True):
-                b = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_()
-                a = torch.rand(a_shape, device=device, dtype=dtype, generator=g)
-                a = (a - 0.5 if block else a * 1.2 - 0.1).requires_grad_()  # blocks: |a| <= 1
-                h0 = torch.randn(shape[:1] + shape[2:], device=device, dtype=dtype, generator=g).requires_grad_()
-                leaves = [a, b, h0][:2 + with_h0]
-                run = lambda f: lambda a, b, h0=None: (f(a, b, h0, reverse),)  # noqa: E731
-                names = ["h", "da", "db", "dh0"][:1 + len(leaves)]
-                (h,) = check_grads(run(fn), run(reference or scan_reference), leaves, names, tol, draw,
-                                   f"{shape} a{a_shape} reverse={reverse} h0={with_h0}")
-                assert h.shape == b.shape and h.dtype == b.dtype
+        for reverse, with_h0 in [(False, False), (False, True), (True, False), (True, True)]:
+            b = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_()
+            a = torch.rand(a_shape, device=device, dtype=dtype, generator=g)
+            a = (a - 0.5 if block else a * 1.2 - 0.1).requires_grad_()  # blocks: |a| <= 1
+            h0 = torch.randn(shape[:1] + shape[2:], device=device, dtype=dtype, generator=g).requires_grad_()
+            leaves, names = [a, b, h0][:2 + with_h0], ["h", "da", "db", "dh0"][:3 + with_h0]
+            run = lambda f: lambda a, b, h0=None: (f(a, b, h0, reverse),)  # noqa: E731
+            (h,) = check_grads(run(fn), run(reference or scan_reference), leaves, names, tol, draw,
+                               f"{shape} a{a_shape} reverse={reverse} h0={with_h0}")
+            assert h.shape == b.shape and h.dtype == b.dtype
 
 
 def check_selective(device, dtype, tol, cases=SELECTIVE_CASES, reference=None):
@@ -1433,12 +1424,8 @@ LOG_ALPHAS = {
     "kda": {"random": lambda s, g: -5 * torch.rand(s, generator=g), "one": lambda s, g: torch.zeros(s),
             "lowest": lambda s, g: torch.full(s, -5.0), "jumpy": lambda s, g: -5 * torch.randint(0, 2, s, generator=g)},
 }
-BETAS = {
-    "random": None,
-    "zero": lambda B, T, H, g: torch.zeros(B, T, H),
-    "one": lambda B, T, H, g: torch.ones(B, T, H),
-    "zero_or_one": lambda B, T, H, g: torch.randint(0, 2, (B, T, H), generator=g).float(),
-}
+BETAS = {"random": None, "zero": lambda B, T, H, g: torch.zeros(B, T, H), "one": lambda B, T, H, g: torch.ones(B, T, H),
+         "zero_or_one": lambda B, T, H, g: torch.randint(0, 2, (B, T, H), generator=g).float()}
 DELTA_FORMS = {"deltanet": ("recurrent", "parallel", "chunked"), "gated_deltanet": ("recurrent", "parallel", "chunked"),
                "kda": ("recurrent", "chunked")}
 
@@ -2249,21 +2236,15 @@ def mlstm_core(form, q, k, v, log_i, g, state, L=8):
 # gate regimes (log_i, g from N(0, 1) draws a, b): moderate ones, where the unstabilised recurrence is exact in
 # float64; and extreme ones: f = 1 exactly, f = exp(-1e4) = 0, i = e^100 (overflows float32), i = e^-100,
 # i = e^1e4 (exp(-m) = 0: the padding's 0 / 0), f = 0 with i = e^-1e4 (m = -1e4: exp(-m) = inf), gates jumping
-MLSTM_MODERATE = {
-    "default": lambda a, b: (0.1 * a, F.logsigmoid(b + 4.5)),  # xLSTM's init: i~ ~ N(0, 0.1), f~ in [3, 6]
-    "strong": lambda a, b: (3 * a, F.logsigmoid(2 * b)),
-    "i_large": lambda a, b: (20 + a, F.logsigmoid(b + 2)),
-    "i_small": lambda a, b: (-20 + a, F.logsigmoid(b - 2)),
-}
+MLSTM_MODERATE = {  # default: xLSTM's init, i~ ~ N(0, 0.1), f~ in [3, 6]
+    "default": lambda a, b: (0.1 * a, F.logsigmoid(b + 4.5)), "strong": lambda a, b: (3 * a, F.logsigmoid(2 * b)),
+    "i_large": lambda a, b: (20 + a, F.logsigmoid(b + 2)), "i_small": lambda a, b: (-20 + a, F.logsigmoid(b - 2))}
 MLSTM_EXTREME = {
-    "f_one": lambda a, b: (a, torch.zeros_like(b)),
-    "f_zero": lambda a, b: (a, torch.full_like(b, -1e4)),
-    "i_huge": lambda a, b: (100 + a, F.logsigmoid(b + 3)),
-    "i_tiny": lambda a, b: (-100 + a, F.logsigmoid(b + 3)),
+    "f_one": lambda a, b: (a, torch.zeros_like(b)), "f_zero": lambda a, b: (a, torch.full_like(b, -1e4)),
+    "i_huge": lambda a, b: (100 + a, F.logsigmoid(b + 3)), "i_tiny": lambda a, b: (-100 + a, F.logsigmoid(b + 3)),
     "i_overflow": lambda a, b: (1e4 + a, F.logsigmoid(b + 3)),
     "f_zero_i_tiny": lambda a, b: (-1e4 + a, torch.full_like(b, -1e4)),
-    "jumpy": lambda a, b: (30 * a, F.logsigmoid(30 * b)),
-}
+    "jumpy": lambda a, b: (30 * a, F.logsigmoid(30 * b))}
 
 
 def mlstm_core_inputs(regime, dtype=torch.float64, B=2, T=21, H=2, Dk=8, Dv=6, seed=0, positive=False):
