@@ -546,9 +546,7 @@ def test_custom_op_fakes_match_real(op, device):
     """What torch.compile sees of each custom op (its fake: shapes, strides, dtypes) is what the op returns, at a
     ragged T. The selective scan's third output (the states kept for the backward) depends on the engine: [B, 0, D,
     N] from the PyTorch engine, [B, T/BLOCK_T, D, N] from the kernels; its fake asks the same question."""
-    for name in ("rnn", "lstm", "scalar_decay"):
-        if op.startswith(name):
-            module(name)  # registers zoo::<name>_parallel, zoo::lstm_backward, zoo::scalar_decay
+    [module(n) for n in ("rnn", "lstm", "scalar_decay") if op.startswith(n)]  # registers zoo::<n>_parallel, ...
     if op == "lstm_backward" and device == "cpu":
         pytest.skip("newton.py's kernel runs on CUDA (the CPU's interpreter test checks its gradients)")
     name = op.removesuffix("_block")
@@ -1155,8 +1153,7 @@ def test_long_forms_finite_cuda(name, regime, form, T, options):
 
 def test_gated_retention_gate_exactly_one_is_retention_without_decay():
     model = make("gated_retention", edit=EXTREMES["gated_retention"]["one"])
-    x = torch.randn(2, 5, 32, dtype=torch.float64)
-    g = F.logsigmoid(model.gate(x)) / model.tau
+    g = F.logsigmoid(model.gate(torch.randn(2, 5, 32, dtype=torch.float64))) / model.tau
     assert (g == 0).all()  # log gamma = 0 exactly: gamma = 1, no decay at all
 
 
@@ -1715,10 +1712,8 @@ def test_rwkv7_numbers_of_the_official_demo():
         x = torch.sin(torch.arange(12 * 64, dtype=torch.float64) * 0.3).view(1, 12, 64)
         for form in model.forms:
             y, (S, _) = model(x, form=form)
-            assert torch.allclose(y[0, [0, 5, 11], :4].flatten(), torch.tensor(RWKV7_FIXED_Y, dtype=torch.float64),
-                                  atol=1e-12), form
-            assert torch.allclose(S[0, 1, :2, :2].flatten(), torch.tensor(RWKV7_FIXED_S, dtype=torch.float64),
-                                  atol=1e-12), form
+            for got, want in ((y[0, [0, 5, 11], :4], RWKV7_FIXED_Y), (S[0, 1, :2, :2], RWKV7_FIXED_S)):
+                assert torch.allclose(got.flatten(), torch.tensor(want, dtype=torch.float64), atol=1e-12), form
 
 
 RWKV7_CORE_EXTREMES = {  # log w, a: None is random (log w in the clamp's range)
@@ -1790,12 +1785,8 @@ def attention_reference(m, x):
     B, T, d = x.shape
     H, D = m.n_head, d // m.n_head
     Wq, Wk, Wv = (W.view(H, D, d) for W in m.qkv.weight.chunk(3, 0))
-    R = torch.zeros(T, D, D, dtype=x.dtype)
-    for t in range(T):
-        for i in range(D // 2):
-            a = t * 10000 ** (-2 * i / D)
-            R[t, 2 * i:2 * i + 2, 2 * i:2 * i + 2] = torch.tensor([[math.cos(a), -math.sin(a)],
-                                                                   [math.sin(a), math.cos(a)]], dtype=x.dtype)
+    turn = lambda a: torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=x.dtype)  # noqa
+    R = [torch.block_diag(*[turn(t * 10000 ** (-2 * i / D)) for i in range(D // 2)]) for t in range(T)]
     K, V, ys = (torch.zeros(B, H, T, D, dtype=x.dtype) for _ in range(3))
     for b in range(B):
         for h in range(H):
@@ -1953,14 +1944,11 @@ def newton_hard(name, T, jacobian="full", r_scale=10.0):
     """Strongly nonlinear, long memory, and Newton crawls: the model (float64), x and a state. rnn: w_h in (0, 3)
     makes channels bistable (tanh(3 h) = h has three roots), so the solution flips between basins. lstm: recurrent
     weights up to r_scale, small inputs, forget bias 4 (c remembers ~50 steps): h feeds back through saturated gates."""
-    def edit(m):
-        m.r.mul_(r_scale)
-        m.inp.weight.mul_(0.35)
-        m.inp.bias[32:64] += 3
     if name == "rnn":
         model = make("rnn", edit=lambda m: m.w_h.mul_(3))
         return model, torch.randn(2, T, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64).tanh()
-    model = make("lstm", jacobian=jacobian, edit=edit)
+    model = make("lstm", jacobian=jacobian, edit=lambda m: (m.r.mul_(r_scale), m.inp.weight.mul_(0.35),
+                                                            m.inp.bias[32:64].add_(3)))
     x = torch.randn(2, T, 32, dtype=torch.float64)
     return model, x, (torch.randn(2, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64).tanh())
 
