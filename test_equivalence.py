@@ -1604,16 +1604,23 @@ def conv_qkv_reference(model, x, sizes, H, conv0=None):
 
 
 def deltanet_reference(model, x, state=None):
-    """The layer rebuilt from its parameters: conv_qkv_reference, the delta rule as written, RMSNorm, the gate."""
+    """DeltaNet's and Gated DeltaNet's layers rebuilt from their parameters as fla defines them: conv_qkv_reference,
+    (gated) alpha = exp(-softplus(w_a x + dt_bias) exp(A_log)), the rule as written, RMSNorm, the output gate
+    (gated: FusedRMSNormGated)."""
     B, T, d = x.shape
-    H = model.n_head
-    S0, conv0 = state if state is not None else (x.new_zeros(B, H, d // H, d // H), None)
-    q, k, v, conv = conv_qkv_reference(model, x, d, H, conv0)
-    y, S = delta_rule_reference(q, k, v, torch.sigmoid(x @ model.beta.weight.T), S0)
+    H, gated = model.n_head, hasattr(model, "A_log")
+    key, value = (model.key, model.value) if gated else (d, d)
+    S0, conv0 = state if state is not None else (x.new_zeros(B, H, value // H, key // H), None)
+    q, k, v, conv = conv_qkv_reference(model, x, [key, key, value], H, conv0)
+    alpha = [torch.exp(-F.softplus(x @ model.a.weight.T + model.dt_bias) * torch.exp(model.A_log))] if gated else []
+    y, S = delta_rule_reference(q, k, v, torch.sigmoid(x @ model.beta.weight.T), S0, *alpha)
     y = rms_norm(y, model.eps) * model.norm
     if model.gate is not None:
         y = y * F.silu(x @ model.gate.weight.T).unflatten(-1, (H, -1))
     return y.flatten(2) @ model.out.weight.T, (S, conv)
+
+
+gated_deltanet_reference = deltanet_reference
 
 
 def test_deltanet_layer_scales_q_as_fla_at_the_showdown_width():
@@ -1627,19 +1634,6 @@ def test_deltanet_layer_scales_q_as_fla_at_the_showdown_width():
         for form in model.forms:
             y, s = model(x, form=form)
             assert rel_err(y, y_ref) <= 1e-10 and rel_err(s[0], s_ref[0]) <= 1e-10 and torch.equal(s[1], s_ref[1]), form
-
-
-def gated_deltanet_reference(model, x, state=None):
-    """The layer rebuilt from its parameters as fla defines it: conv_qkv_reference, alpha = exp(-softplus(w_a x +
-    dt_bias) exp(A_log)), the rule as written, FusedRMSNormGated."""
-    B, T, d = x.shape
-    H, key, value = model.n_head, model.key, model.value
-    S0, conv0 = state if state is not None else (x.new_zeros(B, H, value // H, key // H), None)
-    q, k, v, conv = conv_qkv_reference(model, x, [key, key, value], H, conv0)
-    alpha = torch.exp(-F.softplus(x @ model.a.weight.T + model.dt_bias) * torch.exp(model.A_log))
-    y, S = delta_rule_reference(q, k, v, torch.sigmoid(x @ model.beta.weight.T), S0, alpha)
-    y = rms_norm(y, model.eps) * model.norm * F.silu(x @ model.gate.weight.T).unflatten(-1, (H, -1))
-    return y.flatten(2) @ model.out.weight.T, (S, conv)
 
 
 def kda_reference(model, x):
