@@ -159,10 +159,10 @@ def assert_close(got, want, tol, what):
 
 def check_grads(fn, reference, leaves, names, tol, draw, what="", grad_tol=None, against=None):
     """fn(*leaves) against reference(*float64 copies of leaves), both tuples of outputs: every output within tol, and
-    the gradient w.r.t. every leaf of a random projection of all of them (draw(*shape), rounded to the output's
-    dtype) within grad_tol (default tol). names: the outputs', then the gradients'; against {name: other}: that one
-    measured against the larger of its scale and other's (where the reference's is 0, the forms' is rounding that
-    cancels). Returns fn's outputs."""
+    the gradient w.r.t. every leaf of a random projection of all of them (draw(*shape), rounded to the output's dtype)
+    within grad_tol (default tol). names: the outputs', then the gradients'; against {name: other}: that one measured
+    against the larger of its scale and other's (where the reference's is 0, the forms' is rounding that cancels).
+    Returns fn's outputs."""
     outs = fn(*leaves)
     ws = [draw(*o.shape).to(o.dtype) for o in outs]
     ref = [t.detach().double().requires_grad_() for t in leaves]
@@ -187,13 +187,11 @@ def model_class(name):
 
 
 def make(name, dtype=torch.float64, device="cpu", seed=0, edit=None, d_model=D_MODEL, **options):
-    """MODELS[name] at width d_model with its small options (options override them), seeded. The paper's init stays,
-    but parameters initialised to a constant (zeros; ones: a norm's weight, Mamba's D) get 0.1 N(0, 1) added, so
-    their gradients matter and a wrong index into them shows; edit(model) then sets a regime (EXTREMES); then to
-    dtype and device."""
+    """MODELS[name] at width d_model with its small options (options override them), seeded, to dtype and device. The
+    paper's init stays, but parameters set to a constant (zeros; ones: a norm's weight, Mamba's D) get 0.1 N(0, 1)
+    added, so their gradients matter and a wrong index into them shows; edit(model) sets a regime (EXTREMES)."""
     torch.manual_seed(seed)
-    cls_name, small = MODELS[name]
-    model = getattr(module(name), cls_name)(d_model, **{**small, **options})
+    model = model_class(name)(d_model, **{**MODELS[name][1], **options})
     with torch.no_grad():
         for p in model.parameters():
             if p.min() == p.max():
@@ -207,9 +205,8 @@ def interpreted(code):
     """Run code in a fresh Python with TRITON_INTERPRET=1 (read when scan.py is imported): Triton's
     kernels then run on the CPU through its interpreter. Fails the test with the child's output."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", "import torch, scan, test_equivalence as t\n" + code], cwd=HERE,
-                          env=env, capture_output=True, text=True)
+                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True)
     if done.returncode and "only 0-dimensional arrays can be converted to Python scalars" in done.stderr:
         import numpy, triton  # the interpreter's int() of its 1-element scalars; Triton 3.9's squeezes them first
         pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run under NumPy {numpy.__version__} "
@@ -288,9 +285,9 @@ def check_scan(device, dtype, tol, cases=SCAN_CASES + BLOCK_SCAN_CASES, referenc
 
 
 def check_selective(device, dtype, tol, cases=SELECTIVE_CASES, reference=None):
-    """y, h_T and the gradients w.r.t. x, dt, A, B, C, h0 (through y and h_T) against the loop in
-    float64, or against `reference` (selective_scan in float64: the PyTorch engine). x is passed
-    transposed ([B, D, T] in memory, as the parallel form's conv leaves it)."""
+    """y, h_T and the gradients w.r.t. x, dt, A, B, C, h0 (through y and h_T) against the loop or `reference`
+    (selective_scan: the PyTorch engine) in float64; x transposed ([B, D, T] in memory, as the parallel form's conv
+    leaves it)."""
     g = torch.Generator(device=device).manual_seed(0)
     draw = lambda *shape: torch.randn(shape, device=device, generator=g)  # noqa: E731
     for Bsz, T, D, N, with_h0, scale in cases:
@@ -309,8 +306,7 @@ def check_selective(device, dtype, tol, cases=SELECTIVE_CASES, reference=None):
 
 def check_scalar_decay(device, dtype, tol, cases=SCALAR_DECAY_CASES, reference=scalar_decay_reference):
     """scalar_decay against `reference` in float64: y, S_final and the gradients w.r.t. q, k, v, g and S (nonzero).
-    g is 0 (no decay) at every 5th step, and -50 (the state forgotten) every 29th in one head; q and v are
-    transposed in memory."""
+    g is 0 (no decay) every 5th step, -50 (the state forgotten) every 29th in one head; q, v transposed in memory."""
     gen = torch.Generator(device=device).manual_seed(0)
     r = lambda *shape: torch.randn(shape, device=device, generator=gen)  # noqa: E731
     for Bsz, T, G, H, Dk, Dv in cases:
@@ -444,9 +440,9 @@ def test_scans_reject_bad_input(bad, message):
                          ids=["scan", "selective_scan"])
 def test_scan_kernels_interpreted(name, kernels, mode):
     """The real Triton kernels, forward and backward, run by Triton's interpreter on the CPU in the mode forced, and
-    checked to be the mode that ran. scan's: small shapes, several 16-step tiles, the gradient of a broadcast a
-    summed inside the kernel (over time, over a tile's channels, both, or by atomics); the selective scan's: tiles of
-    8 steps by 4 channels."""
+    checked to be the mode that ran. scan's: small shapes, several 16-step tiles, the gradient of a broadcast a summed
+    inside the kernel (over time, a tile's channels, both, or by atomics); the selective scan's: tiles of 8 steps by 4
+    channels."""
     check = "check_scan" if name == "scan" else "check_selective"
     interpreted(f"import {name} as m; assert scan.use_triton(torch.zeros(1)); "
                 f"scan.PROGRAMS_PER_SM, scan.TILES_PER_CHUNK = {SCAN_MODES[mode]}; "
@@ -628,10 +624,9 @@ def check_form(name, form, dtype, device, T=21, B=2, tol=None, edit=None, gates=
 
 
 def check_long(name, regime, device, form=None, T=None, **options):
-    """T = 16384 (attention on the CPU: 4096, its T x T scores) in float32 through the default (training) form or
-    form, under bf16 autocast on a GPU, forward and backward, chunks of 8 (2048 composed) and the largest allowed (64;
-    kda: 32), where the factors inside a chunk are largest, or as options say: the output, the state and every
-    gradient finite."""
+    """T = 16384 (attention on the CPU: 4096, its T x T scores) in float32 through the default (training) form or form,
+    bf16 autocast on a GPU, forward and backward, chunks of 8 (2048 composed) and the largest allowed (64; kda: 32),
+    where the factors inside a chunk are largest, or as options say: output, state and gradients finite."""
     T = T or (4096 if name == "attention" and device == "cpu" else 16384)
     chunked = name in CHUNKED and form is None and not options
     for chunk in [dict(chunk_size=8), dict(chunk_size=LARGEST_CHUNK.get(name, 64))] if chunked else [{}]:
@@ -703,12 +698,11 @@ REFERENCE_CASES = ([(name, "plain", {}) for name in MODELS] + [(*c, {}) for c in
 @pytest.mark.parametrize("name,regime,options", REFERENCE_CASES, ids=[
     "-".join([name, regime, *(f"{k}={v}" for k, v in options.items())]) for name, regime, options in REFERENCE_CASES])
 def test_forms_match_reference(name, regime, options):
-    """Every form against the model's independent reference (<model>_reference, each model's section: written from
-    the paper or by someone else), from an empty state and from the state the form left after a prefix (the
-    reference reads the prefix's tokens too): outputs, and the final state where the reference keeps one. Those of
-    FROM_A_STATE also from an arbitrary state, a prefix's with every float in it moved by 10 U(0, 1) (mamba3's angles
-    past 2 pi, kept in [0, 2 pi) on the way out). mamba2's and mamba3's groups, mamba3 with every state dimension
-    turned (rope_fraction 1)."""
+    """Every form against the model's independent reference (<model>_reference, in each model's section), from an empty
+    state and from the state the form left after a prefix (the reference reads the prefix's tokens too): outputs, and
+    the final state where the reference keeps one. Those of FROM_A_STATE also from an arbitrary state, a prefix's with
+    every float in it moved by 10 U(0, 1) (mamba3's angles past 2 pi, kept in [0, 2 pi) on the way out). mamba2's and
+    mamba3's groups, mamba3 with every state dimension turned (rope_fraction 1)."""
     reference = globals()[name + "_reference"]
     model = make(name, edit=EXTREMES.get(name, {}).get(regime), **options)
     g = torch.Generator().manual_seed(0)
@@ -806,8 +800,7 @@ def test_long_decoding_matches_one_pass(name):
     ("deltanet", "conv_size"), ("gated_deltanet", "conv_size"), ("mamba", "d_conv"), ("mamba2", "d_conv"),
     ("kda", "conv_size"), ("mlstm", "conv_size")]] + [("mamba", "d_conv", width) for width in (2, 4, 6)])
 def test_conv_widths_forms_agree(name, conv, width):
-    """Every form and a loop of step() agree; mamba's conv state keeps the last width - 1 inputs, and its reference
-    agrees."""
+    """Every form and a loop of step() agree, and mamba's reference; its conv state keeps the last width - 1 inputs."""
     m = make(name, **{conv: width}, **({"dt_rank": 3} if width > 1 else {}))
     x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
     state, ys = None, []
@@ -1098,9 +1091,8 @@ def test_retnet_decays_as_the_paper():
 
 @pytest.mark.parametrize("name", ["retnet", "gated_retention"])
 def test_retention_positions_are_relative_and_per_sequence(name):
-    """retnet and gated retention count the tokens their state has read, and rotate q and k by position: from an
-    empty memory, where the sequence starts in absolute position does not matter; each row of the batch keeps its
-    own step counter."""
+    """retnet and gated retention count the tokens their state has read and rotate q and k by position: from an empty
+    memory, the absolute start position does not matter; each row of the batch has its own counter."""
     model = make(name)
     x = torch.randn(2, 11, 32, dtype=torch.float64)
     with torch.no_grad():
@@ -1536,9 +1528,8 @@ def test_delta_rules_against_reference(rule, case, dtype, tol):
 
 @pytest.mark.parametrize("rule,form", [(rule, form) for rule in LOG_ALPHAS for form in DELTA_FORMS[rule]])
 def test_one_decay_per_head_is_the_gated_delta_rule(rule, form):
-    """One decay per head (in every channel, kda) is the gated delta rule, alpha = 1 exactly deltanet.py's own form;
-    alpha = 0 keeps only the current token's write (kda: the recurrence alone, the chunked form needs log alpha >=
-    -5)."""
+    """One decay per head (in every channel, kda) is the gated delta rule, alpha = 1 exactly deltanet.py's form;
+    alpha = 0 keeps only the current token's write (kda: the recurrence; its chunked form needs log alpha >= -5)."""
     for gate in ("random", "one", "zero"):
         q, k, v, b, g, S0 = delta_inputs("gated_deltanet", gate)
         if gate == "zero" and (rule, form) == ("kda", "chunked"):
@@ -1580,8 +1571,7 @@ def test_delta_rules_beta_zero_skips_and_beta_one_overwrites(rule, form):
 
 @pytest.mark.parametrize("L", [1, 3, 8, 32])
 def test_kda_chunked_every_length(L):
-    """Ragged last chunks, T shorter than a chunk, one token per chunk, gates jumping between their ends: against
-    the recurrence."""
+    """Ragged last chunks, T below a chunk, one token per chunk, gates jumping between their ends: as the recurrence."""
     for T in (1, 2, 7, 8, 9, 23, 31, 32, 33, 70):
         q, k, v, b, g, S0 = delta_inputs("kda", "jumpy", T=T, seed=T)
         y, S = delta_rule("kda", "chunked", q, k, v, b, g, S0, L=L)
@@ -1656,10 +1646,9 @@ def kda_reference(model, x):
 
 def rwkv7_reference(model, x, state=None):
     """The time mix token by token, as the official demo: token shift from the previous token,
-    w = exp(-exp(-softplus(-(w0 + tanh(x_w w1) w2)) - 0.5)), a = sigmoid(a0 + x_a a1 a2),
-    g = sigmoid(x_g g1) g2, kappa = normalize(k * k_k), k *= 1 + (a - 1) k_a, the transition
-    G_t = diag(w_t) - kappa_t (a_t * kappa_t)^T as a Dk x Dk matrix, S_t = S_{t-1} G_t + v_t k_t^T,
-    o_t = S_t r_t, GroupNorm (eps 64e-5), + (r . (k * r_k)) v, times g, output."""
+    w = exp(-exp(-softplus(-(w0 + tanh(x_w w1) w2)) - 0.5)), a = sigmoid(a0 + x_a a1 a2), g = sigmoid(x_g g1) g2,
+    kappa = normalize(k * k_k), k *= 1 + (a - 1) k_a, the transition G_t = diag(w_t) - kappa_t (a_t * kappa_t)^T as a Dk
+    x Dk matrix, S_t = S_{t-1} G_t + v_t k_t^T, o_t = S_t r_t, GroupNorm (eps 64e-5), + (r . (k * r_k)) v, times g."""
     p = {n: t.detach().double() for n, t in model.named_parameters()}
     B, T, C = x.shape
     H, N = model.n_head, model.head_size
@@ -1735,10 +1724,10 @@ def test_rwkv7_chunk_64_float32_at_the_clamp(case):
 
 
 def test_rwkv7_init_as_official():
-    """The official init (train_temp/src/model.py, layer 0, and generate_init_weight), re-derived
-    here with its loops: token-shift mixes, w0, a0, k_k, k_a, r_k, zero LoRA downs and orthogonal
-    ups with gain 0.1, r, k, v orthogonal with gains 1, 0.1, 1, output zero, ln_x 1 / 0 with eps
-    64e-5; LoRA ranks of the released models; head size 64 (one head below d_model 64)."""
+    """The official init (train_temp/src/model.py, layer 0, and generate_init_weight), re-derived with its loops:
+    token-shift mixes, w0, a0, k_k, k_a, r_k, zero LoRA downs and orthogonal ups with gain 0.1, r, k, v orthogonal with
+    gains 1, 0.1, 1, output zero, ln_x 1 / 0 with eps 64e-5; LoRA ranks of the released models; head size 64 (one head
+    below 64)."""
     RWKV7 = model_class("rwkv7")
     C, N = 128, 64
     m = RWKV7(C)
@@ -1916,8 +1905,7 @@ def rnn_reference(model, x, h=None):
 
 
 def lstm_reference(model, x, state=None):
-    """torch.nn.LSTMCell (gate order i, f, g, o) with W_hh = diag(r) per gate: the same layer,
-    written by someone else."""
+    """torch.nn.LSTMCell (gate order i, f, g, o) with W_hh = diag(r) per gate: the same layer, by someone else."""
     H = model.d_hidden
     c, h = (x.new_zeros(x.shape[0], H), x.new_zeros(x.shape[0], H)) if state is None else state
     ours = [0, 1, 3, 2]  # torch's i, f, g, o in our order i, f, o, g
@@ -1987,8 +1975,8 @@ def newton_loop(name, u, w, s0):
 
 
 def newton_inputs(name, B, T, C, scale, g=None, device="cpu"):
-    """newton_loop's inputs, drawn: u ~ N(0, 1), w ~ scale U(0, 1) (lstm: r ~ scale U(-1, 1)), h0 = tanh(N(0, 1))
-    (lstm: c0 ~ N(0, 1) too)."""
+    """newton_loop's inputs, drawn: u ~ N(0, 1), w ~ scale U(0, 1) (lstm: r ~ scale U(-1, 1)), h0 = tanh(N(0, 1)) (lstm:
+    c0 ~ N(0, 1) too)."""
     draw = lambda f, *shape: f(*shape, generator=g, device=device)  # noqa: E731
     if name == "rnn":
         return draw(torch.randn, B, T, C), scale * draw(torch.rand, C), draw(torch.randn, B, C).tanh()
@@ -2021,8 +2009,7 @@ def test_newton_cap_is_what_makes_it_exact(case, T, least):
 @pytest.mark.parametrize("k", [1, 7, 64])
 @pytest.mark.parametrize("case", NEWTON_HARD)
 def test_newton_first_k_steps_exact_after_k_iterations(case, k):
-    """The guarantee behind the cap, for exact and quasi-Newton alike: k undamped Newton steps from any guess fix
-    s_0 .. s_{k-1}."""
+    """The cap's guarantee, exact and quasi-Newton alike: k undamped Newton steps from any guess fix s_0 .. s_{k-1}."""
     name, full = case[:4], case != "lstm-diag"
     with torch.no_grad():
         model, x, s0 = newton_hard(name, 256 if name == "rnn" else 128, r_scale=NEWTON_HARD[case].get("r_scale"))
@@ -2175,8 +2162,8 @@ def test_newton_kernel_in_a_cuda_graph(name):
 
 def mlstm_unstabilised(q, k, v, log_i, g, C, n):
     """The paper's mLSTM as written (Beck et al. 2024, sec. 2.3), float64, no stabiliser: i_t = exp(i~_t),
-    f_t = exp(g_t), C_t = f_t C_{t-1} + i_t v_t k_t^T, n_t = f_t n_{t-1} + i_t k_t, h_t = C_t q_t / max(|n_t q_t|, 1).
-    C [B, H, Dv, Dk] and n [B, H, Dk] unstabilised."""
+    f_t = exp(g_t), C_t = f_t C_{t-1} + i_t v_t k_t^T, n_t = f_t n_{t-1} + i_t k_t, h_t = C_t q_t / max(|n_t q_t|, 1);
+    C [B, H, Dv, Dk], n [B, H, Dk]."""
     q, k, v, i, f = (t.double() for t in (q, k, v, log_i.exp(), g.exp()))
     hs = []
     for t in range(q.shape[1]):
