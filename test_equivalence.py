@@ -2002,10 +2002,8 @@ def test_newton_first_k_steps_exact_after_k_iterations(case, k):
     name, full = case[:4], case != "lstm-diag"
     with torch.no_grad():
         model, x, s0 = newton_hard(name, 256 if name == "rnn" else 128, r_scale=NEWTON_HARD[case].get("r_scale"))
-        if name == "rnn":
-            u, w = model.inp(x), model.w_h
-        else:
-            u, w, s0 = model.inp(x).unflatten(-1, (4, 32)), model.r, torch.stack(s0, 1)
+        u, w, s0 = ((model.inp(x), model.w_h, s0) if name == "rnn" else
+                    (model.inp(x).unflatten(-1, (4, 32)), model.r, torch.stack(s0, 1)))
         s, iters = getattr(module(name), f"{name}_newton")(u, w, s0, 0.0, *[full] * (name == "lstm"), cap=k)
         ref = newton_loop(name, u, w, s0)
     assert iters == k
@@ -2112,16 +2110,11 @@ def test_lstm_forget_bias_is_one_on_the_gate_that_keeps_c():
     """Gers et al. 2000: the forget gate's bias starts at 1 (INITS: in the parameters). In what the cell does: with W
     = 0 and r = 0 each gate is its bias, and two states that differ by 1 in c differ by f in the next c; f, the gate
     that multiplies c_{t-1}, is sigmoid(1)."""
-    H = 1024
-    model = model_class("lstm")(64, d_hidden=H).double()
+    model = model_class("lstm")(64, d_hidden=1024).double()
     with torch.no_grad():
-        model.inp.weight.zero_()
-        model.r.zero_()
-        x, c = torch.randn(3, 64, dtype=torch.float64), torch.randn(3, H, dtype=torch.float64)
-        h = torch.zeros(3, H, dtype=torch.float64)
-        _, (c1, _) = model.step(x, (c, h))
-        _, (c2, _) = model.step(x, (c + 1, h))
-    forget = c2 - c1
+        model.inp.weight.zero_(), model.r.zero_()
+        x, c, h = (torch.randn(3, n, dtype=torch.float64) for n in (64, 1024, 1024))
+        forget = model.step(x, (c + 1, h))[1][0] - model.step(x, (c, h))[1][0]
     assert rel_err(forget, torch.full_like(forget, 1 / (1 + math.exp(-1)))) <= 1e-12, \
         f"c_{{t-1}} is multiplied by {forget.mean():.4f}, not sigmoid(1) = 0.7311"
 
