@@ -1448,27 +1448,21 @@ def test_delta_rule_gradient_step_reading():
     assert rel_err(S1, S0 - b[:, 0, :, None, None] * grad) <= 1e-14
 
 
-def chunk_states_reference(M, C, S):
-    """The chunk states of S -> S M_c + C_c, one chunk after another (chunks along dim 1)."""
-    states = []
-    for c in range(M.shape[1]):
-        states.append(S)
-        S = S @ M[:, c] + C[:, c]
-    return torch.stack(states, 1), S
-
-
 @pytest.mark.parametrize("n_chunks", [1, 2, 3, 5, 8, 33])
 @pytest.mark.parametrize("name", ["deltanet", "kda"])
 def test_chunk_states_composes_affine_maps(name, n_chunks):
-    """The scan alone, on maps that are not contractions (so any misplaced factor shows)."""
+    """The scan alone, on maps that are not contractions (so any misplaced factor shows), against the maps applied
+    one chunk after another."""
     g = torch.Generator().manual_seed(n_chunks)
     M = torch.eye(4, dtype=torch.float64) + 0.3 * torch.randn(n_chunks, 2, 3, 4, 4, generator=g, dtype=torch.float64)
     C = torch.randn(n_chunks, 2, 3, 5, 4, generator=g, dtype=torch.float64)
     M, C = M.transpose(0, 1), C.transpose(0, 1)  # [B, T/L, H, *]
     S = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
     ins, last = module(name).chunk_states(M, C, S)
-    ins_ref, last_ref = chunk_states_reference(M, C, S)
-    assert rel_err(ins, ins_ref) <= 1e-12 and rel_err(last, last_ref) <= 1e-12
+    for c in range(n_chunks):
+        assert rel_err(ins[:, c], S) <= 1e-12, c
+        S = S @ M[:, c] + C[:, c]
+    assert rel_err(last, S) <= 1e-12
 
 
 @pytest.mark.parametrize("device,form,L,T,tol", [
@@ -1480,9 +1474,8 @@ def test_delta_rule_long_float32(device, form, L, T, tol):
     B, H, seed = (1, 2, 3) if device == "cpu" else (2, 4, 5)
     q, k, v, b, S0 = (t.to(device) for t in delta_inputs(B=B, T=T, H=H, Dk=16, Dv=16, dtype=torch.float32, seed=seed))
     with torch.no_grad():
-        y, S = delta_rule("deltanet", form, q, k, v, b, S0, L=L)
-        y_ref, S_ref = delta_rule("deltanet", "recurrent", q, k, v, b, S0.double())
-    assert rel_err(y, y_ref) <= tol and rel_err(S, S_ref) <= tol, (rel_err(y, y_ref), rel_err(S, S_ref))
+        assert_close(delta_rule("deltanet", form, q, k, v, b, S0, L=L),
+                     delta_rule("deltanet", "recurrent", q, k, v, b, S0.double()), tol, "y, S")
 
 
 @pytest.mark.parametrize("form", ["parallel", "chunked"])
@@ -1498,9 +1491,8 @@ def test_delta_rule_adversarial_keys_float32(form):
         b = torch.ones(B, T, H) if spread == 0 else 1 - 1e-3 * torch.rand(B, T, H, generator=g)
         S0 = torch.zeros(B, H, D, D)
         with torch.no_grad():
-            y, S = delta_rule("deltanet", form, q, k, v, b, S0, L=64)
-            y_ref, S_ref = delta_rule("deltanet", "recurrent", q, k, v, b, S0.double())
-        assert rel_err(y, y_ref) <= 1e-3 and rel_err(S, S_ref) <= 1e-3, (spread, rel_err(y, y_ref), rel_err(S, S_ref))
+            assert_close(delta_rule("deltanet", form, q, k, v, b, S0, L=64),
+                         delta_rule("deltanet", "recurrent", q, k, v, b, S0.double()), 1e-3, f"spread {spread}: y, S")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
@@ -1569,10 +1561,8 @@ def test_delta_rules_beta_zero_skips_and_beta_one_overwrites(rule, form):
 def test_kda_chunked_every_length(L):
     """Ragged last chunks, T below a chunk, one token per chunk, gates jumping between their ends: as the recurrence."""
     for T in (1, 2, 7, 8, 9, 23, 31, 32, 33, 70):
-        q, k, v, b, g, S0 = delta_inputs("kda", "jumpy", T=T, seed=T)
-        y, S = delta_rule("kda", "chunked", q, k, v, b, g, S0, L=L)
-        y_ref, S_ref = delta_rule("kda", "recurrent", q, k, v, b, g, S0)
-        assert rel_err(y, y_ref) <= 1e-10 and rel_err(S, S_ref) <= 1e-10, (T, L)
+        inputs = delta_inputs("kda", "jumpy", T=T, seed=T)
+        assert_close(delta_rule("kda", "chunked", *inputs, L=L), delta_rule("kda", "recurrent", *inputs), 1e-10, T)
 
 
 def conv_qkv_reference(model, x, sizes, H, conv0=None):
