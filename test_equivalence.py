@@ -435,9 +435,8 @@ def test_scans_reject_bad_input(bad, message):
 
 
 @pytest.mark.parametrize("mode", INTERPRETED_MODES)
-@pytest.mark.parametrize("name,kernels", [("scan", "'_scan_kernel'"),
-                                          ("selective_scan", "'_selective_fwd_kernel', '_selective_bwd_kernel'")],
-                         ids=["scan", "selective_scan"])
+@pytest.mark.parametrize("name,kernels", [("scan", "'_scan_kernel'"), (
+    "selective_scan", "'_selective_fwd_kernel', '_selective_bwd_kernel'")], ids=["scan", "selective_scan"])
 def test_scan_kernels_interpreted(name, kernels, mode):
     """The real Triton kernels, forward and backward, run by Triton's interpreter on the CPU in the mode forced, and
     checked to be the mode that ran. scan's: small shapes, several 16-step tiles, the gradient of a broadcast a summed
@@ -535,9 +534,9 @@ def custom_op_args(op, device, T=37):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", ["scan", "scan_block", "scan_backward", "selective_scan", "selective_scan_backward",
-                                "scalar_decay", "scalar_decay_backward", "rnn_parallel", "lstm_parallel",
-                                "lstm_backward"])
+@pytest.mark.parametrize("op", [
+    "scan", "scan_block", "scan_backward", "selective_scan", "selective_scan_backward", "scalar_decay",
+    "scalar_decay_backward", "rnn_parallel", "lstm_parallel", "lstm_backward"])
 def test_custom_op_fakes_match_real(op, device):
     """What torch.compile sees of each custom op (its fake: shapes, strides, dtypes) is what the op returns, at a
     ragged T. The selective scan's third output (the states kept for the backward) depends on the engine: [B, 0, D,
@@ -2866,8 +2865,7 @@ def test_train_warmup_then_cosine_as_the_optimizer_sees_it(train_data, tmp_path,
 
 @pytest.mark.parametrize("name,mixer", [
     ("rwkv7", {"receptance.weight", "key.weight", "value.weight", "output.weight"}),  # not the LoRAs, not r_k
-    ("mamba", {"in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight"}),  # not A_log
-])
+    ("mamba", {"in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight"})])  # no A_log
 def test_train_weight_decay_on_the_matrices_not_marked(name, mixer):
     """AdamW's groups on a real LM: weight decay 0.1 on exactly the matrices (the embedding, the MLP's, the mixer's
     named here) and 0 on the rest: every vector and scalar, and the matrices the mixer marks _no_weight_decay."""
@@ -2933,9 +2931,8 @@ def test_bench_report_tabulates_the_runs(train_data, tmp_path, capsys, figures):
     bench.main(["--report", str(runs)])
     out = capsys.readouterr().out
     rows = table_rows(out)
-    assert len(rows) == 8 and [row[:3] for row in rows[1:4]] == [["parity", "linear_attention", "parity"],
-                                                                 ["recall", "linear_attention", "mqar"],
-                                                                 ["text", "linear_attention", "text"]]
+    assert len(rows) == 8 and [row[:3] for row in rows[1:4]] == [
+        [run, "linear_attention", task] for run, task in (("parity", "parity"), ("recall", "mqar"), ("text", "text"))]
     assert rows[5][0] == "linear_attention" and rows[5][4:6] == ["16", "3"]  # the recall table: block 16, 3 pairs
     assert rows[7][0] == "linear_attention" and rows[7][4:6] == ["16", "-"]  # the parity table: no pairs
     assert "unfinished" in out and "left out" in out
