@@ -230,23 +230,17 @@ def scan_reference(a, b, h0=None, reverse=False):
 
 
 def selective_scan_reference(x, dt, A, B, C, h0=None):
-    """h_t = exp(dt_t A) * h_{t-1} + (dt_t x_t) B_t, y_t = C_t . h_t, one step at a time."""
-    h = torch.zeros(x.shape[0], x.shape[2], A.shape[1], dtype=x.dtype) if h0 is None else h0
-    ys = []
-    for t in range(x.shape[1]):
-        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
-        ys.append((h * C[:, t, None, :]).sum(-1))
-    return torch.stack(ys, 1), h
+    """h_t = exp(dt_t A) * h_{t-1} + (dt_t x_t) B_t, y_t = C_t . h_t, one step at a time (scan_reference)."""
+    h = scan_reference(torch.exp(dt[..., None] * A), (dt * x)[..., None] * B[:, :, None, :], h0)  # [B, T, D, N]
+    return (h * C[:, :, None, :]).sum(-1), h[:, -1]
 
 
 def scalar_decay_reference(q, k, v, g, S):
-    """S_t = exp(g_t) S_{t-1} + v_t k_t^T, y_t = S_t q_t one step at a time; q, k [B, T, G, Dk] read by H / G heads."""
+    """S_t = exp(g_t) S_{t-1} + v_t k_t^T, y_t = S_t q_t one step at a time (scan_reference); q, k [B, T, G, Dk] read
+    by H / G heads."""
     q, k = (x.repeat_interleave(v.shape[2] // q.shape[2], 2) for x in (q, k))
-    ys = []
-    for t in range(q.shape[1]):
-        S = g[:, t, :, None, None].exp() * S + v[:, t, :, :, None] * k[:, t, :, None, :]
-        ys.append(torch.einsum("bhed,bhd->bhe", S, q[:, t]))
-    return torch.stack(ys, 1), S
+    S = scan_reference(g.exp()[..., None, None], v[..., :, None] * k[..., None, :], S)  # [B, T, H, Dv, Dk]
+    return torch.einsum("bthed,bthd->bthe", S, q), S[:, -1]
 
 
 SCAN_CASES = [  # (b shape, a shape): full; a gate per head over 16 channels (da summed over a tile's channels); one
@@ -2122,15 +2116,12 @@ def test_newton_kernel_in_a_cuda_graph(name):
 def mlstm_unstabilised(q, k, v, log_i, g, C, n):
     """The paper's mLSTM as written (Beck et al. 2024, sec. 2.3), float64, no stabiliser: i_t = exp(i~_t),
     f_t = exp(g_t), C_t = f_t C_{t-1} + i_t v_t k_t^T, n_t = f_t n_{t-1} + i_t k_t, h_t = C_t q_t / max(|n_t q_t|, 1);
-    C [B, H, Dv, Dk], n [B, H, Dk]."""
+    C [B, H, Dv, Dk], n [B, H, Dk]; the recurrences one step at a time (scan_reference)."""
     q, k, v, i, f = (t.double() for t in (q, k, v, log_i.exp(), g.exp()))
-    hs = []
-    for t in range(q.shape[1]):
-        C = f[:, t, :, None, None] * C + i[:, t, :, None, None] * v[:, t, :, :, None] * k[:, t, :, None, :]
-        n = f[:, t, :, None] * n + i[:, t, :, None] * k[:, t]
-        den = (n * q[:, t]).sum(-1).abs().clamp_min(1.0)
-        hs.append((C @ q[:, t, ..., None])[..., 0] / den[..., None])
-    return torch.stack(hs, 1), C, n
+    C = scan_reference(f[..., None, None], i[..., None, None] * v[..., :, None] * k[..., None, :], C)  # [B, T, H, ...]
+    n = scan_reference(f[..., None], i[..., None] * k, n)
+    h = (C @ q[..., None])[..., 0] / (n * q).sum(-1).abs().clamp_min(1.0)[..., None]
+    return h, C[:, -1], n[:, -1]
 
 
 def mlstm_unstabilised_layer(model, x):
