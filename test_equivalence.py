@@ -1141,30 +1141,22 @@ def test_gated_retention_gate_exactly_one_is_retention_without_decay():
 # ---------- mamba2.py ---------------------------------------------------------------------------
 
 def mamba2_reference(model, x, state=None):
-    """The block written out token by token, head by head, from the paper's equations; its own conv."""
+    """The block from the paper's equations: its own conv (a window sum), the SSM h_t = exp(dt_t A) h_{t-1} + dt_t x_t
+    B_t^T, y_t = h_t C_t + D x_t per head, groups of heads sharing B and C (scalar_decay_reference: one step at a
+    time), RMSNorm per group of the gated output."""
     K, H, P, G, N, di = model.d_conv, model.n_head, model.headdim, model.ngroups, model.d_state, model.d_inner
-    if state is None:
-        state = (x.new_zeros(x.shape[0], model.conv_dim, K - 1), x.new_zeros(x.shape[0], H, P, N))
-    conv, h = [s.clone() for s in state]  # conv [B, C, K-1], h [B, H, P, N]
-    ys = []
-    for t in range(x.shape[1]):
-        z, xbc, dtr = (x[:, t] @ model.in_proj.weight.T).split([di, model.conv_dim, H], -1)
-        window = torch.cat([conv, xbc[:, :, None]], -1)  # [B, C, K]
-        conv = window[:, :, 1:]
-        c = F.silu((window * model.conv1d.weight[:, 0]).sum(-1) + model.conv1d.bias)
-        xs, Bv, Cv = c.split([di, G * N, G * N], -1)
-        y = torch.zeros(x.shape[0], di, dtype=x.dtype)
-        h = h.clone()
-        for hh in range(H):
-            g = hh // (H // G)
-            dt = F.softplus(dtr[:, hh] + model.dt_bias[hh])
-            A = -torch.exp(model.A_log[hh])
-            xh, Bg, Cg = xs[:, hh * P:(hh + 1) * P], Bv[:, g * N:(g + 1) * N], Cv[:, g * N:(g + 1) * N]
-            h[:, hh] = torch.exp(dt * A)[:, None, None] * h[:, hh] + dt[:, None, None] * xh[:, :, None] * Bg[:, None, :]
-            y[:, hh * P:(hh + 1) * P] = (h[:, hh] @ Cg[:, :, None])[..., 0] + model.D[hh] * xh
-        y = rms_norm((y * F.silu(z)).view(y.shape[0], G, -1), model.eps).flatten(1) * model.norm_weight  # per group
-        ys.append(y @ model.out_proj.weight.T)
-    return torch.stack(ys, 1), (conv, h)
+    B, T = x.shape[:2]
+    conv0, h0 = state if state is not None else (x.new_zeros(B, model.conv_dim, K - 1), x.new_zeros(B, H, P, N))
+    z, xbc, dtr = (x @ model.in_proj.weight.T).split([di, model.conv_dim, H], -1)
+    pad = torch.cat([conv0.transpose(1, 2), xbc], 1)  # [B, K - 1 + T, conv_dim]
+    c = F.silu(sum(pad[:, i:i + T] * model.conv1d.weight[:, 0, i] for i in range(K)) + model.conv1d.bias)
+    xs, Bv, Cv = c.split([di, G * N, G * N], -1)
+    xs, dt = xs.unflatten(-1, (H, P)), F.softplus(dtr + model.dt_bias)  # [B, T, H, P], [B, T, H]
+    y, h = scalar_decay_reference(Cv.unflatten(-1, (G, N)), Bv.unflatten(-1, (G, N)), dt[..., None] * xs,
+                                  -torch.exp(model.A_log) * dt, h0)
+    y = (y + model.D[:, None] * xs).flatten(2) * F.silu(z)
+    y = rms_norm(y.unflatten(-1, (G, -1)), model.eps).flatten(2) * model.norm_weight
+    return y @ model.out_proj.weight.T, (pad[:, pad.shape[1] - (K - 1):].transpose(1, 2), h)
 
 
 @pytest.mark.parametrize("name,shapes", [  # [B, *shape] after T tokens
