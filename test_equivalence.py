@@ -1206,8 +1206,8 @@ def from_complex(vc, vr, theta):
 
 
 def mamba3_complex(m, x, state=None):
-    """The paper's complex SSM with the exponential-trapezoidal rule, written out token by token, head by head, in
-    float64 complex numbers, with no rotary: per complex pair, B~ = b_2i - i b_2i+1, C~ = c_2i + i c_2i+1 and
+    """The paper's complex SSM with the exponential-trapezoidal rule, written out token by token in float64 complex
+    numbers, with no rotary: per complex pair, B~ = b_2i - i b_2i+1, C~ = c_2i + i c_2i+1 and
         h_t = exp(dt (A + i w)) h_{t-1} + (1 - lambda) dt exp(dt (A + i w)) B~_{t-1} x_{t-1} + lambda dt B~_t x_t,
         y_t = Re(h_t C~_t) + D x,  w = pi tanh(angle),
     the rest of the N dimensions real (w = 0). The layer's state (turned by theta, the sum of dt w) is read and
@@ -1219,32 +1219,23 @@ def mamba3_complex(m, x, state=None):
     hc, hr = to_complex(h, theta, n)  # [B, H, P, n] complex, [B, H, P, N - 2n]
     bc_prev, br_prev = to_complex(B_prev, theta, n)
     ys = []
-    for t in range(x.shape[1]):
+    for t in range(x.shape[1]):  # every head at once: [B, H, ...]; head k reads group k // (H / G)
         z, xs, Bv, Cv, dtr, Ar, lr, ang = (x[:, t] @ m.in_proj.weight.T).split(m.sizes, -1)
-        y = torch.zeros(x.shape[0], H, P, dtype=x.dtype)
-        hc, hr, bc_new, br_new = hc.clone(), hr.clone(), torch.zeros_like(bc_prev), torch.zeros_like(br_prev)
-        for k in range(H):
-            g = k // (H // G)
-            dt = F.softplus(dtr[:, k] + m.dt_bias[k])[:, None]
-            a = Ar[:, k][:, None]
-            A = -torch.where(a >= 0, 1 + a, 1 / (1 - a)).clamp(min=m.A_floor)
-            lam = torch.sigmoid(lr[:, k])[:, None]
-            b, c = Bv[:, g * N:(g + 1) * N], Cv[:, g * N:(g + 1) * N]
-            b = b / torch.sqrt(b.pow(2).mean(-1, keepdim=True) + m.eps) * m.B_norm_weight + m.B_bias[k]
-            c = c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + m.eps) * m.C_norm_weight + m.C_bias[k]
-            bc, cc = torch.complex(b[:, 0:2 * n:2], -b[:, 1:2 * n:2]), torch.complex(c[:, 0:2 * n:2], c[:, 1:2 * n:2])
-            alpha_c = torch.exp(dt * torch.complex(A.expand(-1, n), math.pi * torch.tanh(ang)))  # [B, n]
-            alpha_r = torch.exp(dt * A)
-            theta[:, k] += dt * math.pi * torch.tanh(ang)
-            xk, xp = xs[:, k * P:(k + 1) * P, None], x_prev[:, k, :, None]  # [B, P, 1]
-            beta_, gamma = ((1 - lam) * dt)[:, None], (lam * dt)[:, None]  # [B, 1, 1]; beta = beta_ * alpha
-            hc[:, k] = alpha_c[:, None] * (hc[:, k] + beta_ * xp * bc_prev[:, k, None]) + gamma * xk * bc[:, None]
-            br = b[:, None, 2 * n:]  # the unturned dimensions
-            hr[:, k] = alpha_r[:, None] * (hr[:, k] + beta_ * xp * br_prev[:, k, None]) + gamma * xk * br
-            y[:, k] = (hc[:, k] * cc[:, None]).sum(-1).real + (hr[:, k] * c[:, None, 2 * n:]).sum(-1)
-            y[:, k] += m.D[k] * xk[..., 0]
-            bc_new[:, k], br_new[:, k] = bc, b[:, 2 * n:]
-        bc_prev, br_prev, x_prev = bc_new, br_new, xs.unflatten(-1, (H, P))
+        dt, lam = F.softplus(dtr + m.dt_bias)[..., None], torch.sigmoid(lr)[..., None]  # [B, H, 1]
+        A = -torch.where(Ar >= 0, 1 + Ar, 1 / (1 - Ar)).clamp(min=m.A_floor)[..., None]
+        b, c = ((u / torch.sqrt(u.pow(2).mean(-1, keepdim=True) + m.eps) * w).repeat_interleave(H // G, 1) + bias
+                for u, w, bias in ((Bv.unflatten(-1, (G, N)), m.B_norm_weight, m.B_bias),
+                                   (Cv.unflatten(-1, (G, N)), m.C_norm_weight, m.C_bias)))  # [B, H, N]
+        bc, br = torch.complex(b[..., 0:2 * n:2], -b[..., 1:2 * n:2]), b[..., 2 * n:]  # turned pairs, the rest real
+        cc = torch.complex(c[..., 0:2 * n:2], c[..., 1:2 * n:2])
+        alpha_c = torch.exp(dt * torch.complex(A, math.pi * torch.tanh(ang)[:, None]))  # [B, H, n]
+        theta = theta + dt * math.pi * torch.tanh(ang)[:, None]
+        xk, xp = xs.unflatten(-1, (H, P))[..., None], x_prev[..., None]  # [B, H, P, 1]
+        beta_, gamma = ((1 - lam) * dt)[..., None], (lam * dt)[..., None]  # [B, H, 1, 1]; beta = beta_ * alpha
+        hc = alpha_c[:, :, None] * (hc + beta_ * xp * bc_prev[:, :, None]) + gamma * xk * bc[:, :, None]
+        hr = torch.exp(dt * A)[..., None] * (hr + beta_ * xp * br_prev[:, :, None]) + gamma * xk * br[:, :, None]
+        y = (hc * cc[:, :, None]).sum(-1).real + (hr * c[:, :, None, 2 * n:]).sum(-1) + m.D[:, None] * xk[..., 0]
+        bc_prev, br_prev, x_prev = bc, br, xk[..., 0]
         ys.append((y.flatten(1) * F.silu(z)) @ m.out_proj.weight.T)
     state = (theta.remainder(2 * math.pi), from_complex(hc, hr, theta), from_complex(bc_prev, br_prev, theta), x_prev)
     return torch.stack(ys, 1), state
