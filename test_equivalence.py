@@ -1598,27 +1598,25 @@ def rwkv7_reference(model, x, state=None):
     H, N = model.n_head, model.head_size
     x = x.double()
     S, prev = (x.new_zeros(B, H, N, N), x.new_zeros(B, C)) if state is None else (state[0].double(), state[1].double())
-    ys = []
-    for t in range(T):
-        xt = x[:, t]
-        mix = {c: xt + (prev - xt) * p["x_" + c] for c in "rwkvag"}
-        r, k, v = (mix[c] @ p[name + ".weight"].T for c, name in (("r", "receptance"), ("k", "key"), ("v", "value")))
-        w = torch.exp(-torch.exp(-F.softplus(-(p["w0"] + torch.tanh(mix["w"] @ p["w1"]) @ p["w2"])) - 0.5))
-        a = torch.sigmoid(p["a0"] + mix["a"] @ p["a1"] @ p["a2"])
-        g = torch.sigmoid(mix["g"] @ p["g1"]) @ p["g2"]
-        kk = (k * p["k_k"]).view(B, H, N)
-        kappa = kk / kk.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        k = k * (1 + (a - 1) * p["k_a"])
-        r, k, v, w, a = (z.view(B, H, N) for z in (r, k, v, w, a))
-        G = torch.diag_embed(w) - kappa[..., :, None] * (a * kappa)[..., None, :]
-        S = S @ G + v[..., :, None] * k[..., None, :]
-        o = (S @ r[..., None])[..., 0]
-        o = (o - o.mean(-1, keepdim=True)) / torch.sqrt(o.var(-1, unbiased=False, keepdim=True) + 64e-5)
-        o = o * p["ln_x.weight"].view(H, N) + p["ln_x.bias"].view(H, N)
-        o = o + (r * k * p["r_k"]).sum(-1, keepdim=True) * v
-        ys.append((o.reshape(B, C) * g) @ p["output.weight"].T)
-        prev = xt
-    return torch.stack(ys, 1), (S, prev)
+    shifted = torch.cat([prev[:, None], x[:, :-1]], 1)  # the previous token's x
+    mix = {c: x + (shifted - x) * p["x_" + c] for c in "rwkvag"}
+    r, k, v = (mix[c] @ p[name + ".weight"].T for c, name in (("r", "receptance"), ("k", "key"), ("v", "value")))
+    w = torch.exp(-torch.exp(-F.softplus(-(p["w0"] + torch.tanh(mix["w"] @ p["w1"]) @ p["w2"])) - 0.5))
+    a = torch.sigmoid(p["a0"] + mix["a"] @ p["a1"] @ p["a2"])
+    g = torch.sigmoid(mix["g"] @ p["g1"]) @ p["g2"]
+    kk = (k * p["k_k"]).view(B, T, H, N)
+    kappa = kk / kk.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    k = k * (1 + (a - 1) * p["k_a"])
+    r, k, v, w, a = (z.view(B, T, H, N) for z in (r, k, v, w, a))
+    outs = []
+    for t in range(T):  # the state, token by token
+        G = torch.diag_embed(w[:, t]) - kappa[:, t, ..., :, None] * (a[:, t] * kappa[:, t])[..., None, :]
+        S = S @ G + v[:, t, ..., :, None] * k[:, t, ..., None, :]
+        outs.append((S @ r[:, t, ..., None])[..., 0])
+    o = torch.stack(outs, 1)
+    o = (o - o.mean(-1, keepdim=True)) / torch.sqrt(o.var(-1, unbiased=False, keepdim=True) + 64e-5)
+    o = o * p["ln_x.weight"].view(H, N) + p["ln_x.bias"].view(H, N) + (r * k * p["r_k"]).sum(-1, keepdim=True) * v
+    return (o.reshape(B, T, C) * g) @ p["output.weight"].T, (S, x[:, -1])
 
 
 RWKV7_FIXED_Y = [0.0297030030385485, 0.0495036196593315, 0.038007944729875, 0.00248356790594043,
