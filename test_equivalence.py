@@ -842,9 +842,8 @@ def test_long_sequence_is_finite(name, regime, device):
     pytest.param("cuda", "inductor", torch.bfloat16, 1e-2, id="cuda-bf16", marks=[needs_cuda, slow])])
 @pytest.mark.parametrize("name", MODELS)
 def test_compiled_matches_eager(name, device, backend, dtype, tol):
-    """On the CPU: Dynamo's whole graph and AOTAutograd's functionalised forward and backward
-    (backend aot_eager: Inductor's C++ codegen takes ~40 s a model on two cores); on a GPU, Inductor (slow: Inductor
-    compiles each model's forward and backward: 28 compilations)."""
+    """On the CPU: Dynamo's whole graph and AOTAutograd's functionalised forward and backward (backend aot_eager:
+    Inductor's C++ codegen takes ~40 s a model on two cores); on a GPU, Inductor (slow: 28 compilations)."""
     check_form(name, None, dtype, device, T=45, tol=tol, backend=backend)
 
 
@@ -1105,11 +1104,10 @@ RETENTION_LONG = [("retnet", "plain")] + [("gated_retention", r) for r in ("plai
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,regime", RETENTION_LONG)
 def test_retention_long_forms_finite_and_agree(name, regime, device):
-    """T = 16384 in float32 (the parallel form's [H, T, T] matrices: T = 4096 on the CPU): every form finite;
-    chunked and recurrent agree to float32 precision (tf32 on a GPU). Gated retention's parallel form: its cumulative
-    log gates c_t grow without bound (to ~1e7 with gates ~0), and float32 differences c_t - c_s of numbers that large
-    are coarse (1.9e-4 measured at T = 4096, jumpy gates): with strong gates it is only asserted finite; chunked
-    restarts c at each chunk and is the form to use."""
+    """T = 16384 in float32 (the parallel form's [H, T, T] matrices: T = 4096 on the CPU): every form finite; chunked
+    and recurrent agree to float32 precision (tf32 on a GPU). Gated retention's parallel form: its cumulative log gates
+    c_t grow without bound (to ~1e7 with gates ~0), and float32 differences c_t - c_s of numbers that large are coarse
+    (1.9e-4 measured at T = 4096, jumpy gates): with strong gates only finite; chunked restarts c at each chunk."""
     model = make(name, torch.float32, device, edit=EXTREMES.get(name, {}).get(regime))
     x, Tp, tol = torch.randn(1, 16384, 32, device=device), *((16384, 1e-3) if device == "cuda" else (4096, 1e-4))
     with torch.no_grad():
