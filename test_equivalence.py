@@ -1400,9 +1400,8 @@ def delta_inputs(rule="deltanet", gate="random", B=2, T=37, H=3, Dk=8, Dv=5, dty
 def delta_rule(rule, form, *inputs, L=8):
     """deltanet.py's delta_rule_<form>, gated_deltanet.py's gated_delta_rule_<form> or kda.py's kda_<form> on
     delta_inputs' inputs; chunked: chunks of L."""
-    fn = getattr(module(rule), {"deltanet": "delta_rule", "gated_deltanet": "gated_delta_rule", "kda": "kda"}[rule]
-                 + "_" + form)
-    return fn(*inputs, L) if form == "chunked" else fn(*inputs)
+    name = {"deltanet": "delta_rule", "gated_deltanet": "gated_delta_rule", "kda": "kda"}[rule] + "_" + form
+    return getattr(module(rule), name)(*inputs, *[L] * (form == "chunked"))
 
 
 def test_delta_rule_gradient_step_reading():
@@ -1537,8 +1536,7 @@ def conv_qkv_reference(model, x, sizes, H, conv0=None):
     explicit window sum over the K - 1 inputs before, conv0 [B, K - 1, C] or zeros), SiLU, split into q, k, v of
     sizes and H heads; q and k l2-normalised (fla's eps 1e-6), q scaled by Dk^-1/2 (fla's kernels compute y_t = S_t
     (q_t Dk^-1/2)). Returns q, k, v [B, T, H, *] and the conv's last K - 1 inputs."""
-    W = model.conv.weight[:, 0]  # [C, K]
-    K = W.shape[1]
+    W, K = model.conv.weight[:, 0], model.conv.weight.shape[-1]  # W [C, K]
     p = torch.cat([x.new_zeros(x.shape[0], K - 1, W.shape[0]) if conv0 is None else conv0, x @ model.qkv.weight.T], 1)
     c = torch.stack([sum(p[:, t + i] * W[:, i] for i in range(K)) for t in range(x.shape[1])], 1)
     q, k, v = (z.unflatten(-1, (H, -1)) for z in F.silu(c).split(sizes, -1))
@@ -1550,8 +1548,7 @@ def deltanet_reference(model, x, state=None):
     """DeltaNet's and Gated DeltaNet's layers rebuilt from their parameters as fla defines them: conv_qkv_reference,
     (gated) alpha = exp(-softplus(w_a x + dt_bias) exp(A_log)), the rule as written, RMSNorm, the output gate
     (gated: FusedRMSNormGated)."""
-    B, T, d = x.shape
-    H, gated = model.n_head, hasattr(model, "A_log")
+    (B, T, d), H, gated = x.shape, model.n_head, hasattr(model, "A_log")
     key, value = (model.key, model.value) if gated else (d, d)
     S0, conv0 = state if state is not None else (x.new_zeros(B, H, value // H, key // H), None)
     q, k, v, conv = conv_qkv_reference(model, x, [key, key, value], H, conv0)
@@ -1569,8 +1566,7 @@ gated_deltanet_reference = deltanet_reference
 def kda_reference(model, x):
     """The layer rebuilt from its parameters as fla's KimiDeltaAttention defines it (safe_gate, lower_bound -5):
     conv_qkv_reference, fla's lower-bound gate, the paper's recurrence, FusedRMSNormGated with a sigmoid."""
-    B, T, d = x.shape
-    H, D = model.n_head, model.head_dim
+    (B, T, d), H, D = x.shape, model.n_head, model.head_dim
     q, k, v, conv = conv_qkv_reference(model, x, d, H)
     f = (x @ model.f_proj[0].weight.T @ model.f_proj[1].weight.T).unflatten(-1, (H, D))
     alpha = torch.exp(-5 * torch.sigmoid(model.A_log.exp()[:, None] * (f + model.dt_bias.view(H, D))))
