@@ -2569,14 +2569,14 @@ def test_train_cached_corpus_is_hash_checked_when_used(tmp_path, monkeypatch):
 
 
 TRAIN_BAD = [  # (flags, what the one-line error must name); TMP: a folder holding empty.txt and short.txt
+    *[(flags, flags.split()[0]) for flags in (  # the flag
+        "--n-layer 0", "--d-model 0", "--eval-iters 0", "--eval-interval 0", "--max-iters -1", "--log-interval 0",
+        "--patience -1", "--lr -0.001", "--lr nan", "--dropout -0.1", "--dropout 1", "--max-time 0", "--stop-acc nan",
+        "--temperature -1", "--prompt Z")],
+    *[(flags, flags) for flags in ["--device gpu", "--device cuda:99"] + ["--device cuda"] * (not CUDA)],
     ("--block-size 0", "--block-size must be >= 1"), ("--batch-size 0", "--batch-size must be >= 1"),
-    ("--batch-size -1", "--batch-size must be >= 1"), ("--n-layer 0", "--n-layer"), ("--d-model 0", "--d-model"),
-    ("--eval-iters 0", "--eval-iters"), ("--eval-interval 0", "--eval-interval"), ("--max-iters -1", "--max-iters"),
-    ("--log-interval 0", "--log-interval"), ("--patience -1", "--patience"), ("--lr 0", "--lr must be > 0"),
-    ("--lr -0.001", "--lr"), ("--lr nan", "--lr"), ("--dropout -0.1", "--dropout"), ("--dropout 1", "--dropout"),
-    ("--max-time 0", "--max-time"), ("--stop-acc 1.5", "--stop-acc must be in [0, 1]"),
-    ("--stop-acc nan", "--stop-acc"), ("--temperature -1", "--temperature"), ("--prompt Z", "--prompt"),
-    ("--device gpu", "--device gpu"), ("--device cuda:99", "--device cuda:99"), ("--resume", "no checkpoint"),
+    ("--batch-size -1", "--batch-size must be >= 1"), ("--lr 0", "--lr must be > 0"),
+    ("--stop-acc 1.5", "--stop-acc must be in [0, 1]"), ("--resume", "no checkpoint"),
     ("--model linear_attention --mixer-args chunk_size=0", "chunk_size"),
     ("--model attention --mixer-args n_head=0", "n_head"),
     ("--model attention --mixer-args rope_base=0.0", "loss is nan"), ("--data TMP/absent.txt", "cannot read"),
@@ -2584,8 +2584,6 @@ TRAIN_BAD = [  # (flags, what the one-line error must name); TMP: a folder holdi
     ("--model mamba2 --mixer-args d_state=-4", "sizes must be >= 1, got d_state"),  # Mamba2's own ValueError
     ("--task mqar --num-pairs 5 --mqar-vocab 16", "4 * num_pairs <= --block-size"),  # 4 * 5 > 16
 ]
-if not CUDA:
-    TRAIN_BAD.append(("--device cuda", "--device cuda"))
 
 
 @pytest.mark.parametrize("flags,message", TRAIN_BAD, ids=[f for f, _ in TRAIN_BAD])
