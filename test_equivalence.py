@@ -2260,13 +2260,18 @@ def train_data(tmp_path):
     return str(path)
 
 
-def train_argv(data, out, *extra):
-    return TRAIN_TINY + ["--data", data, "--out-dir", str(out), *extra]
+def train_argv(data, out, *extra, default=None):
+    """TRAIN_TINY, less the flag default and its value (train.py's default then), on data into out, then extra."""
+    tiny = TRAIN_TINY
+    if default is not None:
+        i = TRAIN_TINY.index(default)
+        tiny = TRAIN_TINY[:i] + TRAIN_TINY[i + 2:]
+    return tiny + ["--data", data, "--out-dir", str(out), *extra]
 
 
-def train_run(data, out, *extra):
+def train_run(data, out, *extra, default=None):
     """train.py's tiny config on the text at data (which --task mqar or parity never reads) into out -> its ckpt.pt."""
-    train.main(train_argv(data, out, *extra))
+    train.main(train_argv(data, out, *extra, default=default))
     return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
 
 
@@ -2667,10 +2672,8 @@ def test_train_stops_on_time_patience_or_accuracy_and_samples_from_the_best(trai
     assert "sampled from best.pt (step 12)" in out and "best val 0.5000 at step 12," in out.strip().splitlines()[-1]
     lines = [ln for ln in out.splitlines() if "learning-rate schedule" in ln]
     assert len(lines) == 1 and "--max-iters 18 (was 14)" in lines[0] and "step 14 gets lr 0.000" in lines[0], lines
-    vals = iter([3.0, 2.0, 2.5, 2.4])
-    default = TRAIN_TINY[:TRAIN_TINY.index("--patience")] + ["--data", train_data, "--max-iters", "30"]
-    train.main(default + ["--out-dir", str(tmp_path / "b")])  # text: --patience 1 by default
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 4
+    vals = iter([3.0, 2.0, 2.5, 2.4])  # text: --patience 1 by default
+    assert train_run(train_data, tmp_path / "b", "--max-iters", "30", default="--patience")["step"] == 4
     accs = iter([0.1, 0.5, 0.98, 0.97, 0.99, 1.0, 1.0])  # evaluations at steps 0, 2, 4, ...
     monkeypatch.setattr(train, "evaluate", lambda *args: (1.0, next(accs)))
     ckpt = train_run(train_data, tmp_path / "c", "--max-iters", "30", "--stop-acc", "0.99")
@@ -2795,10 +2798,8 @@ def test_train_width_matching(train_data, tmp_path, capsys):
         d, n, target = train.match_width(train.load_mixer(name), 65, 2, 128, {})
         assert d % 16 == 0 and abs(n - target) <= 0.1 * target, (name, d, n, target)
     assert train.match_width(train.load_mixer("attention"), 65, 2, 128, {})[0] == 128
-    argv = train_argv(train_data, tmp_path / "a", *TRAIN_MQAR, "--model", "rnn", "--max-iters", "0")
-    train.main(argv[:argv.index("--d-model")] + argv[argv.index("--d-model") + 2:])
-    d = train.match_width(train.load_mixer("rnn"), 16, 1, 128, {})[0]
-    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["args"]["d_model"] == d  # resume keeps it
+    ckpt = train_run(train_data, tmp_path / "a", *TRAIN_MQAR, "--model", "rnn", "--max-iters", "0", default="--d-model")
+    assert ckpt["args"]["d_model"] == train.match_width(train.load_mixer("rnn"), 16, 1, 128, {})[0]  # resume keeps it
     assert "d_model=matched" in capsys.readouterr().out
     ckpt = train_run(train_data, tmp_path / "b", *TRAIN_MQAR, "--model", "rnn", "--max-iters", "0", "--d-model", "48")
     assert ckpt["args"]["d_model"] == 48
