@@ -2279,11 +2279,14 @@ def train_same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def train_error_of(argv, capsys):
-    """The message of the SystemExit that train.main(argv) must end in."""
+def train_error_of(argv, capsys, usage=False):
+    """The message train.main(argv) must exit with: train.py's own, one line (exit status 1), or with usage argparse's
+    (exit status 2, the message on stderr)."""
     with pytest.raises(SystemExit) as e:
         train.main(argv)
-    return str(e.value.code) + capsys.readouterr().err
+    msg = str(e.value.code) + capsys.readouterr().err
+    assert e.value.code == 2 if usage else isinstance(e.value.code, str) and "\n" not in msg.strip(), msg
+    return msg
 
 
 def train_log(out):
@@ -2612,31 +2615,30 @@ def test_train_help_names_each_default_and_a_bad_model_is_a_clear_error(train_da
     assert helps.pop("--model").endswith("(required)")
     assert all("(default: " in h for h in helps.values()), [f for f, h in helps.items() if "(default: " not in h]
     assert "GPU 64, CPU 16" in helps["--batch-size"] and "GPU on, CPU off" in helps["--compile"]
-    msg = train_error_of(["--model", "transformer_xl"], capsys)
+    msg = train_error_of(["--model", "transformer_xl"], capsys, usage=True)
     assert "invalid choice" in msg and "linear_attention" in msg and "mamba2" in msg
-    assert "--model" in train_error_of([], capsys)
+    assert "--model" in train_error_of([], capsys, usage=True)
     monkeypatch.setitem(train.MODELS, "ghost", "Ghost")
     assert "ghost.py is not in" in train_error_of(train_argv(train_data, tmp_path, "--model", "ghost"), capsys)
 
 
 def test_train_never_overwrites_an_earlier_run_and_names_a_corrupt_checkpoint(train_data, tmp_path, capsys):
     """A new run in the directory of an earlier one, or of one killed before its first checkpoint (log.jsonl alone),
-    stops with a one-line message and writes nothing; so does --resume from a corrupt checkpoint."""
+    stops with a one-line message (train_error_of) and writes nothing; so does --resume from a corrupt checkpoint."""
     out = tmp_path / "run"
     train_run(train_data, out, "--max-iters", "2")
     files = {f: (out / f).read_bytes() for f in os.listdir(out)}
     msg = train_error_of(train_argv(train_data, out), capsys)
-    assert "--resume" in msg and "--out-dir" in msg and "\n" not in msg.strip()
+    assert "--resume" in msg and "--out-dir" in msg
     assert "--batch-size" in train_error_of(train_argv(train_data, out, "--resume", "--batch-size", "0"), capsys)
     assert {f: (out / f).read_bytes() for f in files} == files  # and the log is not truncated
     for broken in (files["ckpt.pt"][:len(files["ckpt.pt"]) // 2], b"not a checkpoint"):
         (out / "ckpt.pt").write_bytes(broken)
-        msg = train_error_of(train_argv(train_data, out, "--resume"), capsys)
-        assert "ckpt.pt is corrupt" in msg and "\n" not in msg.strip()
+        assert "ckpt.pt is corrupt" in train_error_of(train_argv(train_data, out, "--resume"), capsys)
     write_log(out := tmp_path / "killed", [dict(type="start", step=0, model="linear_attention")])
     log = (out / "log.jsonl").read_bytes()  # killed before its first checkpoint: log.jsonl alone, kept byte for byte
     msg = train_error_of(train_argv(train_data, out, "--max-iters", "2"), capsys)
-    assert "holds an earlier run (log.jsonl)" in msg and "--resume" in msg and "\n" not in msg.strip()
+    assert "holds an earlier run (log.jsonl)" in msg and "--resume" in msg
     assert os.listdir(out) == ["log.jsonl"] and (out / "log.jsonl").read_bytes() == log
 
 
