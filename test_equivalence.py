@@ -2260,13 +2260,18 @@ def train_data(tmp_path):
     return str(path)
 
 
-def train_argv(data, out, *extra):
-    return TRAIN_TINY + ["--data", data, "--out-dir", str(out), *extra]
+def train_argv(data, out, *extra, default=None):
+    """TRAIN_TINY, less the flag default and its value (train.py's default then), on data into out, then extra."""
+    tiny = TRAIN_TINY
+    if default is not None:
+        i = TRAIN_TINY.index(default)
+        tiny = TRAIN_TINY[:i] + TRAIN_TINY[i + 2:]
+    return tiny + ["--data", data, "--out-dir", str(out), *extra]
 
 
-def train_run(data, out, *extra):
+def train_run(data, out, *extra, default=None):
     """train.py's tiny config on the text at data (which --task mqar or parity never reads) into out -> its ckpt.pt."""
-    train.main(train_argv(data, out, *extra))
+    train.main(train_argv(data, out, *extra, default=default))
     return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
 
 
@@ -2274,11 +2279,14 @@ def train_same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def train_error_of(argv, capsys):
-    """The message of the SystemExit that train.main(argv) must end in."""
+def train_error_of(argv, capsys, usage=False):
+    """The message train.main(argv) must exit with: train.py's own, one line (exit status 1), or with usage argparse's
+    (exit status 2, the message on stderr)."""
     with pytest.raises(SystemExit) as e:
         train.main(argv)
-    return str(e.value.code) + capsys.readouterr().err
+    msg = str(e.value.code) + capsys.readouterr().err
+    assert e.value.code == 2 if usage else isinstance(e.value.code, str) and "\n" not in msg.strip(), msg
+    return msg
 
 
 def train_log(out):
@@ -2569,14 +2577,14 @@ def test_train_cached_corpus_is_hash_checked_when_used(tmp_path, monkeypatch):
 
 
 TRAIN_BAD = [  # (flags, what the one-line error must name); TMP: a folder holding empty.txt and short.txt
+    *[(flags, flags.split()[0]) for flags in (  # the flag
+        "--n-layer 0", "--d-model 0", "--eval-iters 0", "--eval-interval 0", "--max-iters -1", "--log-interval 0",
+        "--patience -1", "--lr -0.001", "--lr nan", "--dropout -0.1", "--dropout 1", "--max-time 0", "--stop-acc nan",
+        "--temperature -1", "--prompt Z")],
+    *[(flags, flags) for flags in ["--device gpu", "--device cuda:99"] + ["--device cuda"] * (not CUDA)],
     ("--block-size 0", "--block-size must be >= 1"), ("--batch-size 0", "--batch-size must be >= 1"),
-    ("--batch-size -1", "--batch-size must be >= 1"), ("--n-layer 0", "--n-layer"), ("--d-model 0", "--d-model"),
-    ("--eval-iters 0", "--eval-iters"), ("--eval-interval 0", "--eval-interval"), ("--max-iters -1", "--max-iters"),
-    ("--log-interval 0", "--log-interval"), ("--patience -1", "--patience"), ("--lr 0", "--lr must be > 0"),
-    ("--lr -0.001", "--lr"), ("--lr nan", "--lr"), ("--dropout -0.1", "--dropout"), ("--dropout 1", "--dropout"),
-    ("--max-time 0", "--max-time"), ("--stop-acc 1.5", "--stop-acc must be in [0, 1]"),
-    ("--stop-acc nan", "--stop-acc"), ("--temperature -1", "--temperature"), ("--prompt Z", "--prompt"),
-    ("--device gpu", "--device gpu"), ("--device cuda:99", "--device cuda:99"), ("--resume", "no checkpoint"),
+    ("--batch-size -1", "--batch-size must be >= 1"), ("--lr 0", "--lr must be > 0"),
+    ("--stop-acc 1.5", "--stop-acc must be in [0, 1]"), ("--resume", "no checkpoint"),
     ("--model linear_attention --mixer-args chunk_size=0", "chunk_size"),
     ("--model attention --mixer-args n_head=0", "n_head"),
     ("--model attention --mixer-args rope_base=0.0", "loss is nan"), ("--data TMP/absent.txt", "cannot read"),
@@ -2584,8 +2592,6 @@ TRAIN_BAD = [  # (flags, what the one-line error must name); TMP: a folder holdi
     ("--model mamba2 --mixer-args d_state=-4", "sizes must be >= 1, got d_state"),  # Mamba2's own ValueError
     ("--task mqar --num-pairs 5 --mqar-vocab 16", "4 * num_pairs <= --block-size"),  # 4 * 5 > 16
 ]
-if not CUDA:
-    TRAIN_BAD.append(("--device cuda", "--device cuda"))
 
 
 @pytest.mark.parametrize("flags,message", TRAIN_BAD, ids=[f for f, _ in TRAIN_BAD])
@@ -2609,31 +2615,30 @@ def test_train_help_names_each_default_and_a_bad_model_is_a_clear_error(train_da
     assert helps.pop("--model").endswith("(required)")
     assert all("(default: " in h for h in helps.values()), [f for f, h in helps.items() if "(default: " not in h]
     assert "GPU 64, CPU 16" in helps["--batch-size"] and "GPU on, CPU off" in helps["--compile"]
-    msg = train_error_of(["--model", "transformer_xl"], capsys)
+    msg = train_error_of(["--model", "transformer_xl"], capsys, usage=True)
     assert "invalid choice" in msg and "linear_attention" in msg and "mamba2" in msg
-    assert "--model" in train_error_of([], capsys)
+    assert "--model" in train_error_of([], capsys, usage=True)
     monkeypatch.setitem(train.MODELS, "ghost", "Ghost")
     assert "ghost.py is not in" in train_error_of(train_argv(train_data, tmp_path, "--model", "ghost"), capsys)
 
 
 def test_train_never_overwrites_an_earlier_run_and_names_a_corrupt_checkpoint(train_data, tmp_path, capsys):
     """A new run in the directory of an earlier one, or of one killed before its first checkpoint (log.jsonl alone),
-    stops with a one-line message and writes nothing; so does --resume from a corrupt checkpoint."""
+    stops with a one-line message (train_error_of) and writes nothing; so does --resume from a corrupt checkpoint."""
     out = tmp_path / "run"
     train_run(train_data, out, "--max-iters", "2")
     files = {f: (out / f).read_bytes() for f in os.listdir(out)}
     msg = train_error_of(train_argv(train_data, out), capsys)
-    assert "--resume" in msg and "--out-dir" in msg and "\n" not in msg.strip()
+    assert "--resume" in msg and "--out-dir" in msg
     assert "--batch-size" in train_error_of(train_argv(train_data, out, "--resume", "--batch-size", "0"), capsys)
     assert {f: (out / f).read_bytes() for f in files} == files  # and the log is not truncated
     for broken in (files["ckpt.pt"][:len(files["ckpt.pt"]) // 2], b"not a checkpoint"):
         (out / "ckpt.pt").write_bytes(broken)
-        msg = train_error_of(train_argv(train_data, out, "--resume"), capsys)
-        assert "ckpt.pt is corrupt" in msg and "\n" not in msg.strip()
+        assert "ckpt.pt is corrupt" in train_error_of(train_argv(train_data, out, "--resume"), capsys)
     write_log(out := tmp_path / "killed", [dict(type="start", step=0, model="linear_attention")])
     log = (out / "log.jsonl").read_bytes()  # killed before its first checkpoint: log.jsonl alone, kept byte for byte
     msg = train_error_of(train_argv(train_data, out, "--max-iters", "2"), capsys)
-    assert "holds an earlier run (log.jsonl)" in msg and "--resume" in msg and "\n" not in msg.strip()
+    assert "holds an earlier run (log.jsonl)" in msg and "--resume" in msg
     assert os.listdir(out) == ["log.jsonl"] and (out / "log.jsonl").read_bytes() == log
 
 
@@ -2669,10 +2674,8 @@ def test_train_stops_on_time_patience_or_accuracy_and_samples_from_the_best(trai
     assert "sampled from best.pt (step 12)" in out and "best val 0.5000 at step 12," in out.strip().splitlines()[-1]
     lines = [ln for ln in out.splitlines() if "learning-rate schedule" in ln]
     assert len(lines) == 1 and "--max-iters 18 (was 14)" in lines[0] and "step 14 gets lr 0.000" in lines[0], lines
-    vals = iter([3.0, 2.0, 2.5, 2.4])
-    default = TRAIN_TINY[:TRAIN_TINY.index("--patience")] + ["--data", train_data, "--max-iters", "30"]
-    train.main(default + ["--out-dir", str(tmp_path / "b")])  # text: --patience 1 by default
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 4
+    vals = iter([3.0, 2.0, 2.5, 2.4])  # text: --patience 1 by default
+    assert train_run(train_data, tmp_path / "b", "--max-iters", "30", default="--patience")["step"] == 4
     accs = iter([0.1, 0.5, 0.98, 0.97, 0.99, 1.0, 1.0])  # evaluations at steps 0, 2, 4, ...
     monkeypatch.setattr(train, "evaluate", lambda *args: (1.0, next(accs)))
     ckpt = train_run(train_data, tmp_path / "c", "--max-iters", "30", "--stop-acc", "0.99")
@@ -2797,10 +2800,8 @@ def test_train_width_matching(train_data, tmp_path, capsys):
         d, n, target = train.match_width(train.load_mixer(name), 65, 2, 128, {})
         assert d % 16 == 0 and abs(n - target) <= 0.1 * target, (name, d, n, target)
     assert train.match_width(train.load_mixer("attention"), 65, 2, 128, {})[0] == 128
-    argv = train_argv(train_data, tmp_path / "a", *TRAIN_MQAR, "--model", "rnn", "--max-iters", "0")
-    train.main(argv[:argv.index("--d-model")] + argv[argv.index("--d-model") + 2:])
-    d = train.match_width(train.load_mixer("rnn"), 16, 1, 128, {})[0]
-    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["args"]["d_model"] == d  # resume keeps it
+    ckpt = train_run(train_data, tmp_path / "a", *TRAIN_MQAR, "--model", "rnn", "--max-iters", "0", default="--d-model")
+    assert ckpt["args"]["d_model"] == train.match_width(train.load_mixer("rnn"), 16, 1, 128, {})[0]  # resume keeps it
     assert "d_model=matched" in capsys.readouterr().out
     ckpt = train_run(train_data, tmp_path / "b", *TRAIN_MQAR, "--model", "rnn", "--max-iters", "0", "--d-model", "48")
     assert ckpt["args"]["d_model"] == 48
