@@ -55,12 +55,17 @@ from scan import block_scan, scan
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 
 
+def gates(u, r, h):
+    """The gates i, f, o, g [..., D] from u = W x + b [..., 4, D] and the previous h [..., D]."""
+    z = u + r * h[..., None, :]
+    i, f, o = torch.sigmoid(z[..., :3, :]).unbind(-2)
+    return i, f, o, torch.tanh(z[..., 3, :])
+
+
 def cell(u, r, c, h, jacobian=False):
     """One LSTM step, any leading dims: u = W x + b [..., 4, D], r [4, D], c, h [..., D] the
     previous state -> new c, h (and the 2x2 Jacobians [..., 2, 2, D] w.r.t. (c, h))."""
-    z = u + r * h[..., None, :]
-    i, f, o = torch.sigmoid(z[..., :3, :]).unbind(-2)
-    g = torch.tanh(z[..., 3, :])
+    i, f, o, g = gates(u, r, h)
     c_new = f * c + i * g
     tc = torch.tanh(c_new)
     h_new = o * tc
@@ -136,9 +141,7 @@ def _lstm_parallel_backward(ctx, gs, _):
     if newton.runs(u):
         return *newton.lstm_backward(u, r, s, s0, gs), None, None
     c, h = shift(s, s0).unbind(2)
-    z = u + r * h[..., None, :]
-    i, f, o = torch.sigmoid(z[..., :3, :]).unbind(-2)
-    g = torch.tanh(z[..., 3, :])
+    i, f, o, g = gates(u, r, h)
     A, dz, k = derivatives(r, c, i, f, o, g, torch.tanh(f * c + i * g))
     A_next = torch.cat([A[:, 1:], torch.zeros_like(A[:, :1])], 1).transpose(2, 3)
     lam = block_scan(A_next, gs.to(s.dtype), reverse=True)

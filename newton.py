@@ -86,7 +86,6 @@ def lstm(u, r, s0, tol, full):
     return s, iters.float().mean()
 
 
-
 @torch.library.custom_op("zoo::lstm_backward", mutates_args=())
 def lstm_backward(u: torch.Tensor, r: torch.Tensor, s: torch.Tensor, s0: torch.Tensor,
                   ds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
