@@ -214,10 +214,12 @@ def _plan(B, T, C, itemsize, block, device):
     168 to 377 us for 8 to 64 channels and 16 to 512 steps); chunks only where the channel blocks leave
     multiprocessors idle (with 512 blocks, 2 chunks took twice as long as 1)."""
     if INTERPRET:  # the interpreter pays per tile element
-        block_t, block_c, warps = 16, min(8, _next_power_of_2(C)), 1
+        block_t, block_c, warps = 16, 8, 1
     else:
         block_t, block_c, warps = (64 if block else 128), 16, 4
-    return block_t, block_c, warps, n_chunks(-(-T // block_t), B * -(-C // block_c), device)
+    rows = min(block_t, _next_power_of_2(T))  # a short sequence (e.g. a scan over chunks): wider tiles, no empty rows
+    block_c = min(block_c * block_t // rows, _next_power_of_2(C))
+    return rows, block_c, warps, n_chunks(-(-T // rows), B * -(-C // block_c), device)
 
 
 def _next_power_of_2(n):
@@ -242,7 +244,7 @@ def _channel_strides(a, shape):
     return view, (view.stride(0), view.stride(1), c_in, s_outer, s_inner)
 
 
-def _triton_scan(a, b, h0, reverse, block, h_for_da=None, h0_for_da=None, plan=None):
+def _triton_scan(a, b, h0, reverse, block, h_for_da=None, h0_for_da=None):
     """The forward, or with h_for_da the adjoint: a read one step later in scan order (transposed for blocks), and
     da_t = g_t h_{t-1}^T from h_for_da (h0_for_da at the edge), summed to a's shape, returned beside g."""
     B, T = b.shape[:2]
@@ -256,11 +258,13 @@ def _triton_scan(a, b, h0, reverse, block, h_for_da=None, h0_for_da=None, plan=N
     else:
         a = a.contiguous() if adjoint else a  # da is built with a's (contiguous) strides
         a_view, strides = _channel_strides(a, b.shape)
-    block_t, block_c, warps, chunks = plan or _plan(B, T, C, b.element_size(), block, b.device)
+    block_t, block_c, warps, chunks = _plan(B, T, C, b.element_size(), block, b.device)
+    broadcast = adjoint and not block and a.numel() < b.numel() // S
+    while broadcast and strides[4] == 0 and strides[2] % block_c and block_c > 16:
+        block_c //= 2  # da summed inside a tile over channels that share one element of a: no block straddles two
     n_cblocks, n_tiles = -(-C // block_c), -(-T // block_t)
     per_chunk = -(-n_tiles // min(chunks, n_tiles))
     chunks = -(-n_tiles // per_chunk)
-    broadcast = adjoint and not block and a.numel() < b.numel() // S
     da = None
     if adjoint:  # summed over a's broadcast dims by atomics in float32, else written as it comes
         da = torch.zeros(a.shape, device=b.device, dtype=torch.float32) if broadcast else torch.empty_like(a)
