@@ -180,10 +180,10 @@ def use_triton(x):
 # channels; a tile is scanned in registers and needs the state its predecessor ended in. A program owns one channel
 # block of one batch row and walks the tiles of one chunk of T/n_chunks steps in order, the carry in registers.
 # With enough channel blocks to fill the GPU, n_chunks = 1: one launch, every element read and written once.
-# Otherwise (few channels, a long sequence) the chunks run side by side in three steps: each program reduces its
-# chunk to one map h -> P h + X (REDUCE), the chunk maps are scanned by the same function (a short sequence of
-# [B, n_chunks, C]), then each program rescans its chunk from its entering state. That reads a and b twice where
-# there is bandwidth to spare, and needs no communication between programs. Measured against the decoupled look-back
+# Otherwise (few channels, a long sequence) the chunks run side by side in two launches: each program reduces its
+# chunk to one map h -> P h + X (REDUCE), then each program composes the maps of the chunks before it (a scan over at
+# most a few hundred rows) and rescans its chunk from the state that gives (FOLD). That reads a and b twice where
+# there is bandwidth to spare, and needs no communication between running programs. Measured against the decoupled look-back
 # it replaced (Merrill & Garland 2016: a program per tile, chained through published flags), kernels replayed from
 # CUDA graphs: at [8, 4096, 1024] float32 on an H200 the look-back took 156 us forward and 230 us backward, these
 # tiles 138 and 329 us; at [1, 65536, 64] these chunks take 88 and 123 us on an H100, the look-back's forward 62 us
@@ -270,25 +270,21 @@ def _triton_scan(a, b, h0, reverse, block, h_for_da=None, h0_for_da=None):
         da = torch.zeros(a.shape, device=b.device, dtype=torch.float32) if broadcast else torch.empty_like(a)
     meta = dict(REVERSE=reverse, ADJOINT=adjoint, BLOCK2=block, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps,
                 DA_SUM_T=broadcast and strides[1] == 0 and T > 1,
-                DA_SUM_C=broadcast and strides[4] == 0 and strides[2] % block_c == 0, DA_ATOMIC=broadcast)
+                DA_SUM_C=broadcast and strides[4] == 0 and strides[2] % block_c == 0, DA_ATOMIC=broadcast,
+                CHUNKS=_next_power_of_2(chunks))
     args = (T, C, n_cblocks, n_tiles, per_chunk, *strides)
     grid = (B * n_cblocks, chunks)
-    if chunks > 1:  # each chunk's map h -> P h + X, scanned over the chunks, gives the state entering each chunk
-        P = torch.empty(B, chunks, *((2, 2) if block else ()), C, device=b.device, dtype=torch.float32)
-        X = torch.empty(B, chunks, S, C, device=b.device, dtype=torch.float32)
-        _scan_kernel[grid](a_view, b, X, b, b, b, b, P, *args, HAS_H0=False, HAS_H_EDGE=False, REDUCE=True, **meta)
-        X = X if block else X[:, :, 0]
-        h0 = None if adjoint or h0 is None else h0.reshape(B, S, C) if block else h0.reshape(B, C)
-        ends = _forward(P, X, h0, False, block)
-        first = torch.zeros_like(ends[:, :1]) if h0 is None else h0[:, None].to(ends.dtype)
-        h0 = torch.cat([first, ends[:, :-1]], 1)
-    elif adjoint:
-        h0 = None  # the adjoint starts from zero; the forward's h0 only enters da
+    maps = b  # chunks > 1: each chunk's map h -> P h + X, [B, n_chunks, (2, 2,) C] and [B, n_chunks, S, C]
+    if chunks > 1:
+        maps = torch.empty(B, chunks, (4 if block else 1) + S, C, device=b.device, dtype=torch.float32)
+        _scan_kernel[grid](a_view, b, b, b, b, b, b, maps, *args, HAS_H0=False, HAS_H_EDGE=False, REDUCE=True,
+                           FOLD=False, **meta)
+    h0 = None if adjoint else h0  # the adjoint starts from zero; the forward's h0 only enters da
     h = torch.empty_like(b)
     edge = h0_for_da.contiguous() if h0_for_da is not None else b
     _scan_kernel[grid](a_view, b, h, b if h_for_da is None else h_for_da.contiguous(),
-                       b if h0 is None else h0.contiguous(), edge, da if adjoint else h, h, *args,
-                       HAS_H0=h0 is not None, HAS_H_EDGE=h0_for_da is not None, REDUCE=False, **meta)
+                       b if h0 is None else h0.contiguous(), edge, da if adjoint else h, maps, *args,
+                       HAS_H0=h0 is not None, HAS_H_EDGE=h0_for_da is not None, REDUCE=False, FOLD=chunks > 1, **meta)
     return (h, da.to(a.dtype)) if adjoint else h
 
 
@@ -321,11 +317,11 @@ if triton is not None:
         return ap, x
 
     @triton.jit
-    def _scan_kernel(A, X, H, HS, H0, H_EDGE, DA, P_OUT, T, C, n_cblocks, n_tiles, per_chunk, sa_b, sa_t, c_in,
+    def _scan_kernel(A, X, H, HS, H0, H_EDGE, DA, MAPS, T, C, n_cblocks, n_tiles, per_chunk, sa_b, sa_t, c_in,
                      sa_o, sa_i, REVERSE: tl.constexpr, ADJOINT: tl.constexpr, REDUCE: tl.constexpr,
-                     HAS_H0: tl.constexpr, HAS_H_EDGE: tl.constexpr, DA_ATOMIC: tl.constexpr,
+                     FOLD: tl.constexpr, HAS_H0: tl.constexpr, HAS_H_EDGE: tl.constexpr, DA_ATOMIC: tl.constexpr,
                      DA_SUM_T: tl.constexpr, DA_SUM_C: tl.constexpr, BLOCK2: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     BLOCK_C: tl.constexpr, CHUNKS: tl.constexpr):
         S: tl.constexpr = 2 if BLOCK2 else 1  # state components per channel, C apart in memory
         step: tl.constexpr = -1 if REVERSE else 1
         edge: tl.constexpr = 0 if REVERSE else BLOCK_T - 1
@@ -335,13 +331,30 @@ if triton is not None:
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < C
         a_cols = (cols // c_in) * sa_o + (cols % c_in) * sa_i
-        carry = (pid_b * chunks + chunk) * S * C + cols  # [B, n_chunks, S, C]
+        M: tl.constexpr = 6 if BLOCK2 else 2  # a chunk's map h -> P h + X: P's 4 (or 1) numbers, then X's 2 (or 1)
         cx = tl.zeros([BLOCK_C], dtype=tl.float32)  # the state entering the tile (REDUCE: the chunk's from 0)
         cy = tl.zeros([BLOCK_C], dtype=tl.float32)
         if HAS_H0:
-            cx = tl.load(H0 + carry, mask=col_ok, other=0.0).to(tl.float32)
+            cx = tl.load(H0 + pid_b * S * C + cols, mask=col_ok, other=0.0).to(tl.float32)
             if BLOCK2:
-                cy = tl.load(H0 + carry + C, mask=col_ok, other=0.0).to(tl.float32)
+                cy = tl.load(H0 + pid_b * S * C + C + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if FOLD:  # the maps of the chunks before this one, composed in scan order (the rest masked to identities)
+            j = tl.arange(0, CHUNKS)
+            ok = (j < chunk)[:, None] & col_ok[None, :]
+            at = MAPS + (pid_b * chunks + j[:, None]) * M * C + cols[None, :]
+            last = CHUNKS - 1
+            if BLOCK2:
+                p, q, r, s, x, y = tl.associative_scan(
+                    (tl.load(at, mask=ok, other=1.0), tl.load(at + C, mask=ok, other=0.0),
+                     tl.load(at + 2 * C, mask=ok, other=0.0), tl.load(at + 3 * C, mask=ok, other=1.0),
+                     tl.load(at + 4 * C, mask=ok, other=0.0), tl.load(at + 5 * C, mask=ok, other=0.0)), 0, _combine2)
+                p, q, r, s = row(p, j, last), row(q, j, last), row(r, j, last), row(s, j, last)
+                x, y = row(x, j, last), row(y, j, last)
+                cx, cy = p * cx + q * cy + x, r * cx + s * cy + y
+            else:
+                p, x = tl.associative_scan((tl.load(at, mask=ok, other=1.0), tl.load(at + C, mask=ok, other=0.0)), 0,
+                                           combine)
+                cx = row(p, j, last) * cx + row(x, j, last)
         tp = tl.full([BLOCK_C], 1.0, tl.float32)  # REDUCE: the chunk's transition so far, [[tp, tq], [tr, ts]]
         tq = tl.zeros([BLOCK_C], dtype=tl.float32)
         tr = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -410,15 +423,16 @@ if triton is not None:
                 else:
                     tl.store(DA + pid_b * sa_b + t[:, None] * sa_t + a_cols[None, :], (hx * hp).to(DA.dtype.element_ty),
                              mask=mask)
-        if REDUCE:  # the chunk's map: P [B, n_chunks, (2, 2,) C] and X [B, n_chunks, S, C]
-            tl.store(H + carry, cx, mask=col_ok)
+        if REDUCE:  # the chunk's map, read by the chunks after it
+            out = MAPS + (pid_b * chunks + chunk) * M * C + cols
             if BLOCK2:
-                tl.store(H + carry + C, cy, mask=col_ok)
-                out = (pid_b * chunks + chunk) * 4 * C + cols
-                tl.store(P_OUT + out, tp, mask=col_ok)
-                tl.store(P_OUT + out + C, tq, mask=col_ok)
-                tl.store(P_OUT + out + 2 * C, tr, mask=col_ok)
-                tl.store(P_OUT + out + 3 * C, ts, mask=col_ok)
+                tl.store(out, tp, mask=col_ok)
+                tl.store(out + C, tq, mask=col_ok)
+                tl.store(out + 2 * C, tr, mask=col_ok)
+                tl.store(out + 3 * C, ts, mask=col_ok)
+                tl.store(out + 4 * C, cx, mask=col_ok)
+                tl.store(out + 5 * C, cy, mask=col_ok)
             else:
-                tl.store(P_OUT + (pid_b * chunks + chunk) * C + cols, tp, mask=col_ok)
+                tl.store(out, tp, mask=col_ok)
+                tl.store(out + C, cx, mask=col_ok)
 
