@@ -183,9 +183,9 @@ def use_triton(x):
 # Otherwise (few channels, a long sequence) the chunks run side by side in two launches: each program reduces its
 # chunk to one map h -> P h + X (REDUCE), then each program composes the maps of the chunks before it (a scan over at
 # most a few hundred rows) and rescans its chunk from the state that gives (FOLD). That reads a and b twice where
-# there is bandwidth to spare, and needs no communication between running programs. Measured against the decoupled look-back
-# it replaced (Merrill & Garland 2016: a program per tile, chained through published flags), kernels replayed from
-# CUDA graphs: at [8, 4096, 1024] float32 on an H200 the look-back took 156 us forward and 230 us backward, these
+# there is bandwidth to spare, and needs no communication between running programs. Measured against the decoupled
+# look-back it replaced (Merrill & Garland 2016: a program per tile, chained through published flags), kernels
+# replayed from CUDA graphs: at [8, 4096, 1024] float32 on an H200 the look-back took 156 us forward and 230 us backward, these
 # tiles 138 and 329 us; at [1, 65536, 64] these chunks take 88 and 123 us on an H100, the look-back's forward 62 us
 # on the H200. Loading the next tile while scanning this one gained there (64 us) and lost at [8, 4096, 1024]
 # (201 against 172 us forward, 366 against 295 backward, H100): it is not done.
@@ -342,19 +342,18 @@ if triton is not None:
             j = tl.arange(0, CHUNKS)
             ok = (j < chunk)[:, None] & col_ok[None, :]
             at = MAPS + (pid_b * chunks + j[:, None]) * M * C + cols[None, :]
-            last = CHUNKS - 1
             if BLOCK2:
-                p, q, r, s, x, y = tl.associative_scan(
+                mp, mq, mr, ms, mx, my = tl.associative_scan(
                     (tl.load(at, mask=ok, other=1.0), tl.load(at + C, mask=ok, other=0.0),
                      tl.load(at + 2 * C, mask=ok, other=0.0), tl.load(at + 3 * C, mask=ok, other=1.0),
                      tl.load(at + 4 * C, mask=ok, other=0.0), tl.load(at + 5 * C, mask=ok, other=0.0)), 0, _combine2)
-                p, q, r, s = row(p, j, last), row(q, j, last), row(r, j, last), row(s, j, last)
-                x, y = row(x, j, last), row(y, j, last)
-                cx, cy = p * cx + q * cy + x, r * cx + s * cy + y
+                fx = row(mp, j, CHUNKS - 1) * cx + row(mq, j, CHUNKS - 1) * cy + row(mx, j, CHUNKS - 1)
+                cy = row(mr, j, CHUNKS - 1) * cx + row(ms, j, CHUNKS - 1) * cy + row(my, j, CHUNKS - 1)
+                cx = fx
             else:
-                p, x = tl.associative_scan((tl.load(at, mask=ok, other=1.0), tl.load(at + C, mask=ok, other=0.0)), 0,
-                                           combine)
-                cx = row(p, j, last) * cx + row(x, j, last)
+                mp, mx = tl.associative_scan((tl.load(at, mask=ok, other=1.0), tl.load(at + C, mask=ok, other=0.0)), 0,
+                                             combine)
+                cx = row(mp, j, CHUNKS - 1) * cx + row(mx, j, CHUNKS - 1)
         tp = tl.full([BLOCK_C], 1.0, tl.float32)  # REDUCE: the chunk's transition so far, [[tp, tq], [tr, ts]]
         tq = tl.zeros([BLOCK_C], dtype=tl.float32)
         tr = tl.zeros([BLOCK_C], dtype=tl.float32)
