@@ -434,4 +434,3 @@ if triton is not None:
             else:
                 tl.store(out, tp, mask=col_ok)
                 tl.store(out + C, cx, mask=col_ok)
-
