@@ -196,14 +196,18 @@ def _plan(Dk, Dv, dtype):
     backward 0.82 against 1.07 ms at Dk = Dv = 64, 1.56 against 1.93 ms at Dk = 128, Dv = 64). Chunks of 64 and
     Triton's 3 pipeline stages (for the walks' loops) for 16-bit inputs; float32's exact dots run without tensor cores
     and hold far more per thread: chunks of 32, one stage (compiled for sm_90 with Triton 3.9, the gradient kernel at
-    Dk = 128 asks 120 KB of shared memory, 192 KB in chunks of 64, near H100's 227 KB). 8 warps where Dv takes three
-    value tiles or more (compiled training steps on an H100: RetNet's Dk, Dv = 84, 168 gained 9%, gated retention's
-    92, 184 16%; linear attention's 96, 97 and Mamba-2's 128, 64 lost 10 to 13%)."""
+    Dk = 128 asks 120 KB of shared memory, 192 KB in chunks of 64, near H100's 227 KB). In 16 bits, where Dv > 128,
+    value tiles of 32 columns on 8 warps (bench.py's compiled training step on an H100, attention at 2.03M tok/s: gated
+    retention's Dk, Dv = 92, 184 took 1.35M against 1.14M tok/s with 64 columns on 4 or 8 warps; RetNet's 84, 168
+    0.94M against 0.96M with 64 on 8 and 0.88M on 4; the same tiles lost 12% for linear attention's 96, 97 and 9% for
+    Mamba-2's 128, 64)."""
     BK = max(16, triton.next_power_of_2(Dk))
     BV = min(32 if BK <= 64 else 64, max(16, triton.next_power_of_2(Dv)))
     if INTERPRET:
         return 16, BK, 16, 1, 1
-    return (32, BK, BV, 4, 1) if dtype == torch.float32 else (CHUNK, BK, BV, 8 if Dv > 2 * BV else 4, 3)
+    if dtype == torch.float32:
+        return 32, BK, BV, 4, 1
+    return (CHUNK, BK, 32, 8, 3) if Dv > 128 else (CHUNK, BK, BV, 4, 3)
 
 
 def _launch(kernel, per_chunk, q, k, v, g, *tensors, **meta):
