@@ -185,10 +185,11 @@ def use_triton(x):
 # most a few hundred rows) and rescans its chunk from the state that gives (FOLD). That reads a and b twice where
 # there is bandwidth to spare, and needs no communication between running programs. Measured against the decoupled
 # look-back it replaced (Merrill & Garland 2016: a program per tile, chained through published flags), kernels
-# replayed from CUDA graphs: at [8, 4096, 1024] float32 on an H200 the look-back took 156 us forward and 230 us backward, these
-# tiles 138 and 329 us; at [1, 65536, 64] these chunks take 88 and 123 us on an H100, the look-back's forward 62 us
-# on the H200. Loading the next tile while scanning this one gained there (64 us) and lost at [8, 4096, 1024]
-# (201 against 172 us forward, 366 against 295 backward, H100): it is not done.
+# replayed from CUDA graphs: at [8, 4096, 1024] float32 on an H200 the look-back took 156 us forward and 230 us
+# backward, these tiles 138 and 329 us; at [1, 65536, 64] float32 the chunks' forward takes 74 us on an H100 (88 when
+# the maps were scanned between three launches), the look-back's 62 us on the H200. Loading the next tile while
+# scanning this one gained there (64 us) and lost at [8, 4096, 1024] (201 against 172 us forward, 366 against 295
+# backward, H100): it is not done.
 
 PROGRAMS_PER_SM = 1  # split the sequence into chunks until this many programs per multiprocessor are running
 TILES_PER_CHUNK = 4  # but no chunk shorter than this
@@ -305,18 +306,6 @@ if triton is not None:
         return tl.sum(tl.where(rows[:, None] == edge, x, 0.0), 0)
 
     @triton.jit
-    def _operands(A, X, k, pid_b, rows, cols, col_ok, a_cols, T, C, n_tiles, sa_b, sa_t, S: tl.constexpr,
-                  REVERSE: tl.constexpr, ADJOINT: tl.constexpr, BLOCK_T: tl.constexpr):
-        """Tile k in scan order of a and b (x): padding and the adjoint's missing a_T are the identity (a = 1, b = 0)."""
-        t = (n_tiles - 1 - k if REVERSE else k) * BLOCK_T + rows
-        mask = ((t >= 0) & (t < T))[:, None] & col_ok[None, :]
-        t_a = t + (1 if REVERSE else -1) if ADJOINT else t  # the adjoint reads a one step later in the forward's order
-        a_ok = mask & ((t_a >= 0) & (t_a < T))[:, None]
-        ap = tl.load(A + pid_b * sa_b + t_a[:, None] * sa_t + a_cols[None, :], mask=a_ok, other=1.0).to(tl.float32)
-        x = tl.load(X + (pid_b * T + t[:, None]) * S * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        return ap, x
-
-    @triton.jit
     def _scan_kernel(A, X, H, HS, H0, H_EDGE, DA, MAPS, T, C, n_cblocks, n_tiles, per_chunk, sa_b, sa_t, c_in,
                      sa_o, sa_i, REVERSE: tl.constexpr, ADJOINT: tl.constexpr, REDUCE: tl.constexpr,
                      FOLD: tl.constexpr, HAS_H0: tl.constexpr, HAS_H_EDGE: tl.constexpr, DA_ATOMIC: tl.constexpr,
@@ -367,8 +356,8 @@ if triton is not None:
             a_ok = mask & ((t_a >= 0) & (t_a < T))[:, None]
             a_offs = pid_b * sa_b + t_a[:, None] * sa_t + a_cols[None, :]
             offs = (pid_b * T + t[:, None]) * S * C + cols[None, :]
-            ap, x = _operands(A, X, k, pid_b, rows, cols, col_ok, a_cols, T, C, n_tiles, sa_b, sa_t, S, REVERSE,
-                              ADJOINT, BLOCK_T)
+            ap = tl.load(A + a_offs, mask=a_ok, other=1.0).to(tl.float32)  # padding and a missing a: the identity
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             if BLOCK2:
                 aq = tl.load(A + a_offs + (2 if ADJOINT else 1) * C, mask=a_ok, other=0.0).to(tl.float32)
                 ar = tl.load(A + a_offs + (1 if ADJOINT else 2) * C, mask=a_ok, other=0.0).to(tl.float32)
