@@ -209,7 +209,7 @@ def n_chunks(n_tiles, groups, device):
     return max(1, min(n_tiles // TILES_PER_CHUNK, -(-programs(device) // groups)))
 
 
-def _plan(B, T, C, itemsize, block, device):
+def _plan(B, T, C, block, device):
     """(BLOCK_T, BLOCK_C, warps, n_chunks): tiles of 128 steps (64 for blocks) by 16 channels on 4 warps, the best
     of the tiles timed in bench.py's scan shapes on an H200 (e.g. [8, 4096, 1024] float32: 138 us forward, against
     168 to 377 us for 8 to 64 channels and 16 to 512 steps); chunks only where the channel blocks leave
@@ -259,7 +259,7 @@ def _triton_scan(a, b, h0, reverse, block, h_for_da=None, h0_for_da=None):
     else:
         a = a.contiguous() if adjoint else a  # da is built with a's (contiguous) strides
         a_view, strides = _channel_strides(a, b.shape)
-    block_t, block_c, warps, chunks = _plan(B, T, C, b.element_size(), block, b.device)
+    block_t, block_c, warps, chunks = _plan(B, T, C, block, b.device)
     broadcast = adjoint and not block and a.numel() < b.numel() // S
     while broadcast and strides[4] == 0 and strides[2] % block_c and block_c > 16:
         block_c //= 2  # da summed inside a tile over channels that share one element of a: no block straddles two
@@ -275,7 +275,7 @@ def _triton_scan(a, b, h0, reverse, block, h_for_da=None, h0_for_da=None):
                 CHUNKS=_next_power_of_2(chunks))
     args = (T, C, n_cblocks, n_tiles, per_chunk, *strides)
     grid = (B * n_cblocks, chunks)
-    maps = b  # chunks > 1: each chunk's map h -> P h + X, [B, n_chunks, (2, 2,) C] and [B, n_chunks, S, C]
+    maps = b  # chunks > 1: each chunk's map h -> P h + X, [B, n_chunks, 1 + 1 (blocks: 4 + 2), C]
     if chunks > 1:
         maps = torch.empty(B, chunks, (4 if block else 1) + S, C, device=b.device, dtype=torch.float32)
         _scan_kernel[grid](a_view, b, b, b, b, b, b, maps, *args, HAS_H0=False, HAS_H_EDGE=False, REDUCE=True,
