@@ -1134,9 +1134,8 @@ def test_gated_retention_gate_exactly_one_is_retention_without_decay():
 # ---------- mamba2.py ---------------------------------------------------------------------------
 
 def mamba2_reference(model, x, state=None):
-    """The block from the paper's equations: its own conv (a window sum), the SSM h_t = exp(dt_t A) h_{t-1} + dt_t x_t
-    B_t^T, y_t = h_t C_t + D x_t per head, groups of heads sharing B and C (scalar_decay_reference: one step at a
-    time), RMSNorm per group of the gated output."""
+    """The block from the paper's equations: a window-sum conv, h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t =
+    h_t C_t + D x_t per head (scalar_decay_reference), groups sharing B and C, RMSNorm per group of the gated output."""
     K, H, P, G, N, di = model.d_conv, model.n_head, model.headdim, model.ngroups, model.d_state, model.d_inner
     B, T = x.shape[:2]
     conv0, h0 = state if state is not None else (x.new_zeros(B, model.conv_dim, K - 1), x.new_zeros(B, H, P, N))
@@ -1284,8 +1283,8 @@ def test_mamba_bf16_parameters_run():
 
 
 def test_mamba_parallel_keeps_no_state_sequence():
-    """autograd keeps nothing [B, T, d_inner, N]-sized: the states are recomputed in the backward
-    (the scan of a and b followed by y = C . h keeps a and h, N times the largest tensor here)."""
+    """autograd keeps nothing [B, T, d_inner, N]-sized (a scan then y = C . h would keep a and h): the backward
+    recomputes the states."""
     def largest_saved(fn, *args):
         sizes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
@@ -1394,8 +1393,7 @@ def delta_inputs(rule="deltanet", gate="random", B=2, T=37, H=3, Dk=8, Dv=5, dty
 
 
 def delta_rule(rule, form, *inputs, L=8):
-    """deltanet.py's delta_rule_<form>, gated_deltanet.py's gated_delta_rule_<form> or kda.py's kda_<form> on
-    delta_inputs' inputs; chunked: chunks of L."""
+    """The rule's core <form> (deltanet.py's delta_rule_<form>, ...) on delta_inputs' inputs; chunked: chunks of L."""
     name = {"deltanet": "delta_rule", "gated_deltanet": "gated_delta_rule", "kda": "kda"}[rule] + "_" + form
     return getattr(module(rule), name)(*inputs, *[L] * (form == "chunked"))
 
@@ -1413,8 +1411,7 @@ def test_delta_rule_gradient_step_reading():
 @pytest.mark.parametrize("n_chunks", [1, 2, 3, 5, 8, 33])
 @pytest.mark.parametrize("name", ["deltanet", "kda"])
 def test_chunk_states_composes_affine_maps(name, n_chunks):
-    """The scan alone, on maps that are not contractions (so any misplaced factor shows), against the maps applied
-    one chunk after another."""
+    """The scan alone, on maps that are not contractions (a misplaced factor shows), against the maps one by one."""
     g = torch.Generator().manual_seed(n_chunks)
     M = torch.eye(4, dtype=torch.float64) + 0.3 * torch.randn(2, n_chunks, 3, 4, 4, generator=g, dtype=torch.float64)
     C = torch.randn(2, n_chunks, 3, 5, 4, generator=g, dtype=torch.float64)  # [B, T/L, H, *]
@@ -1432,9 +1429,8 @@ def test_chunk_states_composes_affine_maps(name, n_chunks):
     pytest.param("cuda", "parallel", 64, 4096, 2e-3, None, marks=needs_cuda),  # tf32 matmuls
     pytest.param("cuda", "chunked", 64, 16384, 2e-3, None, marks=needs_cuda)])
 def test_delta_rule_long_float32(device, form, L, T, tol, spread):
-    """T = 16384 (the GPU's parallel form: 4096) in float32 from a random state against the float64 recurrence; and
-    adversarial keys at T = 4096: identical with beta = 1 (A = I + strictly-lower ones), nearly collinear (spread
-    1e-3) with beta near 1."""
+    """T = 16384 (the GPU's parallel form: 4096) in float32 from a random state against the float64 recurrence; keys
+    at T = 4096 identical with beta = 1 (A = I + strictly-lower ones) or spread 1e-3 apart with beta near 1."""
     beta = None if spread is None else (lambda B, T, H, g: 1 - spread * torch.rand(B, T, H, generator=g))
     B, H, seed = (1, 2, 3) if device == "cpu" else (2, 4, 5)
     q, k, v, b, S0 = (t.to(device) for t in delta_inputs(B=B, T=T, H=H, Dk=16, Dv=16, dtype=torch.float32, seed=seed,
@@ -1482,9 +1478,8 @@ def test_one_decay_per_head_is_the_gated_delta_rule(rule, form):
 
 @pytest.mark.parametrize("rule,form", [(rule, form) for rule in DELTA_FORMS for form in DELTA_FORMS[rule]])
 def test_delta_rules_beta_zero_skips_and_beta_one_overwrites(rule, form):
-    """beta = 0: nothing is written, S only decays (gated: mild alpha; kda: each key channel its own). beta = 1:
-    every token overwrites its key's slot, S_t k_t = v_t (read with q = k); with one key again and again S k = v
-    exactly, and (one decay per head) what is orthogonal to k only decays."""
+    """beta = 0: nothing is written, S only decays. beta = 1: each token overwrites its key's slot, S_t k_t = v_t; with
+    one key again and again S k = v exactly, and (one decay per head) what is orthogonal to k only decays."""
     def rule_of(beta, read_k=False, **kw):  # q, k, v, log alpha per key channel, S0, y, S
         q, k, v, b, *g, S0 = delta_inputs(rule, "mild" if rule == "gated_deltanet" else "random", beta=beta, **kw)
         q = k if read_k else q
@@ -1525,9 +1520,8 @@ def conv_qkv_reference(model, x, sizes, H, conv0=None):
 
 
 def deltanet_reference(model, x, state=None):
-    """DeltaNet's and Gated DeltaNet's layers rebuilt from their parameters as fla defines them: conv_qkv_reference,
-    (gated) alpha = exp(-softplus(w_a x + dt_bias) exp(A_log)), the rule as written, RMSNorm, the output gate
-    (gated: FusedRMSNormGated)."""
+    """DeltaNet and Gated DeltaNet rebuilt as fla defines them: conv_qkv_reference, (gated) alpha = exp(-softplus(w_a x
+    + dt_bias) exp(A_log)), the rule as written, RMSNorm, the output gate (gated: FusedRMSNormGated)."""
     (B, T, d), H, gated = x.shape, model.n_head, hasattr(model, "A_log")
     key, value = (model.key, model.value) if gated else (d, d)
     S0, conv0 = state if state is not None else (x.new_zeros(B, H, value // H, key // H), None)
@@ -1619,8 +1613,8 @@ RWKV7_CORE_EXTREMES = {  # log w, a: None is random (log w in the clamp's range)
 
 @pytest.mark.parametrize("case", RWKV7_CORE_EXTREMES)
 def test_rwkv7_chunk_64_float32_at_the_clamp(case):
-    """The numerics bound: chunk 64 (the largest allowed), every decay at the clamp (e^-39 over a
-    chunk, factors e^+-19) or 1, a at 0 or 1 or random; T = 4096 float32 against float64."""
+    """The numerics bound: chunk 64 (the largest allowed), every decay at the clamp (e^-39 over a chunk, factors
+    e^+-19) or 1, a at 0 or 1 or random; T = 4096 float32 against float64."""
     rwkv7 = module("rwkv7")
     log_w, a = RWKV7_CORE_EXTREMES[case]
     B, T, H, D = 1, 4096, 2, 16
@@ -1846,8 +1840,7 @@ NEWTON_HARD = {"rnn": dict(), "lstm-full": dict(jacobian="full", r_scale=10.0),
     ("lstm", "full", torch.float32, (2048,)), ("lstm", "diag", torch.float32, (2048,))],
     ids=["rnn-f32", "rnn-f64", "lstm-full", "lstm-diag"])
 def test_newton_iteration_counts_fresh_layer(name, jacobian, dtype, lengths):
-    """Fresh layer, x ~ N(0, 1): exact Newton in a handful of iterations (at most 12), the lstm's diagonal
-    quasi-Newton in more; both the answer of the loop."""
+    """Fresh layer: exact Newton in at most 12 iterations, the lstm's diagonal quasi-Newton in more; both the loop's."""
     for T in lengths:
         torch.manual_seed(0)
         model = model_class(name)(32, **({"jacobian": jacobian} if name == "lstm" else {})).to(dtype)
@@ -1874,8 +1867,7 @@ def newton_loop(name, u, w, s0):
 
 
 def newton_inputs(name, B, T, C, scale, g=None, device="cpu"):
-    """newton_loop's inputs, drawn: u ~ N(0, 1), w ~ scale U(0, 1) (lstm: r ~ scale U(-1, 1)), h0 = tanh(N(0, 1)) (lstm:
-    c0 ~ N(0, 1) too)."""
+    """newton_loop's inputs: u ~ N(0, 1), w ~ scale U(0, 1) (lstm: r ~ scale U(-1, 1)), tanh N(0, 1) h0, N(0, 1) c0."""
     draw = lambda f, *shape: f(*shape, generator=g, device=device)  # noqa: E731
     if name == "rnn":
         return draw(torch.randn, B, T, C), scale * draw(torch.rand, C), draw(torch.randn, B, C).tanh()
@@ -1914,8 +1906,7 @@ def test_newton_cap_is_what_makes_it_exact(case, T, least):
 
 
 def spy_newton():
-    """Wrap newton.rnn and newton.lstm; the set returned fills with the names of those called, so a test can
-    see that the kernel, not rnn_newton or lstm_newton, solved."""
+    """Wrap newton.rnn and newton.lstm; the set returned collects those called (the kernel solved, not the loop)."""
     newton, seen = module("newton"), set()
     for name in ("rnn", "lstm"):
         solve = getattr(newton, name)
