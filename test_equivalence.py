@@ -1040,9 +1040,7 @@ def retention_reference(model, x, gamma):
     y = torch.zeros_like(v)
     for ti in range(T):
         for si in range(ti + 1):
-            decay = torch.ones(B, model.n_head, dtype=torch.float64)
-            for r in range(si + 1, ti + 1):
-                decay = decay * gamma[:, r]
+            decay = gamma[:, si + 1:ti + 1].prod(1)  # [B, H]: prod_{s<r<=t} gamma_r, 1 where empty
             score = (qc[:, ti] * kc[:, si].conj()).sum(-1).real / math.sqrt(D)  # [B, H]
             y[:, ti] += (decay * score)[..., None] * v[:, si]
     return y
