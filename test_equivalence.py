@@ -183,9 +183,8 @@ def model_class(name):
 
 
 def make(name, dtype=torch.float64, device="cpu", seed=0, edit=None, d_model=D_MODEL, **options):
-    """MODELS[name] at width d_model with its small options (options override them), seeded, to dtype and device. The
-    paper's init stays, but parameters set to a constant (zeros; ones: a norm's weight, Mamba's D) get 0.1 N(0, 1)
-    added, so their gradients matter and a wrong index into them shows; edit(model) sets a regime (EXTREMES)."""
+    """MODELS[name] (options override its small ones), seeded, to dtype and device; edit(model) sets a regime.
+    Constant parameters (zeros; ones: a norm's weight, Mamba's D) get 0.1 N(0, 1) added: a wrong index shows."""
     torch.manual_seed(seed)
     model = model_class(name)(d_model, **{**MODELS[name][1], **options})
     with torch.no_grad():
@@ -198,8 +197,7 @@ def make(name, dtype=torch.float64, device="cpu", seed=0, edit=None, d_model=D_M
 
 
 def interpreted(code):
-    """Run code in a fresh Python with TRITON_INTERPRET=1 (read when scan.py is imported): Triton's
-    kernels then run on the CPU through its interpreter. Fails the test with the child's output."""
+    """Run code in a fresh Python with TRITON_INTERPRET=1: Triton's kernels run on the CPU; fail with its output."""
     pytest.importorskip("triton")
     done = subprocess.run([sys.executable, "-c", "import torch, scan, test_equivalence as t\n" + code], cwd=HERE,
                           env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True)
@@ -213,8 +211,7 @@ def interpreted(code):
 # ========== scan.py and selective_scan.py =======================================================
 
 def scan_reference(a, b, h0=None, reverse=False):
-    """h_t = a_t h_{t-1} + b_t exactly as written, one step at a time: a broadcast to b, or (block_scan's) 2 x 2
-    blocks a [B, T, 2, 2, *] acting on b [B, T, 2, *]."""
+    """h_t = a_t h_{t-1} + b_t step by step: a broadcast to b, or 2 x 2 blocks a [B, T, 2, 2, *] on b [B, T, 2, *]."""
     block = a.dim() > b.dim()
     a = a if block else a.expand(b.shape)
     h = torch.zeros_like(b[:, 0]) if h0 is None else h0
@@ -232,8 +229,7 @@ def selective_scan_reference(x, dt, A, B, C, h0=None):
 
 
 def scalar_decay_reference(q, k, v, g, S):
-    """S_t = exp(g_t) S_{t-1} + v_t k_t^T, y_t = S_t q_t one step at a time (scan_reference); q, k [B, T, G, Dk] read
-    by H / G heads."""
+    """S_t = exp(g_t) S_{t-1} + v_t k_t^T, y_t = S_t q_t one step at a time; q, k [B, T, G, Dk] read by H / G heads."""
     q, k = (x.repeat_interleave(v.shape[2] // q.shape[2], 2) for x in (q, k))
     S = scan_reference(g.exp()[..., None, None], v[..., :, None] * k[..., None, :], S)  # [B, T, H, Dv, Dk]
     return torch.einsum("bthed,bthd->bthe", S, q), S[:, -1]
@@ -255,8 +251,7 @@ SCALAR_DECAY_CASES = [(2, 37, 2, 2, 16, 16), (1, 70, 1, 2, 20, 24), (1, 33, 1, 2
 
 
 def check_scan(device, dtype, tol, cases=SCAN_CASES + BLOCK_SCAN_CASES, reference=None):
-    """scan (block_scan where a has the block's 2 x 2) against `reference` (default: the loop) in float64: h and
-    the gradients w.r.t. a, b and h0, both directions, with and without h0."""
+    """scan (block_scan on 2 x 2 blocks) against `reference` (the loop) in float64: h and its gradients, h0 or not."""
     g = torch.Generator(device=device).manual_seed(0)
     draw = lambda *shape: torch.randn(shape, device=device, generator=g)  # noqa: E731
     for shape, a_shape in cases:
@@ -343,8 +338,7 @@ def force_mode(monkeypatch, mode):
 
 
 def spy_reduce(*kernels, module=scan_module):
-    """Wrap the named Triton kernels of module; the set returned fills with the REDUCE of every launch, so a test
-    can see that the mode it forces is the mode that ran (chunks: True among them; one pass: {False})."""
+    """Wrap the named kernels of module; the set returned fills with each launch's REDUCE (one pass: False only)."""
     seen = set()
 
     class Spy:
@@ -482,8 +476,7 @@ def test_kernels_triton_cuda(kernel, dtype, mode, monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("mode", SCAN_MODES)
 def test_scan_triton_cuda_long(mode, monkeypatch):
-    """Long, thin sequences (T = 65536 by 8 channels; 3000 steps by 300 channels, a per-row gate): chunked over time,
-    against the PyTorch engine in float64, itself checked against the loop (which takes 8 to 15 s a call here)."""
+    """Long, thin sequences (T = 65536 by 8; 3000 by 300, a gate per row) against the PyTorch engine (the loop: 15s)."""
     force_mode(monkeypatch, mode)
     check_scan("cuda", torch.float32, 1e-4, [((1, 65536, 8), (1, 65536, 8)), ((2, 3000, 300), (2, 3000, 1))], scan)
 
@@ -708,8 +701,7 @@ def test_short_calls_chain_like_one_call(name, regime):
 
 @pytest.mark.parametrize("name", CHUNKED)
 def test_chunked_every_length(name):
-    """The chunked form at chunk lengths L = 1, 3, 8, 64, from a prefix's state, against the recurrent form: a
-    padded last chunk (T not a multiple of L), T < L, one chunk, many (T / L up to 65: seven doubling steps)."""
+    """The chunked form at L = 1, 3, 8, 64 from a prefix's state against the recurrent: T < L, ragged, 65 chunks."""
     model = make(name)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -2231,8 +2223,7 @@ def train_same_weights(a, b):
 
 
 def train_error_of(argv, capsys, usage=False):
-    """The message train.main(argv) must exit with: train.py's own, one line (exit status 1), or with usage argparse's
-    (exit status 2, the message on stderr)."""
+    """train.main(argv)'s exit message: train.py's own, one line (status 1), or with usage argparse's (status 2)."""
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     msg = str(e.value.code) + capsys.readouterr().err
@@ -2256,10 +2247,8 @@ def ctrl_c_at(monkeypatch, step, sigint):
     get_batches = train.get_batches
 
     def ctrl_c(i):
-        if i == step and sigint:
-            os.kill(os.getpid(), signal.SIGINT)
-        elif i == step:
-            raise KeyboardInterrupt
+        if i == step:  # default_int_handler raises the KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT) if sigint else signal.default_int_handler(signal.SIGINT, None)
 
     def patched(*args):
         *rest, train_batch, val_batch = get_batches(*args)
@@ -2370,8 +2359,7 @@ def test_train_dropout_reaches_a_mixer_that_takes_one_is_off_in_eval_and_prefill
 
 
 def generation_lm(name, device="cpu", mixer_args=None):
-    """A 2-layer LM of width 32 over 28 characters with the mixer's small test options (MODELS, or mixer_args), and
-    weights that make the context matter (at init the tied embedding repeats a token)."""
+    """A 2-layer LM (width 32, 28 characters, MODELS' options or mixer_args), weights that make the context matter."""
     torch.manual_seed(0)
     mixer_args = MODELS[name][1] if mixer_args is None else mixer_args
     model = train.LM(train.load_mixer(name), 28, 2, 32, mixer_args=mixer_args)
