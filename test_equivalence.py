@@ -114,9 +114,8 @@ EXTREMES = {
                   "f_one_i_tiny": (-1e4, 1e4)}.items()},
 }
 EXTREME_CASES = [(name, regime) for name in EXTREMES for regime in EXTREMES[name]]
-# the parameters whose gradients are ~0 in the recurrence at the extremes (see check_form): those of a gate that
-# underflows; mlstm's q, k and gates where one token outweighs the rest (f = 0, i = e^1e4: h_t = +-v_t), where the
-# float32 recurrence itself is 2e-4 (gates) to 0.5 (wq) off float64, its parallel and chunked forms 1e-5 and 4e-3
+# the parameters whose gradients are ~0 in the recurrence at the extremes (see check_form): a gate's that underflows;
+# mlstm's q, k, gates where one token outweighs the rest (f = 0, i = e^1e4: the float32 recurrence is 0.5 off)
 GATES = {"gated_retention": ("gate.",), "gated_deltanet": ("A_log", "dt_bias", "a."), "mlstm": ("wq", "wk", "gates.")}
 # the regimes an independent reference cannot take: i = e^1e4 overflows mlstm's (the paper's unstabilised recurrence)
 UNREFERENCED = [("mlstm", "f_one_i_huge"), ("mlstm", "f_zero_i_huge")]
@@ -325,10 +324,9 @@ def check_scan_compiled(device, quick=False):
                 assert rel_err(c, e) <= 1e-5, f"{shape} a{a_shape} reverse={rev} {what}: {rel_err(c, e):.1e}"
 
 
-# the kernels' two modes: every channel block walks the whole sequence in one pass, or the sequence is cut into
-# chunks side by side (each reduced to its map, the maps scanned, each chunk rescanned from its entering state)
+# the kernels' two modes: the sequence in one pass, or cut into chunks side by side (each reduced to its map, rescanned
+# from its entering state); the interpreter runs one by default, both with SLOW=1
 SCAN_MODES = {"chunks": (10 ** 6, 1), "one pass": (0, 10 ** 6)}  # scan.PROGRAMS_PER_SM, scan.TILES_PER_CHUNK
-# the interpreter runs each kernel file in one mode by default, in both with SLOW=1
 INTERPRETED_MODES = ["chunks", pytest.param("one pass", marks=slow)]
 
 
@@ -735,8 +733,7 @@ def test_long_decoding_matches_one_pass(name):
             assert_close(model(x, form=form), (y_full, s_full), tol, f"{name}: one {form} pass: y, state")
 
 
-# the models with a short conv, the option that sets its width, and widths: 1, the recall study's conv-free variants
-# (--mixer-args conv_size=1 / d_conv=1: no mixing in time); Mamba's others, with a dt_rank of 3
+# the models with a short conv, its width option, and width 1 (the recall study's conv-free variants); Mamba's others
 @pytest.mark.parametrize("name,conv,width", [(name, conv, 1) for name, conv in [
     ("deltanet", "conv_size"), ("gated_deltanet", "conv_size"), ("mamba", "d_conv"), ("mamba2", "d_conv"),
     ("kda", "conv_size"), ("mlstm", "conv_size")]] + [("mamba", "d_conv", width) for width in (2, 4, 6)])
@@ -755,12 +752,6 @@ def test_conv_widths_forms_agree(name, conv, width):
         assert s[0].shape == (2, 64, width - 1) and (width == 1 or rel_err(y, mamba_reference(m, x)[0]) <= 1e-10)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_unknown_form_is_an_error(name):
-    with pytest.raises(ValueError, match="form"):
-        make(name)(torch.randn(1, 3, D_MODEL, dtype=torch.float64), form="no-such-form")
-
-
 @pytest.mark.parametrize("name,d_model,options,message", [
     ("rwkv7", 32, dict(head_size=24), "head_size"), ("rwkv7", 32, dict(head_size=1), "head_size"),
     ("rwkv7", 32, dict(chunk_size=65), "chunk_size"), ("rwkv7", 32, dict(chunk_size=0), "chunk_size"),
@@ -770,10 +761,14 @@ def test_unknown_form_is_an_error(name):
     ("mamba3", 32, dict(headdim=24), "headdim"), ("kda", 48, dict(head_dim=32), "head_dim"),
     ("kda", 64, dict(chunk_size=33), "chunk_size"), ("kda", 64, dict(chunk_size=0), "chunk_size"),
     ("mlstm", 31, dict(n_head=4), "d_model"), ("mlstm", 32, dict(n_head=3), "d_model"),
-])
+] + [(name, D_MODEL, dict(form="no-such-form"), "form") for name in MODELS])
 def test_bad_options_are_errors(name, d_model, options, message):
+    """A bad option of the constructor, or an unknown form, is a ValueError that names it."""
     with pytest.raises(ValueError, match=message):
-        model_class(name)(d_model, **options)
+        if "form" in options:
+            make(name)(torch.randn(1, 3, d_model, dtype=torch.float64), **options)
+        else:
+            model_class(name)(d_model, **options)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
@@ -2241,25 +2236,10 @@ def write_log(folder, records):
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def ctrl_c_at(monkeypatch, step, sigint):
-    """Ctrl-C in training step `step` as its batch is drawn: a SIGINT (train.py's handler lets the step finish), or a
-    KeyboardInterrupt (as a second Ctrl-C raises: the step is lost)."""
-    get_batches = train.get_batches
-
-    def ctrl_c(i):
-        if i == step:  # default_int_handler raises the KeyboardInterrupt
-            os.kill(os.getpid(), signal.SIGINT) if sigint else signal.default_int_handler(signal.SIGINT, None)
-
-    def patched(*args):
-        *rest, train_batch, val_batch = get_batches(*args)
-        return *rest, lambda i: ctrl_c(i) or train_batch(i), val_batch
-    monkeypatch.setattr(train, "get_batches", patched)
-
-
 @pytest.mark.parametrize("task,sigint", [("text", False), ("mqar", True), ("parity", False)])
 def test_train_task_logs_and_resumes_bit_for_bit(task, sigint, train_data, tmp_path, monkeypatch, capsys):
-    """Each task: a 3-step run with dropout, and one stopped by Ctrl-C at step 2 (ctrl_c_at), which exits 130 and,
-    resumed, ends with the same weights, val loss and accuracy. A text run samples from best.pt."""
+    """Each task: a 3-step run with dropout, and one stopped by Ctrl-C at step 2, which exits 130 and, resumed, ends
+    with the same weights, val loss and accuracy. A text run samples from best.pt."""
     flags, data_line = {"text": ([], " val characters"), "mqar": (TRAIN_MQAR, "vocab 16, 3 key-value pairs"),
                         "parity": (["--task", "parity"], "vocab 2, 16 bits per sequence")}[task]
     flags = flags + ["--max-iters", "3"]
@@ -2277,7 +2257,13 @@ def test_train_task_logs_and_resumes_bit_for_bit(task, sigint, train_data, tmp_p
     if task == "text":
         assert whole["vocab"] == "".join(sorted(set(open(train_data).read())))
         assert len(out.split("sampled from best.pt")[1].split("-" * 40)[0].split("\n", 1)[1]) == 1 + 10 + 1
-    ctrl_c_at(monkeypatch, 1 if sigint else 2, sigint)
+    get_batches, step, INT = train.get_batches, 1 if sigint else 2, signal.SIGINT
+
+    def ctrl_c_at_step(*args):  # as its batch is drawn: a SIGINT (train.py's handler lets the step finish), or the
+        *rest, train_batch, val_batch = get_batches(*args)  # KeyboardInterrupt of a second Ctrl-C (the step is lost)
+        ctrl_c = lambda: os.kill(os.getpid(), INT) if sigint else signal.default_int_handler(INT, None)  # noqa: E731
+        return *rest, lambda i: (i == step and ctrl_c()) or train_batch(i), val_batch
+    monkeypatch.setattr(train, "get_batches", ctrl_c_at_step)
     with pytest.raises(SystemExit) as e:
         train_run(train_data, tmp_path / "b", *flags, "--dropout", "0.2")
     out = capsys.readouterr().out
@@ -2296,9 +2282,8 @@ def test_train_task_logs_and_resumes_bit_for_bit(task, sigint, train_data, tmp_p
 def test_train_defaults_follow_the_device_and_the_task(tmp_path):
     """--compile is on by default on CUDA only; mqar and parity draw fresh sequences each step, nothing to overfit: no
     dropout, no patience (where text has both, on a GPU)."""
-    def cfg(*flags):
-        return train.get_config(train.parse_args(["--model", "rnn", "--out-dir", str(tmp_path), *flags]))[0]
-
+    argv = ["--model", "rnn", "--out-dir", str(tmp_path)]
+    cfg = lambda *flags: train.get_config(train.parse_args(argv + list(flags)))[0]  # noqa: E731
     assert cfg("--device", "cuda").compile is True and cfg("--device", "cuda", "--no-compile").compile is False
     assert cfg("--device", "cpu").compile is False and cfg("--device", "cpu", "--compile").compile is True
     assert cfg("--device", "cuda").dropout > 0 and cfg().patience > 0
@@ -2603,8 +2588,7 @@ def test_train_stops_on_time_patience_or_accuracy_and_samples_from_the_best(trai
     ckpt = train_run(train_data, tmp_path / "c", "--max-iters", "30", "--stop-acc", "0.99")
     assert ckpt["step"] == 8 and ckpt["acc"] == 0.99  # 0.98 at step 4 is not enough
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("done: stopped on accuracy at step 8")
-    final = train_log(tmp_path / "c")[-1]
-    assert final["type"] == "final" and final["stop"] == "accuracy" and final["steps"] == 8
+    assert [train_log(tmp_path / "c")[-1][k] for k in ("type", "stop", "steps")] == ["final", "accuracy", 8]
     accs = iter([1.0] * 20)
     assert train_run(train_data, tmp_path / "d", "--max-iters", "6")["step"] == 6  # --stop-acc 0 by default: never
 
@@ -2808,8 +2792,7 @@ def test_bench_report_tabulates_the_runs(train_data, tmp_path, capsys, figures):
     write_log(runs / "unfinished", [dict(type="eval", step=0)])
     capsys.readouterr()
     bench.main(["--report", str(runs)])
-    out = capsys.readouterr().out
-    rows = table_rows(out)
+    rows = table_rows(out := capsys.readouterr().out)
     assert len(rows) == 8 and [row[:3] for row in rows[1:4]] == [
         [run, "linear_attention", task] for run, task in (("parity", "parity"), ("recall", "mqar"), ("text", "text"))]
     assert rows[5][0] == "linear_attention" and rows[5][4:6] == ["16", "3"]  # the recall table: block 16, 3 pairs
