@@ -534,8 +534,7 @@ def check_form(name, form, dtype, device, T=21, B=2, tol=None, edit=None, gates=
         _, s0 = model(torch.randn(B, 5, D_MODEL, device=device, dtype=param_dtype, generator=g), form="recurrent")
         y, state = model(x, s0, form="recurrent")
     s0 = map_state(lambda t: t.clone().requires_grad_(t.is_floating_point()), s0)
-    gy = torch.randn(y.shape, device=device, generator=g)
-    gs = [torch.randn(t.shape, device=device, generator=g) for t in tensors(state) if t.is_floating_point()]
+    gy, *gs = [torch.randn(t.shape, device=device, generator=g) for t in [y, *tensors(state)] if t.is_floating_point()]
     leaves = [x] + [t for t in tensors(s0) if t.requires_grad] + list(model.parameters())
     params = [n for n, _ in model.named_parameters()]
     names = (["y"] + [f"state[{i}]" for i in range(len(tensors(state)))] + ["grad x"]
@@ -550,16 +549,15 @@ def check_form(name, form, dtype, device, T=21, B=2, tol=None, edit=None, gates=
         loss = (y.float() * gy).sum() + sum((t.float() * w).sum() for t, w in zip(floats, gs))
         return [y] + tensors(state) + list(torch.autograd.grad(loss, leaves, allow_unused=True))
 
-    exact = None
     if backend is None:
-        ref, out, eager = outputs(model, form="recurrent"), outputs(model, low, form=form), None
+        ref, out, eager, exact = outputs(model, form="recurrent"), outputs(model, low, form=form), None, None
         if dtype == torch.float32 and device == "cpu":
             model64, widen = copy.deepcopy(model).double(), lambda t: t.detach().double().requires_grad_()  # noqa: E731
             x64, s64 = widen(x), map_state(lambda t: widen(t) if t.is_floating_point() else t, s0)
             leaves64 = [x64] + [t for t in tensors(s64) if t.requires_grad] + list(model64.parameters())
             exact = outputs(model64, x=x64, s0=s64, leaves=leaves64, form="recurrent")
     else:
-        ref = outputs(model)
+        ref, exact = outputs(model), None
         torch._dynamo.reset()
         out = outputs(torch.compile(model, fullgraph=True, backend=backend), low)
         eager = outputs(model, True) if low else None
