@@ -2255,12 +2255,15 @@ def test_train_task_logs_and_resumes_bit_for_bit(task, sigint, train_data, tmp_p
     if task == "text":
         assert whole["vocab"] == "".join(sorted(set(open(train_data).read())))
         assert len(out.split("sampled from best.pt")[1].split("-" * 40)[0].split("\n", 1)[1]) == 1 + 10 + 1
-    get_batches, step, INT = train.get_batches, 1 if sigint else 2, signal.SIGINT
+    get_batches, step = train.get_batches, 1 if sigint else 2
 
-    def ctrl_c_at_step(*args):  # as its batch is drawn: a SIGINT (train.py's handler lets the step finish), or the
-        *rest, train_batch, val_batch = get_batches(*args)  # KeyboardInterrupt of a second Ctrl-C (the step is lost)
-        ctrl_c = lambda: os.kill(os.getpid(), INT) if sigint else signal.default_int_handler(INT, None)  # noqa: E731
-        return *rest, lambda i: (i == step and ctrl_c()) or train_batch(i), val_batch
+    def ctrl_c(i):  # as step's batch is drawn: a SIGINT (train.py's handler lets the step finish), or the
+        if i == step:  # KeyboardInterrupt of a second Ctrl-C (default_int_handler raises it: the step is lost)
+            os.kill(os.getpid(), signal.SIGINT) if sigint else signal.default_int_handler(signal.SIGINT, None)
+
+    def ctrl_c_at_step(*args):
+        *rest, train_batch, val_batch = get_batches(*args)
+        return *rest, lambda i: ctrl_c(i) or train_batch(i), val_batch
     monkeypatch.setattr(train, "get_batches", ctrl_c_at_step)
     with pytest.raises(SystemExit) as e:
         train_run(train_data, tmp_path / "b", *flags, "--dropout", "0.2")
@@ -2280,8 +2283,9 @@ def test_train_task_logs_and_resumes_bit_for_bit(task, sigint, train_data, tmp_p
 def test_train_defaults_follow_the_device_and_the_task(tmp_path):
     """--compile is on by default on CUDA only; mqar and parity draw fresh sequences each step, nothing to overfit: no
     dropout, no patience (where text has both, on a GPU)."""
-    argv = ["--model", "rnn", "--out-dir", str(tmp_path)]
-    cfg = lambda *flags: train.get_config(train.parse_args(argv + list(flags)))[0]  # noqa: E731
+    def cfg(*flags):
+        return train.get_config(train.parse_args(["--model", "rnn", "--out-dir", str(tmp_path), *flags]))[0]
+
     assert cfg("--device", "cuda").compile is True and cfg("--device", "cuda", "--no-compile").compile is False
     assert cfg("--device", "cpu").compile is False and cfg("--device", "cpu", "--compile").compile is True
     assert cfg("--device", "cuda").dropout > 0 and cfg().patience > 0
