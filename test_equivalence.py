@@ -336,7 +336,7 @@ def force_mode(monkeypatch, mode):
 
 
 def spy_reduce(*kernels, module=scan_module):
-    """Wrap the named kernels of module; the set returned fills with each launch's REDUCE (one pass: False only)."""
+    """Wrap module's named kernels; the set returned fills with each launch's REDUCE (chunks: True; one pass: False)."""
     seen = set()
 
     class Spy:
@@ -474,7 +474,7 @@ def test_kernels_triton_cuda(kernel, dtype, mode, monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("mode", SCAN_MODES)
 def test_scan_triton_cuda_long(mode, monkeypatch):
-    """Long, thin sequences (T = 65536 by 8; 3000 by 300, a gate per row) against the PyTorch engine (the loop: 15s)."""
+    """Long, thin sequences (T = 65536 by 8; 3000 by 300, a gate a row) against the PyTorch engine (the loop: 15 s)."""
     force_mode(monkeypatch, mode)
     check_scan("cuda", torch.float32, 1e-4, [((1, 65536, 8), (1, 65536, 8)), ((2, 3000, 300), (2, 3000, 1))], scan)
 
@@ -645,9 +645,9 @@ REFERENCE_CASES = ([(name, "plain", {}) for name in MODELS] + [(*c, {}) for c in
     "-".join([name, regime, *(f"{k}={v}" for k, v in options.items())]) for name, regime, options in REFERENCE_CASES])
 def test_forms_match_reference(name, regime, options):
     """Every form against the model's independent reference (<model>_reference), from an empty state and after a prefix:
-    outputs, and the final state where the reference keeps one; FROM_A_STATE also from a prefix's state moved by 10 U(0,
-    1) (mamba3's angles past 2 pi, kept in [0, 2 pi)). deltanet at fla's defaults, whose RMSNorm hides a missing q scale
-    but for its eps."""
+    outputs, and the final state where the reference keeps one; FROM_A_STATE also from a prefix's state moved by
+    10 U(0, 1) (mamba3's angles past 2 pi, kept in [0, 2 pi)). deltanet at fla's defaults, whose RMSNorm hides a
+    missing q scale but for its eps."""
     reference = globals()[name + "_reference"]
     model = make(name, edit=EXTREMES.get(name, {}).get(regime), **options)
     g = torch.Generator().manual_seed(0)
