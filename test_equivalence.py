@@ -2433,6 +2433,15 @@ def test_train_bad_arguments_are_one_line_errors_before_anything_is_written(flag
     assert "\n" not in e.value.code.strip() and not (tmp_path / "out").exists()
 
 
+def test_train_unknown_mixer_arg_is_one_line_error_in_the_width_search_too(train_data, tmp_path):
+    """Without --d-model, match_width builds the mixer at many widths: an unknown keyword stops it with one line."""
+    with pytest.raises(SystemExit) as e:
+        train.main(train_argv(train_data, tmp_path / "out", "--model", "deltanet", "--mixer-args", "conv_sise=1",
+                              default="--d-model"))
+    assert isinstance(e.value.code, str) and "'conv_sise'; DeltaNet takes" in e.value.code, e.value.code
+    assert "\n" not in e.value.code.strip() and not (tmp_path / "out").exists()
+
+
 def test_train_help_names_each_default_and_a_bad_model_is_a_clear_error(train_data, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--help"])

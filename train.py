@@ -257,7 +257,7 @@ def match_width(mixer_cls, vocab_size, n_layer, base, mixer_args):
         try:
             with torch.device("meta"):
                 return sum(p.numel() for p in LM(cls, vocab_size, n_layer, d, 0.0, args).parameters())
-        except (ValueError, ArithmeticError, RuntimeError):  # a width the mixer rejects (heads must divide it, ...)
+        except (TypeError, ValueError, ArithmeticError, RuntimeError):  # a width (or keyword) the mixer rejects
             return None
 
     target = count(load_mixer("attention"), base, {})
