@@ -32,6 +32,7 @@ import weakref
 
 import pytest
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 
 import bench
@@ -42,6 +43,8 @@ from scalar_decay import scalar_decay
 from selective_scan import selective_scan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# AOTAutograd's cache is keyed on the forward graph: it would replay a custom op's backward from before a change
+torch._functorch.config.enable_autograd_cache = False
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
