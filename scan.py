@@ -186,10 +186,11 @@ def use_triton(x):
 # there is bandwidth to spare, and needs no communication between running programs. Measured against the decoupled
 # look-back it replaced (Merrill & Garland 2016: a program per tile, chained through published flags), kernels
 # replayed from CUDA graphs: at [8, 4096, 1024] float32 on an H200 the look-back took 156 us forward and 230 us
-# backward, these tiles 138 and 329 us; at [1, 65536, 64] float32 the chunks' forward takes 74 us on an H100 (88 when
-# the maps were scanned between three launches), the look-back's 62 us on the H200. Loading the next tile while
-# scanning this one gained there (64 us) and lost at [8, 4096, 1024] (201 against 172 us forward, 366 against 295
-# backward, H100): it is not done.
+# backward, these tiles 138 and 329 us; at [1, 65536, 64] float32 a plain call of the chunks' forward takes 49 us on an
+# H100 (from a graph, 88 when the maps were scanned between three launches), the look-back's 62 us on the H200. Tried at [8, 4096, 1024] on an
+# H100 and not kept: loading the next tile while scanning this one (Triton's pipelining, 2 or 3 stages: 169 to 184
+# against 170 us forward); one-warp tiles that keep each channel's steps in one thread (no shuffles, but 4-byte
+# loads: 4x slower).
 
 PROGRAMS_PER_SM = 1  # split the sequence into chunks until this many programs per multiprocessor are running
 TILES_PER_CHUNK = 4  # but no chunk shorter than this
@@ -203,10 +204,10 @@ def programs(device):
     return PROGRAMS_PER_SM * _SMS.get(device, 1)
 
 
-def n_chunks(n_tiles, groups, device):
-    """Chunks over time for `groups` programs side by side: enough to fill the device, none shorter than
-    TILES_PER_CHUNK tiles."""
-    return max(1, min(n_tiles // TILES_PER_CHUNK, -(-programs(device) // groups)))
+def n_chunks(n_tiles, groups, device, per_sm=1):
+    """Chunks over time for `groups` programs side by side: enough for per_sm times programs(device), none shorter
+    than TILES_PER_CHUNK tiles."""
+    return max(1, min(n_tiles // TILES_PER_CHUNK, -(-programs(device) * per_sm // groups)))
 
 
 def _plan(B, T, C, block, device):
@@ -220,7 +221,10 @@ def _plan(B, T, C, block, device):
         block_t, block_c, warps = (64 if block else 128), 16, 4
     rows = min(block_t, _next_power_of_2(T))  # a short sequence (e.g. a scan over chunks): wider tiles, no empty rows
     block_c = min(block_c * block_t // rows, _next_power_of_2(C))
-    return rows, block_c, warps, n_chunks(-(-T // rows), B * -(-C // block_c), device)
+    groups = B * -(-C // block_c)
+    # fewer channel blocks than multiprocessors (a long, thin scan): 4 programs on each, not 1. At [1, 65536, 64]
+    # on an H100 the forward took 49 against 86 us, float32 and bf16 alike.
+    return rows, block_c, warps, n_chunks(-(-T // rows), groups, device, 4 if groups < programs(device) else 1)
 
 
 def _next_power_of_2(n):
