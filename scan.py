@@ -184,13 +184,11 @@ def use_triton(x):
 # chunk to one map h -> P h + X (REDUCE), then each program composes the maps of the chunks before it (a scan over at
 # most a few hundred rows) and rescans its chunk from the state that gives (FOLD). That reads a and b twice where
 # there is bandwidth to spare, and needs no communication between running programs. Measured against the decoupled
-# look-back it replaced (Merrill & Garland 2016: a program per tile, chained through published flags), kernels
-# replayed from CUDA graphs: at [8, 4096, 1024] float32 on an H200 the look-back took 156 us forward and 230 us
-# backward, these tiles 138 and 329 us; at [1, 65536, 64] float32 a plain call of the chunks' forward takes 49 us on an
-# H100 (from a graph, 88 when the maps were scanned between three launches), the look-back's 62 us on the H200. Tried at [8, 4096, 1024] on an
-# H100 and not kept: loading the next tile while scanning this one (Triton's pipelining, 2 or 3 stages: 169 to 184
-# against 170 us forward); one-warp tiles that keep each channel's steps in one thread (no shuffles, but 4-byte
-# loads: 4x slower).
+# look-back it replaced (Merrill & Garland 2016), kernels from CUDA graphs: at [8, 4096, 1024] float32 on an H200,
+# 156 us forward and 230 backward for the look-back, 138 and 329 for these tiles; at [1, 65536, 64] float32, 62 us
+# forward (H200) against the chunks' 49 (H100, plain call). Not kept, at [8, 4096, 1024] on an H100: Triton's
+# pipelining of the next tile's loads (169 to 184 against 170 us forward); one-warp tiles that keep each channel's
+# steps in one thread (4-byte loads: 4x slower).
 
 PROGRAMS_PER_SM = 1  # split the sequence into chunks until this many programs per multiprocessor are running
 TILES_PER_CHUNK = 4  # but no chunk shorter than this
