@@ -441,10 +441,7 @@ def test_scalar_decay_triton_kernel_interpreted():
 def test_scan_compiled(device):
     """The custom ops under Inductor: the kernel gets the tensors compiled code hands it, and reads their strides at run
     time. On the CPU the kernel runs in the interpreter; on a GPU 18 s on an H200 (the models' compiled tests too)."""
-    if device == "cpu":
-        interpreted("t.check_scan_compiled('cpu', True)")
-    else:
-        check_scan_compiled("cuda")
+    interpreted("t.check_scan_compiled('cpu', True)") if device == "cpu" else check_scan_compiled("cuda")
 
 
 @needs_cuda
@@ -525,12 +522,11 @@ def forms(name, recurrent=False):
 
 
 def check_form(name, form, dtype, device, T=21, B=2, tol=None, edit=None, gates=(), backend=None, **options):
-    """form against the recurrent form from a prefix's state: outputs, final state, gradients w.r.t. the input, the
-    initial state and every parameter; bf16 under autocast (as train.py runs) against float32. With a backend: the
-    default form compiled (fullgraph) against eager, in bf16 within tol plus eager's own distance from float32. A CPU
-    float32 form passes within tol of the float32 or the float64 recurrence (the float32 loop is rounded too, and can
-    be the least exact form). Gradients of the parameters named in gates are measured against the input's: where a gate
-    underflows they are ~1e-42 in the recurrence, rounding of O(1) terms that cancel in the log-space forms."""
+    """form against the recurrent form from a prefix's state: outputs, final state, gradients w.r.t. the input, initial
+    state and every parameter; bf16 under autocast (as train.py) against float32. backend: the default form compiled
+    (fullgraph) against eager, bf16 within tol plus eager's distance from float32. CPU float32: within tol of the
+    float32 or float64 recurrence (the float32 loop is rounded too). gates: those parameters' gradients against the
+    input's scale (where a gate underflows they are ~1e-42 in the recurrence, O(1) terms cancelling in log space)."""
     param_dtype, low = (torch.float32, True) if dtype == torch.bfloat16 else (dtype, False)
     model = make(name, param_dtype, device, edit=edit, **options)
     g = torch.Generator(device=device).manual_seed(1)
@@ -1258,8 +1254,6 @@ def test_mamba_parallel_memory_cuda():
 
 
 # ---------- deltanet.py, gated_deltanet.py, kda.py: the delta rules ------------------------------
-# (kda's reference is written from the paper, in its own layout S [Dk, Dv], with every transition an explicit Dk x Dk
-# matrix (I - beta_t k_t k_t^T) Diag(alpha_t); the layers rebuilt by hand from fla's definitions)
 
 def delta_rule_reference(q, k, v, beta, S, alpha=None):
     """S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, y_t = S_t q_t, as written with explicit Dk x Dk
@@ -1277,7 +1271,8 @@ def delta_rule_reference(q, k, v, beta, S, alpha=None):
 
 def kda_paper(q, k, v, beta, alpha, S):
     """Kimi Linear's KDA as written: S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T,
-    o_t = S_t^T q_t, with S [B, H, Dk, Dv] (the paper's layout, the transpose of kda.py's), in float64."""
+    o_t = S_t^T q_t, with S [B, H, Dk, Dv] (the paper's layout, the transpose of kda.py's), each transition an explicit
+    Dk x Dk matrix, in float64."""
     q, k, v, beta, alpha, S = (x.double() for x in (q, k, v, beta, alpha, S))
     I = torch.eye(k.shape[-1], dtype=torch.float64)
     ys = []
@@ -1489,11 +1484,9 @@ def kda_reference(model, x):
 
 
 # ---------- rwkv7.py ----------------------------------------------------------------------------
-# (the reference follows BlinkDL/RWKV-LM RWKV-v7/rwkv_v7_demo.py, written independently of rwkv7.py:
-# explicit Dk x Dk transitions, the official decay formula, GroupNorm by mean and variance, float64)
 
 def rwkv7_reference(model, x, state=None):
-    """The time mix token by token, as the official demo: token shift from the previous token,
+    """The time mix token by token in float64, as BlinkDL/RWKV-LM's RWKV-v7/rwkv_v7_demo.py: token shift,
     w = exp(-exp(-softplus(-(w0 + tanh(x_w w1) w2)) - 0.5)), a = sigmoid(a0 + x_a a1 a2), g = sigmoid(x_g g1) g2,
     kappa = normalize(k * k_k), k *= 1 + (a - 1) k_a, the transition G_t = diag(w_t) - kappa_t (a_t * kappa_t)^T as a Dk
     x Dk matrix, S_t = S_{t-1} G_t + v_t k_t^T, o_t = S_t r_t, GroupNorm (eps 64e-5), + (r . (k * r_k)) v, times g."""
@@ -2429,15 +2422,6 @@ def test_train_bad_arguments_are_one_line_errors_before_anything_is_written(flag
     assert "\n" not in e.value.code.strip() and not (tmp_path / "out").exists()
 
 
-def test_train_unknown_mixer_arg_is_one_line_error_in_the_width_search_too(train_data, tmp_path):
-    """Without --d-model, match_width builds the mixer at many widths: an unknown keyword stops it with one line."""
-    with pytest.raises(SystemExit) as e:
-        train.main(train_argv(train_data, tmp_path / "out", "--model", "deltanet", "--mixer-args", "conv_sise=1",
-                              default="--d-model"))
-    assert isinstance(e.value.code, str) and "'conv_sise'; DeltaNet takes" in e.value.code, e.value.code
-    assert "\n" not in e.value.code.strip() and not (tmp_path / "out").exists()
-
-
 def test_train_help_names_each_default_and_a_bad_model_is_a_clear_error(train_data, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--help"])
@@ -2623,6 +2607,8 @@ def test_train_records_hold_the_run_and_its_state_size_and_mixer_args_reach_the_
 
 
 def test_train_width_matching(train_data, tmp_path, capsys):
+    """Each model's width gives the attention LM's parameter count; match_width builds the mixer at many widths, where
+    an unknown --mixer-args keyword is a one-line error too (train_error_of) and nothing is written."""
     for name in ("mamba", "rnn", "attention"):
         d, n, target = train.match_width(train.load_mixer(name), 65, 2, 128, {})
         assert d % 16 == 0 and abs(n - target) <= 0.1 * target, (name, d, n, target)
@@ -2632,6 +2618,8 @@ def test_train_width_matching(train_data, tmp_path, capsys):
     assert "d_model=matched" in capsys.readouterr().out
     ckpt = train_run(train_data, tmp_path / "b", *TRAIN_MQAR, "--model", "rnn", "--max-iters", "0", "--d-model", "48")
     assert ckpt["args"]["d_model"] == 48
+    argv = train_argv(train_data, tmp_path / "c", "--model", "deltanet", "--mixer-args", "conv_sise=1", default="--d-model")
+    assert "'conv_sise'; DeltaNet takes" in train_error_of(argv, capsys) and not (tmp_path / "c").exists()
 
 
 def test_train_warmup_then_cosine_as_the_optimizer_sees_it(train_data, tmp_path, monkeypatch):
