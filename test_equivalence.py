@@ -2618,8 +2618,9 @@ def test_train_width_matching(train_data, tmp_path, capsys):
     assert "d_model=matched" in capsys.readouterr().out
     ckpt = train_run(train_data, tmp_path / "b", *TRAIN_MQAR, "--model", "rnn", "--max-iters", "0", "--d-model", "48")
     assert ckpt["args"]["d_model"] == 48
-    argv = train_argv(train_data, tmp_path / "c", "--model", "deltanet", "--mixer-args", "conv_sise=1", default="--d-model")
-    assert "'conv_sise'; DeltaNet takes" in train_error_of(argv, capsys) and not (tmp_path / "c").exists()
+    msg = train_error_of(train_argv(train_data, tmp_path / "c", "--model", "deltanet", "--mixer-args", "conv_sise=1",
+                                    default="--d-model"), capsys)
+    assert "'conv_sise'; DeltaNet takes" in msg and not (tmp_path / "c").exists()
 
 
 def test_train_warmup_then_cosine_as_the_optimizer_sees_it(train_data, tmp_path, monkeypatch):
