@@ -421,8 +421,7 @@ def test_scans_reject_bad_input(bad, message):
 @pytest.mark.parametrize("name,kernels", [("scan", "'_scan_kernel'"), (
     "selective_scan", "'_selective_fwd_kernel', '_selective_bwd_kernel'")], ids=["scan", "selective_scan"])
 def test_scan_kernels_interpreted(name, kernels, mode):
-    """The Triton kernels, forward and backward, in Triton's interpreter on the CPU in the mode forced (checked to be
-    the mode that ran); scan's tiles of 16 steps, the selective scan's of 8 steps by 4 channels."""
+    """The Triton kernels, forward and backward, interpreted on the CPU in the mode forced (checked to have run)."""
     check = "check_scan" if name == "scan" else "check_selective"
     interpreted(f"import {name} as m; assert scan.use_triton(torch.zeros(1)); "
                 f"scan.PROGRAMS_PER_SM, scan.TILES_PER_CHUNK = {SCAN_MODES[mode]}; "
@@ -439,8 +438,7 @@ def test_scalar_decay_triton_kernel_interpreted():
 @slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_scan_compiled(device):
-    """The custom ops under Inductor: the kernel gets the tensors compiled code hands it, and reads their strides at run
-    time. On the CPU the kernel runs in the interpreter; on a GPU 18 s on an H200 (the models' compiled tests too)."""
+    """The custom ops under Inductor: the kernel reads the strides of the tensors compiled code hands it at run time."""
     interpreted("t.check_scan_compiled('cpu', True)") if device == "cpu" else check_scan_compiled("cuda")
 
 
@@ -452,9 +450,8 @@ def test_scan_compiled(device):
     pytest.param(torch.bfloat16, "chunks", id="bf16-chunks", marks=slow)])
 @pytest.mark.parametrize("kernel", ["scan", "selective_scan", "scalar_decay"])
 def test_kernels_triton_cuda(kernel, dtype, mode, monkeypatch):
-    """Each kernel in the mode forced (scalar_decay's has one) against the loop (scan) or the PyTorch engine in float64;
-    scalar_decay at model shapes: linear attention's 97 value columns, RetNet's 96 by 192, Mamba-2's 128 by 64. A few
-    shapes unless SLOW=1: each compiles its own kernels (2 to 5 s on a GPU); the interpreter runs all on the CPU."""
+    """Each kernel in the mode forced against the loop (scan) or the PyTorch engine in float64, scalar_decay at model
+    shapes (97 value columns; 96 by 192; 128 by 64); a few shapes unless SLOW=1 (each compiles, 2 to 5 s)."""
     force_mode(monkeypatch, mode)
     f32 = dtype == torch.float32
     if kernel == "scan":  # bf16: inputs and h rounded to 8 bits (4e-3 each), the sums float32: no compounding
@@ -486,9 +483,8 @@ def test_scan_triton_cuda_long(mode, monkeypatch):
     "scan", "scan_block", "scan_backward", "selective_scan", "selective_scan_backward", "scalar_decay",
     "scalar_decay_backward", "rnn_parallel", "lstm_parallel", "lstm_backward"])
 def test_custom_op_fakes_match_real(op, device):
-    """What torch.compile sees of each custom op (its fake: shapes, strides, dtypes) is what the op returns, at a ragged
-    T (no multiple of any tile): a broadcast gate for the scan, a backward's saved tensors from a real forward. The
-    selective scan's saved states are [B, 0, D, N] from the PyTorch engine, [B, T/BLOCK_T, D, N] from the kernels."""
+    """Each custom op's fake (shapes, strides, dtypes) is what it returns at a ragged T: a broadcast gate for scan, a
+    backward's saved tensors from a real forward (selective scan's: [B, 0, D, N] in PyTorch, [B, T/BLOCK_T, D, N])."""
     [module(n) for n in ("rnn", "lstm", "scalar_decay") if op.startswith(n)]  # registers zoo::<n>_parallel, ...
     if op == "lstm_backward" and device == "cpu":
         pytest.skip("newton.py's kernel runs on CUDA (the CPU's interpreter test checks its gradients)")
@@ -646,10 +642,9 @@ REFERENCE_CASES = ([(name, "plain", {}) for name in MODELS] + [(*c, {}) for c in
 @pytest.mark.parametrize("name,regime,options", REFERENCE_CASES, ids=[
     "-".join([name, regime, *(f"{k}={v}" for k, v in options.items())]) for name, regime, options in REFERENCE_CASES])
 def test_forms_match_reference(name, regime, options):
-    """Every form against the model's independent reference (<model>_reference), from an empty state and after a prefix:
-    outputs, and the final state where the reference keeps one; FROM_A_STATE also from a prefix's state moved by
-    10 U(0, 1) (mamba3's angles past 2 pi, kept in [0, 2 pi)). deltanet at fla's defaults, whose RMSNorm hides a
-    missing q scale but for its eps."""
+    """Every form against <model>_reference from empty and after a prefix: outputs, the state where the reference
+    keeps one; FROM_A_STATE also from a state moved by 10 U(0, 1) (mamba3's angles past 2 pi, kept in [0, 2 pi)).
+    deltanet at fla's defaults, whose RMSNorm hides a missing q scale but for its eps."""
     reference = globals()[name + "_reference"]
     model = make(name, edit=EXTREMES.get(name, {}).get(regime), **options)
     g = torch.Generator().manual_seed(0)
@@ -677,9 +672,8 @@ def test_forms_match_reference(name, regime, options):
 @pytest.mark.parametrize("name,regime", [(name, "plain") for name in MODELS]
                          + [("mlstm", regime) for regime in EXTREMES["mlstm"]])
 def test_short_calls_chain_like_one_call(name, regime):
-    """Calls of each form, each from the state the last one left (shorter than the conv windows, ending mid-chunk,
-    crossing chunks; a prefill then step() token by token), give one call's outputs and final state; so does mLSTM with
-    its gates at their ends. step() from no state: the first token's."""
+    """Chained calls of each form (shorter than conv windows, mid-chunk, across chunks; prefill then step()) give one
+    call's outputs and state, mLSTM with gates at their ends too; step() from no state: the first token's."""
     model = make(name, edit=EXTREMES.get(name, {}).get(regime))
     x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
     with torch.no_grad():
@@ -714,9 +708,8 @@ def test_chunked_every_length(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_long_decoding_matches_one_pass(name):
-    """A 37-token prefill then 300 step() calls give one default-form pass's outputs and final state; so do a call
-    continuing from the prefill's state and a pass of every form. 37 and 337 cross chunks (16) and conv windows (4), and
-    337 passes 256, where a cache or a counter of a power-of-two size would wrap."""
+    """A 37-token prefill, then 300 step()s or one call, give one pass's outputs and state (every form's): 37 and 337
+    cross chunks (16) and conv windows (4); 337 passes 256, where a power-of-two cache or counter would wrap."""
     model = make(name, **({"chunk_size": 16} if name in CHUNKED else {}))
     x = torch.randn(2, 337, D_MODEL, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     P, tol = 37, 1e-12  # float64: the summation order alone
@@ -783,8 +776,7 @@ def test_long_sequence_is_finite(name, regime, device):
     pytest.param("cuda", "inductor", torch.bfloat16, 1e-2, id="cuda-bf16", marks=[needs_cuda, slow])])
 @pytest.mark.parametrize("name", MODELS)
 def test_compiled_matches_eager(name, device, backend, dtype, tol):
-    """On the CPU: Dynamo's whole graph and AOTAutograd's functionalised forward and backward (backend aot_eager:
-    Inductor's C++ codegen takes ~40 s a model on two cores); on a GPU, Inductor (slow: 28 compilations)."""
+    """CPU: Dynamo's whole graph and AOTAutograd (aot_eager: Inductor's C++ takes ~40 s a model here); GPU: Inductor."""
     check_form(name, None, dtype, device, T=45, tol=tol, backend=backend)
 
 
@@ -1003,8 +995,7 @@ def gated_retention_reference(model, x):
 
 
 def test_retnet_decays_as_the_paper():
-    """gamma_h = 1 - 2^(-5-h) (sec. 2.2) read off what the layer does: zero input writes nothing, step() and every
-    form decay the state by gamma_h per token."""
+    """gamma_h = 1 - 2^(-5-h) (sec. 2.2): on zero input step() and every form decay the state by gamma_h a token."""
     H = 8
     model = model_class("retnet")(256, n_head=H).double()
     gamma = torch.tensor([1 - 2.0 ** (-5 - h) for h in range(H)], dtype=torch.float64)[:, None, None]
@@ -1019,8 +1010,7 @@ def test_retnet_decays_as_the_paper():
 
 @pytest.mark.parametrize("name", ["retnet", "gated_retention"])
 def test_retention_positions_are_relative_and_per_sequence(name):
-    """retnet and gated retention count the tokens their state has read and rotate q and k by position: from an empty
-    memory, the absolute start position does not matter; each row of the batch has its own counter."""
+    """Positions are relative (from an empty state the start counter does not matter) and per row of the batch."""
     model = make(name).requires_grad_(False)
     x = torch.randn(2, 11, 32, dtype=torch.float64)
     y0, (S, _) = model(x)
@@ -1038,9 +1028,8 @@ RETENTION_LONG = [("retnet", "plain")] + [("gated_retention", r) for r in ("plai
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,regime", RETENTION_LONG)
 def test_retention_long_forms_finite_and_agree(name, regime, device):
-    """T = 16384 in float32 (the parallel form's [H, T, T]: 4096 on the CPU): every form finite, chunked and recurrent
-    agree to float32 (tf32 on a GPU). The parallel form with strong gates only finite: its cumulative log gates reach
-    ~1e7, whose float32 differences c_t - c_s are coarse (1.9e-4 measured, T = 4096, jumpy); chunked restarts c."""
+    """T = 16384 float32 (parallel: 4096 on the CPU): every form finite, chunked = recurrent (tf32 on a GPU); parallel
+    with strong gates only finite: float32 c_t - c_s of log gates ~1e7 are coarse (1.9e-4, T = 4096, jumpy)."""
     model = make(name, torch.float32, device, edit=EXTREMES.get(name, {}).get(regime))
     x, Tp, tol = torch.randn(1, 16384, 32, device=device), *((16384, 1e-3) if device == "cuda" else (4096, 1e-4))
     with torch.no_grad():
@@ -1059,8 +1048,7 @@ def test_retention_long_forms_finite_and_agree(name, regime, device):
     for form, T in (("parallel", 4096), ("chunked", 16384))],
     ids=[f"{name}-{regime}" for name, regime in RETENTION_LONG] + ["deltanet-parallel", "deltanet-chunked"])
 def test_long_forms_finite_cuda(name, regime, form, T, options):
-    """check_long through forms other than the default (whose own long run is test_long_sequence_is_finite's) under
-    bf16 autocast: retention's parallel form; deltanet's with fla's defaults, heads of 16 and chunks of 64."""
+    """check_long through non-default forms under bf16 autocast: retention's parallel; deltanet at fla's defaults."""
     check_long(name, regime, "cuda", form, T, **options)
 
 
@@ -1096,8 +1084,7 @@ def mamba2_reference(model, x, state=None):
                              (m.n_head, m.headdim)]),
     ("attention", lambda m, T: [(m.n_head, T, D_MODEL // m.n_head)] * 2)], ids=["mamba2", "mamba3", "attention"])
 def test_state_shapes_and_float32_under_autocast(name, shapes):
-    """The state's documented shapes after a forward of 5 tokens and a step(), float32 (the model's dtype) under bf16
-    autocast too: mamba2 (conv, h), mamba3 (theta, h, B_prev, x_prev), attention's cache (K, V, one more a token)."""
+    """The state's documented shapes (after 5 tokens and a step()) and dtype float32, under bf16 autocast too."""
     m = make(name, torch.float32)
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -1174,8 +1161,7 @@ def mamba3_reference(m, x, state=None):
 
 @pytest.mark.parametrize("form", ["recurrent", "parallel", "chunked"])
 def test_mamba3_lambda_one_is_mamba2_euler(form):
-    """lambda = 1: beta = 0, the previous token drops out, every form is Mamba-2's exponential-Euler recurrence
-    h_t = exp(g_t) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t (scalar_decay_reference's); lambda = 1/2 is not."""
+    """lambda = 1: every form is Mamba-2's exponential-Euler recurrence (scalar_decay_reference); 1/2 is not."""
     mamba3, g = module("mamba3"), torch.Generator().manual_seed(0)
     Bsz, T, H, P, N = 2, 13, 3, 4, 6
     x, B, C = (torch.randn(Bsz, T, H, d, dtype=torch.float64, generator=g) for d in (P, N, N))
@@ -1217,8 +1203,7 @@ def test_mamba_bf16_parameters_run():
 
 
 def test_mamba_parallel_keeps_no_state_sequence():
-    """autograd keeps nothing [B, T, d_inner, N]-sized (a scan then y = C . h would keep a and h): the backward
-    recomputes the states."""
+    """autograd keeps nothing [B, T, d_inner, N]-sized (a scan then y = C . h keeps a and h): backward recomputes."""
     def largest_saved(fn, *args):
         sizes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
@@ -1233,8 +1218,7 @@ def test_mamba_parallel_keeps_no_state_sequence():
 
 @needs_cuda
 def test_mamba_parallel_memory_cuda():
-    """Forward and backward under bf16 autocast take less memory than two [B, T, d_inner, N] float32
-    tensors (the unfused form kept a and h and built b: three, plus their gradients)."""
+    """bf16 forward and backward take less than two [B, T, d_inner, N] float32 tensors (the unfused form: 3 + grads)."""
     m = make("mamba", torch.float32, "cuda", d_state=16)
     x = torch.randn(2, 8192, 32, device="cuda", requires_grad=True)
     h_bytes = 2 * 8192 * m.d_inner * 16 * 4
@@ -1377,9 +1361,8 @@ def test_delta_rule_long_float32(device, form, L, T, tol, spread):
 @pytest.mark.parametrize("rule,case", [("deltanet", beta) for beta in BETAS]
                          + [(rule, gate) for rule in LOG_ALPHAS for gate in LOG_ALPHAS[rule] if gate != "mild"])
 def test_delta_rules_against_reference(rule, case, dtype, tol):
-    """Every form's outputs, final state and gradients against the float64 reference over 70 tokens, chunks of 4, 8
-    and 32 (kda's cap), all ragged, betas and alphas at their ends. dL/dlog(alpha) is measured against dL/dv's scale:
-    where alpha underflows it is 0 in the reference, O(1) terms that cancel in the log-space forms (see check_form)."""
+    """Every form's outputs, state and gradients against the float64 reference, T = 70, chunks 4, 8, 32 (ragged),
+    betas and alphas at their ends; dL/dlog(alpha) against dL/dv's scale (0 in the reference where alpha underflows)."""
     beta = BETAS[case] if rule == "deltanet" else None
     inputs = [t.requires_grad_() for t in delta_inputs(rule, case, T=70, dtype=dtype, beta=beta)]
     names = ["y", "S"] + ["grad " + n for n in ["q", "k", "v", "beta"] + ["log alpha"] * (rule != "deltanet") + ["S0"]]
@@ -1523,9 +1506,8 @@ RWKV7_FIXED_S = [0.301530711836971, 0.158396423211843, 0.215167170977037, 0.1129
 
 
 def test_rwkv7_numbers_of_the_official_demo():
-    """Every parameter and the input set by formula; RWKV7_FIXED_* are what the official demo's time mix
-    (rwkv_v7_demo.py at commit 7384042f, its torch loop, float64, layer 0) returns for them, computed outside the
-    repository: y at tokens 0, 5, 11 (first 4 channels), the final state of head 1 (S[:2, :2])."""
+    """RWKV7_FIXED_*: the official demo's time mix (rwkv_v7_demo.py at 7384042f, torch loop, float64, layer 0), run
+    outside the repository on parameters and input set by formula: y at tokens 0, 5, 11 (4 channels), S[1, :2, :2]."""
     model = model_class("rwkv7")(64, head_size=32, chunk_size=8).double()
     with torch.no_grad():
         for i, (_, p) in enumerate(sorted(model.named_parameters())):
@@ -1544,8 +1526,7 @@ RWKV7_CORE_EXTREMES = {  # log w, a: None is random (log w in the clamp's range)
 
 @pytest.mark.parametrize("case", RWKV7_CORE_EXTREMES)
 def test_rwkv7_chunk_64_float32_at_the_clamp(case):
-    """The numerics bound: chunk 64 (the largest allowed), every decay at the clamp (e^-39 over a chunk, factors
-    e^+-19) or 1, a at 0 or 1 or random; T = 4096 float32 against float64."""
+    """Chunk 64 (the largest), decays at the clamp (e^-39 a chunk) or 1, a 0, 1 or random: float32 = float64, T 4096."""
     rwkv7 = module("rwkv7")
     log_w, a = RWKV7_CORE_EXTREMES[case]
     B, T, H, D = 1, 4096, 2, 16
@@ -1561,8 +1542,7 @@ def test_rwkv7_chunk_64_float32_at_the_clamp(case):
 
 
 def test_rwkv7_init_as_official():
-    """The official init (train_temp/src/model.py, layer 0, and generate_init_weight), re-derived with its loops;
-    LoRA ranks of the released models; head size 64 (one head below 64)."""
+    """The official init (train_temp/src/model.py, generate_init_weight), released models' LoRA ranks, head size 64."""
     RWKV7, C, N = model_class("rwkv7"), 128, 64
     m = RWKV7(C)
     ddd = torch.tensor([i / C for i in range(C)])
@@ -1616,9 +1596,8 @@ def attention_reference(m, x):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_attention_reserved_cache_steps_as_the_growing_one(compiled):
-    """step() on a cache from reserve() gives the growing cache's outputs with fixed shapes, each token in its slot,
-    writing in place (so train.step_graph's copy of the new state copies no cache); the same under
-    torch.compile(fullgraph=True) (aot_eager). forward() refuses a reserved cache."""
+    """step() on reserve()'s cache gives the growing cache's outputs, fixed shapes, written in place (train.step_graph
+    copies no cache), compiled (fullgraph, aot_eager) too; forward() refuses a reserved cache."""
     m = make("attention")
     step = torch.compile(m.step, fullgraph=True, dynamic=False, backend="aot_eager") if compiled else m.step
     x = torch.randn(2, 14, D_MODEL, dtype=torch.float64)
@@ -1808,9 +1787,8 @@ def newton_inputs(name, B, T, C, scale, g=None, device="cpu"):
 
 @pytest.mark.parametrize("case,T,least", [("rnn", 256, 50), ("lstm-full", 128, 20), ("lstm-diag", 128, 20)])
 def test_newton_cap_is_what_makes_it_exact(case, T, least):
-    """Many Newton steps (the rnn: hundreds), never more than T, and still the recurrent form's outputs, final state
-    and gradients (implicit differentiation at the solution). The cap's guarantee, exact and quasi-Newton alike: k
-    undamped Newton steps from any guess fix s_0 .. s_{k-1}."""
+    """Many Newton steps (rnn: hundreds) but <= T give the recurrent outputs, state and gradients (implicit
+    differentiation); the cap's guarantee, exact and quasi-Newton: k undamped steps from any guess fix s_0..s_{k-1}."""
     name = case[:4]
     model, x, s0 = newton_hard(name, T, **NEWTON_HARD[case])
     with torch.no_grad():
@@ -1846,10 +1824,9 @@ def spy_newton():
 
 
 def check_newton_kernel(name, full=True):
-    """newton.rnn or newton.lstm against the loop in float64: T = 19 (the last tile ragged), C = 12 (a full and a
-    partial block of channels), a random initial state, strong recurrent weights (many iterations); lstm_backward's
-    gradients against autograd's through the loop. On one tile (B = 1, T = 8 = BLOCK_T, 8 channels): rnn_newton's or
-    lstm_newton's iteration count, over seeds and recurrent weights up to 1 and 3 (a wrong Jacobian is slower)."""
+    """newton.rnn/lstm against the loop in float64 at T = 19, C = 12 (ragged tile and channel block), a random state and
+    strong weights; lstm_backward against autograd through the loop; on one tile (B = 1, T = C = 8), rnn_newton's or
+    lstm_newton's iteration count over seeds and weights up to 1 and 3 (a wrong Jacobian is slower)."""
     g = torch.Generator().manual_seed(0)
     u, w, s0 = newton_inputs(name, 2, 19, 12, 3 if name == "rnn" else 5, g)
     s, k = getattr(module("newton"), name)(u, w, s0, 1e-6, *[full] * (name == "lstm"))
@@ -1870,9 +1847,8 @@ def check_newton_kernel(name, full=True):
 
 
 def check_newton_hard_float32(model, x, s0, device="cpu"):
-    """newton_hard's case in float32: the parallel form's outputs, state and all gradients within 1e-4 of the float64
-    recurrence, or 3x the float32 loop's error (bistable channels amplify a GPU matmul's rounding in dL/dx to ~2e-4).
-    Returns the parallel form's iteration count."""
+    """newton_hard's case in float32: parallel outputs, state, gradients within 1e-4 of the float64 recurrence or 3x the
+    float32 loop's error (bistable channels amplify GPU matmul rounding in dL/dx to ~2e-4). Returns the iterations."""
     model64 = copy.deepcopy(model).to(device, torch.float64)
     model = model.to(device, torch.float32)
 
@@ -1907,9 +1883,8 @@ def test_newton_kernel_interpreted(name):
 @needs_cuda
 @pytest.mark.parametrize("name", ["rnn", "lstm"])
 def test_newton_kernel_cuda(name):
-    """On the GPU (tiles of newton.PLAN): the kernel against rnn_newton / lstm_newton (both Jacobians) and the loop at
-    B=4, T=1000 (16 tiles, ragged channels); the hard cases at T=256 in float32 with gradients. The parallel form needs
-    no host sync: captured in a CUDA graph, replayed on new inputs, it gives eager's outputs, state, iteration count."""
+    """GPU kernel against rnn_newton/lstm_newton (both Jacobians) and the loop (B=4, T=1000); hard cases at T=256,
+    float32, gradients; no host sync: in a CUDA graph replayed on new inputs it gives eager's outputs, state, count."""
     torch.manual_seed(0)
     u, w, s0 = newton_inputs(name, 4, 1000, 200, 2 if name == "rnn" else 1, device="cuda")
     ref = newton_loop(name, u, w, s0)
@@ -1936,8 +1911,7 @@ def test_newton_kernel_cuda(name):
 
 
 def test_lstm_forget_bias_is_one_on_the_gate_that_keeps_c():
-    """Gers et al. 2000: the forget gate's bias starts at 1, read off the cell: with W = 0 and r = 0, two states that
-    differ by 1 in c differ by f = sigmoid(1) in the next c."""
+    """Gers et al. 2000: forget bias 1, read off the cell (W = r = 0): c differing by 1 differs by sigmoid(1) next."""
     model = model_class("lstm")(64, d_hidden=1024).double()
     with torch.no_grad():
         model.inp.weight.zero_(), model.r.zero_()
@@ -2031,11 +2005,10 @@ def test_mlstm_core_matches_unstabilised_paper(form, regime):
 @pytest.mark.parametrize("regime", list(MLSTM_EXTREME) + ["default"])
 @pytest.mark.parametrize("T", [1, 8, 21])
 def test_mlstm_core_forms_match_recurrent_under_extreme_gates(regime, dtype, T):
-    """Outputs, states and gradients from a random state, gates at 0 and 1 and beyond float32's exp: finite, equal to
-    the recurrence's, m the paper's m_t = max(log f_t + m_{t-1}, i~_t). C~, n~ in the recurrence's frame
-    C~ exp(m - m_recurrent) (at m ~ 1e4 float32 rounds m by ~1e-3: a frame, not an error). Gradients against dL/dv's
-    scale: where one token outweighs the rest they are 0 up to rounding. In float32 q, k >= 0: with signs n_t^T q_t
-    can be any small number, resolved only to ~1e-7 (sum of |terms|) / |n_t^T q_t| (3e-3 in the loop's dL/dq)."""
+    """From a random state, gates at 0, 1 and past float32's exp: outputs, states, gradients finite and
+    the recurrence's, m the paper's max(log f_t + m_{t-1}, i~_t); C~, n~ in its frame C~ exp(m - m_rec) (float32 rounds
+    m ~ 1e4 by 1e-3). Gradients against dL/dv's scale (0 up to rounding where one token outweighs the rest). float32:
+    q, k >= 0, else n^T q can be tiny, resolved to ~1e-7 sum|terms| / |n^T q| (3e-3 in the loop's dL/dq)."""
     inputs, state = mlstm_core_inputs(regime, dtype, T=T, positive=dtype == torch.float32)
     assert regime != "i_huge" or dtype == torch.float64 or torch.isinf(inputs[3].exp()).any()  # e^100 overflows
     leaves = [t.requires_grad_() for t in inputs + list(state[:2])]
@@ -2066,9 +2039,8 @@ def test_mlstm_core_forms_match_recurrent_under_extreme_gates(regime, dtype, T):
 
 @pytest.mark.parametrize("i_bias", [0.0, 15.0, -15.0])
 def test_mlstm_layer_state_and_gradients_match_unstabilised_reference(i_bias):
-    """Every form against mlstm_reference (the paper's equations, float64), input gates as drawn and e^+-15
-    larger: outputs, the state as C~ exp(m), n~ exp(m), the gradients w.r.t. the input and every parameter; and no
-    gradient flows through m: two calls joined by the state have one call's gradients."""
+    """Every form against mlstm_reference, input gates as drawn and e^+-15: outputs, C~ exp(m), n~ exp(m), gradients
+    of x and every parameter; no gradient through m: two calls joined by the state have one call's gradients."""
     model = make("mlstm", chunk_size=4, edit=lambda m: m.gates.bias[:m.n_head].add_(i_bias))
     x = torch.randn(2, 17, D_MODEL, dtype=torch.float64, requires_grad=True)
     y_ref, (C_ref, n_ref) = mlstm_reference(model, x)
@@ -2143,8 +2115,7 @@ def write_log(folder, records):
 
 @pytest.mark.parametrize("task,sigint", [("text", False), ("mqar", True), ("parity", False)])
 def test_train_task_logs_and_resumes_bit_for_bit(task, sigint, train_data, tmp_path, monkeypatch, capsys):
-    """Each task: a 3-step run with dropout, and one stopped by Ctrl-C at step 2, which exits 130 and, resumed, ends
-    with the same weights, val loss and accuracy. A text run samples from best.pt."""
+    """Each task: 3 steps with dropout (text samples best.pt); Ctrl-C at step 2 exits 130, resumed ends the same."""
     flags, data_line = {"text": ([], " val characters"), "mqar": (TRAIN_MQAR, "vocab 16, 3 key-value pairs"),
                         "parity": (["--task", "parity"], "vocab 2, 16 bits per sequence")}[task]
     flags = flags + ["--max-iters", "3"]
@@ -2188,8 +2159,7 @@ def test_train_task_logs_and_resumes_bit_for_bit(task, sigint, train_data, tmp_p
 
 
 def test_train_defaults_follow_the_device_and_the_task(tmp_path):
-    """--compile is on by default on CUDA only; mqar and parity draw fresh sequences each step, nothing to overfit: no
-    dropout, no patience (where text has both, on a GPU)."""
+    """--compile on by default on CUDA only; mqar and parity (fresh sequences each step): no dropout, no patience."""
     def cfg(*flags):
         return train.get_config(train.parse_args(["--model", "rnn", "--out-dir", str(tmp_path), *flags]))[0]
 
@@ -2232,8 +2202,7 @@ def test_train_compiled_steps_match_eager_cuda(name, train_data, tmp_path):
 
 
 def test_train_dropout_reaches_a_mixer_that_takes_one_is_off_in_eval_and_prefill_then_step_matches_forward():
-    """Dropout reaches a mixer that takes one (attention's) and changes a training forward; in eval() the same
-    logits twice, and a prefill then step() on each further token gives the logits of one forward."""
+    """Dropout reaches attention, changes a training forward; eval(): the same logits, prefill + step() a forward's."""
     attn = train.load_mixer("attention")
     assert train.LM(attn, 11, 1, 32, dropout=0.3).blocks[0].mixer.dropout == 0.3
     assert train.LM(attn, 11, 1, 32, dropout=0.3, mixer_args={"dropout": 0.1}).blocks[0].mixer.dropout == 0.1
@@ -2282,8 +2251,7 @@ def test_train_sample_continues_the_state(name, options):
 
 @pytest.mark.parametrize("name", ["rnn", "lstm", "attention", "retnet", "mamba2", "mamba"])
 def test_train_generate_is_the_eager_decoding_loop(name, monkeypatch):
-    """On the CPU generate() runs eager (cuda_graph and compile change nothing): the loop's tokens for two prompts at
-    temperature 0 and 0.8 (the same draws), and the model left in the mode it came in."""
+    """On the CPU generate() is the eager loop (cuda_graph, compile change nothing) at temperature 0, 0.8; mode kept."""
     model = generation_lm(name).train()
     monkeypatch.setattr(torch, "compile", lambda *args, **kw: pytest.fail("torch.compile called off CUDA"))
     idx = torch.randint(28, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -2306,8 +2274,7 @@ def test_train_generate_is_the_eager_decoding_loop(name, monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("name", MODELS)
 def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
-    """generate() replaying one CUDA graph per token (cuda_graph=True) gives the tokens of eager decoding, float32
-    and bf16 autocast, temperature 0 and 0.8; every model is graphed, attention on a reserved KV cache."""
+    """generate(cuda_graph=True) gives eager's tokens, float32 and bf16 autocast, temperature 0 and 0.8, every model."""
     model = generation_lm(name, "cuda")
     graphs = []
     step_graph = train.step_graph
@@ -2325,9 +2292,8 @@ def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("name", ["mamba", "rwkv7", "attention"])
 def test_train_generate_graphed_compiled_follows_eager_logits_cuda(name, monkeypatch):
-    """generate(cuda_graph=True, compile=True) captures torch.compile(model.step, fullgraph=True, dynamic=False), called
-    twice (warm-up, capture) and replayed for the other tokens. Inductor may sum in another order, so where two logits
-    tie the tokens need not be eager's: each replay's logits within 1e-3 of eager step() on the same tokens."""
+    """generate(cuda_graph=True, compile=True) compiles model.step (fullgraph, dynamic=False), calls it
+    twice, replays it; Inductor may sum otherwise (ties): each replay's logits within 1e-3 of eager step()'s."""
     torch._dynamo.reset()  # a fresh count of LM.step's compilations (at most 8)
     model = generation_lm(name, "cuda")
     compiles, calls, replays, compile, step_graph = [], [], [], torch.compile, train.step_graph
@@ -2356,9 +2322,8 @@ def test_train_generate_graphed_compiled_follows_eager_logits_cuda(name, monkeyp
 
 
 def test_train_step_graph_keeps_its_buffers_alive(monkeypatch):
-    """The function step_graph returns keeps the static token, states and (under autocast) cast weights the capture ran
-    on alive after a garbage collection (a freed one is reused, and the graph writes someone else's memory), and the
-    model gets its own weights back; on the CPU with stand-ins for CUDA's streams and graphs."""
+    """step_graph's function keeps the static token, states and autocast's cast weights alive through gc (a freed one is
+    reused: the graph writes others' memory) and restores the model's weights; CPU stand-ins for streams, graphs."""
     stream = lambda: types.SimpleNamespace(wait_stream=lambda other: None)  # noqa: E731
     for name, stand_in in [("Stream", stream), ("current_stream", stream), ("stream", contextlib.nullcontext),
                            ("CUDAGraph", lambda: None), ("graph", contextlib.nullcontext)]:
@@ -2607,8 +2572,7 @@ def test_train_records_hold_the_run_and_its_state_size_and_mixer_args_reach_the_
 
 
 def test_train_width_matching(train_data, tmp_path, capsys):
-    """Each model's width gives the attention LM's parameter count; match_width builds the mixer at many widths, where
-    an unknown --mixer-args keyword is a one-line error too (train_error_of) and nothing is written."""
+    """Widths match the attention LM's parameters; an unknown --mixer-args keyword in the search: a one-line error."""
     for name in ("mamba", "rnn", "attention"):
         d, n, target = train.match_width(train.load_mixer(name), 65, 2, 128, {})
         assert d % 16 == 0 and abs(n - target) <= 0.1 * target, (name, d, n, target)
@@ -2644,8 +2608,7 @@ def test_train_warmup_then_cosine_as_the_optimizer_sees_it(train_data, tmp_path,
     ("rwkv7", {"receptance.weight", "key.weight", "value.weight", "output.weight"}),  # not the LoRAs, not r_k
     ("mamba", {"in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight"})])  # no A_log
 def test_train_weight_decay_on_the_matrices_not_marked(name, mixer):
-    """AdamW's groups on a real LM: weight decay 0.1 on exactly the matrices (the embedding, the MLP's, the mixer's
-    named here) and 0 on the rest: every vector and scalar, and the matrices the mixer marks _no_weight_decay."""
+    """Weight decay 0.1 on the matrices (embedding, MLP's, the mixer's named), 0 on the rest and on _no_weight_decay."""
     model = train.LM(train.load_mixer(name), 11, 1, 64)
     names = {id(p): n for n, p in model.named_parameters()}
     assert any(p.dim() >= 2 and getattr(p, "_no_weight_decay", False) for p in model.parameters())  # marks to obey
