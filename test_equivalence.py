@@ -274,8 +274,7 @@ def check_scan(device, dtype, tol, cases=SCAN_CASES + BLOCK_SCAN_CASES, referenc
 
 
 def check_selective(device, dtype, tol, cases=SELECTIVE_CASES, reference=None):
-    """y, h_T and the gradients w.r.t. x, dt, A, B, C, h0 against the loop or `reference` (selective_scan: the PyTorch
-    engine) in float64; x [B, D, T] in memory, as the parallel form's conv leaves it."""
+    """y, h_T, dx, ddt, dA, dB, dC, dh0 against the loop or `reference` in float64; x [B, D, T] in memory."""
     g = torch.Generator(device=device).manual_seed(0)
     draw = lambda *shape: torch.randn(shape, device=device, generator=g)  # noqa: E731
     for Bsz, T, D, N, with_h0, scale in cases:
@@ -1869,8 +1868,7 @@ def check_newton_hard_float32(model, x, s0, device="cpu"):
 
 @pytest.mark.parametrize("name", ["rnn", pytest.param("lstm", marks=slow)])
 def test_newton_kernel_interpreted(name):
-    """newton.py's kernel through Triton's interpreter (tiles of 8 steps by 8 channels): check_form at T = 21,
-    check_newton_kernel (both lstm Jacobians), and the hard case at T = 20, where tiles need 5 to all 8 iterations."""
+    """newton.py's kernel interpreted (tiles 8 x 8): check_form, check_newton_kernel, the hard case (5-8 iterations)."""
     interpreted(f"import newton; seen = t.spy_newton(); t.check_form({name!r}, 'parallel', torch.float32, 'cpu')\n"
                 f"for full in {(True, False) if name == 'lstm' else (True,)}:\n"
                 f"    t.check_newton_kernel({name!r}, full)\n"
@@ -2491,8 +2489,7 @@ def test_train_ddp_two_processes_match_one(train_data, tmp_path):
 
 
 def test_train_ddp_ctrl_c_saves_at_one_step_and_leaves_the_group(train_data, tmp_path):
-    """Ctrl-C under torchrun (SIGINT to its process group, as from a terminal): both processes stop at the same log
-    line, rank 0 saves there, each leaves through end_process (a bare sys.exit could abort in gloo's teardown)."""
+    """Ctrl-C to torchrun: both ranks stop at one step, rank 0 saves, each exits by end_process (gloo-safe)."""
     argv = train_argv(train_data, tmp_path, "--max-iters", "2000", "--log-interval", "2", "--sample-len", "0")
     run = subprocess.Popen(TORCHRUN + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -2588,8 +2585,7 @@ def test_train_width_matching(train_data, tmp_path, capsys):
 
 
 def test_train_warmup_then_cosine_as_the_optimizer_sees_it(train_data, tmp_path, monkeypatch):
-    """The lr of each optimizer step in both groups, as the loop sets it: lr / warmup at step 0, lr at step
-    warmup - 1, then the cosine from lr down towards lr / 10 at max_iters (written out here, not get_lr's)."""
+    """Each step's lr in both groups: warmup, then cosine to lr / 10 (written out, not get_lr's)."""
     seen, step = [], torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step",
                         lambda optimizer: seen.append([g["lr"] for g in optimizer.param_groups]) or step(optimizer))
