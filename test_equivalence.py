@@ -218,8 +218,7 @@ def scan_reference(a, b, h0=None, reverse=False):
     """h_t = a_t h_{t-1} + b_t step by step: a broadcast to b, or 2 x 2 blocks a [B, T, 2, 2, *] on b [B, T, 2, *]."""
     block = a.dim() > b.dim()
     a = a if block else a.expand(b.shape)
-    h = torch.zeros_like(b[:, 0]) if h0 is None else h0
-    out = [None] * b.shape[1]
+    h, out = (torch.zeros_like(b[:, 0]) if h0 is None else h0), [None] * b.shape[1]
     for t in (reversed(range(b.shape[1])) if reverse else range(b.shape[1])):
         h = ((a[:, t] * h[:, None]).sum(2) if block else a[:, t] * h) + b[:, t]
         out[t] = h
@@ -375,8 +374,7 @@ def test_scan_accumulates_in_float32(dtype, device):
     b = torch.full((2, T, 3), torch.finfo(dtype).eps / 2, device=device, dtype=dtype)
     b[:, 0] = 1
     b.requires_grad_()
-    h = scan(torch.ones_like(b), b)
-    exact = torch.cumsum(b.detach().double(), 1)
+    h, exact = scan(torch.ones_like(b), b), torch.cumsum(b.detach().double(), 1)
     assert h.dtype == dtype and torch.equal(h, exact.to(dtype)), "h is not the float32 sum rounded once"
     (db,) = torch.autograd.grad(h, b, b.detach().flip(1))  # dL/db_t = sum_{s >= t} dL/dh_s
     assert torch.equal(db, exact.flip(1).to(dtype)), "dL/db is not the float32 sum rounded once"
@@ -693,8 +691,7 @@ def test_short_calls_chain_like_one_call(name, regime):
 @pytest.mark.parametrize("name", CHUNKED)
 def test_chunked_every_length(name):
     """The chunked form at L = 1, 3, 8, 64 from a prefix's state against the recurrent: T < L, ragged, 65 chunks."""
-    model = make(name)
-    g = torch.Generator().manual_seed(0)
+    model, g = make(name), torch.Generator().manual_seed(0)
     with torch.no_grad():
         _, s0 = model(torch.randn(2, 5, D_MODEL, dtype=torch.float64, generator=g), form="recurrent")
         for T in (1, 7, 8, 9, 16, 23, 64, 65):
@@ -800,8 +797,7 @@ def assert_drawn(cdf, what):
 def uniform(low, high, of=lambda w: w, slack=1e-6):
     """A check that of(w)'s entries are draws from U(low, high): inside (slack: float32 rounding at the ends)."""
     def check(w, what):
-        x = of(w.detach().double()).flatten().sort().values
-        pad = slack * (high - low)
+        x, pad = of(w.detach().double()).flatten().sort().values, slack * (high - low)
         assert x[0] >= low - pad and x[-1] <= high + pad, \
             f"{what}: range [{x[0]:.4g}, {x[-1]:.4g}] is not inside [{low:.4g}, {high:.4g}]"
         assert_drawn((x - low) / (high - low), f"{what} from U({low:.4g}, {high:.4g})")
@@ -1010,8 +1006,7 @@ def test_retnet_decays_as_the_paper():
 @pytest.mark.parametrize("name", ["retnet", "gated_retention"])
 def test_retention_positions_are_relative_and_per_sequence(name):
     """Positions are relative (from an empty state the start counter does not matter) and per row of the batch."""
-    model = make(name).requires_grad_(False)
-    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    model, x = make(name).requires_grad_(False), torch.randn(2, 11, 32, dtype=torch.float64)
     y0, (S, _) = model(x)
     assert rel_err(model(x, (torch.zeros_like(S), torch.tensor([1000, 123457])))[0], y0) <= 1e-10
     x = torch.randn(2, 9, 32, dtype=torch.float64)
@@ -1208,8 +1203,7 @@ def test_mamba_parallel_keeps_no_state_sequence():
         with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
             fn(*args)
         return max(sizes)
-    m = make("mamba", torch.float32, d_state=16)
-    x = torch.randn(2, 40, 32, requires_grad=True)
+    m, x = make("mamba", torch.float32, d_state=16), torch.randn(2, 40, 32, requires_grad=True)
     A = torch.rand(2, 40, m.d_inner, 16, requires_grad=True)  # the premise: the old form's saved a and h
     # the bound: in_proj's output [B, T, 2 d_inner]
     assert largest_saved(m, x) <= 2 * 40 * 2 * m.d_inner < largest_saved(lambda A: scan(A, A * 1.0), A)
@@ -1243,8 +1237,7 @@ def delta_rule_reference(q, k, v, beta, S, alpha=None):
     matrices: the delta rule (alpha = 1) and the gated delta rule (Yang et al. 2025)."""
     q, k, v, beta, S = (x.double() for x in (q, k, v, beta, S))
     alpha = torch.ones_like(beta) if alpha is None else alpha.double()
-    I = torch.eye(k.shape[-1], dtype=torch.float64)
-    ys = []
+    I, ys = torch.eye(k.shape[-1], dtype=torch.float64), []
     for t in range(q.shape[1]):
         kt, vt, bt, at = k[:, t], v[:, t], beta[:, t, :, None, None], alpha[:, t, :, None, None]
         S = at * S @ (I - bt * kt[..., :, None] * kt[..., None, :]) + bt * vt[..., :, None] * kt[..., None, :]
@@ -1257,8 +1250,7 @@ def kda_paper(q, k, v, beta, alpha, S):
     o_t = S_t^T q_t, with S [B, H, Dk, Dv] (the paper's layout, the transpose of kda.py's), each transition an explicit
     Dk x Dk matrix, in float64."""
     q, k, v, beta, alpha, S = (x.double() for x in (q, k, v, beta, alpha, S))
-    I = torch.eye(k.shape[-1], dtype=torch.float64)
-    ys = []
+    I, ys = torch.eye(k.shape[-1], dtype=torch.float64), []
     for t in range(q.shape[1]):
         kt, bt = k[:, t, :, :, None], beta[:, t, :, None, None]
         S = (I - bt * kt @ kt.mT) @ torch.diag_embed(alpha[:, t]) @ S + bt * kt @ v[:, t, :, None, :]
@@ -1544,8 +1536,7 @@ def test_rwkv7_init_as_official():
     """The official init (train_temp/src/model.py, generate_init_weight), released models' LoRA ranks, head size 64."""
     RWKV7, C, N = model_class("rwkv7"), 128, 64
     m = RWKV7(C)
-    ddd = torch.tensor([i / C for i in range(C)])
-    linear = torch.tensor([n / (C - 1) - 0.5 for n in range(C)])
+    ddd, linear = torch.tensor([i / C for i in range(C)]), torch.tensor([n / (C - 1) - 0.5 for n in range(C)])
     zigzag = torch.tensor([((n % N) - ((N - 1) / 2)) / ((N - 1) / 2) for n in range(C)])
     zigzag = zigzag * zigzag.abs()
     www = torch.tensor([-6 + 6 * (n / (C - 1)) ** (1 + 1 * 0.0 ** 0.3) for n in range(C)])
@@ -1617,8 +1608,7 @@ def test_attention_reserved_cache_steps_as_the_growing_one(compiled):
 def test_attention_reserved_cache_in_autocast_dtype():
     """Under autocast reserve() keeps a float32 model's cache in bf16, the dtype step()'s matmuls read: the outputs
     and keys and values of a float32 cache padded as reserve() pads it, bit for bit. Else the cache keeps its dtype."""
-    m = make("attention", torch.float32)
-    x = torch.randn(2, 10, D_MODEL)
+    m, x = make("attention", torch.float32), torch.randn(2, 10, D_MODEL)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, grown = m(x[:, :4])
         reserved, padded = m.reserve(grown, 6), (*(F.pad(c, (0, 0, 0, 6)) for c in grown), torch.tensor(4))
@@ -1651,8 +1641,7 @@ def test_attention_rotary_relative_positions(shift):
 @pytest.mark.parametrize("form", ["sdpa", "parallel"])
 def test_attention_no_nan_with_extreme_inputs(form):
     """Inputs x 1e3 in float32: finite, backward too, the first row out(v_0); T = 16384 finite (parallel: SLOW=1)."""
-    m = make("attention", torch.float32)
-    x = (1e3 * torch.randn(2, 64, D_MODEL)).requires_grad_()
+    m, x = make("attention", torch.float32), (1e3 * torch.randn(2, 64, D_MODEL)).requires_grad_()
     _, s = m(x[:, :20].detach(), form=form)
     y, s2 = m(x[:, 20:], s, form=form)
     y.square().mean().backward()
@@ -1667,8 +1656,7 @@ def test_attention_no_nan_with_extreme_inputs(form):
 
 
 def test_attention_sdpa_matches_parallel_with_cache_float32():
-    m = make("attention", torch.float32)
-    x = torch.randn(2, 40, D_MODEL)
+    m, x = make("attention", torch.float32), torch.randn(2, 40, D_MODEL)
     _, s = m(x[:, :17], form="recurrent")
     ya, sa = m(x[:, 17:], s, form="sdpa")
     yb, sb = m(x[:, 17:], s, form="parallel")
@@ -1806,8 +1794,7 @@ def test_newton_cap_is_what_makes_it_exact(case, T, least):
     assert least < k <= T
     y_ref, s_ref = model(x, s0, form="recurrent")
     assert_close((y, s), (y_ref, s_ref), 1e-10, f"{name}: y, state")
-    gy = torch.randn_like(y)
-    leaves = [x, *tensors(s0)] + list(model.parameters())
+    gy, leaves = torch.randn_like(y), [x, *tensors(s0)] + list(model.parameters())
     loss = lambda y, s: (y * gy).sum() + sum((-1) ** i * t.sum() for i, t in enumerate(tensors(s)))  # noqa: E731
     assert_close(torch.autograd.grad(loss(y, s), leaves), torch.autograd.grad(loss(y_ref, s_ref), leaves), 1e-8,
                  f"{name}: gradients")
@@ -1848,8 +1835,7 @@ def check_newton_kernel(name, full=True):
 def check_newton_hard_float32(model, x, s0, device="cpu"):
     """newton_hard's case in float32: parallel outputs, state, gradients within 1e-4 of the float64 recurrence or 3x the
     float32 loop's error (bistable channels amplify GPU matmul rounding in dL/dx to ~2e-4). Returns the iterations."""
-    model64 = copy.deepcopy(model).to(device, torch.float64)
-    model = model.to(device, torch.float32)
+    model64, model = copy.deepcopy(model).to(device, torch.float64), model.to(device, torch.float32)
 
     def run(model, form, dtype):
         xf = x.to(device, dtype).requires_grad_()
@@ -1893,8 +1879,7 @@ def test_newton_kernel_cuda(name):
         assert 1 <= float(k) <= module("newton").PLAN[name][0]
     for case in [c for c in NEWTON_HARD if c.startswith(name)]:
         check_newton_hard_float32(*newton_hard(name, 256, **NEWTON_HARD[case]), device="cuda")
-    model = make(name, torch.float32, "cuda")
-    x = torch.randn(2, 300, D_MODEL, device="cuda")
+    model, x = make(name, torch.float32, "cuda"), torch.randn(2, 300, D_MODEL, device="cuda")
     with torch.no_grad():
         model(x)  # kernels compiled and loaded before the capture
         graph = torch.cuda.CUDAGraph()
@@ -2017,8 +2002,7 @@ def test_mlstm_core_forms_match_recurrent_under_extreme_gates(regime, dtype, T):
         m_ref = mlstm_core("recurrent", *inputs, state)[1][2]
     gen = torch.Generator().manual_seed(1)
     gh, gC, gn = (torch.randn(t.shape, generator=gen, dtype=dtype) for t in (inputs[2], state[0], state[1]))
-    names = ["h", "C", "n", "m", "q", "k", "v", "log_i", "g", "C0", "n0"]
-    outs = {}
+    names, outs = ["h", "C", "n", "m", "q", "k", "v", "log_i", "g", "C0", "n0"], {}
     for form in ("recurrent", "parallel", "chunked"):
         h, (C, n, m) = mlstm_core(form, *inputs, state)
         frame = (m - m_ref).exp()
@@ -2273,8 +2257,7 @@ def test_train_generate_is_the_eager_decoding_loop(name, monkeypatch):
 @pytest.mark.parametrize("name", MODELS)
 def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
     """generate(cuda_graph=True) gives eager's tokens, float32 and bf16 autocast, temperature 0 and 0.8, every model."""
-    model = generation_lm(name, "cuda")
-    graphs = []
+    model, graphs = generation_lm(name, "cuda"), []
     step_graph = train.step_graph
     monkeypatch.setattr(train, "step_graph", lambda *args: graphs.append(1) or step_graph(*args))
     idx = torch.randint(28, (1, 23), device="cuda")
