@@ -822,8 +822,7 @@ def xavier(gain):
 
 
 def TORCH(layer, what):
-    """nn.Linear's and nn.Conv1d's own init (kaiming_uniform with a = sqrt(5)): weight and bias
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_features (conv: in_channels / groups * kernel)."""
+    """nn.Linear's and nn.Conv1d's init (kaiming_uniform, a = sqrt(5)): weight and bias U(+-1/sqrt(w[0].numel()))."""
     bound = 1 / math.sqrt(layer.weight[0].numel())
     uniform(-bound, bound)(layer.weight, f"{what}.weight")
     if layer.bias is not None:
@@ -1246,9 +1245,8 @@ def delta_rule_reference(q, k, v, beta, S, alpha=None):
 
 
 def kda_paper(q, k, v, beta, alpha, S):
-    """Kimi Linear's KDA as written: S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T,
-    o_t = S_t^T q_t, with S [B, H, Dk, Dv] (the paper's layout, the transpose of kda.py's), each transition an explicit
-    Dk x Dk matrix, in float64."""
+    """Kimi Linear's KDA as written, float64: S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T,
+    o_t = S_t^T q_t, each transition an explicit Dk x Dk matrix; S [B, H, Dk, Dv] (the paper's layout, kda.py's mT)."""
     q, k, v, beta, alpha, S = (x.double() for x in (q, k, v, beta, alpha, S))
     I, ys = torch.eye(k.shape[-1], dtype=torch.float64), []
     for t in range(q.shape[1]):
