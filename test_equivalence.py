@@ -2062,7 +2062,7 @@ def train_same_weights(a, b):
 
 
 def train_error_of(argv, capsys, usage=False):
-    """train.main(argv)'s exit message: train.py's own, one line, stderr empty (status 1), or usage argparse's (2)."""
+    """train.main(argv)'s exit message: train.py's own (status 1; one line with stderr), or usage argparse's (2)."""
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     msg = str(e.value.code) + capsys.readouterr().err
