@@ -1502,7 +1502,7 @@ RWKV7_CORE_EXTREMES = {  # log w, a: None is random (log w in the clamp's range)
 
 @pytest.mark.parametrize("case", RWKV7_CORE_EXTREMES)
 def test_rwkv7_chunk_64_float32_at_the_clamp(case):
-    """Chunk 64 (the largest), decays at the clamp (e^-39 a chunk) or 1, a 0, 1 or random: float32 = float64, T 4096."""
+    """Chunk 64 (largest), decays at the clamp (e^-39 a chunk) or 1, a 0, 1 or random: float32 vs float64, T = 4096."""
     rwkv7 = module("rwkv7")
     log_w, a = RWKV7_CORE_EXTREMES[case]
     B, T, H, D = 1, 4096, 2, 16
