@@ -514,6 +514,16 @@ def forms(name, recurrent=False):
     return [f for f in model_class(name).forms if recurrent or f != "recurrent"]
 
 
+def chained(model, x, sizes, form=None, state=None):
+    """model on consecutive pieces of x [B, T, ...] from state, sizes their lengths ("step": one step()) -> y, state."""
+    ys, t = [], 0
+    for n in sizes:
+        y, state = model.step(x[:, t], state) if n == "step" else model(x[:, t:t + n], state, form=form)
+        ys.append(y[:, None] if n == "step" else y)
+        t += 1 if n == "step" else n
+    return torch.cat(ys, 1), state
+
+
 def check_form(name, form, dtype, device, T=21, B=2, tol=None, edit=None, gates=(), backend=None, **options):
     """form against the recurrent form from a prefix's state: outputs, final state, gradients w.r.t. the input, initial
     state and every parameter; bf16 under autocast (as train.py) against float32. backend: the default form compiled
@@ -681,12 +691,7 @@ def test_short_calls_chain_like_one_call(name, regime):
             y_full, s_full = model(x, form=form)
             for sizes in ([1, 1, 1, 1, 2, 13], [1, 2, 1, 5, 10], [2, 3, 14], [3, 16], [5, 1, 13], [9, 10], [7, 12],
                           [7] + ["step"] * 12):
-                ys, state, t = [], None, 0
-                for n in sizes:
-                    y, state = model.step(x[:, t], state) if n == "step" else model(x[:, t:t + n], state, form=form)
-                    ys.append(y[:, None] if n == "step" else y)
-                    t += 1 if n == "step" else n
-                assert_close((torch.cat(ys, 1), state), (y_full, s_full), 1e-12, f"{name}/{form}, calls of {sizes}")
+                assert_close(chained(model, x, sizes, form), (y_full, s_full), 1e-12, f"{name}/{form} calls of {sizes}")
 
 
 @pytest.mark.parametrize("name", CHUNKED)
@@ -715,10 +720,8 @@ def test_long_decoding_matches_one_pass(name):
         y_pre, state = model(x[:, :P])
         assert_close(y_pre, y_full[:, :P], tol, f"{name}: the prefill")
         assert_close(model(x[:, P:], state), (y_full[:, P:], s_full), tol, f"{name}: a forward continuing from it")
-        for t in range(P, x.shape[1]):
-            y_t, state = model.step(x[:, t], state)
-            assert_close(y_t, y_full[:, t], tol, f"{name}: step() at token {t}")
-        assert_close(state, s_full, tol, f"{name}: the state after step()")
+        ys, state = chained(model, x[:, P:], ["step"] * (x.shape[1] - P), state=state)
+        assert_close((*ys.unbind(1), state), (*y_full[:, P:].unbind(1), s_full), tol, f"{name}: step() at P + i, state")
         for form in forms(name, recurrent=True):
             assert_close(model(x, form=form), (y_full, s_full), tol, f"{name}: one {form} pass: y, state")
 
@@ -731,13 +734,10 @@ def test_conv_widths_forms_agree(name, conv, width):
     """Every form and a loop of step() agree, and mamba's reference; its conv state keeps the last width - 1 inputs."""
     m = make(name, **{conv: width}, **({"dt_rank": 3} if width > 1 else {}))
     x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
-    state, ys = None, []
-    for t in range(x.shape[1]):
-        y, state = m.step(x[:, t], state)
-        ys.append(y)
+    y_steps, _ = chained(m, x, ["step"] * x.shape[1])
     for form in forms(name, recurrent=True):
         y, s = m(x, form=form)
-        assert rel_err(y, torch.stack(ys, 1)) <= 1e-10, form
+        assert rel_err(y, y_steps) <= 1e-10, form
     if name == "mamba":
         assert s[0].shape == (2, 64, width - 1) and (width == 1 or rel_err(y, mamba_reference(m, x)[0]) <= 1e-10)
 
@@ -1598,10 +1598,8 @@ def test_attention_reserved_cache_in_autocast_dtype():
         _, grown = m(x[:, :4])
         reserved, padded = m.reserve(grown, 6), (*(F.pad(c, (0, 0, 0, 6)) for c in grown), torch.tensor(4))
         assert [c.dtype for c in reserved[:2]] == [torch.bfloat16] * 2 and padded[0].dtype == torch.float32
-        for t in range(4, 10):
-            y, reserved = m.step(x[:, t], reserved)
-            y_padded, padded = m.step(x[:, t], padded)
-            assert torch.equal(y, y_padded), t
+        (y, reserved), (y_padded, padded) = (chained(m, x[:, 4:], ["step"] * 6, state=s) for s in (reserved, padded))
+        assert torch.equal(y, y_padded)
         assert all(torch.equal(r.float(), p) for r, p in zip(reserved[:2], padded[:2]))
     assert all(c.dtype == torch.float32 for c in m.reserve(grown, 6)[:2])
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -2182,10 +2180,8 @@ def test_train_dropout_reaches_a_mixer_that_takes_one_is_off_in_eval_and_prefill
         model.eval()
         full, _ = model(idx)
         assert torch.equal(full, model(idx)[0])
-        logits, states = model(idx[:, :5])
-        for t in range(5, 9):
-            logits, states = model.step(idx[:, t], states)
-            assert torch.allclose(logits, full[:, t], atol=1e-10)
+        logits, _ = chained(model, idx[:, 5:], ["step"] * 4, state=model(idx[:, :5])[1])
+        assert torch.allclose(logits, full[:, 5:], atol=1e-10)
 
 
 def generation_lm(name, device="cpu", mixer_args=None):
