@@ -743,8 +743,7 @@ def test_conv_widths_forms_agree(name, conv, width):
 
 
 @pytest.mark.parametrize("name,d_model,options,message", [
-    ("rwkv7", 32, dict(head_size=24), "head_size"), ("rwkv7", 32, dict(head_size=1), "head_size"),
-    ("rwkv7", 32, dict(chunk_size=65), "chunk_size"), ("rwkv7", 32, dict(chunk_size=0), "chunk_size"),
+    *[("rwkv7", 32, {o: v}, o) for o, values in (("head_size", (24, 1)), ("chunk_size", (65, 0))) for v in values],
     ("attention", 32, dict(n_head=3), "n_head"), ("attention", 24, dict(n_head=8), "even"),  # head dim 3: no pairs
     ("attention", 32, dict(dropout=1.0), "dropout"), ("gated_deltanet", 30, dict(n_head=4), "n_head"),
     ("mamba3", 32, dict(d_state=2), "rope_fraction"),  # d_state 2: no angle to turn
