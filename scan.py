@@ -185,12 +185,12 @@ def use_triton(x):
 # most a few hundred rows) and rescans its chunk from the state that gives (FOLD). That reads a and b twice where
 # there is bandwidth to spare, and needs no communication between running programs. Measured against the decoupled
 # look-back it replaced (Merrill & Garland 2016), kernels from CUDA graphs: at [8, 4096, 1024] float32 on an H200,
-# 156 us forward and 230 backward for the look-back, 138 and 329 for these tiles; at [1, 65536, 64] float32, 62 us
-# forward (H200) against the chunks' 49 (H100, plain call). Not kept, at [8, 4096, 1024] on an H100: Triton's
-# pipelining of the next tile's loads (169 to 184 against 170 us forward); one-warp tiles that keep each channel's
-# steps in one thread (4-byte loads: 4x slower).
+# 156 us forward and 230 backward for the look-back, 138 and 329 for these tiles; at [1, 65536, 64] float32 the
+# look-back's forward took 62 us there, and a plain call of the chunks' 49 us on an H100. Not kept, at
+# [8, 4096, 1024] on an H100: Triton's pipelining of the next tile's loads (169 to 184 against 170 us forward);
+# one-warp tiles that keep each channel's steps in one thread (4-byte loads: 4x slower).
 
-PROGRAMS_PER_SM = 1  # split the sequence into chunks until this many programs per multiprocessor are running
+PROGRAMS_PER_SM = 1  # split the sequence into chunks until this many programs per multiprocessor run (_plan: x4)
 TILES_PER_CHUNK = 4  # but no chunk shorter than this
 _SMS = {}
 
