@@ -1494,16 +1494,11 @@ def test_rwkv7_numbers_of_the_official_demo():
                 assert torch.allclose(got.flatten(), torch.tensor(want, dtype=torch.float64), atol=1e-12), form
 
 
-RWKV7_CORE_EXTREMES = {  # log w, a: None is random (log w in the clamp's range)
-    "w_min_a_one": (-math.exp(-0.5), 1.0), "w_min_a_zero": (-math.exp(-0.5), 0.0), "w_one_a_one": (0.0, 1.0),
-    "random": (None, None)}
-
-
-@pytest.mark.parametrize("case", RWKV7_CORE_EXTREMES)
-def test_rwkv7_chunk_64_float32_at_the_clamp(case):
+@pytest.mark.parametrize("log_w,a", [(-math.exp(-0.5), 1.0), (-math.exp(-0.5), 0.0), (0.0, 1.0), (None, None)],
+                         ids=["w_min_a_one", "w_min_a_zero", "w_one_a_one", "random"])  # None: random within the clamp
+def test_rwkv7_chunk_64_float32_at_the_clamp(log_w, a):
     """Chunk 64 (largest), decays at the clamp (e^-39 a chunk) or 1, a 0, 1 or random: float32 vs float64, T = 4096."""
     rwkv7 = module("rwkv7")
-    log_w, a = RWKV7_CORE_EXTREMES[case]
     B, T, H, D = 1, 4096, 2, 16
     g = torch.Generator().manual_seed(0)
     r, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
