@@ -1120,9 +1120,8 @@ def mamba3_reference(m, x, state=None):
         z, xs, Bv, Cv, dtr, Ar, lr, ang = (x[:, t] @ m.in_proj.weight.T).split(m.sizes, -1)
         dt, lam = F.softplus(dtr + m.dt_bias)[..., None], torch.sigmoid(lr)[..., None]  # [B, H, 1]
         A = -torch.where(Ar >= 0, 1 + Ar, 1 / (1 - Ar)).clamp(min=m.A_floor)[..., None]
-        b, c = ((u / torch.sqrt(u.pow(2).mean(-1, keepdim=True) + m.eps) * w).repeat_interleave(H // G, 1) + bias
-                for u, w, bias in ((Bv.unflatten(-1, (G, N)), m.B_norm_weight, m.B_bias),
-                                   (Cv.unflatten(-1, (G, N)), m.C_norm_weight, m.C_bias)))  # [B, H, N]
+        b, c = ((rms_norm(u.unflatten(-1, (G, N)), m.eps) * w).repeat_interleave(H // G, 1) + bias
+                for u, w, bias in ((Bv, m.B_norm_weight, m.B_bias), (Cv, m.C_norm_weight, m.C_bias)))  # [B, H, N]
         bc, br = torch.complex(b[..., 0:2 * n:2], -b[..., 1:2 * n:2]), b[..., 2 * n:]  # turned pairs, the rest real
         cc = torch.complex(c[..., 0:2 * n:2], c[..., 1:2 * n:2])
         alpha_c = torch.exp(dt * torch.complex(A, math.pi * torch.tanh(ang)[:, None]))  # [B, H, n]
