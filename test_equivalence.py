@@ -1551,7 +1551,6 @@ def attention_reference(m, x):
         for h in range(H):
             for t in range(T):
                 K[b, h, t], V[b, h, t] = R[t] @ Wk[h] @ x[b, t], Wv[h] @ x[b, t]
-            for t in range(T):
                 s = torch.stack([(R[t] @ Wq[h] @ x[b, t]) @ K[b, h, j] / math.sqrt(D) for j in range(t + 1)])
                 w = torch.exp(s - s.max())
                 ys[b, h, t] = sum(w[j] / w.sum() * V[b, h, j] for j in range(t + 1))
