@@ -1368,8 +1368,7 @@ def test_delta_rules_beta_zero_skips_and_beta_one_overwrites(rule, form):
     one key again and again S k = v exactly, and (one decay per head) what is orthogonal to k only decays."""
     def rule_of(beta, read_k=False, **kw):  # q, k, v, log alpha per key channel, S0, y, S
         q, k, v, b, *g, S0 = delta_inputs(rule, "mild" if rule == "gated_deltanet" else "random", beta=beta, **kw)
-        q = k if read_k else q
-        y, S = delta_rule(rule, form, q, k, v, b, *g, S0)
+        y, S = delta_rule(rule, form, k if read_k else q, k, v, b, *g, S0)
         g = g[0] if rule == "kda" else (g[0] if g else torch.zeros_like(b))[..., None].expand_as(k)
         return q, k, v, g, S0, y, S
     q, k, v, g, S0, y, S = rule_of(BETAS["zero"])
