@@ -370,8 +370,7 @@ def test_torch_engine(check, f32_tol, cases, dtype):
 def test_scan_accumulates_in_float32(dtype, device):
     """bf16 and fp16 in, float32 sums rounded once on the way out, forward and backward: h_t = 1 + t e / 2 (e the
     dtype's epsilon) is exact in float32, where a running sum in the input's dtype drops the halves (1 + e / 2 is 1)."""
-    T = 1000
-    b = torch.full((2, T, 3), torch.finfo(dtype).eps / 2, device=device, dtype=dtype)
+    b = torch.full((2, 1000, 3), torch.finfo(dtype).eps / 2, device=device, dtype=dtype)
     b[:, 0] = 1
     b.requires_grad_()
     h, exact = scan(torch.ones_like(b), b), torch.cumsum(b.detach().double(), 1)
@@ -1624,8 +1623,7 @@ def test_attention_no_nan_with_extreme_inputs(form):
 def test_attention_sdpa_matches_parallel_with_cache_float32():
     m, x = make("attention", torch.float32), torch.randn(2, 40, D_MODEL)
     _, s = m(x[:, :17], form="recurrent")
-    ya, sa = m(x[:, 17:], s, form="sdpa")
-    yb, sb = m(x[:, 17:], s, form="parallel")
+    (ya, sa), (yb, sb) = (m(x[:, 17:], s, form=form) for form in ("sdpa", "parallel"))
     assert rel_err(ya, yb) <= 1e-5 and all(rel_err(a, b) <= 1e-6 for a, b in zip(sa, sb))
 
 
@@ -1998,10 +1996,8 @@ def test_mlstm_layer_state_and_gradients_match_unstabilised_reference(i_bias):
         assert_close((y, C * m.exp()[..., None, None], n * m.exp()[..., None]), (y_ref, C_ref, n_ref), 1e-10, form)
         one = torch.autograd.grad((y * gy).sum(), leaves)
         assert_close(one, grads_ref, 1e-9, f"{form}: grads of x, *parameters")
-        y1, state = model(x[:, :9], form=form)
-        y2, _ = model(x[:, 9:], state, form=form)
-        assert_close(torch.autograd.grad((torch.cat([y1, y2], 1) * gy).sum(), leaves), one, 1e-10,
-                     f"{form}: grads of x, *params through two calls")
+        y_two, _ = chained(model, x, [9, 8], form)
+        assert_close(torch.autograd.grad((y_two * gy).sum(), leaves), one, 1e-10, f"{form}: grads through two calls")
 
 
 # ========== train.py ============================================================================
