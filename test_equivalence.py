@@ -1629,9 +1629,7 @@ def test_attention_sdpa_matches_parallel_with_cache_float32():
 
 def test_attention_dropout_only_in_training():
     """Weight dropout changes a training forward; in eval() the same weights give the very same output."""
-    Attention = model_class("attention")
-    torch.manual_seed(0)
-    plain, dropped = Attention(D_MODEL), Attention(D_MODEL, dropout=0.5)
+    plain, dropped = make("attention", torch.float32), make("attention", torch.float32, dropout=0.5)
     dropped.load_state_dict(plain.state_dict())
     x = torch.randn(2, 12, D_MODEL)
     for form in plain.forms:
