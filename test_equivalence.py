@@ -175,9 +175,7 @@ def check_grads(fn, reference, leaves, names, tol, draw, what="", grad_tol=None,
     return outs
 
 
-def module(name):
-    """The model file name.py, imported by the test that needs it."""
-    return importlib.import_module(name)
+module = importlib.import_module  # module(name): the model file name.py, imported by the test that needs it
 
 
 def model_class(name):
