@@ -613,7 +613,7 @@ FORM_CASES = ([(name, "plain", device, dtype, tol, [21 if device == "cpu" else 3
        for dtype, tol in [(torch.float64, 1e-9), (torch.float32, 1e-4)] for name, regime in EXTREME_CASES]
     + [("kda", r, "cpu", torch.float32, None, [100], dict(chunk_size=32)) for r in ["plain", *EXTREMES["kda"]]]
     + [("mamba2", "plain", "cpu", dtype, None, [T], dict(ngroups=G, chunk_size=L))
-       for dtype in (torch.float64, torch.float32) for G, L, T in [(2, 8, 21), (4, 5, 3), (1, 7, 29), (2, 32, 19)]]
+       for dtype in (torch.float64, torch.float32) for G, L, T in [(4, 5, 3), (1, 7, 29), (2, 32, 19)]]
     + [("mamba", r, "cuda", dtype, tol, [300], {}) for r in ("dt_bias=20", "dt_bias=-20")
        for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2))])
 
@@ -1068,10 +1068,10 @@ def test_state_shapes_and_float32_under_autocast(name, shapes):
 
 
 @needs_cuda
-@pytest.mark.parametrize("regime", ["plain", *EXTREMES["mamba2"]])
+@pytest.mark.parametrize("regime", EXTREMES["mamba2"])
 def test_mamba2_cuda_bf16_at_the_extremes(regime):
     """The bf16 chunked form still matches float32 recurrent on 300 tokens with the decays at their ends."""
-    m = make("mamba2", torch.float32, "cuda", edit=EXTREMES["mamba2"].get(regime))
+    m = make("mamba2", torch.float32, "cuda", edit=EXTREMES["mamba2"][regime])
     x = torch.randn(2, 300, 32, device="cuda")
     with torch.no_grad():
         y32, _ = m(x, form="recurrent")
