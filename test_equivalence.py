@@ -1594,10 +1594,10 @@ def test_attention_reserved_cache_in_autocast_dtype():
 def test_attention_rotary_relative_positions(shift):
     rotary = module("attention").rotary
     q, k = torch.randn(2, 3, 50, 16, dtype=torch.float64), torch.randn(2, 3, 50, 16, dtype=torch.float64)
-    scores = lambda m, n: rotary(q, m) @ rotary(k, n).mT  # noqa: E731  queries from position m, keys from n
-    assert rel_err(scores(shift, shift), scores(0, 0)) <= 1e-12  # only m - n matters
-    assert rel_err(scores(5 + shift, 2 + shift), scores(5, 2)) <= 1e-12
-    assert rel_err(scores(0, 0), q @ k.mT) > 1e-2  # the rotation does something
+    scores = rotary(q, 0) @ rotary(k, 0).mT
+    assert rel_err(rotary(q, shift) @ rotary(k, shift).mT, scores) <= 1e-12  # queries at m, keys at n: m - n counts
+    assert rel_err(rotary(q, 5 + shift) @ rotary(k, 2 + shift).mT, rotary(q, 5) @ rotary(k, 2).mT) <= 1e-12
+    assert rel_err(scores, q @ k.mT) > 1e-2  # the rotation does something
     assert rel_err(rotary(q, shift).norm(dim=-1), q.norm(dim=-1)) <= 1e-14  # and is a rotation
 
 
