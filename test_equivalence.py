@@ -2199,16 +2199,13 @@ def generation_lm(name, device="cpu", mixer_args=None):
 def test_train_sample_continues_the_state(name, options):
     """Greedy sampling: each sampled token is the argmax of one parallel pass over prompt + sample at its position (it
     fails on step() from an empty state, the prefill's state dropped, a KV cache of 16 positions)."""
-    chars = "abcdefghijklmnopqrstuvwxyz ."
+    chars, prompt = "abcdefghijklmnopqrstuvwxyz .", "to be or not to be"
     model = generation_lm(name, mixer_args=options)  # float32: float64 convs are slow
-    prompt = "to be or not to be"
     text = train.sample(model, prompt, 40, chars, temperature=0)
     assert text.startswith(prompt) and len(text) == len(prompt) + 40 and len(set(text[len(prompt):])) >= 4
-    idx = torch.tensor([[chars.index(c) for c in text]])
     with torch.no_grad():
-        logits, _ = model.eval()(idx)
-    expected = logits[0, len(prompt) - 1:-1].argmax(-1)
-    assert "".join(chars[i] for i in expected) == text[len(prompt):]
+        logits, _ = model.eval()(torch.tensor([[chars.index(c) for c in text]]))
+    assert "".join(chars[i] for i in logits[0, len(prompt) - 1:-1].argmax(-1)) == text[len(prompt):]
 
 
 @pytest.mark.parametrize("name", ["rnn", "lstm", "attention", "retnet", "mamba2", "mamba"])
