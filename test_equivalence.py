@@ -2321,9 +2321,8 @@ TRAIN_BAD = [  # (flags, what the one-line error must name); TMP: a folder holdi
         "--patience -1", "--lr -0.001", "--lr nan", "--dropout -0.1", "--dropout 1", "--max-time 0", "--stop-acc nan",
         "--temperature -1", "--prompt Z")],
     *[(flags, flags) for flags in ["--device gpu", "--device cuda:99"] + ["--device cuda"] * (not CUDA)],
-    ("--block-size 0", "--block-size must be >= 1"), ("--batch-size 0", "--batch-size must be >= 1"),
-    ("--batch-size -1", "--batch-size must be >= 1"), ("--lr 0", "--lr must be > 0"),
-    ("--stop-acc 1.5", "--stop-acc must be in [0, 1]"), ("--resume", "no checkpoint"),
+    *[(flags, flags.split()[0] + " must be >= 1") for flags in ("--block-size 0", "--batch-size 0", "--batch-size -1")],
+    ("--lr 0", "--lr must be > 0"), ("--stop-acc 1.5", "--stop-acc must be in [0, 1]"), ("--resume", "no checkpoint"),
     ("--model linear_attention --mixer-args chunk_size=0", "chunk_size"),
     ("--model attention --mixer-args n_head=0", "n_head"), ("--mixer-args conv_size", "expected k=v"),
     ("--model deltanet --mixer-args conv_sise=1", "'conv_sise'; DeltaNet takes"),  # the name, the mixer's signature
