@@ -2640,10 +2640,9 @@ def test_bench_report_spreads_the_seeds_of_each_text_configuration_and_takes_a_c
     def run(name, best_val, best_step, model="attention", lr=1e-3):
         return name, dict(model=model, d_model=64, n_layer=2, lr=lr, block_size=32, batch_size=8, best_val=best_val,
                           best_step=best_step)
-    bench.report_seeds([
-        run("attn", 1.44, 2750), run("rnn_s2", 1.47, 2000, "rnn"), run("attn_s2", 1.43, 2250),
-        run("attn_lr3e-3", 1.30, 500, lr=3e-3),  # another configuration, one run: no row
-        run("rnn", 1.46, 1750, "rnn"), run("attn_s3", 1.45, 2250), run("mamba", 1.51, 750, "mamba")])
+    bench.report_seeds([run("attn", 1.44, 2750), run("rnn_s2", 1.47, 2000, "rnn"), run("attn_s2", 1.43, 2250),
+                        run("attn_lr3e-3", 1.30, 500, lr=3e-3),  # another configuration, one run: no row
+                        run("rnn", 1.46, 1750, "rnn"), run("attn_s3", 1.45, 2250), run("mamba", 1.51, 750, "mamba")])
     assert table_rows(capsys.readouterr().out)[1:] == [
         ["attention", "attn, attn_s2, attn_s3", "1.4400", "1.4300", "1.4500", "2750, 2250, 2250"],
         ["rnn", "rnn_s2, rnn", "1.4650", "1.4600", "1.4700", "2000, 1750"]]
