@@ -183,12 +183,8 @@ def use_triton(x):
 # Otherwise (few channels, a long sequence) the chunks run side by side in two launches: each program reduces its
 # chunk to one map h -> P h + X (REDUCE), then each program composes the maps of the chunks before it (a scan over at
 # most a few hundred rows) and rescans its chunk from the state that gives (FOLD). That reads a and b twice where
-# there is bandwidth to spare, and needs no communication between running programs. Measured against the decoupled
-# look-back it replaced (Merrill & Garland 2016), kernels from CUDA graphs: at [8, 4096, 1024] float32 on an H200,
-# 156 us forward and 230 backward for the look-back, 138 and 329 for these tiles; at [1, 65536, 64] float32 the
-# look-back's forward took 62 us there, and a plain call of the chunks' 49 us on an H100. Not kept, at
-# [8, 4096, 1024] on an H100: Triton's pipelining of the next tile's loads (169 to 184 against 170 us forward);
-# one-warp tiles that keep each channel's steps in one thread (4-byte loads: 4x slower).
+# there is bandwidth to spare, and needs no communication between running programs. RESULTS.md (scan.py) times it
+# against the decoupled look-back it replaced (Merrill & Garland 2016), Triton's pipelining and one-warp tiles.
 
 PROGRAMS_PER_SM = 1  # split the sequence into chunks until this many programs per multiprocessor run (_plan: x4)
 TILES_PER_CHUNK = 4  # but no chunk shorter than this
@@ -210,9 +206,8 @@ def n_chunks(n_tiles, groups, device, per_sm=1):
 
 def _plan(B, T, C, block, device):
     """(BLOCK_T, BLOCK_C, warps, n_chunks): tiles of 128 steps (64 for blocks) by 16 channels on 4 warps, the best
-    of the tiles timed in bench.py's scan shapes on an H200 (e.g. [8, 4096, 1024] float32: 138 us forward, against
-    168 to 377 us for 8 to 64 channels and 16 to 512 steps); chunks only where the channel blocks leave
-    multiprocessors idle (with 512 blocks, 2 chunks took twice as long as 1)."""
+    tile timed at bench.py's scan shapes; chunks only where the channel blocks leave multiprocessors idle, then
+    enough for 4 programs on each (RESULTS.md, scan.py)."""
     if INTERPRET:  # the interpreter pays per tile element
         block_t, block_c, warps = 16, 8, 1
     else:
@@ -220,8 +215,6 @@ def _plan(B, T, C, block, device):
     rows = min(block_t, _next_power_of_2(T))  # a short sequence (e.g. a scan over chunks): wider tiles, no empty rows
     block_c = min(block_c * block_t // rows, _next_power_of_2(C))
     groups = B * -(-C // block_c)
-    # fewer channel blocks than multiprocessors (a long, thin scan): 4 programs on each, not 1. At [1, 65536, 64]
-    # on an H100 the forward took 49 against 86 us, float32 and bf16 alike.
     return rows, block_c, warps, n_chunks(-(-T // rows), groups, device, 4 if groups < programs(device) else 1)
 
 
