@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import json
 import math
+import operator
 import os
 import random
 import re
@@ -84,8 +85,7 @@ EXTREMES = {
     "gated_retention": {  # gamma exactly 1 (log gamma = -0), ~0 (log gamma = -625), one head each, jumping per token
         "one": lambda m: m.gate.bias.fill_(1e4), "zero": lambda m: m.gate.bias.fill_(-1e4),
         "mixed": lambda m: m.gate.bias.copy_(torch.tensor([1e4, -1e4])), "jumpy": lambda m: m.gate.weight.mul_(1e4)},
-    "mamba2": {
-        # dt ~ 30: decay exp(-30 A) ~ 0; dt ~ 1e-13: decay ~ 1, nothing written; A ~ -2e-9: decay ~ 1; A ~ -400
+    "mamba2": {  # dt ~ 30: decay exp(-30 A) ~ 0; dt ~ 1e-13: decay ~ 1, nothing written; A ~ -2e-9: decay ~ 1; A ~ -400
         "dt_huge": lambda m: m.dt_bias.fill_(30.0), "dt_tiny": lambda m: m.dt_bias.fill_(-30.0),
         "A_near_0": lambda m: m.A_log.fill_(-20.0), "A_huge": lambda m: m.A_log.fill_(6.0),
         "mixed": lambda m: (m.dt_bias.copy_(torch.linspace(-20, 20, m.n_head)),
@@ -132,19 +132,13 @@ def rel_err(out, ref):
 
 
 def tensors(state):
-    """The tensors of a state, whatever its structure (tensor, tuple, list, dict)."""
-    if state is None or torch.is_tensor(state):
-        return [] if state is None else [state]
-    return [t for s in (state.values() if isinstance(state, dict) else state) for t in tensors(s)]
+    """The tensors of a state (a tensor, or tuples of tensors and tuples), in order."""
+    return [state] if torch.is_tensor(state) else [t for s in state for t in tensors(s)]
 
 
 def map_state(fn, state):
-    """Apply fn to every tensor of a state, keeping its structure (tensor, tuple, list, dict)."""
-    if state is None or torch.is_tensor(state):
-        return state if state is None else fn(state)
-    if isinstance(state, dict):
-        return {k: map_state(fn, v) for k, v in state.items()}
-    return type(state)(map_state(fn, s) for s in state)
+    """Apply fn to every tensor of a state (a tensor, or tuples of tensors and tuples), keeping its structure."""
+    return fn(state) if torch.is_tensor(state) else type(state)(map_state(fn, s) for s in state)
 
 
 def assert_close(got, want, tol, what):
@@ -182,10 +176,10 @@ def model_class(name):
     return getattr(module(name), MODELS[name][0])
 
 
-def make(name, dtype=torch.float64, device="cpu", seed=0, edit=None, d_model=D_MODEL, **options):
+def make(name, dtype=torch.float64, device="cpu", edit=None, d_model=D_MODEL, **options):
     """MODELS[name] (options override its small ones), seeded, to dtype and device; edit(model) sets a regime.
     Constant parameters (zeros; ones: a norm's weight, Mamba's D) get 0.1 N(0, 1) added: a wrong index shows."""
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     model = model_class(name)(d_model, **{**MODELS[name][1], **options})
     with torch.no_grad():
         for p in model.parameters():
@@ -336,7 +330,7 @@ def force_mode(monkeypatch, mode):
     monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
 
 
-def spy_reduce(*kernels, module=scan_module):
+def spy_reduce(module, *kernels):
     """Wrap module's named kernels; the set returned fills with each launch's REDUCE (chunks: True; one pass: False)."""
     seen = set()
 
@@ -404,8 +398,7 @@ def test_scan_gates_at_zero_and_one_and_long_sequences(device):
     (lambda: selective_scan(torch.rand(2, 5, 4), torch.ones(2, 5, 4, dtype=torch.long), torch.rand(4, 3),
                             *[torch.rand(2, 5, 3)] * 2), "floating"),
     (lambda: selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3, device="meta"), *[torch.rand(2, 5, 3)] * 2),
-     "one device"),
-])
+     "one device")])
 def test_scans_reject_bad_input(bad, message):
     with pytest.raises(ValueError, match=message):
         bad()
@@ -419,7 +412,7 @@ def test_scan_kernels_interpreted(name, kernels, mode):
     check = "check_scan" if name == "scan" else "check_selective"
     interpreted(f"import {name} as m; assert scan.use_triton(torch.zeros(1)); "
                 f"scan.PROGRAMS_PER_SM, scan.TILES_PER_CHUNK = {SCAN_MODES[mode]}; "
-                f"seen = t.spy_reduce({kernels}, module=m); t.{check}('cpu', torch.float32, 1e-5); "
+                f"seen = t.spy_reduce(m, {kernels}); t.{check}('cpu', torch.float32, 1e-5); "
                 f"assert (True in seen) if {mode == 'chunks'} else seen == {{False}}, seen")
 
 
@@ -502,8 +495,7 @@ def test_custom_op_fakes_match_real(op, device):
         "lstm_parallel": lambda: (r(2, T, 4, 5), r(4, 5), r(2, 2, 5), 1e-6, True),
         "lstm_backward": lambda: (r(2, T, 4, 5), r(4, 5), r(2, T, 2, 5), r(2, 2, 5), r(2, T, 2, 5)),
     }[op]()
-    torch.library.opcheck(getattr(torch.ops.zoo, op.removesuffix("_block")).default, args,
-                          test_utils=("test_faketensor",))
+    torch.library.opcheck(getattr(torch.ops.zoo, op.removesuffix("_block")).default, args, test_utils="test_faketensor")
 
 
 # ========== the model contract: every model, every form =========================================
@@ -522,7 +514,7 @@ def chained(model, x, sizes, form=None, state=None):
     return torch.cat(ys, 1), state
 
 
-def check_form(name, form, dtype, device, T=21, B=2, tol=None, edit=None, gates=(), backend=None, **options):
+def check_form(name, form, dtype, device, T=21, tol=None, edit=None, gates=(), backend=None, **options):
     """form against the recurrent form from a prefix's state: outputs, final state, gradients w.r.t. the input, initial
     state and every parameter; bf16 under autocast (as train.py) against float32. backend: the default form compiled
     (fullgraph) against eager, bf16 within tol plus eager's distance from float32. CPU float32: within tol of the
@@ -531,9 +523,9 @@ def check_form(name, form, dtype, device, T=21, B=2, tol=None, edit=None, gates=
     param_dtype, low = (torch.float32, True) if dtype == torch.bfloat16 else (dtype, False)
     model = make(name, param_dtype, device, edit=edit, **options)
     g = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(B, T, D_MODEL, device=device, dtype=param_dtype, generator=g, requires_grad=True)
+    x = torch.randn(2, T, D_MODEL, device=device, dtype=param_dtype, generator=g, requires_grad=True)
     with torch.no_grad():
-        _, s0 = model(torch.randn(B, 5, D_MODEL, device=device, dtype=param_dtype, generator=g), form="recurrent")
+        _, s0 = model(torch.randn(2, 5, D_MODEL, device=device, dtype=param_dtype, generator=g), form="recurrent")
         y, state = model(x, s0, form="recurrent")
     s0 = map_state(lambda t: t.clone().requires_grad_(t.is_floating_point()), s0)
     gy, *gs = [torch.randn(t.shape, device=device, generator=g) for t in [y, *tensors(state)] if t.is_floating_point()]
@@ -813,8 +805,7 @@ def normal(std, of=lambda w: w):
 def xavier(gain):
     """nn.init.xavier_uniform_(weight, gain): U(-b, b), b = gain * sqrt(6 / (fan_in + fan_out))."""
     def check(layer, what):
-        fan_out, fan_in = layer.weight.shape
-        bound = gain * math.sqrt(6 / (fan_in + fan_out))
+        bound = gain * math.sqrt(6 / sum(layer.weight.shape))  # weight [fan_out, fan_in]
         uniform(-bound, bound)(layer.weight, f"{what}.weight (xavier, gain {gain:.4g})")
     return check
 
@@ -849,8 +840,7 @@ INITS = {
                             "in_proj.bias": None, "out_proj.bias": None, "conv1d.bias.shape": (320,)}),
         (dict(d_model=256, expand=8, headdim=1, d_state=8), {  # 2048 heads
             "dt_bias": LOG_DT, "A_log": uniform(1.0, 16.0, torch.exp, slack=0), "D": 1, "norm_weight": 1})],
-    "mamba3": [  # mamba_ssm's Mamba3 (SISO): rope_fraction 1/2 (d_state / 4 angles), in_proj without bias to
-        # 2 d_inner + 2 G N + 3 H + angles; B and C biases 1 [H, N]; the B and C norms' weights 1; D = 1
+    "mamba3": [  # mamba_ssm's Mamba3 (SISO): rope_fraction 1/2, in_proj to 2 d_inner + 2 G N + 3 H + d_state / 4 angles
         (dict(d_model=64), {"d_state": 128, "headdim": 64, "d_inner": 128, "ngroups": 1, "n_head": 2, "n_angles": 32,
                             "chunk_size": 64, "A_floor": 1e-4, "eps": 1e-5, "in_proj.bias": None, "out_proj.bias": None,
                             "in_proj.weight.shape": (2 * 128 + 2 * 128 + 3 * 2 + 32, 64), "in_proj": TORCH,
@@ -878,9 +868,8 @@ INITS = {
             "A_log": holds(lambda w: 0 < w.exp().min() < 1 and w.exp().max() < 16 and 6 < w.exp().mean() < 10),
             "dt_bias": holds(lambda w: 1e-3 * (1 - 1e-6) <= F.softplus(w).min() and F.softplus(w).max() <= 0.1 * (
                 1 + 1e-6) and abs(F.softplus(w).log().mean() - math.log(1e-2)) < 0.5)})],  # log dt centred
-    "kda": [  # fla's KimiDeltaAttention at its default width 2048: 16 heads of 128, f_proj and g_proj of rank head_dim
-        # (only g_proj's second with a bias); A_log = 0 (fla's with safe_gate), the norm's weight 1; chunks of 32 at
-        # most; PyTorch's default elsewhere
+    "kda": [  # fla's KimiDeltaAttention at its default width 2048: f_proj and g_proj of rank head_dim (only g_proj's
+        # second with a bias); A_log = 0 (fla's with safe_gate), the norm's weight 1; PyTorch's default elsewhere
         (dict(d_model=2048), {"n_head": 16, "head_dim": 128, "chunk_size": 32, "eps": 1e-5, "conv.kernel_size": (4,),
                               "conv.bias": None, "conv.in_channels": 3 * 2048, "A_log.shape": (16,),
                               "norm.shape": (128,), "f_proj.0.weight.shape": (128, 2048),
@@ -897,8 +886,7 @@ INITS = {
     "lstm": [(dict(d_model=64, d_hidden=1024), {  # the biases in the docstring's gate order [i, f, o, g]: f's 1
         "inp.weight": uniform(-1 / 8, 1 / 8), "r": uniform(-1.0, 1.0), "out": TORCH,
         "inp.bias": holds(lambda b: (b.view(4, -1)[1] == 1).all() and b.view(4, -1)[[0, 2, 3]].abs().max() <= 1 / 8)})],
-    "mlstm": [  # xLSTM's mLSTMLayer and mLSTMCell: small init N(0, 2 / (5 d_model)), wang init N(0, (2 / sqrt(d))^2);
-        # gate weights 0, input-gate biases N(0, 0.1^2), forget-gate biases linspace(3, 6) over the heads
+    "mlstm": [  # xLSTM's mLSTMLayer and mLSTMCell: small init N(0, 2 / (5 d_model)), wang init N(0, (2 / sqrt(d))^2)
         (dict(d_model=256), {**dict.fromkeys(["up.weight", "wq", "wk", "wv"], normal(math.sqrt(2 / (5 * 256)))),
                              "down.weight": normal(2 / 16), "conv": TORCH, "gates.weight": 0, "skip": 1, "norm": 0,
                              "n_head": 4, "skip.shape": (512,), "wq.shape": (128, 4, 4), "up.bias": None,
@@ -916,9 +904,7 @@ def test_defaults_and_init_as_documented(name):
         torch.manual_seed(0)
         model = model_class(name)(**options)
         for what, want in expected.items():
-            got, where = model, f"{name}{options} {what}"
-            for attribute in what.split("."):
-                got = getattr(got, attribute)
+            got, where = operator.attrgetter(what)(model), f"{name}{options} {what}"
             for check in want if isinstance(want, list) else [want]:
                 if callable(check):
                     check(got, where)
@@ -937,13 +923,11 @@ def linear_attention_reference(model, x):
     """Katharopoulos et al. 2020 (eq. 4-9), float64: phi = elu + 1, y_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps),
     S_i = sum_{j<=i} phi(k_j) v_j^T and z_i = sum_{j<=i} phi(k_j) rebuilt for every i by a loop over j (eps: the
     module's guard). Returns y and the state as documented: [S^T; z^T] [B, H, E + 1, D]."""
-    B, T, d = x.shape
-    H = model.n_head
     phi = lambda t: F.elu(t) + 1  # noqa: E731
     Wq, Wk, Wv = model.qkv.weight.double().chunk(3, 0)  # output rows [q | k | v], head after head
-    q, k, v = ((x.double() @ W.T).view(B, T, H, d // H) for W in (Wq, Wk, Wv))
-    y = torch.zeros(B, T, H, d // H, dtype=torch.float64)
-    for i in range(T):
+    q, k, v = ((x.double() @ W.T).unflatten(-1, (model.n_head, -1)) for W in (Wq, Wk, Wv))
+    y = torch.zeros_like(v)
+    for i in range(x.shape[1]):
         S = sum(phi(k[:, j])[..., :, None] * v[:, j][..., None, :] for j in range(i + 1))  # S_i [B, H, D, E]
         z = sum(phi(k[:, j]) for j in range(i + 1))  # z_i [B, H, D]
         y[:, i] = (phi(q[:, i])[..., :, None] * S).sum(-2) / ((phi(q[:, i]) * z).sum(-1, keepdim=True) + model.eps)
@@ -1085,14 +1069,13 @@ def test_mamba2_cuda_bf16_at_the_extremes(regime):
 
 def to_complex(v, theta, n):
     """A turned pair (v_2i, v_2i+1) of the layer's state -> the complex number it stands for in the unturned
-    frame, exp(i theta) (v_2i - i v_2i+1); dimensions from 2 n on stay real. theta [B, H, n], v [B, H, (P,) N]."""
-    c = torch.exp(1j * theta)[..., None, :] if v.dim() == theta.dim() + 1 else torch.exp(1j * theta)
-    return c * torch.complex(v[..., 0:2 * n:2], -v[..., 1:2 * n:2]), v[..., 2 * n:]
+    frame, exp(i theta) (v_2i - i v_2i+1); dimensions from 2 n on stay real. theta [B, H, (1,) n], v [B, H, (P,) N]."""
+    return torch.exp(1j * theta) * torch.complex(v[..., 0:2 * n:2], -v[..., 1:2 * n:2]), v[..., 2 * n:]
 
 
 def from_complex(vc, vr, theta):
     """to_complex's inverse: the complex pairs vc and the real dimensions vr -> the layer's turned vector."""
-    z = vc * (torch.exp(-1j * theta)[..., None, :] if vc.dim() == theta.dim() + 1 else torch.exp(-1j * theta))
+    z = vc * torch.exp(-1j * theta)
     return torch.cat([torch.stack([z.real, -z.imag], -1).flatten(-2), vr], -1)
 
 
@@ -1107,7 +1090,7 @@ def mamba3_reference(m, x, state=None):
     if state is None:
         state = [x.new_zeros(x.shape[0], H, *s) for s in ((n,), (P, N), (N,), (P,))]
     theta, h, B_prev, x_prev = (s.clone() for s in state)
-    hc, hr = to_complex(h, theta, n)  # [B, H, P, n] complex, [B, H, P, N - 2n]
+    hc, hr = to_complex(h, theta[:, :, None], n)  # [B, H, P, n] complex, [B, H, P, N - 2n]
     bc_prev, br_prev = to_complex(B_prev, theta, n)
     ys = []
     for t in range(x.shape[1]):  # every head at once: [B, H, ...]; head k reads group k // (H / G)
@@ -1127,8 +1110,8 @@ def mamba3_reference(m, x, state=None):
         y = (hc * cc[:, :, None]).sum(-1).real + (hr * c[:, :, None, 2 * n:]).sum(-1) + m.D[:, None] * xk[..., 0]
         bc_prev, br_prev, x_prev = bc, br, xk[..., 0]
         ys.append((y.flatten(1) * F.silu(z)) @ m.out_proj.weight.T)
-    state = (theta.remainder(2 * math.pi), from_complex(hc, hr, theta), from_complex(bc_prev, br_prev, theta), x_prev)
-    return torch.stack(ys, 1), state
+    return torch.stack(ys, 1), (theta.remainder(2 * math.pi), from_complex(hc, hr, theta[:, :, None]),
+                                from_complex(bc_prev, br_prev, theta), x_prev)
 
 
 @pytest.mark.parametrize("form", ["recurrent", "parallel", "chunked"])
