@@ -1328,10 +1328,8 @@ def test_delta_rules_against_reference(rule, case, dtype, tol):
 def test_one_decay_per_head_is_the_gated_delta_rule(rule, form):
     """One decay per head (in every channel, kda) is the gated delta rule, alpha = 1 exactly deltanet.py's form;
     alpha = 0 keeps only the current token's write (kda: the recurrence; its chunked form needs log alpha >= -5)."""
-    for gate in ("random", "one", "zero"):
+    for gate in ("random", "one") if (rule, form) == ("kda", "chunked") else ("random", "one", "zero"):
         q, k, v, b, g, S0 = delta_inputs("gated_deltanet", gate)
-        if gate == "zero" and (rule, form) == ("kda", "chunked"):
-            continue
         if rule == "kda":  # alpha = 0 as exp(-inf)
             g = (torch.full_like(g, -math.inf) if gate == "zero" else g)[..., None].expand_as(k)
         y, S = delta_rule(rule, form, q, k, v, b, g, S0)
@@ -1449,15 +1447,13 @@ def rwkv7_reference(model, x, state=None):
     return (o.reshape(B, T, C) * g) @ p["output.weight"].T, (S, x[:, -1])
 
 
-RWKV7_FIXED_Y = [0.0297030030385485, 0.0495036196593315, 0.038007944729875, 0.00248356790594043,
-                 0.0644878508137577, 0.265196885418854, 0.298247896198625, 0.142745965235698,
-                 0.195527399225427, 0.123823964299588, -0.0261612389958126, -0.159607252458972]
-RWKV7_FIXED_S = [0.301530711836971, 0.158396423211843, 0.215167170977037, 0.112964782029502]
-
-
 def test_rwkv7_numbers_of_the_official_demo():
-    """RWKV7_FIXED_*: the official demo's time mix (rwkv_v7_demo.py at 7384042f, torch loop, float64, layer 0), run
-    outside the repository on parameters and input set by formula: y at tokens 0, 5, 11 (4 channels), S[1, :2, :2]."""
+    """The official demo's time mix (rwkv_v7_demo.py at 7384042f, torch loop, float64, layer 0), run outside the
+    repository on parameters and input set by formula: y at tokens 0, 5, 11 (4 channels each), S[1, :2, :2]."""
+    demo_y = [0.0297030030385485, 0.0495036196593315, 0.038007944729875, 0.00248356790594043,
+              0.0644878508137577, 0.265196885418854, 0.298247896198625, 0.142745965235698,
+              0.195527399225427, 0.123823964299588, -0.0261612389958126, -0.159607252458972]
+    demo_S = [0.301530711836971, 0.158396423211843, 0.215167170977037, 0.112964782029502]
     model = model_class("rwkv7")(64, head_size=32, chunk_size=8).double()
     with torch.no_grad():
         for i, (_, p) in enumerate(sorted(model.named_parameters())):
@@ -1465,7 +1461,7 @@ def test_rwkv7_numbers_of_the_official_demo():
         x = torch.sin(torch.arange(12 * 64, dtype=torch.float64) * 0.3).view(1, 12, 64)
         for form in model.forms:
             y, (S, _) = model(x, form=form)
-            for got, want in ((y[0, [0, 5, 11], :4], RWKV7_FIXED_Y), (S[0, 1, :2, :2], RWKV7_FIXED_S)):
+            for got, want in ((y[0, [0, 5, 11], :4], demo_y), (S[0, 1, :2, :2], demo_S)):
                 assert torch.allclose(got.flatten(), torch.tensor(want, dtype=torch.float64), atol=1e-12), form
 
 
@@ -1594,8 +1590,7 @@ def test_attention_no_nan_with_extreme_inputs(form):
     y.square().mean().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     y0, _ = m(x[:, :1].detach(), form=form)  # the first row sees only itself: y = out(v_0)
-    v0 = m.qkv(x[:, :1].detach()).chunk(3, -1)[2]
-    assert rel_err(y0, m.out(v0)) <= 1e-6
+    assert rel_err(y0, m.out(m.qkv(x[:, :1].detach()).chunk(3, -1)[2])) <= 1e-6
     if form == "sdpa" or SLOW:
         with torch.no_grad():
             y, s = m(torch.randn(1, 16384, D_MODEL), form=form)
@@ -1624,56 +1619,44 @@ def test_attention_dropout_only_in_training():
 # ---------- rnn.py and lstm.py, newton.py's kernel (pytest -s prints the iteration counts) -------
 
 def rnn_reference(model, x, h=None):
-    """torch.nn.RNNCell with W_hh = diag(w_h): the same layer, written by someone else."""
-    H = model.w_h.numel()
-    h = x.new_zeros(x.shape[0], H) if h is None else h
-    cell = torch.nn.RNNCell(x.shape[-1], H, nonlinearity="tanh").to(x.dtype)
+    """torch.nn.RNN with W_hh = diag(w_h): the same layer, written by someone else."""
+    ref = torch.nn.RNN(x.shape[-1], model.w_h.numel(), batch_first=True).to(x.dtype)
     with torch.no_grad():
-        cell.weight_ih.copy_(model.inp.weight), cell.bias_ih.copy_(model.inp.bias)
-        cell.weight_hh.copy_(torch.diag(model.w_h)), cell.bias_hh.zero_()
-    ys = []
-    for t in range(x.shape[1]):
-        h = cell(x[:, t], h)
-        ys.append(model.out(h))
-    return torch.stack(ys, 1), h
+        ref.weight_ih_l0.copy_(model.inp.weight), ref.bias_ih_l0.copy_(model.inp.bias)
+        ref.weight_hh_l0.copy_(torch.diag(model.w_h)), ref.bias_hh_l0.zero_()
+    hs, h = ref(x, None if h is None else h[None])
+    return model.out(hs), h[0]
 
 
 def lstm_reference(model, x, state=None):
-    """torch.nn.LSTMCell (gate order i, f, g, o) with W_hh = diag(r) per gate: the same layer, by someone else."""
+    """torch.nn.LSTM (gate order i, f, g, o) with W_hh = diag(r) per gate: the same layer, by someone else."""
     H = model.d_hidden
-    c, h = (x.new_zeros(x.shape[0], H), x.new_zeros(x.shape[0], H)) if state is None else state
     ours = [0, 1, 3, 2]  # torch's i, f, g, o in our order i, f, o, g
-    ref = torch.nn.LSTMCell(x.shape[-1], H).to(x.dtype)
+    ref = torch.nn.LSTM(x.shape[-1], H, batch_first=True).to(x.dtype)
     with torch.no_grad():
-        ref.weight_ih.copy_(model.inp.weight.unflatten(0, (4, H))[ours].flatten(0, 1))
-        ref.bias_ih.copy_(model.inp.bias.unflatten(0, (4, H))[ours].flatten())
-        ref.weight_hh.copy_(torch.cat([torch.diag(model.r[g]) for g in ours]))
-        ref.bias_hh.zero_()
-    ys = []
-    for t in range(x.shape[1]):
-        h, c = ref(x[:, t], (h, c))
-        ys.append(model.out(h))
-    return torch.stack(ys, 1), (c, h)
+        ref.weight_ih_l0.copy_(model.inp.weight.unflatten(0, (4, H))[ours].flatten(0, 1))
+        ref.bias_ih_l0.copy_(model.inp.bias.unflatten(0, (4, H))[ours].flatten())
+        ref.weight_hh_l0.copy_(torch.cat([torch.diag(model.r[g]) for g in ours]))
+        ref.bias_hh_l0.zero_()
+    hs, (h, c) = ref(x, None if state is None else (state[1][None], state[0][None]))
+    return model.out(hs), (c[0], h[0])
 
 
-def newton_hard(name, T, jacobian="full", r_scale=10.0):
+def newton_hard(case, T):
     """Strongly nonlinear, long memory, and Newton crawls: the model (float64), x and a state. rnn: w_h in (0, 3)
-    makes channels bistable (tanh(3 h) = h has three roots), so the solution flips between basins. lstm: recurrent
-    weights up to r_scale, small inputs, forget bias 4 (c remembers ~50 steps): h feeds back through saturated gates."""
-    if name == "rnn":
+    makes channels bistable (tanh(3 h) = h has three roots), so the solution flips between basins. lstm (lstm-full):
+    recurrent weights up to 10, small inputs, forget bias 4 (c remembers ~50 steps): h feeds back through saturated
+    gates; exact Newton takes 97 of 128 steps. lstm-diag, the diagonal quasi-Newton, is given r up to 5, where it needs
+    all 128 (exact Newton: 22); at r up to 10 (T=256) it hits the cap ~1e-2 off: its diagonal Jacobian products
+    overstate the true ones and amplify rounding (one more reason for full)."""
+    if case == "rnn":
         model = make("rnn", edit=lambda m: m.w_h.mul_(3))
         return model, torch.randn(2, T, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64).tanh()
-    model = make("lstm", jacobian=jacobian, edit=lambda m: (m.r.mul_(r_scale), m.inp.weight.mul_(0.35),
-                                                            m.inp.bias[32:64].add_(3)))
+    diag = case == "lstm-diag"
+    model = make("lstm", jacobian="diag" if diag else "full",
+                 edit=lambda m: (m.r.mul_(5.0 if diag else 10.0), m.inp.weight.mul_(0.35), m.inp.bias[32:64].add_(3)))
     x = torch.randn(2, T, 32, dtype=torch.float64)
     return model, x, (torch.randn(2, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64).tanh())
-
-
-# r up to 10: exact Newton takes 97 of 128 steps. The diagonal quasi-Newton is given r up to 5,
-# where it needs all 128 (exact Newton: 22); at r up to 10 (T=256) it hits the cap ~1e-2 off: its
-# diagonal Jacobian products overstate the true ones and amplify rounding (one more reason for full).
-NEWTON_HARD = {"rnn": dict(), "lstm-full": dict(jacobian="full", r_scale=10.0),
-               "lstm-diag": dict(jacobian="diag", r_scale=5.0)}
 
 
 @pytest.mark.parametrize("name,jacobian,dtype,lengths", [
@@ -1721,7 +1704,7 @@ def test_newton_cap_is_what_makes_it_exact(case, T, least):
     """Many Newton steps (rnn: hundreds) but <= T give the recurrent outputs, state and gradients (implicit
     differentiation); the cap's guarantee, exact and quasi-Newton: k undamped steps from any guess fix s_0..s_{k-1}."""
     name = case[:4]
-    model, x, s0 = newton_hard(name, T, **NEWTON_HARD[case])
+    model, x, s0 = newton_hard(case, T)
     with torch.no_grad():
         u, w, s0_ = ((model.inp(x), model.w_h, s0) if name == "rnn" else
                      (model.inp(x).unflatten(-1, (4, 32)), model.r, torch.stack(s0, 1)))
@@ -1821,8 +1804,8 @@ def test_newton_kernel_cuda(name):
         s, k = getattr(module("newton"), name)(*args)
         assert rel_err(s, getattr(module(name), f"{name}_newton")(*args)[0]) <= 1e-5 and rel_err(s, ref) <= 1e-5
         assert 1 <= float(k) <= module("newton").PLAN[name][0]
-    for case in [c for c in NEWTON_HARD if c.startswith(name)]:
-        check_newton_hard_float32(*newton_hard(name, 256, **NEWTON_HARD[case]), device="cuda")
+    for case in ("lstm-full", "lstm-diag") if name == "lstm" else ("rnn",):
+        check_newton_hard_float32(*newton_hard(case, 256), device="cuda")
     model, x = make(name, torch.float32, "cuda"), torch.randn(2, 300, D_MODEL, device="cuda")
     with torch.no_grad():
         model(x)  # kernels compiled and loaded before the capture
@@ -1880,8 +1863,8 @@ def mlstm_reference(model, x):
     return (h * F.silu(z)) @ P["down.weight"].T, (C, n)
 
 
-def mlstm_core(form, q, k, v, log_i, g, state, L=8):
-    return getattr(module("mlstm"), f"mlstm_{form}")(q, k, v, log_i, g, state, *[L] * (form == "chunked"))
+def mlstm_core(form, *inputs):
+    return getattr(module("mlstm"), f"mlstm_{form}")(*inputs, *[8] * (form == "chunked"))
 
 
 # gate regimes (log_i, g from N(0, 1) draws a, b): moderate ones, where the unstabilised recurrence is exact in
@@ -2084,7 +2067,6 @@ def test_train_defaults_follow_the_device_and_the_task(tmp_path):
     """--compile on by default on CUDA only; mqar and parity (fresh sequences each step): no dropout, no patience."""
     def cfg(*flags):
         return train.get_config(train.parse_args(["--model", "rnn", "--out-dir", str(tmp_path), *flags]))[0]
-
     assert cfg("--device", "cuda").compile is True and cfg("--device", "cuda", "--no-compile").compile is False
     assert cfg("--device", "cpu").compile is False and cfg("--device", "cpu", "--compile").compile is True
     assert cfg("--device", "cuda").dropout > 0 and cfg().patience > 0
@@ -2095,7 +2077,6 @@ def test_train_defaults_follow_the_device_and_the_task(tmp_path):
 def test_train_compile_compiles_the_lm_and_a_failure_falls_back_to_eager(train_data, tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
-
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: broken)
     assert train_run(train_data, tmp_path / "d", "--max-iters", "2", "--compile")["step"] == 2
     assert "running eager" in capsys.readouterr().out
@@ -2286,8 +2267,7 @@ TRAIN_BAD = [  # (flags, what the one-line error must name); TMP: a folder holdi
     ("--model attention --mixer-args rope_base=0.0", "loss is nan"), ("--data TMP/absent.txt", "cannot read"),
     ("--data TMP/empty.txt", "is empty"), ("--data TMP/short.txt", "too short"),
     ("--model mamba2 --mixer-args d_state=-4", "sizes must be >= 1, got d_state"),  # Mamba2's own ValueError
-    ("--task mqar --num-pairs 5 --mqar-vocab 16", "4 * num_pairs <= --block-size"),  # 4 * 5 > 16
-]
+    ("--task mqar --num-pairs 5 --mqar-vocab 16", "4 * num_pairs <= --block-size")]  # 4 * 5 > 16
 
 
 @pytest.mark.parametrize("flags,message", TRAIN_BAD, ids=[f for f, _ in TRAIN_BAD])
@@ -2454,7 +2434,6 @@ def test_train_parity_batch_is_the_running_xor_of_bits_held_out_and_scored_at_ev
             y = x.cumsum(1) % 2
             y[:, -1] ^= 1
             return F.one_hot(y, 2).float(), None
-
     no_autocast = torch.autocast("cpu", enabled=False)
     assert train.evaluate(WrongAtTheLastPosition(), val_batch, 2, no_autocast)[1] == 15 / 16  # every position
 
@@ -2625,7 +2604,6 @@ def test_bench_report_picks_the_best_lr_of_each_mqar_configuration(tmp_path, cap
                  for i, a in enumerate(accs)]
         final = dict(type="final", **config, tok_s=1e5, best_val=0.1, acc=accs[-1], stop="steps")
         write_log(tmp_path / name, [dict(type="start", step=0, **config)] + evals if cut else evals + [final])
-
     run("dn_1e-3", [0.2, 0.995, 0.9], 1e-3)  # at 0.99 once, but its final accuracy is the lower
     run("dn_3e-3", [0.1, 0.98, 0.992, 0.999], 3e-3)
     run("dn_3e-4", [0.1, 0.991], 3e-4)  # at 0.99 first: 0.991 and 0.999 above the stop are both "recalls"
