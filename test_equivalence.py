@@ -4,9 +4,9 @@
     SLOW=1 pytest test_equivalence.py     # and the slow cases (more interpreter runs, T = 65536 scans, ...)
     pytest test_equivalence.py -k mamba2  # one model
 
-In order: scan.py and selective_scan.py; the model contract (every model, every form); each model against its
-independent reference (<model>_reference), at its extremes, and its init; train.py; bench.py. A test imports the model
-file it needs (module()): a missing or broken file fails its own tests only.
+In order: scan.py, selective_scan.py and scalar_decay.py; the model contract (every model, every form); each model
+against its independent reference (<model>_reference), at its extremes, and its init; train.py; bench.py. A test
+imports the model file it needs (module()): a missing or broken file fails its own tests only.
 
 References are plain sequential loops on fresh random inputs. Tolerances are relative errors ||out - ref|| / ||ref||:
 float64 1e-8 (summation order alone is ~1e-15; room for rnn/lstm's ill-conditioned Newton solves), float32 1e-4
@@ -204,7 +204,7 @@ def interpreted(code):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-# ========== scan.py and selective_scan.py =======================================================
+# ========== scan.py, selective_scan.py and scalar_decay.py ======================================
 
 def scan_reference(a, b, h0=None, reverse=False):
     """h_t = a_t h_{t-1} + b_t step by step: a broadcast to b, or 2 x 2 blocks a [B, T, 2, 2, *] on b [B, T, 2, *]."""
