@@ -51,6 +51,10 @@ DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 SLOW = os.environ.get("SLOW") == "1"
 slow = pytest.mark.skipif(not SLOW, reason="slow: run with SLOW=1")
+# on a GPU the default run checks the GPU; what runs on the CPU alone and is long (T = 16384, gloo's DDP) the CPU's run
+# covers, and SLOW=1 runs it there too
+cpu_long = pytest.mark.skipif(CUDA and not SLOW, reason="the CPU's long case: on a GPU, run with SLOW=1")
+LONG_DEVICES = [pytest.param("cpu", marks=cpu_long), pytest.param("cuda", marks=[needs_cuda, slow])]
 
 # file -> (class, small options for tests: several chunks, a few heads, Mamba2's and Mamba3's groups, DeltaNet's gate)
 MODELS = {
@@ -750,7 +754,7 @@ def test_bad_options_are_errors(name, d_model, options, message):
             model_class(name)(d_model, **options)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[needs_cuda, slow])])
+@pytest.mark.parametrize("device", LONG_DEVICES)
 @pytest.mark.parametrize("name,regime", [(name, "plain") for name in MODELS] + EXTREME_CASES)
 def test_long_sequence_is_finite(name, regime, device):
     check_long(name, regime, device)
@@ -986,7 +990,7 @@ def test_retention_positions_are_relative_and_per_sequence(name):
 RETENTION_LONG = [("retnet", "plain")] + [("gated_retention", r) for r in ("plain", "one", "zero", "jumpy")]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", LONG_DEVICES)
 @pytest.mark.parametrize("name,regime", RETENTION_LONG)
 def test_retention_long_forms_finite_and_agree(name, regime, device):
     """T = 16384 float32 (parallel: 4096 on the CPU): every form finite, chunked = recurrent (tf32 on a GPU); parallel
@@ -1292,10 +1296,10 @@ def test_chunk_states_composes_affine_maps(name, n_chunks):
 
 
 @pytest.mark.parametrize("device,form,L,T,tol,spread", [
-    ("cpu", "chunked", 8, 16384, 1e-4, None), ("cpu", "chunked", 64, 16384, 1e-4, None),
+    *[pytest.param("cpu", "chunked", L, 16384, 1e-4, None, marks=cpu_long) for L in (8, 64)],
     *[("cpu", form, 64, 4096, 1e-3, spread) for form in ("parallel", "chunked") for spread in (0.0, 1e-3)],
     pytest.param("cuda", "parallel", 64, 4096, 2e-3, None, marks=needs_cuda),  # tf32 matmuls
-    pytest.param("cuda", "chunked", 64, 16384, 2e-3, None, marks=needs_cuda)])
+    pytest.param("cuda", "chunked", 64, 16384, 2e-3, None, marks=[needs_cuda, slow])])
 def test_delta_rule_long_float32(device, form, L, T, tol, spread):
     """T = 16384 (the GPU's parallel form: 4096) in float32 from a random state against the float64 recurrence; keys
     at T = 4096 identical with beta = 1 (A = I + strictly-lower ones) or spread 1e-3 apart with beta near 1."""
@@ -2187,7 +2191,7 @@ def test_train_generate_graphed_gives_eager_tokens_cuda(name, monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("name", ["mamba", "rwkv7", "attention"])
+@pytest.mark.parametrize("name", ["attention", *(pytest.param(n, marks=slow) for n in ("mamba", "rwkv7"))])
 def test_train_generate_graphed_compiled_follows_eager_logits_cuda(name, monkeypatch):
     """generate(cuda_graph=True, compile=True) compiles model.step (fullgraph, dynamic=False), calls it
     twice, replays it; Inductor may sum otherwise (ties): each replay's logits within 1e-3 of eager step()'s."""
@@ -2362,6 +2366,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
             os.path.join(HERE, "train.py")]
 
 
+@cpu_long
 def test_train_ddp_two_processes_match_one(train_data, tmp_path):
     """torchrun with 2 gloo processes, each half of every batch, against one process with the whole batch."""
     argv = TRAIN_TINY + ["--model", "attention", "--data", train_data, "--max-iters", "4", "--sample-len", "0"]
@@ -2381,6 +2386,7 @@ def test_train_ddp_two_processes_match_one(train_data, tmp_path):
     assert all(rel_err(w2[k], w1[k]) <= 1e-6 for k in w1)  # measured: 1e-8
 
 
+@cpu_long
 def test_train_ddp_ctrl_c_saves_at_one_step_and_leaves_the_group(train_data, tmp_path):
     """Ctrl-C to torchrun: both ranks stop at one step, rank 0 saves, each exits by end_process (gloo-safe)."""
     argv = train_argv(train_data, tmp_path, "--max-iters", "2000", "--log-interval", "2", "--sample-len", "0")
