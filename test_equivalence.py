@@ -600,9 +600,10 @@ def check_long(name, regime, device, form=None, T=None, B=None, **options):
 
 
 # check_form's cases (name, regime, device, dtype, tol, lengths, options): every model on the CPU at T = 21 and on a
-# GPU at 300 (bf16 autocast; float32 with tf32 matmuls, ~3e-4); each model's gates at their ends (EXTREMES) at T = 1,
-# one chunk and a ragged 27; where MODELS' options and the CPU do not reach: kda's largest chunk (factors up to e^80)
-# in float32, its gates at their ends; mamba2's groups and ragged chunks; mamba on a GPU with dt at its ends (~1e-9, 20)
+# GPU at 300 (bf16 autocast; float32 with SLOW=1, tf32 matmuls ~3e-4: test_kernels_triton_cuda checks each kernel's
+# float32 against float64 by default); each model's gates at their ends (EXTREMES) at T = 1, one chunk and a ragged
+# 27; where MODELS' options and the CPU do not reach: kda's largest chunk (factors up to e^80) in float32, its gates at
+# their ends; mamba2's groups and ragged chunks; mamba on a GPU with dt at its ends (~1e-9, 20)
 FORM_CASES = ([(name, "plain", device, dtype, tol, [21 if device == "cpu" else 300], {}) for device, dtype, tol in [
     ("cpu", torch.float64, TOL[torch.float64]), ("cpu", torch.float32, TOL[torch.float32]),
     ("cuda", torch.bfloat16, TOL[torch.bfloat16]), ("cuda", torch.float32, 1e-3)] for name in MODELS]
@@ -615,9 +616,9 @@ FORM_CASES = ([(name, "plain", device, dtype, tol, [21 if device == "cpu" else 3
        for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2))])
 
 
-@pytest.mark.parametrize("name,regime,device,dtype,tol,lengths,options", [pytest.param(*case, marks=[needs_cuda] * (
-    case[2] == "cuda"), id="-".join([*case[:3], str(case[3])[6:], *(f"{k}={v}" for k, v in case[6].items())]))
-    for case in FORM_CASES])
+@pytest.mark.parametrize("name,regime,device,dtype,tol,lengths,options", [pytest.param(
+    *case, marks=[needs_cuda] * (case[2] == "cuda") + [slow] * (case[2:4] == ("cuda", torch.float32)),
+    id="-".join([*case[:3], str(case[3])[6:], *(f"{k}={v}" for k, v in case[6].items())])) for case in FORM_CASES])
 def test_forms_match_recurrent(name, regime, device, dtype, tol, lengths, options):
     """Every form against the recurrent form (check_form): outputs, final states, all gradients."""
     if (name, regime) == ("gated_deltanet", "jumpy"):  # log alpha down to -2e7 a token, sums of them to ~1e8
