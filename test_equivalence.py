@@ -338,14 +338,11 @@ def spy_reduce(module, *kernels):
     """Wrap module's named kernels; the set returned fills with each launch's REDUCE (chunks: True; one pass: False)."""
     seen = set()
 
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
+    class Spy(types.SimpleNamespace):
         def __getitem__(self, grid):
             return lambda *args, **meta: seen.add(meta["REDUCE"]) or self.kernel[grid](*args, **meta)
     for name in kernels:
-        setattr(module, name, Spy(getattr(module, name)))
+        setattr(module, name, Spy(kernel=getattr(module, name)))
     return seen
 
 
@@ -649,8 +646,7 @@ def test_forms_match_reference(name, regime, options):
     keeps one; FROM_A_STATE also from a state moved by 10 U(0, 1) (mamba3's angles past 2 pi, kept in [0, 2 pi)).
     deltanet at fla's defaults, whose RMSNorm hides a missing q scale but for its eps."""
     reference = globals()[name + "_reference"]
-    model = make(name, edit=EXTREMES.get(name, {}).get(regime), **options)
-    g = torch.Generator().manual_seed(0)
+    model, g = make(name, edit=EXTREMES.get(name, {}).get(regime), **options), torch.Generator().manual_seed(0)
     x = torch.randn(2, 23, options.get("d_model", D_MODEL), dtype=torch.float64, generator=g)
     with torch.no_grad():
         y_ref, s_ref = reference(model, x)
@@ -677,8 +673,7 @@ def test_forms_match_reference(name, regime, options):
 def test_short_calls_chain_like_one_call(name, regime):
     """Chained calls of each form (shorter than conv windows, mid-chunk, across chunks; prefill then step()) give one
     call's outputs and state, mLSTM with gates at their ends too; step() from no state: the first token's."""
-    model = make(name, edit=EXTREMES.get(name, {}).get(regime))
-    x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
+    model, x = make(name, edit=EXTREMES.get(name, {}).get(regime)), torch.randn(2, 19, D_MODEL, dtype=torch.float64)
     with torch.no_grad():
         y, _ = model.step(x[:, 0])
         assert y.shape == (2, D_MODEL) and rel_err(y, model(x[:, :1], form="recurrent")[0][:, 0]) <= 1e-12
@@ -749,10 +744,8 @@ def test_conv_widths_forms_agree(name, conv, width):
 def test_bad_options_are_errors(name, d_model, options, message):
     """A bad option of the constructor, or an unknown form, is a ValueError that names it."""
     with pytest.raises(ValueError, match=message):
-        if "form" in options:
-            make(name)(torch.randn(1, 3, d_model, dtype=torch.float64), **options)
-        else:
-            model_class(name)(d_model, **options)
+        (make(name)(torch.randn(1, 3, d_model, dtype=torch.float64), **options) if "form" in options
+         else model_class(name)(d_model, **options))
 
 
 @pytest.mark.parametrize("device", LONG_DEVICES)
@@ -1053,8 +1046,7 @@ def test_state_shapes_and_float32_under_autocast(name, shapes):
             _, state = m(torch.randn(3, 5, D_MODEL))
             _, stepped = m.step(torch.randn(3, D_MODEL), state)
         for T, s in ((5, state), (6, stepped)):
-            assert [t.shape for t in s] == [(3, *shape) for shape in shapes(m, T)], (autocast, T)
-            assert all(t.dtype == torch.float32 for t in s), (autocast, T)
+            assert [(t.shape, t.dtype) for t in s] == [((3, *sh), torch.float32) for sh in shapes(m, T)], (autocast, T)
 
 
 @needs_cuda
@@ -1092,8 +1084,7 @@ def mamba3_reference(m, x, state=None):
     the rest of the N dimensions real (w = 0). The layer's state (turned by theta, the sum of dt w) is read and
     returned in its own layout: theta mod 2 pi, h, B_prev, x_prev."""
     H, P, N, G, n = m.n_head, m.headdim, m.d_state, m.ngroups, m.n_angles
-    if state is None:
-        state = [x.new_zeros(x.shape[0], H, *s) for s in ((n,), (P, N), (N,), (P,))]
+    state = state or [x.new_zeros(x.shape[0], H, *s) for s in ((n,), (P, N), (N,), (P,))]
     theta, h, B_prev, x_prev = (s.clone() for s in state)
     hc, hr = to_complex(h, theta[:, :, None], n)  # [B, H, P, n] complex, [B, H, P, N - 2n]
     bc_prev, br_prev = to_complex(B_prev, theta, n)
@@ -1154,9 +1145,8 @@ def mamba_reference(m, x):
 
 
 def test_mamba_bf16_parameters_run():
-    x = torch.randn(2, 30, 32)
+    x, mb = torch.randn(2, 30, 32), make("mamba", torch.bfloat16)
     y32, _ = make("mamba", torch.float32)(x)
-    mb = make("mamba", torch.bfloat16)
     for form in mb.forms:
         y, (c, h) = mb(x.bfloat16(), form=form)
         assert y.dtype == torch.bfloat16 and h.dtype == torch.float32 and rel_err(y, y32) <= 5e-2
@@ -1274,9 +1264,7 @@ def delta_rule(rule, form, *inputs, L=8):
 def test_delta_rule_gradient_step_reading():
     """S_t = S_{t-1} - beta_t * grad_S 1/2 ||S k_t - v_t||^2 at S = S_{t-1}."""
     q, k, v, b, S0 = delta_inputs(T=1)
-    S_prev = S0.clone().requires_grad_()
-    loss = 0.5 * (torch.einsum("bhed,bhd->bhe", S_prev, k[:, 0]) - v[:, 0]).square().sum()
-    (grad,) = torch.autograd.grad(loss, S_prev)
+    grad = torch.func.grad(lambda S: 0.5 * (torch.einsum("bhed,bhd->bhe", S, k[:, 0]) - v[:, 0]).square().sum())(S0)
     _, S1 = delta_rule("deltanet", "recurrent", q, k, v, b, S0)
     assert rel_err(S1, S0 - b[:, 0, :, None, None] * grad) <= 1e-14
 
@@ -1427,9 +1415,7 @@ def rwkv7_reference(model, x, state=None):
     kappa = normalize(k * k_k), k *= 1 + (a - 1) k_a, the transition G_t = diag(w_t) - kappa_t (a_t * kappa_t)^T as a Dk
     x Dk matrix, S_t = S_{t-1} G_t + v_t k_t^T, o_t = S_t r_t, GroupNorm (eps 64e-5), + (r . (k * r_k)) v, times g."""
     p = {n: t.detach().double() for n, t in model.named_parameters()}
-    B, T, C = x.shape
-    H, N = model.n_head, model.head_size
-    x = x.double()
+    (B, T, C), H, N, x = x.shape, model.n_head, model.head_size, x.double()
     S, prev = (x.new_zeros(B, H, N, N), x.new_zeros(B, C)) if state is None else (state[0].double(), state[1].double())
     shifted = torch.cat([prev[:, None], x[:, :-1]], 1)  # the previous token's x
     mix = {c: x + (shifted - x) * p["x_" + c] for c in "rwkvag"}
@@ -1474,9 +1460,8 @@ def test_rwkv7_numbers_of_the_official_demo():
                          ids=["w_min_a_one", "w_min_a_zero", "w_one_a_one", "random"])  # None: random within the clamp
 def test_rwkv7_chunk_64_float32_at_the_clamp(log_w, a):
     """Chunk 64 (largest), decays at the clamp (e^-39 a chunk) or 1, a 0, 1 or random: float32 vs float64, T = 4096."""
-    rwkv7 = module("rwkv7")
+    rwkv7, g = module("rwkv7"), torch.Generator().manual_seed(0)
     B, T, H, D = 1, 4096, 2, 16
-    g = torch.Generator().manual_seed(0)
     r, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
     kappa = F.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
     lw = -math.exp(-0.5) * torch.rand(B, T, H, D, generator=g) if log_w is None else torch.full((B, T, H, D), log_w)
@@ -1547,10 +1532,9 @@ def test_attention_reserved_cache_steps_as_the_growing_one(compiled):
     x = torch.randn(2, 14, D_MODEL, dtype=torch.float64)
     _, grown = m(x[:, :5])
     reserved = m.reserve(grown, 9)
-    shapes = [t.shape for t in reserved]
+    shapes, caches = [t.shape for t in reserved], [c.data_ptr() for c in reserved[:2]]
     for t in range(5, 14):
         y, grown = m.step(x[:, t], grown)
-        caches = [c.data_ptr() for c in reserved[:2]]
         y_reserved, reserved = step(x[:, t], reserved)
         assert rel_err(y_reserved, y) <= 1e-13 and [s.shape for s in reserved] == shapes, t
         assert [c.data_ptr() for c in reserved[:2]] == caches, "step() did not write the reserved cache in place"
@@ -1568,8 +1552,7 @@ def test_attention_reserved_cache_in_autocast_dtype():
         reserved, padded = m.reserve(grown, 6), (*(F.pad(c, (0, 0, 0, 6)) for c in grown), torch.tensor(4))
         assert [c.dtype for c in reserved[:2]] == [torch.bfloat16] * 2 and padded[0].dtype == torch.float32
         (y, reserved), (y_padded, padded) = (chained(m, x[:, 4:], ["step"] * 6, state=s) for s in (reserved, padded))
-        assert torch.equal(y, y_padded)
-        assert all(torch.equal(r.float(), p) for r, p in zip(reserved[:2], padded[:2]))
+        assert torch.equal(y, y_padded) and all(torch.equal(r.float(), p) for r, p in zip(reserved[:2], padded[:2]))
     assert all(c.dtype == torch.float32 for c in m.reserve(grown, 6)[:2])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert all(c.dtype == torch.float64 for c in m.reserve([c.double() for c in grown], 6)[:2])
@@ -1615,8 +1598,7 @@ def test_attention_dropout_only_in_training():
     dropped.load_state_dict(plain.state_dict())
     x = torch.randn(2, 12, D_MODEL)
     for form in plain.forms:
-        y_plain, _ = plain.eval()(x, form=form)
-        y_train, _ = dropped.train()(x, form=form)
+        y_plain, y_train = plain.eval()(x, form=form)[0], dropped.train()(x, form=form)[0]
         assert not torch.allclose(y_train, y_plain, atol=1e-3), form
         assert torch.equal(dropped.eval()(x, form=form)[0], y_plain), form  # same weights, same ops: bit-identical
 
@@ -1635,14 +1617,12 @@ def rnn_reference(model, x, h=None):
 
 def lstm_reference(model, x, state=None):
     """torch.nn.LSTM (gate order i, f, g, o) with W_hh = diag(r) per gate: the same layer, by someone else."""
-    H = model.d_hidden
-    ours = [0, 1, 3, 2]  # torch's i, f, g, o in our order i, f, o, g
+    H, ours = model.d_hidden, [0, 1, 3, 2]  # torch's i, f, g, o in our order i, f, o, g
     ref = torch.nn.LSTM(x.shape[-1], H, batch_first=True).to(x.dtype)
     with torch.no_grad():
         ref.weight_ih_l0.copy_(model.inp.weight.unflatten(0, (4, H))[ours].flatten(0, 1))
         ref.bias_ih_l0.copy_(model.inp.bias.unflatten(0, (4, H))[ours].flatten())
-        ref.weight_hh_l0.copy_(torch.cat([torch.diag(model.r[g]) for g in ours]))
-        ref.bias_hh_l0.zero_()
+        ref.weight_hh_l0.copy_(torch.cat([torch.diag(model.r[g]) for g in ours])), ref.bias_hh_l0.zero_()
     hs, (h, c) = ref(x, None if state is None else (state[1][None], state[0][None]))
     return model.out(hs), (c[0], h[0])
 
@@ -1675,8 +1655,7 @@ def test_newton_iteration_counts_fresh_layer(name, jacobian, dtype, lengths):
         model = model_class(name)(32, **({"jacobian": jacobian} if name == "lstm" else {})).to(dtype)
         x = torch.randn(1, T, 32, dtype=dtype)
         with torch.no_grad():
-            y, _ = model(x)
-            k = model.stats["newton_iters"]
+            y, k = model(x)[0], model.stats["newton_iters"]
             y_ref, _ = model(x, form="recurrent")
         print(f"\n{name} fresh layer, T={T}, {dtype}, jacobian={jacobian}: {k} Newton iterations")
         assert rel_err(y, y_ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
@@ -1708,20 +1687,16 @@ def newton_inputs(name, B, T, C, scale, g=None, device="cpu"):
 def test_newton_cap_is_what_makes_it_exact(case, T, least):
     """Many Newton steps (rnn: hundreds) but <= T give the recurrent outputs, state and gradients (implicit
     differentiation); the cap's guarantee, exact and quasi-Newton: k undamped steps from any guess fix s_0..s_{k-1}."""
-    name = case[:4]
-    model, x, s0 = newton_hard(case, T)
+    name, (model, x, s0) = case[:4], newton_hard(case, T)
     with torch.no_grad():
         u, w, s0_ = ((model.inp(x), model.w_h, s0) if name == "rnn" else
                      (model.inp(x).unflatten(-1, (4, 32)), model.r, torch.stack(s0, 1)))
         ref, full = newton_loop(name, u, w, s0_), [case != "lstm-diag"] * (name == "lstm")
         for k in (1, 7, 64):
             s, iters = getattr(module(name), f"{name}_newton")(u, w, s0_, 0.0, *full, cap=k)
-            assert iters == k and (s[:, :k] - ref[:, :k]).abs().max() <= 1e-12, k
-            assert (s - ref).abs().max() > 1e-3, k  # not solved yet further on: the prefix is the guarantee
-    x.requires_grad_()
-    s0 = map_state(lambda t: t.requires_grad_(), s0)
-    y, s = model(x, s0)
-    k = model.stats["newton_iters"]
+            assert iters == k and (s[:, :k] - ref[:, :k]).abs().max() <= 1e-12 and (s - ref).abs().max() > 1e-3, k
+    x, s0 = x.requires_grad_(), map_state(lambda t: t.requires_grad_(), s0)
+    (y, s), k = model(x, s0), model.stats["newton_iters"]
     print(f"\n{case} hard case, T={T}, float64: {k} Newton iterations")
     assert least < k <= T
     y_ref, s_ref = model(x, s0, form="recurrent")
@@ -1736,8 +1711,7 @@ def spy_newton():
     """Wrap newton.rnn and newton.lstm; the set returned collects those called (the kernel solved, not the loop)."""
     newton, seen = module("newton"), set()
     for name in ("rnn", "lstm"):
-        solve = getattr(newton, name)
-        setattr(newton, name, lambda *args, name=name, solve=solve: seen.add(name) or solve(*args))
+        setattr(newton, name, lambda *args, name=name, solve=getattr(newton, name): seen.add(name) or solve(*args))
     return seen
 
 
@@ -1745,13 +1719,11 @@ def check_newton_kernel(name, full=True):
     """newton.rnn/lstm against the loop in float64 at T = 19, C = 12 (ragged tile and channel block), a random state and
     strong weights; lstm_backward against autograd through the loop; on one tile (B = 1, T = C = 8), rnn_newton's or
     lstm_newton's iteration count over seeds and weights up to 1 and 3 (a wrong Jacobian is slower)."""
-    g = torch.Generator().manual_seed(0)
-    u, w, s0 = newton_inputs(name, 2, 19, 12, 3 if name == "rnn" else 5, g)
+    u, w, s0 = newton_inputs(name, 2, 19, 12, 3 if name == "rnn" else 5, g := torch.Generator().manual_seed(0))
     s, k = getattr(module("newton"), name)(u, w, s0, 1e-6, *[full] * (name == "lstm"))
     u64, w64, s064 = (t.double().requires_grad_() for t in (u, w, s0))
     ref = newton_loop(name, u64, w64, s064)
-    assert s.shape == ref.shape and rel_err(s, ref) <= 1e-5, (name, full, rel_err(s, ref))
-    assert 1 <= k <= 8, k
+    assert s.shape == ref.shape and rel_err(s, ref) <= 1e-5 and 1 <= k <= 8, (name, full, rel_err(s, ref), k)
     if name == "lstm":  # the adjoint kernel against autograd through the loop
         ds = torch.randn(s.shape, generator=g)
         grads = module("newton").lstm_backward(u, w, s, s0, ds)
@@ -1891,8 +1863,7 @@ def mlstm_core_inputs(regime, dtype=torch.float64, B=2, T=21, H=2, Dk=8, Dv=6, s
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     q, k, v = rand(B, T, H, Dk), rand(B, T, H, Dk) * Dk ** -0.5, rand(B, T, H, Dv)
-    if positive:
-        q, k = q.abs(), k.abs()
+    q, k = (q.abs(), k.abs()) if positive else (q, k)
     log_i, g = {**MLSTM_MODERATE, **MLSTM_EXTREME}[regime](rand(B, T, H), rand(B, T, H))
     state = (rand(B, H, Dv, Dk), rand(B, H, Dk), rand(B, H))
     return [t.to(dtype) for t in (q, k, v, log_i, g)], tuple(t.to(dtype) for t in state)
@@ -1937,8 +1908,7 @@ def test_mlstm_core_forms_match_recurrent_under_extreme_gates(regime, dtype, T):
     names, outs = ["h", "C", "n", "m", "q", "k", "v", "log_i", "g", "C0", "n0"], {}
     for form in ("recurrent", "parallel", "chunked"):
         h, (C, n, m) = mlstm_core(form, *inputs, state)
-        frame = (m - m_ref).exp()
-        C, n = C * frame[..., None, None], n * frame[..., None]
+        C, n = C * (m - m_ref).exp()[..., None, None], n * (m - m_ref).exp()[..., None]
         grads = torch.autograd.grad((h * gh).sum() + (C * gC).sum() + (n * gn).sum(), leaves)
         outs[form] = [h, C, n, m, *grads]
         assert rel_err(m, m_paper) <= 1e-6, f"{form}: m rel err {rel_err(m, m_paper):.2e}"
@@ -2045,13 +2015,10 @@ def test_train_task_logs_and_resumes_bit_for_bit(task, sigint, train_data, tmp_p
         assert len(out.split("sampled from best.pt")[1].split("-" * 40)[0].split("\n", 1)[1]) == 1 + 10 + 1
     get_batches, step = train.get_batches, 1 if sigint else 2
 
-    def ctrl_c(i):  # as step's batch is drawn: a SIGINT (train.py's handler lets the step finish), or the
-        if i == step:  # KeyboardInterrupt of a second Ctrl-C (default_int_handler raises it: the step is lost)
-            os.kill(os.getpid(), signal.SIGINT) if sigint else signal.default_int_handler(signal.SIGINT, None)
-
-    def ctrl_c_at_step(*args):
-        *rest, train_batch, val_batch = get_batches(*args)
-        return *rest, lambda i: ctrl_c(i) or train_batch(i), val_batch
+    def ctrl_c_at_step(*args):  # as step's batch is drawn: a SIGINT (train.py's handler lets the step finish), or the
+        *rest, train_batch, val_batch = get_batches(*args)  # KeyboardInterrupt of a second Ctrl-C (default_int_handler
+        ctrl_c = signal.raise_signal if sigint else lambda sig: signal.default_int_handler(sig, None)  # raises it: the
+        return *rest, lambda i: (i == step and ctrl_c(signal.SIGINT)) or train_batch(i), val_batch  # step is lost)
     monkeypatch.setattr(train, "get_batches", ctrl_c_at_step)
     with pytest.raises(SystemExit) as e:
         train_run(train_data, tmp_path / "b", *flags, "--dropout", "0.2")
@@ -2121,8 +2088,7 @@ def test_train_dropout_reaches_a_mixer_that_takes_one_is_off_in_eval_and_prefill
     with torch.no_grad():
         assert not torch.equal(model(idx)[0], model(idx)[0])  # training: dropout
         model.eval()
-        full, _ = model(idx)
-        assert torch.equal(full, model(idx)[0])
+        assert torch.equal(full := model(idx)[0], model(idx)[0])
         logits, _ = chained(model, idx[:, 5:], ["step"] * 4, state=model(idx[:, :5])[1])
         assert torch.allclose(logits, full[:, 5:], atol=1e-10)
 
@@ -2289,8 +2255,7 @@ def test_train_help_names_each_default_and_a_bad_model_is_a_clear_error(train_da
         train.parse_args(["--help"])
     options = re.split(r"\n  (?=--)", capsys.readouterr().out.split("options:")[1])[1:]
     helps = {o.split()[0].rstrip(","): " ".join(o.split()) for o in options}
-    assert len(helps) >= 25 and "--no-compile" in helps["--compile"]
-    assert helps.pop("--model").endswith("(required)")
+    assert len(helps) >= 25 and "--no-compile" in helps["--compile"] and helps.pop("--model").endswith("(required)")
     assert all("(default: " in h for h in helps.values()), [f for f, h in helps.items() if "(default: " not in h]
     assert "GPU 64, CPU 16" in helps["--batch-size"] and "GPU on, CPU off" in helps["--compile"]
     msg = train_error_of(["--model", "transformer_xl"], capsys, usage=True)
@@ -2329,9 +2294,8 @@ def test_train_stops_on_time_patience_or_accuracy_and_samples_from_the_best(trai
     assert 0 < ckpt["step"] < 100000 and ckpt["train_time"] >= 0.5
     assert train.get_lr(500, 1.0, 10, 1000, time_frac=1.0) == pytest.approx(0.1)  # the clock ends the schedule
     assert train.get_lr(500, 1.0, 10, 1000, time_frac=0.0) > 0.5
-    vals = iter([3.0, 2.0, 2.5, 1.0, 1.5, 1.6, 0.5, 1.7, 0.6, 0.7])  # evaluations at steps 0, 2, 4, ...
+    vals, sampled_with = iter([3.0, 2.0, 2.5, 1.0, 1.5, 1.6, 0.5, 1.7, 0.6, 0.7]), []  # evaluations at steps 0, 2, ...
     monkeypatch.setattr(train, "evaluate", lambda *args: (next(vals), 0.5))
-    sampled_with = []
     monkeypatch.setattr(train, "sample", lambda model, *a, **k: sampled_with.append(model.state_dict()) or "x")
     ckpt = train_run(train_data, tmp_path / "a", "--max-iters", "30", "--patience", "2")
     best = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
@@ -2394,10 +2358,8 @@ def test_train_ddp_ctrl_c_saves_at_one_step_and_leaves_the_group(train_data, tmp
     run = subprocess.Popen(TORCHRUN + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        for line in run.stdout:
-            if line.startswith("step     6"):
-                os.killpg(run.pid, signal.SIGINT)
-                break
+        next(line for line in run.stdout if line.startswith("step     6"))  # StopIteration: it ended before
+        os.killpg(run.pid, signal.SIGINT)
         out = run.communicate(timeout=120)[0]
     finally:  # a hang or a failure here must not leave torchrun and its workers running
         if run.poll() is None:
@@ -2428,8 +2390,7 @@ def test_train_mqar_batch_is_recall_and_a_function_of_seed_and_i():
 def test_train_parity_batch_is_the_running_xor_of_bits_held_out_and_scored_at_every_position():
     x, y = train.get_parity_batch(3, 7, 40, 8, "cpu")
     assert x.shape == y.shape == (8, 40) and set(x.unique().tolist()) == {0, 1} == set(y.unique().tolist())
-    for xb, yb in zip(x.tolist(), y.tolist()):
-        assert yb == [sum(xb[:t + 1]) % 2 for t in range(40)]  # the XOR of bits 0..t, position t included
+    assert y.tolist() == [[sum(b[:t + 1]) % 2 for t in range(40)] for b in x.tolist()]  # XOR of bits 0..t, t included
     assert torch.equal(x, train.get_parity_batch(3, 7, 40, 8, "cpu")[0])
     assert not any(torch.equal(x, train.get_parity_batch(i, seed, 40, 8, "cpu")[0]) for i, seed in ((4, 7), (3, 8)))
     cfg = types.SimpleNamespace(task="parity", seed=1337, block_size=16, batch_size=4, device="cpu")
@@ -2441,8 +2402,7 @@ def test_train_parity_batch_is_the_running_xor_of_bits_held_out_and_scored_at_ev
             y = x.cumsum(1) % 2
             y[:, -1] ^= 1
             return F.one_hot(y, 2).float(), None
-    no_autocast = torch.autocast("cpu", enabled=False)
-    assert train.evaluate(WrongAtTheLastPosition(), val_batch, 2, no_autocast)[1] == 15 / 16  # every position
+    assert train.evaluate(WrongAtTheLastPosition(), val_batch, 2, torch.autocast("cpu", enabled=False))[1] == 15 / 16
 
 
 def test_train_records_hold_the_run_and_its_state_size_and_mixer_args_reach_the_mixer(train_data, tmp_path, capsys):
@@ -2455,8 +2415,7 @@ def test_train_records_hold_the_run_and_its_state_size_and_mixer_args_reach_the_
     start, *_, final = train_log(tmp_path / "a")
     assert final["state_size"] == 4 * 8 * 8 + 3 * 3 * 32 and "state 544 numbers per layer" in capsys.readouterr().out
     # the first line already names the run, so that one killed before its final line is still reported
-    assert start["type"] == "start" and start["step"] == 0
-    assert all(final[k] == v for k, v in start.items() if k not in ("type", "step"))
+    assert {**final, **start} == {**final, "type": "start", "step": 0}  # the start record holds the final one's values
     assert [final[k] for k in ("lr", "block_size", "batch_size", "num_pairs", "seed")] == [0.003, 16, 4, 3, 5]
     ckpt = train_run(train_data, tmp_path / "b", *flags, "--mixer-args", "conv_size=1")
     assert train_log(tmp_path / "b")[-1]["state_size"] == 4 * 8 * 8 and ckpt["args"]["mixer_args"] == "conv_size=1"
@@ -2490,9 +2449,7 @@ def test_train_warmup_then_cosine_as_the_optimizer_sees_it(train_data, tmp_path,
     expected = [lr * (s + 1) / warmup if s < warmup
                 else lr / 10 + 0.9 * lr * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))) / 2
                 for s in range(steps)]
-    assert len(seen) == steps and all(len(group_lrs) == 2 for group_lrs in seen), seen
-    for group in (0, 1):
-        assert [s[group] for s in seen] == pytest.approx(expected, rel=1e-12), (group, seen)
+    assert seen == [pytest.approx([e, e], rel=1e-12) for e in expected], seen  # both groups, every step
     assert seen[0][0] == pytest.approx(lr / warmup) and seen[warmup - 1][0] == pytest.approx(lr)
 
 
@@ -2597,8 +2554,7 @@ def test_bench_report_spreads_the_seeds_of_each_text_configuration_and_takes_a_c
                  tok_s=None) for i, v in enumerate(vals)])
     bench.main(["--report", str(tmp_path)])
     rows = table_rows(capsys.readouterr().out)
-    assert [row[6] for row in rows[1:3]] == ["1.5000", "1.7000"]  # best val loss
-    assert [row[8] for row in rows[1:3]] == ["cut at 200", "cut at 300"]  # stopped on
+    assert [r[6:9:2] for r in rows[1:3]] == [["1.5000", "cut at 200"], ["1.7000", "cut at 300"]]  # best val, stopped on
     assert rows[4] == ["attention", "cut, cut_s2", "1.6000", "1.5000", "1.7000", "100, 200"], rows
 
 
