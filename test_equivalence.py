@@ -1622,7 +1622,8 @@ def lstm_reference(model, x, state=None):
     with torch.no_grad():
         ref.weight_ih_l0.copy_(model.inp.weight.unflatten(0, (4, H))[ours].flatten(0, 1))
         ref.bias_ih_l0.copy_(model.inp.bias.unflatten(0, (4, H))[ours].flatten())
-        ref.weight_hh_l0.copy_(torch.cat([torch.diag(model.r[g]) for g in ours])), ref.bias_hh_l0.zero_()
+        ref.weight_hh_l0.copy_(torch.cat([torch.diag(model.r[g]) for g in ours]))
+        ref.bias_hh_l0.zero_()
     hs, (h, c) = ref(x, None if state is None else (state[1][None], state[0][None]))
     return model.out(hs), (c[0], h[0])
 
