@@ -256,8 +256,8 @@ def _triton_scan(a, b, h0, reverse, block, h_for_da=None, h0_for_da=None):
         a_view, strides = _channel_strides(a, b.shape)
     block_t, block_c, warps, chunks = _plan(B, T, C, block, b.device)
     broadcast = adjoint and not block and a.numel() < b.numel() // S
-    while broadcast and strides[4] == 0 and strides[2] % block_c and block_c > 16:
-        block_c //= 2  # da summed inside a tile over channels that share one element of a: no block straddles two
+    while broadcast and strides[4] == 0 and strides[2] < block_c and block_c > 16:
+        block_c //= 2  # da summed inside a tile over channels that share an element of a: a tile meets at most two
     n_cblocks, n_tiles = -(-C // block_c), -(-T // block_t)
     per_chunk = -(-n_tiles // min(chunks, n_tiles))
     chunks = -(-n_tiles // per_chunk)
@@ -266,7 +266,7 @@ def _triton_scan(a, b, h0, reverse, block, h_for_da=None, h0_for_da=None):
         da = torch.zeros(a.shape, device=b.device, dtype=torch.float32) if broadcast else torch.empty_like(a)
     meta = dict(REVERSE=reverse, ADJOINT=adjoint, BLOCK2=block, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps,
                 DA_SUM_T=broadcast and strides[1] == 0 and T > 1,
-                DA_SUM_C=broadcast and strides[4] == 0 and strides[2] % block_c == 0, DA_ATOMIC=broadcast,
+                DA_SUM_C=broadcast and strides[4] == 0 and strides[2] >= block_c, DA_ATOMIC=broadcast,
                 CHUNKS=_next_power_of_2(chunks))
     args = (T, C, n_cblocks, n_tiles, per_chunk, *strides)
     grid = (B * n_cblocks, chunks)
@@ -395,12 +395,20 @@ if triton is not None:
                     tl.store(DA + da + 3 * C, (hy * hq).to(DA.dtype.element_ty), mask=mask)
                 elif DA_ATOMIC:  # a broadcast: sum what shares an element of a inside the tile first
                     da = tl.where(mask, hx * hp, 0.0)
-                    if DA_SUM_T and DA_SUM_C:
-                        tl.atomic_add(DA + pid_b * sa_b + tl.max(a_cols, 0), tl.sum(tl.sum(da, 1), 0))
+                    if DA_SUM_C:  # runs of c_in >= BLOCK_C channels share one: a tile meets its first run and the next
+                        run = (pid_c * BLOCK_C) // c_in
+                        first = ((cols // c_in) == run)[None, :]
+                        at = DA + pid_b * sa_b + run * sa_o
+                        nxt = at + tl.where(run + 1 < C // c_in, sa_o, 0)  # the last run's tiles add 0 to it twice
+                        lo, hi = tl.where(first, da, 0.0), tl.where(first, 0.0, da)
+                        if DA_SUM_T:
+                            tl.atomic_add(at, tl.sum(tl.sum(lo, 1), 0))
+                            tl.atomic_add(nxt, tl.sum(tl.sum(hi, 1), 0))
+                        else:
+                            tl.atomic_add(at + t * sa_t, tl.sum(lo, 1), mask=t_ok)
+                            tl.atomic_add(nxt + t * sa_t, tl.sum(hi, 1), mask=t_ok)
                     elif DA_SUM_T:
                         tl.atomic_add(DA + pid_b * sa_b + a_cols, tl.sum(da, 0), mask=col_ok)
-                    elif DA_SUM_C:
-                        tl.atomic_add(DA + pid_b * sa_b + t * sa_t + tl.max(a_cols, 0), tl.sum(da, 1), mask=t_ok)
                     else:
                         tl.atomic_add(DA + pid_b * sa_b + t[:, None] * sa_t + a_cols[None, :], da, mask=mask)
                 else:

@@ -235,10 +235,11 @@ def scalar_decay_reference(q, k, v, g, S):
 
 
 SCAN_CASES = [  # (b shape, a shape): full; a gate per head over 16 channels (da summed over a tile's channels); one
-    # per head, constant over batch and time (summed over both); constant over time (summed over a tile's steps); ...
+    # per head, constant over batch and time (summed over both); constant over time (summed over a tile's steps); ...;
+    # a gate per head over 25 and 72 channels, no multiple of a tile's width: tiles that meet two heads' gates
     ((2, 37, 3), (2, 37, 3)), ((2, 40, 2, 16), (2, 40, 2, 1)), ((2, 40, 3, 16), (1, 1, 3, 1)),
     ((2, 40, 16), (2, 1, 16)), ((2, 70, 2, 4), (2, 70, 2, 1)), ((2, 45, 3, 4), (1, 45, 1, 4)), ((3, 1, 5), (3, 1, 5)),
-    ((2, 50, 4), (1, 1, 4)), ((2, 33, 2, 3, 2), (2, 33, 2, 1, 1))]
+    ((2, 50, 4), (1, 1, 4)), ((2, 33, 2, 5, 5), (2, 33, 2, 1, 1)), ((2, 3, 2, 9, 8), (1, 1, 2, 1, 1))]
 BLOCK_SCAN_CASES = [(b, b[:2] + (2,) + b[2:]) for b in [(2, 37, 2, 3), (1, 70, 2, 5), (3, 1, 2, 4), (2, 45, 2, 3, 2)]]
 # (B, T, D, N, h0, dt scale): several tiles over time (16 on a GPU, 8 interpreted), several channel
 # blocks, ragged T, D and N, and dt up to 30 (gates ~1e-26: the backward's h_t - b_t = a_t h_{t-1})
