@@ -264,10 +264,10 @@ def _triton_scan(a, b, h0, reverse, block, h_for_da=None, h0_for_da=None):
     da = None
     if adjoint:  # summed over a's broadcast dims by atomics in float32, else written as it comes
         da = torch.zeros(a.shape, device=b.device, dtype=torch.float32) if broadcast else torch.empty_like(a)
+    sum_c = broadcast and strides[4] == 0 and strides[2] >= block_c
     meta = dict(REVERSE=reverse, ADJOINT=adjoint, BLOCK2=block, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps,
-                DA_SUM_T=broadcast and strides[1] == 0 and T > 1,
-                DA_SUM_C=broadcast and strides[4] == 0 and strides[2] >= block_c, DA_ATOMIC=broadcast,
-                CHUNKS=_next_power_of_2(chunks))
+                DA_SUM_T=broadcast and strides[1] == 0 and T > 1, DA_SUM_C=sum_c, DA_ATOMIC=broadcast,
+                TWO_RUNS=sum_c and strides[2] % block_c != 0, CHUNKS=_next_power_of_2(chunks))
     args = (T, C, n_cblocks, n_tiles, per_chunk, *strides)
     grid = (B * n_cblocks, chunks)
     maps = b  # chunks > 1: each chunk's map h -> P h + X, [B, n_chunks, 1 + 1 (blocks: 4 + 2), C]
@@ -304,8 +304,8 @@ if triton is not None:
     def _scan_kernel(A, X, H, HS, H0, H_EDGE, DA, MAPS, T, C, n_cblocks, n_tiles, per_chunk, sa_b, sa_t, c_in,
                      sa_o, sa_i, REVERSE: tl.constexpr, ADJOINT: tl.constexpr, REDUCE: tl.constexpr,
                      FOLD: tl.constexpr, HAS_H0: tl.constexpr, HAS_H_EDGE: tl.constexpr, DA_ATOMIC: tl.constexpr,
-                     DA_SUM_T: tl.constexpr, DA_SUM_C: tl.constexpr, BLOCK2: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_C: tl.constexpr, CHUNKS: tl.constexpr):
+                     DA_SUM_T: tl.constexpr, DA_SUM_C: tl.constexpr, TWO_RUNS: tl.constexpr, BLOCK2: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CHUNKS: tl.constexpr):
         S: tl.constexpr = 2 if BLOCK2 else 1  # state components per channel, C apart in memory
         step: tl.constexpr = -1 if REVERSE else 1
         edge: tl.constexpr = 0 if REVERSE else BLOCK_T - 1
@@ -395,18 +395,21 @@ if triton is not None:
                     tl.store(DA + da + 3 * C, (hy * hq).to(DA.dtype.element_ty), mask=mask)
                 elif DA_ATOMIC:  # a broadcast: sum what shares an element of a inside the tile first
                     da = tl.where(mask, hx * hp, 0.0)
-                    if DA_SUM_C:  # runs of c_in >= BLOCK_C channels share one: a tile meets its first run and the next
+                    if DA_SUM_C:  # runs of c_in >= BLOCK_C channels share one: a tile meets one run, or two if TWO_RUNS
                         run = (pid_c * BLOCK_C) // c_in
-                        first = ((cols // c_in) == run)[None, :]
                         at = DA + pid_b * sa_b + run * sa_o
-                        nxt = at + tl.where(run + 1 < C // c_in, sa_o, 0)  # the last run's tiles add 0 to it twice
-                        lo, hi = tl.where(first, da, 0.0), tl.where(first, 0.0, da)
+                        if TWO_RUNS:  # the channels past the tile's first run go to the next (the last run's: to it)
+                            first = ((cols // c_in) == run)[None, :]
+                            nxt = at + tl.where(run + 1 < C // c_in, sa_o, 0)
+                            rest, da = tl.where(first, 0.0, da), tl.where(first, da, 0.0)
+                            if DA_SUM_T:
+                                tl.atomic_add(nxt, tl.sum(tl.sum(rest, 1), 0))
+                            else:
+                                tl.atomic_add(nxt + t * sa_t, tl.sum(rest, 1), mask=t_ok)
                         if DA_SUM_T:
-                            tl.atomic_add(at, tl.sum(tl.sum(lo, 1), 0))
-                            tl.atomic_add(nxt, tl.sum(tl.sum(hi, 1), 0))
+                            tl.atomic_add(at, tl.sum(tl.sum(da, 1), 0))
                         else:
-                            tl.atomic_add(at + t * sa_t, tl.sum(lo, 1), mask=t_ok)
-                            tl.atomic_add(nxt + t * sa_t, tl.sum(hi, 1), mask=t_ok)
+                            tl.atomic_add(at + t * sa_t, tl.sum(da, 1), mask=t_ok)
                     elif DA_SUM_T:
                         tl.atomic_add(DA + pid_b * sa_b + a_cols, tl.sum(da, 0), mask=col_ok)
                     else:

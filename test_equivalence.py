@@ -74,7 +74,7 @@ MODELS = {
     "mlstm": ("MLSTM", dict(chunk_size=8)),
 }
 CHUNKED = [m for m in MODELS if "chunk_size" in MODELS[m][1]]
-LARGEST_CHUNK = {"kda": 32}  # else 64 (kda's bound: e^(5 L / 2) factors inside a chunk)
+LARGEST_CHUNK = {"kda": 32, "mlstm": 128}  # else 64 (kda's bound: e^(5 L / 2) factors inside a chunk)
 D_MODEL = 32
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
@@ -579,7 +579,8 @@ def check_form(name, form, dtype, device, T=21, tol=None, edit=None, gates=(), b
 
 def check_long(name, regime, device, form=None, T=None, B=None, **options):
     """Output, state and gradients finite at T = 16384 (attention on the CPU: 4096) in float32 (bf16 autocast on a GPU)
-    through the default form or form, chunks of 8 (2048 composed) and the largest (64; kda: 32), or as options say."""
+    through the default form or form, chunks of 8 (2048 composed) and the largest (64; kda: 32, mlstm: 128), or as
+    options say."""
     T = T or (4096 if name == "attention" and device == "cpu" else 16384)
     chunked = name in CHUNKED and form is None and not options
     for chunk in [dict(chunk_size=8), dict(chunk_size=LARGEST_CHUNK.get(name, 64))] if chunked else [{}]:
