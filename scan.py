@@ -398,7 +398,7 @@ if triton is not None:
                     if DA_SUM_C:  # runs of c_in >= BLOCK_C channels share one: a tile meets one run, or two if TWO_RUNS
                         run = (pid_c * BLOCK_C) // c_in
                         at = DA + pid_b * sa_b + run * sa_o
-                        if TWO_RUNS:  # the channels past the tile's first run go to the next (the last run's: to it)
+                        if TWO_RUNS:  # channels past the first run go to the next (past the last: padding, 0s)
                             first = ((cols // c_in) == run)[None, :]
                             nxt = at + tl.where(run + 1 < C // c_in, sa_o, 0)
                             rest, da = tl.where(first, 0.0, da), tl.where(first, da, 0.0)
