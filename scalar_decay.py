@@ -42,10 +42,10 @@ TRITON_INTERPRET=1), fla's chunk layout: a walk over the chunks with a [BV, Dk] 
 the state entering each chunk (one dot a chunk), then one program per (batch, head, chunk, tile of BV value columns)
 computes y from it. The backward reruns that walk and walks back with dS likewise (dS0 = exp(c_L) dS1 + ..., one dot
 a chunk), keeping the gradient at the state leaving each chunk; given both, every chunk's dq, dk, dv and dg are
-independent (one program each again). Dots in the inputs' dtype accumulate in float32 (float32 inputs: exact float32
-dots, no tf32). Elsewhere (CPU, MPS, float64, Dk > 128) the same equations in PyTorch on chunk tensors, the chunk
-states through scan.py. Forward and backward are custom ops (zoo::scalar_decay, zoo::scalar_decay_backward) with
-fakes, built by scan.py's `register`.
+independent (one program a chunk, walking its value tiles). Dots in the inputs' dtype accumulate in float32
+(float32 inputs: exact float32 dots, no tf32). Elsewhere (CPU, MPS, float64, Dk > 128) the same equations in PyTorch
+on chunk tensors, the chunk states through scan.py. Forward and backward are custom ops (zoo::scalar_decay,
+zoo::scalar_decay_backward) with fakes, built by scan.py's `register`.
 """
 import torch
 import torch.nn.functional as F
@@ -186,9 +186,9 @@ def _torch_backward(q, k, v, g, S, dy, dS_final):
 # ---------------------------------------------------------------------------------------------------------------
 # Triton engine. Every program holds one [BV, BK] tile of S (or dS) in float32; a chunk's q, k [L, BK], v, dy [L, BV]
 # and g [L] are loaded with their strides, padding (t >= T, columns past Dk or Dv) as zeros. The walks, grid (B * H,
-# value tiles), store their tile at every chunk boundary ([B, H, T/L, Dv, Dk] float32); the chunk kernels, grid
-# (B * H * T/L, value tiles), read it back. dq, dk and dg are sums over value columns: each value tile writes its
-# share, summed outside.
+# value tiles), store their tile at every chunk boundary ([B, H, T/L, Dv, Dk] float32); the output kernel, grid
+# (B * H * T/L, value tiles), reads it back. dq, dk and dg are sums over value columns, so the gradient kernel, grid
+# (B * H * T/L), walks a chunk's value tiles itself.
 
 def _plan(Dk, Dv, dtype):
     """(L, BK, BV, warps, stages): all of Dk in one tile, 4 warps, value tiles of 32 columns where Dk <= 64 and of 64
@@ -210,15 +210,17 @@ def _plan(Dk, Dv, dtype):
     return (CHUNK, BK, 32, 8, 3) if Dv > 128 else (CHUNK, BK, BV, 4, 3)
 
 
-def _launch(kernel, per_chunk, q, k, v, g, *tensors, **meta):
-    """kernel over (B * H, value tiles), or per_chunk over (B * H * T/L, value tiles): axis 0 has no 65535 limit."""
+def _launch(kernel, grid, q, k, v, g, *tensors, **meta):
+    """kernel over grid = (per chunk, per value tile): axis 0 runs over B * H (B * H * T/L per chunk; no 65535
+    limit there), axis 1 over the value tiles or once; meta overrides the plan's tiles."""
     Bsz, T, G, Dk = q.shape
     H, Dv = v.shape[2:]
     L, BK, BV, warps, stages = _plan(Dk, Dv, v.dtype)
-    kernel[(Bsz * H * (triton.cdiv(T, L) if per_chunk else 1), triton.cdiv(Dv, BV))](
-        q, k, v, g, *tensors, T, H, H // G, Dk, Dv, *q.stride(), *k.stride(), *v.stride(), *g.stride(),
-        L=L, BK=BK, BV=BV, PREC="ieee" if v.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
-        **meta)
+    meta = dict(L=L, BK=BK, BV=BV, PREC="ieee" if v.dtype == torch.float32 else "tf32", num_warps=warps,
+                num_stages=stages) | meta
+    per_chunk, value_tiles = grid
+    kernel[(Bsz * H * (triton.cdiv(T, L) if per_chunk else 1), triton.cdiv(Dv, meta["BV"]) if value_tiles else 1)](
+        q, k, v, g, *tensors, T, H, H // G, Dk, Dv, *q.stride(), *k.stride(), *v.stride(), *g.stride(), **meta)
 
 
 def _walk(q, k, v, g, S, reverse=False):
@@ -227,7 +229,7 @@ def _walk(q, k, v, g, S, reverse=False):
     states = torch.empty(S.shape[:2] + (triton.cdiv(q.shape[1], L),) + S.shape[2:], dtype=torch.float32,
                          device=v.device)
     last = torch.empty(S.shape, dtype=torch.float32, device=v.device)
-    _launch(_walk_kernel, False, q, k, v, g, S.float().contiguous(), states, last, REVERSE=reverse)
+    _launch(_walk_kernel, (False, True), q, k, v, g, S.float().contiguous(), states, last, REVERSE=reverse)
     return states, last
 
 
@@ -235,23 +237,23 @@ def _triton_forward(q, k, v, g, S):
     """(y, S_final)."""
     states, S_final = _walk(q, k, v, g, S)
     y = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _launch(_output_kernel, True, q, k, v, g, states, y)
+    _launch(_output_kernel, (True, True), q, k, v, g, states, y)
     return y, S_final
 
 
 def _triton_backward(q, k, v, g, S, dy, dS_final):
     """(dq and dk per head [B, T, H, Dk] float32, dv, dg, dS0)."""
-    Bsz, T, _, Dk = q.shape
-    H, Dv = v.shape[2:]
-    n_v = -(-Dv // _plan(Dk, Dv, v.dtype)[2])
     dy = dy.to(v.dtype).contiguous()
     states = _walk(q, k, v, g, S)[0]
     dstates, dS = _walk(q, q, dy, g, dS_final, reverse=True)  # dS <- exp(c_L) dS + sum_i exp(c_i) dy_i q_i^T
-    dq, dk = (torch.empty(n_v, Bsz, T, H, Dk, dtype=torch.float32, device=v.device) for _ in range(2))
-    dg = torch.empty(n_v, Bsz, T, H, dtype=torch.float32, device=v.device)
+    dq, dk = (torch.empty(q.shape[:2] + v.shape[2:3] + q.shape[3:], dtype=torch.float32, device=v.device)
+              for _ in range(2))
+    dg = torch.empty(g.shape, dtype=torch.float32, device=v.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _launch(_gradient_kernel, True, q, k, v, g, states, dstates, dy, dq, dk, dv, dg)
-    return dq.sum(0), dk.sum(0), dv, dg.sum(0), dS
+    # value tiles of 16 on 4 warps, at every shape and dtype timed (bf16 and float32, RetNet's Dk, Dv = 84, 168 to
+    # Mamba-2's 128, 64: RESULTS.md, scalar_decay.py) the fastest of 16 to 64 columns on 4 or 8 warps, or within 8%
+    _launch(_gradient_kernel, (True, False), q, k, v, g, states, dstates, dy, dq, dk, dv, dg, BV=16, num_warps=4)
+    return dq, dk, dv, dg, dS
 
 
 if triton is not None:
@@ -325,42 +327,54 @@ if triton is not None:
     def _gradient_kernel(Q, K, V, G, STATES, DSTATES, DY, DQ, DK, DV, DG, T, H, hpg, Dk, Dv, sqb, sqt, sqh, sqd,
                          skb, skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh, L: tl.constexpr, BK: tl.constexpr,
                          BV: tl.constexpr, PREC: tl.constexpr):
-        """One chunk and value tile, from the state entering the chunk (S0) and the gradient at the state leaving
-        it (dS1): dv, and this value tile's share of dq, dk ([n_v, B, T, H, Dk]) and dg ([n_v, B, T, H])."""
+        """One chunk, from the state entering it (S0) and the gradient at the state leaving it (dS1): dq and dk per
+        head, dv, dg. The value columns go BV at a time; what dq, dk and dg sum over them (dY V^T, S0^T dy, dS1^T v,
+        the dg terms) is summed first, so q k^T and the [L, L] by [L, Dk] products run once a chunk."""
         n_chunks = tl.cdiv(T, L)
         b, h, hk, cols_v, cols_k = _program(H, hpg, n_chunks, BV, BK)
         n = tl.program_id(0).to(tl.int64) % n_chunks
-        q, k, v, c, c_last, causal, D, t, mv = _chunk(Q, K, V, G, n * L, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd,
-                                                      skb, skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh,
-                                                      cols_k, cols_v, L)
-        ms = (cols_v < Dv)[:, None] & (cols_k < Dk)[None, :]
-        at = ((b * H + h) * n_chunks + n) * Dv * Dk + cols_v[:, None] * Dk + cols_k[None, :]
-        S0 = tl.load(STATES + at, mask=ms, other=0.0)
-        dS = tl.load(DSTATES + at, mask=ms, other=0.0)
-        dy = tl.load(DY + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], mask=mv, other=0.0)
+        q, k, _, c, c_last, causal, D, t, _ = _chunk(Q, K, V, G, n * L, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd,
+                                                     skb, skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh,
+                                                     cols_k, cols_v, L)
         into, to_end = tl.exp(c), tl.exp(c_last - c)
         A = tl.dot(q, tl.trans(k), input_precision=PREC) * D
-        dyv = tl.dot(dy, tl.trans(v), input_precision=PREC)
+        t_ok = t < T
+        dyv = tl.zeros([L, L], dtype=tl.float32)  # dY V^T
+        dy_S0 = tl.zeros([L, BK], dtype=tl.float32)  # rows S0^T dy_i
+        v_dS = tl.zeros([L, BK], dtype=tl.float32)  # rows dS1^T v_j
+        w_in = tl.zeros([L], dtype=tl.float32)  # dy_i . S0 q_i
+        w_out = tl.zeros([L], dtype=tl.float32)  # v_j . dS1 k_j
+        dS_S0 = tl.zeros([BK], dtype=tl.float32)  # <dS1, S0> by key column
+        for i in range(tl.cdiv(Dv, BV)):
+            cols_v = i * BV + tl.arange(0, BV)
+            ms = (cols_v < Dv)[:, None] & (cols_k < Dk)[None, :]
+            mv = t_ok[:, None] & (cols_v < Dv)[None, :]
+            at = ((b * H + h) * n_chunks + n) * Dv * Dk + cols_v[:, None] * Dk + cols_k[None, :]
+            S0 = tl.load(STATES + at, mask=ms, other=0.0)
+            dS = tl.load(DSTATES + at, mask=ms, other=0.0)
+            v = tl.load(V + b * svb + h * svh + t[:, None] * svt + cols_v[None, :] * svd, mask=mv, other=0.0)
+            dy = tl.load(DY + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], mask=mv, other=0.0)
+            dyv = tl.dot(dy, tl.trans(v), dyv, input_precision=PREC)
+            dy_S0 = tl.dot(dy, S0.to(dy.dtype), dy_S0, input_precision=PREC)
+            v_dS = tl.dot(v, dS.to(v.dtype), v_dS, input_precision=PREC)
+            k_dS = tl.dot(k, tl.trans(dS).to(k.dtype), input_precision=PREC)  # [L, BV]: dS1 k_j
+            dv = tl.dot(tl.trans(A).to(dy.dtype), dy, input_precision=PREC) + to_end[:, None] * k_dS
+            tl.store(DV + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], dv.to(DV.dtype.element_ty), mask=mv)
+            q_S0 = tl.dot(q, tl.trans(S0).to(q.dtype), input_precision=PREC)  # [L, BV]: S0 q_i
+            w_in += tl.sum(dy.to(tl.float32) * q_S0, 1)
+            w_out += tl.sum(v.to(tl.float32) * k_dS, 1)
+            dS_S0 += tl.sum(dS * S0, 0)
         dA = (dyv * D).to(q.dtype)
-        k_dS = tl.dot(k, tl.trans(dS).to(k.dtype), input_precision=PREC)  # [L, BV]: dS1 k_j
-        dq = tl.dot(dA, k, input_precision=PREC) + into[:, None] * tl.dot(dy, S0.to(dy.dtype), input_precision=PREC)
-        dk = tl.dot(tl.trans(dA), q, input_precision=PREC)
-        dk += to_end[:, None] * tl.dot(v, dS.to(v.dtype), input_precision=PREC)
-        dv = tl.dot(tl.trans(A).to(dy.dtype), dy, input_precision=PREC) + to_end[:, None] * k_dS
+        dq = tl.dot(dA, k, input_precision=PREC) + into[:, None] * dy_S0
+        dk = tl.dot(tl.trans(dA), q, input_precision=PREC) + to_end[:, None] * v_dS
         # dg_r: the pairs j < r <= i of M = A * (dY V^T), exp(c_i) dy_i . S0 q_i for i >= r, exp(c_L - c_j)
         # v_j . dS1 k_j for j < r, exp(c_L) <dS1, S0>: sums by masks, no difference of cumulative sums
         before = tl.where(causal, 0.0, 1.0)  # [j, r]: j < r
         pairs = tl.dot(A * dyv, before, input_precision=PREC)  # [i, r]: sum over j < r
-        q_S0 = tl.dot(q, tl.trans(S0).to(q.dtype), input_precision=PREC)  # [L, BV]: S0 q_i
-        w_in = into * tl.sum(dy.to(tl.float32) * q_S0, 1)
-        w_out = to_end * tl.sum(v.to(tl.float32) * k_dS, 1)
-        dg = tl.sum(tl.where(causal, pairs + w_in[:, None], 0.0), 0) + tl.sum(w_out[:, None] * before, 0)
-        dg += tl.exp(c_last) * tl.sum(tl.sum(dS * S0, 1), 0)
-        t_ok = t < T
+        dg = tl.sum(tl.where(causal, pairs + (into * w_in)[:, None], 0.0), 0)
+        dg += tl.sum((to_end * w_out)[:, None] * before, 0) + tl.exp(c_last) * tl.sum(dS_S0, 0)
         mk = t_ok[:, None] & (cols_k < Dk)[None, :]
-        share = tl.program_id(1) * (tl.num_programs(0) // (H * n_chunks)) + b  # this value tile's slice
-        offs = ((share * T + t[:, None]) * H + h) * Dk + cols_k[None, :]
+        offs = ((b * T + t[:, None]) * H + h) * Dk + cols_k[None, :]
         tl.store(DQ + offs, dq, mask=mk)
         tl.store(DK + offs, dk, mask=mk)
-        tl.store(DG + (share * T + t) * H + h, dg, mask=t_ok)
-        tl.store(DV + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], dv.to(DV.dtype.element_ty), mask=mv)
+        tl.store(DG + (b * T + t) * H + h, dg, mask=t_ok)
