@@ -38,19 +38,19 @@ moderate. The PyTorch engine sums segments instead (decay_mask, and c_L - c_j as
 log decays of -3e5 and -1e-2 in one chunk put its final state 1.6e-2 off in float32 as a difference, 7e-8 as a sum.
 
 A file of its own because five models share one kernel set. Engines: Triton on CUDA (and on the CPU under
-TRITON_INTERPRET=1), fla's chunk layout: a walk over the chunks with a [BV, Dk] tile of S in float32 registers keeps
-the state entering each chunk (one dot a chunk), then one program per (batch, head, chunk, tile of BV value columns)
-computes y from it. The backward reruns that walk and walks back with dS likewise (dS0 = exp(c_L) dS1 + ..., one dot
-a chunk), keeping the gradient at the state leaving each chunk; given both, every chunk's dq, dk, dv and dg are
-independent (one program a chunk, walking its value tiles). Dots in the inputs' dtype accumulate in float32
-(float32 inputs: exact float32 dots, no tf32). Elsewhere (CPU, MPS, float64, Dk > 128) the same equations in PyTorch
-on chunk tensors, the chunk states through scan.py. Forward and backward are custom ops (zoo::scalar_decay,
-zoo::scalar_decay_backward) with fakes, built by scan.py's `register`.
+TRITON_INTERPRET=1), fla's chunk layout: a walk over the chunks with a [BV, Dk] tile of S in float32 registers keeps the
+state entering each chunk (one dot a chunk), then one program per (batch, head, chunk) computes y from it. The backward
+reruns that walk and walks back with dS likewise (dS0 = exp(c_L) dS1 + ..., one dot a chunk), keeping the gradient at
+the state leaving each chunk; given both, every chunk's dq, dk, dv and dg are independent (one program a chunk, walking
+its value tiles). Dots in the inputs' dtype accumulate in float32 (float32 inputs: exact float32 dots, no tf32).
+Elsewhere (CPU, MPS, float64, Dk > 128) the same equations in PyTorch on chunk tensors, the chunk states through
+scan.py. Forward and backward are custom ops (zoo::scalar_decay, zoo::scalar_decay_backward) with fakes, built by
+scan.py's `register`.
 """
 import torch
 import torch.nn.functional as F
 
-from scan import INTERPRET, register, torch_scan, triton, use_triton
+from scan import INTERPRET, programs, register, torch_scan, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -186,50 +186,50 @@ def _torch_backward(q, k, v, g, S, dy, dS_final):
 # ---------------------------------------------------------------------------------------------------------------
 # Triton engine. Every program holds one [BV, BK] tile of S (or dS) in float32; a chunk's q, k [L, BK], v, dy [L, BV]
 # and g [L] are loaded with their strides, padding (t >= T, columns past Dk or Dv) as zeros. The walks, grid (B * H,
-# value tiles), store their tile at every chunk boundary ([B, H, T/L, Dv, Dk] float32); the output kernel, grid
-# (B * H * T/L, value tiles), reads it back. dq, dk and dg are sums over value columns, so the gradient kernel, grid
-# (B * H * T/L), walks a chunk's value tiles itself.
+# value tiles), store their tile at every chunk boundary ([B, H, T/L, Dv, Dk] float32); the output and gradient
+# kernels, grid (B * H * T/L), read them back, walking a chunk's value tiles: q k^T (and in the backward the [L, L] by
+# [L, Dk] products, whose sums over value columns are taken first) once a chunk.
 
-def _plan(Dk, Dv, dtype):
-    """(L, BK, BV, warps, stages): all of Dk in one tile, 4 warps, value tiles of 32 columns where Dk <= 64 and of 64
-    where it is larger (bf16 on an H200 at B, T, H = 8, 2048, 8, when the backward was a single walk: forward and
-    backward 0.82 against 1.07 ms at Dk = Dv = 64, 1.56 against 1.93 ms at Dk = 128, Dv = 64). Chunks of 64 and
-    Triton's 3 pipeline stages (for the walks' loops) for 16-bit inputs; float32's exact dots run without tensor cores
-    and hold far more per thread: chunks of 32, one stage (compiled for sm_90 with Triton 3.9, the gradient kernel at
-    Dk = 128 asks 120 KB of shared memory, 192 KB in chunks of 64, near H100's 227 KB). In 16 bits, where Dv > 128,
-    value tiles of 32 columns on 8 warps (bench.py's compiled training step on an H100, attention at 2.03M tok/s: gated
-    retention's Dk, Dv = 92, 184 took 1.35M against 1.14M tok/s with 64 columns on 4 or 8 warps; RetNet's 84, 168
-    0.94M against 0.96M with 64 on 8 and 0.88M on 4; the same tiles lost 12% for linear attention's 96, 97 and 9% for
-    Mamba-2's 128, 64)."""
+def _plan(Dk, dtype):
+    """(L, BK, stages): all of Dk in one tile; chunks of 64 and Triton's 3 pipeline stages (for the kernels' loops) for
+    16-bit inputs; float32's exact dots run without tensor cores and hold far more per thread: chunks of 32, one stage
+    (compiled for sm_90 with Triton 3.9, the gradient kernel at Dk = 128 asks 120 KB of shared memory, 192 KB in
+    chunks of 64, near H100's 227 KB)."""
     BK = max(16, triton.next_power_of_2(Dk))
-    BV = min(32 if BK <= 64 else 64, max(16, triton.next_power_of_2(Dv)))
     if INTERPRET:
-        return 16, BK, 16, 1, 1
-    if dtype == torch.float32:
-        return 32, BK, BV, 4, 1
-    return (CHUNK, BK, 32, 8, 3) if Dv > 128 else (CHUNK, BK, BV, 4, 3)
+        return 16, BK, 1
+    return (32, BK, 1) if dtype == torch.float32 else (CHUNK, BK, 3)
 
 
-def _launch(kernel, grid, q, k, v, g, *tensors, **meta):
+def _launch(kernel, grid, q, k, v, g, *tensors, BV, **meta):
     """kernel over grid = (per chunk, per value tile): axis 0 runs over B * H (B * H * T/L per chunk; no 65535
-    limit there), axis 1 over the value tiles or once; meta overrides the plan's tiles."""
+    limit there), axis 1 over the value tiles of BV columns or once."""
     Bsz, T, G, Dk = q.shape
     H, Dv = v.shape[2:]
-    L, BK, BV, warps, stages = _plan(Dk, Dv, v.dtype)
-    meta = dict(L=L, BK=BK, BV=BV, PREC="ieee" if v.dtype == torch.float32 else "tf32", num_warps=warps,
-                num_stages=stages) | meta
+    L, BK, stages = _plan(Dk, v.dtype)
+    meta = dict(PREC="ieee" if v.dtype == torch.float32 else "tf32", num_warps=4, num_stages=stages) | meta
     per_chunk, value_tiles = grid
-    kernel[(Bsz * H * (triton.cdiv(T, L) if per_chunk else 1), triton.cdiv(Dv, meta["BV"]) if value_tiles else 1)](
-        q, k, v, g, *tensors, T, H, H // G, Dk, Dv, *q.stride(), *k.stride(), *v.stride(), *g.stride(), **meta)
+    kernel[(Bsz * H * (triton.cdiv(T, L) if per_chunk else 1), triton.cdiv(Dv, BV) if value_tiles else 1)](
+        q, k, v, g, *tensors, T, H, H // G, Dk, Dv, *q.stride(), *k.stride(), *v.stride(), *g.stride(), L=L, BK=BK,
+        BV=BV, **meta)
 
+
+# Value tiles, timed on an H100 (bf16 and float32; RetNet's Dk, Dv = 84, 168, gated retention's 92, 184, linear
+# attention's 96, 97, Mamba-2's 128, 64 at B, T = 64, 256, and 64 x 64 heads at B, T, H = 8, 2048, 8 and 2, 8192, 8;
+# RESULTS.md, scalar_decay.py): the output and gradient kernels walk 16 columns at a time on 4 warps, the fastest of
+# 16 to 128 on 4 or 8 warps at every shape or within 8%. The walks, one program per value tile for the whole
+# sequence, take 64 columns (half RetNet's time with 32 on 8 warps), or 16 where tiles of 64 would leave
+# multiprocessors idle (B * H * Dv / 64 < SMs: 163 against 197 us at 2, 8192, 8).
 
 def _walk(q, k, v, g, S, reverse=False):
     """(S at every chunk boundary [B, H, T/L, Dv, Dk], the last S), float32: see _walk_kernel."""
-    L = _plan(q.shape[3], v.shape[3], v.dtype)[0]
-    states = torch.empty(S.shape[:2] + (triton.cdiv(q.shape[1], L),) + S.shape[2:], dtype=torch.float32,
-                         device=v.device)
+    Bsz, T, H, Dv = v.shape
+    L = _plan(q.shape[3], v.dtype)[0]
+    wide = not INTERPRET and Bsz * H * triton.cdiv(Dv, 64) >= programs(v.device)
+    states = torch.empty(S.shape[:2] + (triton.cdiv(T, L),) + S.shape[2:], dtype=torch.float32, device=v.device)
     last = torch.empty(S.shape, dtype=torch.float32, device=v.device)
-    _launch(_walk_kernel, (False, True), q, k, v, g, S.float().contiguous(), states, last, REVERSE=reverse)
+    _launch(_walk_kernel, (False, True), q, k, v, g, S.float().contiguous(), states, last, REVERSE=reverse,
+            BV=min(64, max(16, triton.next_power_of_2(Dv))) if wide else 16)
     return states, last
 
 
@@ -237,7 +237,7 @@ def _triton_forward(q, k, v, g, S):
     """(y, S_final)."""
     states, S_final = _walk(q, k, v, g, S)
     y = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _launch(_output_kernel, (True, True), q, k, v, g, states, y)
+    _launch(_output_kernel, (True, False), q, k, v, g, states, y, BV=16)
     return y, S_final
 
 
@@ -250,9 +250,7 @@ def _triton_backward(q, k, v, g, S, dy, dS_final):
               for _ in range(2))
     dg = torch.empty(g.shape, dtype=torch.float32, device=v.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    # value tiles of 16 on 4 warps, at every shape and dtype timed (bf16 and float32, RetNet's Dk, Dv = 84, 168 to
-    # Mamba-2's 128, 64: RESULTS.md, scalar_decay.py) the fastest of 16 to 64 columns on 4 or 8 warps, or within 8%
-    _launch(_gradient_kernel, (True, False), q, k, v, g, states, dstates, dy, dq, dk, dv, dg, BV=16, num_warps=4)
+    _launch(_gradient_kernel, (True, False), q, k, v, g, states, dstates, dy, dq, dk, dv, dg, BV=16)
     return dq, dk, dv, dg, dS
 
 
@@ -309,19 +307,24 @@ if triton is not None:
     def _output_kernel(Q, K, V, G, STATES, Y, T, H, hpg, Dk, Dv, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
                        svb, svt, svh, svd, sgb, sgt, sgh, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        PREC: tl.constexpr):
-        """y of one chunk and value tile, from the state entering the chunk."""
+        """y of one chunk from the state entering it, its value columns BV at a time after q k^T once."""
         n_chunks = tl.cdiv(T, L)
         b, h, hk, cols_v, cols_k = _program(H, hpg, n_chunks, BV, BK)
         n = tl.program_id(0).to(tl.int64) % n_chunks
-        q, k, v, c, _, _, D, t, mv = _chunk(Q, K, V, G, n * L, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd, skb, skt,
-                                            skh, skd, svb, svt, svh, svd, sgb, sgt, sgh, cols_k, cols_v, L)
-        ms = (cols_v < Dv)[:, None] & (cols_k < Dk)[None, :]
-        S0 = tl.load(STATES + ((b * H + h) * n_chunks + n) * Dv * Dk + cols_v[:, None] * Dk + cols_k[None, :],
-                     mask=ms, other=0.0)
-        A = tl.dot(q, tl.trans(k), input_precision=PREC) * D
-        y = tl.dot(A.to(v.dtype), v, input_precision=PREC)
-        y += tl.exp(c)[:, None] * tl.dot(q, tl.trans(S0).to(q.dtype), input_precision=PREC)
-        tl.store(Y + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], y.to(Y.dtype.element_ty), mask=mv)
+        q, k, _, c, _, _, D, t, _ = _chunk(Q, K, V, G, n * L, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd, skb, skt,
+                                           skh, skd, svb, svt, svh, svd, sgb, sgt, sgh, cols_k, cols_v, L)
+        A = (tl.dot(q, tl.trans(k), input_precision=PREC) * D).to(q.dtype)
+        into = tl.exp(c)[:, None]
+        t_ok = t < T
+        for i in range(tl.cdiv(Dv, BV)):
+            cols_v = i * BV + tl.arange(0, BV)
+            ms = (cols_v < Dv)[:, None] & (cols_k < Dk)[None, :]
+            mv = t_ok[:, None] & (cols_v < Dv)[None, :]
+            S0 = tl.load(STATES + ((b * H + h) * n_chunks + n) * Dv * Dk + cols_v[:, None] * Dk + cols_k[None, :],
+                         mask=ms, other=0.0)
+            v = tl.load(V + b * svb + h * svh + t[:, None] * svt + cols_v[None, :] * svd, mask=mv, other=0.0)
+            y = tl.dot(A, v, input_precision=PREC) + into * tl.dot(q, tl.trans(S0).to(q.dtype), input_precision=PREC)
+            tl.store(Y + ((b * T + t[:, None]) * H + h) * Dv + cols_v[None, :], y.to(Y.dtype.element_ty), mask=mv)
 
     @triton.jit
     def _gradient_kernel(Q, K, V, G, STATES, DSTATES, DY, DQ, DK, DV, DG, T, H, hpg, Dk, Dv, sqb, sqt, sqh, sqd,
