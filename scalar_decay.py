@@ -207,11 +207,10 @@ def _launch(kernel, grid, q, k, v, g, *tensors, BV, **meta):
     Bsz, T, G, Dk = q.shape
     H, Dv = v.shape[2:]
     L, BK, stages = _plan(Dk, v.dtype)
-    meta = dict(PREC="ieee" if v.dtype == torch.float32 else "tf32", num_warps=4, num_stages=stages) | meta
     per_chunk, value_tiles = grid
     kernel[(Bsz * H * (triton.cdiv(T, L) if per_chunk else 1), triton.cdiv(Dv, BV) if value_tiles else 1)](
         q, k, v, g, *tensors, T, H, H // G, Dk, Dv, *q.stride(), *k.stride(), *v.stride(), *g.stride(), L=L, BK=BK,
-        BV=BV, **meta)
+        BV=BV, PREC="ieee" if v.dtype == torch.float32 else "tf32", num_warps=4, num_stages=stages, **meta)
 
 
 # Value tiles, timed on an H100 (bf16 and float32; RetNet's Dk, Dv = 84, 168, gated retention's 92, 184, linear
