@@ -8,7 +8,8 @@
 1. scan    scan.py forward and forward+backward: time and TB/s against the copy bandwidth, the
            forward replayed from a CUDA graph (no Python launch overhead), accelerated-scan beside.
 2. forms   each model's default (parallel or chunked) form against its recurrent loop, fwd+bwd.
-3. chunked the chunked cores, eager and compiled, against flash-linear-attention (when installed) and SDPA.
+3. chunked the chunked cores and the short causal conv, eager and compiled, against flash-linear-attention (when
+           installed) and SDPA.
 4. decode  tokens/s and peak memory of step() after a parallel prefill, against context length; train.py's
            whole LM at batch 1 through train.generate: eager, replaying a CUDA graph per token, and replaying
            a CUDA graph of the step compiled by Inductor.
@@ -193,7 +194,8 @@ def bench_forms(dev, quick, low):
 # --------------------------------------------------------------------------------------- 3. chunked
 def core_cases(B, T, H, D, dev, low):
     """name -> (fn, inputs it differentiates) for the zoo's chunked cores, fla's, mamba_ssm's SSD and SDPA."""
-    import deltanet, gated_deltanet, gated_retention, linear_attention, mamba2, retnet, rwkv7, scalar_decay
+    import causal_conv, deltanet, gated_deltanet, gated_retention, linear_attention, mamba2, retnet, rwkv7
+    import scalar_decay
     rand = lambda *s, dtype=low: torch.randn(*s, device=dev, dtype=dtype).requires_grad_()
     q, k, v = rand(B, T, H, D), rand(B, T, H, D), rand(B, T, H, D)
     S = torch.randn(B, H, D, D, device=dev) * 0.1
@@ -220,6 +222,15 @@ def core_cases(B, T, H, D, dev, low):
                                      (q, kn, v, beta, g)),
         "rwkv7_chunked": (lambda: rwkv7.rwkv7_chunked(q, log_w, k, v, kn, iclr, S, 64), (q, log_w, k, v, kn, iclr)),
     }
+    C = 3 * H * D  # q, k and v's channels, as DeltaNet's conv sees them
+    xc, wc, sc = rand(B, T, C), torch.randn(C, 4, device=dev).requires_grad_(), torch.zeros(B, 3, C, device=dev)
+    cases["causal_conv_silu [B, T, 3 H D], width 4"] = (
+        lambda: causal_conv.causal_conv_silu(xc, wc, None, sc), (xc, wc))
+    cases["conv1d + silu, [B, 3 H D, T] (PyTorch)"] = (
+        lambda: F.silu(F.conv1d(F.pad(xc.mT, (3, 0)), wc[:, None], groups=C)).mT, (xc, wc))
+    fla_conv = optional("fla.modules.causal_conv1d", "causal_conv1d")
+    cases["fla causal_conv1d"] = ("not installed" if fla_conv is None else "cuda only" if dev.type != "cuda"
+                                  else (lambda: fla_conv(xc, wc, None, activation="silu")[0], (xc, wc)))
     beta_low = beta.detach().to(low).requires_grad_()
     for mod, name, args, kw in [("linear_attn", "chunk_linear_attn", (q, k, v), {"normalize": False}),
                                 ("retention", "chunk_retention", (q, k, v), {}),

@@ -12,7 +12,7 @@ With ||k_t|| = 1 and beta_t in (0, 1) the transition I - beta_t k_t k_t^T has ei
 [0, 1], so the state never grows (beta = 1 overwrites the slot of k_t, beta = 0 skips the token).
 
 Around it: q, k, v projections, each through a causal depthwise conv (kernel 4, no bias) and
-SiLU; q and k L2-normalised per head, q then scaled by Dk^-1/2, so y_t = S_t q_t / sqrt(Dk);
+SiLU (causal_conv.py); q and k L2-normalised per head, q then scaled by Dk^-1/2, so y_t = S_t q_t / sqrt(Dk);
 beta_t = sigmoid(W_beta x_t) per head; a per-head RMSNorm on the output (weight shared across
 heads; use_gate=True multiplies by silu(W_g x), off by default) and an output projection.
 Shapes: q, k [B, T, H, Dk], v [B, T, H, Dv], beta [B, T, H]. State: (S [B, H, Dv, Dk] float32 or
@@ -49,6 +49,8 @@ off by default as in fla.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from causal_conv import causal_conv_silu, last_inputs
 
 
 def l2norm(x, eps=1e-6):
@@ -150,8 +152,8 @@ class DeltaNet(nn.Module):
             conv = x.new_zeros(B, self.conv.kernel_size[0] - 1, self.conv.in_channels)
             state = (x.new_zeros(B, H, Dv, Dk, dtype=acc), conv)
         S, conv = state
-        ctx = torch.cat([conv, self.qkv(x).to(conv.dtype)], 1)  # the conv state is the left context
-        qkv = F.silu(self.conv(ctx.transpose(1, 2)).transpose(1, 2))
+        qkv = self.qkv(x)
+        conv, qkv = last_inputs(conv, qkv), causal_conv_silu(qkv, self.conv.weight[:, 0], None, conv)
         q, k, v = qkv.unflatten(-1, (3, H, -1)).unbind(2)
         q, k = l2norm(q) * q.shape[-1] ** -0.5, l2norm(k)  # fla's scale on q
         beta = torch.sigmoid(self.beta(x))
@@ -165,7 +167,7 @@ class DeltaNet(nn.Module):
         y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps) * self.norm
         if self.gate is not None:
             y = y * F.silu(self.gate(x)).unflatten(-1, (H, -1))
-        return self.out(y.flatten(2).to(x.dtype)), (S, ctx[:, ctx.shape[1] - conv.shape[1]:].clone())
+        return self.out(y.flatten(2).to(x.dtype)), (S, conv)
 
     def step(self, x, state=None):
         """One token: x [B, d_model] -> y [B, d_model], state."""

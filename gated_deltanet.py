@@ -10,9 +10,9 @@ DeltaNet; alpha = 0 forgets everything but the current token. Only g_t = log alp
 computed; the decay between two tokens is the exp of a sum of g's, never above 1, and the matrix
 of them is decay_mask(g): segment sums masked to -inf above the diagonal before the exp.
 
-Around it: q, k, v projections, each through a causal depthwise conv (kernel 4, no bias) and SiLU;
-q and k L2-normalised per head (eps 1e-6), q scaled by Dk^-1/2; beta_t = sigmoid(W_b x_t) per head;
-A_log = log U(0, 16), dt_bias = softplus^-1(dt) with dt log-uniform in [1e-3, 0.1] (Mamba2's); the
+Around it: q, k, v projections, each through a causal depthwise conv (kernel 4, no bias) and SiLU
+(causal_conv.py); q and k L2-normalised per head (eps 1e-6), q scaled by Dk^-1/2; beta_t = sigmoid(W_b x_t)
+per head; A_log = log U(0, 16), dt_bias = softplus^-1(dt) with dt log-uniform in [1e-3, 0.1] (Mamba2's); the
 output through a per-head RMSNorm (eps 1e-5, weight shared by heads) times silu(W_g x), then the
 output projection. Six heads, keys 0.75 d_model wide in all, values twice the keys (1.5 d_model):
 about 6 d_model^2 parameters. Shapes: q, k [B, T, H, Dk], v [B, T, H, Dv], beta, g [B, T, H].
@@ -49,6 +49,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from causal_conv import causal_conv_silu, last_inputs
 
 
 def l2norm(x, eps=1e-6):
@@ -171,8 +173,8 @@ class GatedDeltaNet(nn.Module):
             S = x.new_zeros(B, H, self.value // H, self.key // H, dtype=acc)
             state = (S, x.new_zeros(B, self.conv.kernel_size[0] - 1, self.conv.in_channels))
         S, conv = state
-        ctx = torch.cat([conv, self.qkv(x).to(conv.dtype)], 1)  # the conv state is the left context
-        qkv = F.silu(self.conv(ctx.mT).mT)
+        qkv = self.qkv(x)
+        conv, qkv = last_inputs(conv, qkv), causal_conv_silu(qkv, self.conv.weight[:, 0], None, conv)
         q, k, v = (z.unflatten(-1, (H, -1)) for z in qkv.split([self.key, self.key, self.value], -1))
         q, k = l2norm(q) * q.shape[-1] ** -0.5, l2norm(k)
         beta = torch.sigmoid(self.beta(x))
@@ -186,7 +188,7 @@ class GatedDeltaNet(nn.Module):
         y = y.to(S.dtype)
         y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps) * self.norm
         y = y * F.silu(self.gate(x)).unflatten(-1, (H, -1))
-        return self.out(y.flatten(2).to(x.dtype)), (S, ctx[:, ctx.shape[1] - conv.shape[1]:].clone())
+        return self.out(y.flatten(2).to(x.dtype)), (S, conv)
 
     def step(self, x, state=None):
         """One token: x [B, d_model] -> y [B, d_model], state."""

@@ -12,8 +12,8 @@ read-out. With u_t the SSM's input (below):
     y_t  = h_t C_t + D * u_t                               [D]     (D: a learned skip per channel)
 
 A = -exp(A_log) < 0 and dt > 0, so the gate exp(dt A) lies in (0, 1]. Around it (section 3.4):
-in_proj of x to w and z (expand 2), u = SiLU(causal depthwise conv1d of w, width d_conv), the
-SSM, the gate y * silu(z), out_proj. State: (conv [B, D, d_conv - 1], the last inputs w of the
+in_proj of x to w and z (expand 2), u = SiLU(causal depthwise conv1d of w, width d_conv; causal_conv.py),
+the SSM, the gate y * silu(z), out_proj. State: (conv [B, D, d_conv - 1], the last inputs w of the
 conv; ssm h [B, D, N]), both float32 or better. Shapes: u, dt [B, T, D], A [D, N], B, C [B, T, N].
 
 Two forms of the selective SSM, the same function of (u, dt, A, B, C, h0):
@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from causal_conv import causal_conv_silu, last_inputs
 from selective_scan import selective_scan
 
 
@@ -91,9 +92,8 @@ class Mamba(nn.Module):
             state = (x.new_zeros(x.shape[0], self.d_inner, self.d_conv - 1, dtype=acc),
                      x.new_zeros(x.shape[0], self.d_inner, self.d_state, dtype=acc))
         conv, h = state
-        window = torch.cat([conv, w.transpose(1, 2).to(conv.dtype)], -1)  # [B, D, d_conv - 1 + T]
-        u = F.conv1d(window.to(self.conv1d.weight.dtype), self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
-        u = F.silu(u).transpose(1, 2)  # [B, T, D]
+        context = conv.mT  # [B, d_conv - 1, D]: the inputs before x
+        conv, u = last_inputs(context, w).mT, causal_conv_silu(w, self.conv1d.weight[:, 0], self.conv1d.bias, context)
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], -1)  # selection
         dt = F.linear(dt, self.dt_proj.weight).to(h.dtype) + self.dt_proj.bias.to(h.dtype)  # the bias in float32
         dt = F.softplus(dt)
@@ -101,7 +101,7 @@ class Mamba(nn.Module):
         ssm = selective_ssm_recurrent if form == "recurrent" else selective_ssm_parallel
         y, h = ssm(u, dt, A, B.to(h.dtype), C, h)
         y = (y + self.D * u) * F.silu(z)
-        return self.out_proj(y.to(x.dtype)), (window[..., window.shape[-1] - (self.d_conv - 1):], h)
+        return self.out_proj(y.to(x.dtype)), (conv, h)
 
     def step(self, x, state=None):
         """One token: x [B, d_model] -> y [B, d_model], state."""

@@ -8,7 +8,8 @@ data-dependent decay (eq. 16-17 and the Mamba-2 block, Fig. 6):
     y_t = h_t C_t + D x_t                           A < 0 and D per head; B, C shared by groups
 
 dt = softplus(dt_raw + dt_bias) per head and token. Around the SSM: one input projection to
-(z, x, B, C, dt), a causal depthwise conv of width d_conv with SiLU over (x, B, C), a gated
+(z, x, B, C, dt), a causal depthwise conv of width d_conv with SiLU over (x, B, C) (causal_conv.py;
+x, B and C stay in the projection's dtype, as mamba_ssm's causal_conv1d returns them), a gated
 RMSNorm norm(y * silu(z)) and an output projection. Shapes: x [B, T, H, P], dt [B, T, H],
 B, C [B, T, G, N]. State: (conv [B, conv_dim, d_conv - 1], the last inputs of the conv;
 ssm h [B, H, P, N]), both float32 or better; every form starts the conv from the conv state,
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from causal_conv import causal_conv_silu, last_inputs
 from scalar_decay import scalar_decay
 from scan import scan
 
@@ -139,10 +141,10 @@ class Mamba2(nn.Module):
                      x.new_zeros(Bsz, self.n_head, self.headdim, self.d_state, dtype=acc))
         conv_state, h = state
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_head], -1)
-        seq = torch.cat([conv_state.to(acc), xBC.transpose(1, 2).to(acc)], -1)  # state as left context
-        conv_state = seq[..., seq.shape[-1] - (self.d_conv - 1):]
-        xBC = F.silu(F.conv1d(seq, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
-        xs, Bm, Cm = xBC.transpose(1, 2).to(acc).split([self.d_inner] + [self.ngroups * self.d_state] * 2, -1)
+        context = conv_state.mT  # [B, d_conv - 1, conv_dim]: the inputs before x
+        conv_state = last_inputs(context, xBC).mT
+        xBC = causal_conv_silu(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, context)  # in in_proj's dtype
+        xs, Bm, Cm = xBC.split([self.d_inner] + [self.ngroups * self.d_state] * 2, -1)
         xs = xs.unflatten(-1, (self.n_head, self.headdim))
         Bm, Cm = (t.unflatten(-1, (self.ngroups, self.d_state)) for t in (Bm, Cm))
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # [B, T, H]

@@ -40,6 +40,7 @@ import bench
 import scan as scan_module
 import train
 from scan import scan
+from causal_conv import causal_conv_silu
 from scalar_decay import scalar_decay
 from selective_scan import selective_scan
 
@@ -234,6 +235,15 @@ def scalar_decay_reference(q, k, v, g, S):
     return torch.einsum("bthed,bthd->bthe", S, q), S[:, -1]
 
 
+def causal_conv_reference(x, weight, bias, state):
+    """y_t = silu(bias + sum_k w_k x_{t-K+1+k}) one step at a time, the state's rows before x."""
+    K, window, ys = weight.shape[1], torch.cat([state, x], 1), []
+    for t in range(x.shape[1]):
+        p = (window[:, t:t + K] * weight.T).sum(1) + (0 if bias is None else bias)
+        ys.append(p * torch.sigmoid(p))
+    return torch.stack(ys, 1)
+
+
 SCAN_CASES = [  # (b shape, a shape): full; a gate per head over 16 channels (da summed over a tile's channels); one
     # per head, constant over batch and time (summed over both); constant over time (summed over a tile's steps); ...;
     # a gate per head over 25 and 72 channels, no multiple of a tile's width: tiles that meet two heads' gates
@@ -248,6 +258,10 @@ SELECTIVE_CASES = [(2, 21, 10, 4, True, 1.0), (1, 37, 9, 3, False, 1.0), (3, 8, 
 # (B, T, G, H, Dk, Dv): one chunk and several (16 interpreted, 64 else), a padded tail, Dk and Dv no powers of two,
 # several value tiles (16 columns interpreted), groups of heads sharing q and k
 SCALAR_DECAY_CASES = [(2, 37, 2, 2, 16, 16), (1, 70, 1, 2, 20, 24), (1, 33, 1, 2, 16, 40)]
+# (B, T, C, K, bias): several time tiles (16 interpreted, 32 else) and channel tiles, ragged; T < K - 1 (the state
+# leaves a row of itself); no bias; K = 1 (no state); K - 1 past a tile's 16 steps
+CAUSAL_CONV_CASES = [(2, 37, 20, 4, True), (1, 2, 17, 4, False), (2, 70, 33, 3, True), (1, 5, 8, 1, True),
+                     (1, 30, 6, 20, True)]
 
 
 def check_scan(device, dtype, tol, cases=SCAN_CASES + BLOCK_SCAN_CASES, reference=None):
@@ -304,6 +318,23 @@ def check_scalar_decay(device, dtype, tol, cases=SCALAR_DECAY_CASES, reference=s
         assert y.dtype == dtype and y.shape == (Bsz, T, H, Dv) and S.dtype == acc
 
 
+def check_causal_conv(device, dtype, tol, cases=CAUSAL_CONV_CASES, reference=causal_conv_reference):
+    """causal_conv_silu against `reference` in float64: y and the gradients w.r.t. x (a strided slice), the weight, the
+    bias and the state (float32 or better, as the models keep it)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    r = lambda *shape: torch.randn(shape, device=device, generator=gen)  # noqa: E731
+    for Bsz, T, C, K, with_bias in cases:
+        acc = torch.promote_types(dtype, torch.float32)
+        inputs = [r(Bsz, T, C + 5)[..., 2:2 + C].to(dtype), r(C, K).to(acc), r(C).to(acc) if with_bias else None,
+                  r(Bsz, K - 1, C).to(acc)]
+        leaves = [x.requires_grad_() for x in inputs if x is not None]
+        fn = lambda f: lambda x, w, *rest: (f(x, w, *(rest if with_bias else (None, *rest))),)  # noqa: E731
+        names = ["y", "dx", "dw"] + ["dbias"] * with_bias + ["dstate"]
+        (y,) = check_grads(fn(causal_conv_silu), fn(reference), leaves, names, tol, r,
+                           f"B={Bsz} T={T} C={C} K={K} bias={with_bias} {dtype}")
+        assert y.dtype == dtype and y.shape == (Bsz, T, C)
+
+
 def check_scan_compiled(device, quick=False):
     """scan and block_scan in torch.compile(fullgraph=True) against eager: a broadcast a read with stride 0 ([1, 1, H,
     1, 1] as retnet passes it, [B, N, H, 1, 1] as gated retention does), h0, reverse, and the gradients."""
@@ -335,6 +366,18 @@ def force_mode(monkeypatch, mode):
     monkeypatch.setattr(scan_module, "TILES_PER_CHUNK", SCAN_MODES[mode][1])
 
 
+def spy_launches(module, *kernels):
+    """Wrap module's named kernels; the set returned fills with the names of those launched."""
+    seen = set()
+
+    class Spy(types.SimpleNamespace):
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.add(self.name) or self.kernel[grid](*args, **meta)
+    for name in kernels:
+        setattr(module, name, Spy(kernel=getattr(module, name), name=name))
+    return seen
+
+
 def spy_reduce(module, *kernels):
     """Wrap module's named kernels; the set returned fills with each launch's REDUCE (chunks: True; one pass: False)."""
     seen = set()
@@ -352,10 +395,11 @@ def spy_reduce(module, *kernels):
     (check_scan, 1e-5, SCAN_CASES + BLOCK_SCAN_CASES), (check_selective, 1e-5, SELECTIVE_CASES),
     # and three chunks of 64 with Dk, Dv < 16 and four heads per group; float32: exp(c_i - c_j) is a difference of
     # cumulative sums, |c| up to ~500 here in chunks of 64: ~3e-5 per factor
-    (check_scalar_decay, 1e-4, SCALAR_DECAY_CASES + [(1, 150, 1, 4, 8, 5)])],
-    ids=["scan", "selective_scan", "scalar_decay"])
+    (check_scalar_decay, 1e-4, SCALAR_DECAY_CASES + [(1, 150, 1, 4, 8, 5)]), (check_causal_conv, 1e-5,
+                                                                              CAUSAL_CONV_CASES)],
+    ids=["scan", "selective_scan", "scalar_decay", "causal_conv"])
 def test_torch_engine(check, f32_tol, cases, dtype):
-    """The PyTorch engines of scan.py, selective_scan.py and scalar_decay.py against their loops."""
+    """The PyTorch engines of scan.py, selective_scan.py, scalar_decay.py and causal_conv.py against their loops."""
     check("cpu", dtype, 1e-12 if dtype == torch.float64 else f32_tol, cases)
 
 
@@ -400,7 +444,9 @@ def test_scan_gates_at_zero_and_one_and_long_sequences(device):
     (lambda: selective_scan(torch.rand(2, 5, 4), torch.ones(2, 5, 4, dtype=torch.long), torch.rand(4, 3),
                             *[torch.rand(2, 5, 3)] * 2), "floating"),
     (lambda: selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3, device="meta"), *[torch.rand(2, 5, 3)] * 2),
-     "one device")])
+     "one device"),
+    (lambda: causal_conv_silu(torch.rand(2, 5, 4), torch.rand(4, 3), None, torch.rand(2, 3, 4)), r"state \[B, K - 1"),
+    (lambda: causal_conv_silu(torch.rand(2, 5, 4), torch.rand(4, 3), torch.rand(3), torch.rand(2, 2, 4)), "bias")])
 def test_scans_reject_bad_input(bad, message):
     with pytest.raises(ValueError, match=message):
         bad()
@@ -424,6 +470,13 @@ def test_scalar_decay_triton_kernel_interpreted():
                 "t.check_scalar_decay('cpu', torch.float32, 1e-5)")
 
 
+def test_causal_conv_triton_kernels_interpreted():
+    """The kernels, forward and backward, run by Triton's interpreter: tiles of 16 steps by 16 channels."""
+    interpreted("import causal_conv as cc; assert scan.use_triton(torch.zeros(1)); "
+                "seen = t.spy_launches(cc, '_pointwise_kernel', '_backward_kernel'); "
+                "t.check_causal_conv('cpu', torch.float32, 1e-5); assert len(seen) == 2, seen")
+
+
 @slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_scan_compiled(device):
@@ -437,7 +490,7 @@ def test_scan_compiled(device):
     pytest.param(torch.bfloat16, "one pass", id="bf16-one pass", marks=slow),
     pytest.param(torch.float32, "one pass", id="f32-one pass", marks=slow),
     pytest.param(torch.bfloat16, "chunks", id="bf16-chunks", marks=slow)])
-@pytest.mark.parametrize("kernel", ["scan", "selective_scan", "scalar_decay"])
+@pytest.mark.parametrize("kernel", ["scan", "selective_scan", "scalar_decay", "causal_conv"])
 def test_kernels_triton_cuda(kernel, dtype, mode, monkeypatch):
     """Each kernel in the mode forced against the loop (scan) or the PyTorch engine in float64, scalar_decay at model
     shapes (97 value columns; 96 by 192; 128 by 64). Unless SLOW=1, two shapes (scalar_decay: one), as each compiles
@@ -452,7 +505,10 @@ def test_kernels_triton_cuda(kernel, dtype, mode, monkeypatch):
                  (2, 500, 64, 16, True, 30.0)]
         check_selective("cuda", dtype, 1e-4 if f32 else 2e-2, cases if SLOW else cases[::2], reference=selective_scan)
     elif f32 != (mode == "chunks"):
-        pytest.skip("scalar_decay's kernels have one mode: each dtype runs once")
+        pytest.skip(f"{kernel}'s kernels have one mode: each dtype runs once")
+    elif kernel == "causal_conv":  # bf16: x rounded before both, y and dx once more, the sums float32
+        cases = CAUSAL_CONV_CASES + [(2, 300, 960, 4, True), (3, 77, 100, 4, False), (2, 130, 70, 2, True)]
+        check_causal_conv("cuda", dtype, 1e-5 if f32 else 1e-2, cases, causal_conv_silu)
     else:  # bf16: q, k, v rounded before both; A, S, dS rounded for the dots, sums float32
         cases = [(1, 300, 1, 3, 48, 80), (2, 2048, 1, 2, 64, 64), (1, 300, 3, 3, 96, 97), (2, 333, 2, 2, 96, 192),
                  (1, 200, 1, 4, 128, 64), (1, 100, 1, 1, 32, 256)]
@@ -471,11 +527,12 @@ def test_scan_triton_cuda_long(mode, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", [
     "scan", "scan_block", "scan_backward", "selective_scan", "selective_scan_backward", "scalar_decay",
-    "scalar_decay_backward", "rnn_parallel", "lstm_parallel", "lstm_backward"])
+    "scalar_decay_backward", "causal_conv_silu", "causal_conv_silu_backward", "rnn_parallel", "lstm_parallel",
+    "lstm_backward"])
 def test_custom_op_fakes_match_real(op, device):
     """Each custom op's fake (shapes, strides, dtypes) is what it returns at a ragged T: a broadcast gate for scan, a
     backward's saved tensors from a real forward (selective scan's: [B, 0, D, N] in PyTorch, [B, T/BLOCK_T, D, N])."""
-    [module(n) for n in ("rnn", "lstm", "scalar_decay") if op.startswith(n)]  # registers zoo::<n>_parallel, ...
+    [module(n) for n in ("rnn", "lstm", "scalar_decay", "causal_conv") if op.startswith(n)]  # registers zoo::<n>_parallel, ...
     if op == "lstm_backward" and device == "cpu":
         pytest.skip("newton.py's kernel runs on CUDA (the CPU's interpreter test checks its gradients)")
     g, T = torch.Generator(device=device).manual_seed(0), 37
@@ -491,7 +548,9 @@ def test_custom_op_fakes_match_real(op, device):
         "selective_scan_backward": lambda: (x, dt, A, B, C, None, torch.ops.zoo.selective_scan(x, dt, A, B, C, None)[2],
                                             r(2, T, 6), r(2, 6, 4)),
         "scalar_decay": lambda: sd_args,
-        "scalar_decay_backward": lambda: (*sd_args, torch.ops.zoo.scalar_decay(*sd_args)[1], r(2, T, 2, 20),
+        "causal_conv_silu": lambda: (x, r(6, 4), r(6), r(2, 3, 6)),
+        "causal_conv_silu_backward": lambda: (x, r(6, 4), None, r(2, 3, 6), r(2, T, 6)),
+        "scalar_decay_backward": lambda: (*sd_args, torch.ops.zoo.scalar_decay(*sd_args)[2], r(2, T, 2, 20),
                                           r(2, 2, 20, 16)),
         "rnn_parallel": lambda: (r(2, T, 5), r(5), r(2, 5), 1e-6),
         "lstm_parallel": lambda: (r(2, T, 4, 5), r(4, 5), r(2, 2, 5), 1e-6, True),
