@@ -39,8 +39,9 @@ log decays of -3e5 and -1e-2 in one chunk put its final state 1.6e-2 off in floa
 
 A file of its own because five models share one kernel set. Engines: Triton on CUDA (and on the CPU under
 TRITON_INTERPRET=1), fla's chunk layout: a walk over the chunks with a [BV, Dk] tile of S in float32 registers keeps the
-state entering each chunk (one dot a chunk), then one program per (batch, head, chunk) computes y from it. The backward
-reruns that walk and walks back with dS likewise (dS0 = exp(c_L) dS1 + ..., one dot a chunk), keeping the gradient at
+state entering each chunk (one dot a chunk; kept in the inputs' dtype, which the dots read it in, as fla keeps its
+chunk states), then one program per (batch, head, chunk) computes y from it. The backward reads those states, saved by
+the forward, and walks back with dS likewise (dS0 = exp(c_L) dS1 + ..., one dot a chunk), keeping the gradient at
 the state leaving each chunk; given both, every chunk's dq, dk, dv and dg are independent (one program a chunk, walking
 its value tiles). Dots in the inputs' dtype accumulate in float32 (float32 inputs: exact float32 dots, no tf32).
 Elsewhere (CPU, MPS, float64, Dk > 128) the same equations in PyTorch on chunk tensors, the chunk states through
@@ -67,7 +68,7 @@ def scalar_decay(q, k, v, g, S):
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     if torch.is_autocast_enabled(v.device.type):  # matmuls inside: autocast's dtype, as an einsum would take
         dtype = torch.get_autocast_dtype(v.device.type)
-    return _op(q.to(dtype), k.to(dtype), v.to(dtype), g, S)
+    return _op(q.to(dtype), k.to(dtype), v.to(dtype), g, S)[:2]
 
 
 def decay_mask(g):
@@ -88,43 +89,51 @@ def _kernel(q, k, v, g, S):
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, S: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, S_final, the kernels' states entering each chunk, kept for their backward; empty for the PyTorch engine)."""
     if _kernel(q, k, v, g, S):
         return _triton_forward(q, k, v, g, S)
     y, S_final, _ = _torch_forward(q, k, v, g, S)
-    return y, S_final
+    return y, S_final, v.new_empty(0)
 
 
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, S: torch.Tensor,
-              S_final: torch.Tensor, dy: torch.Tensor, dS_final: torch.Tensor
+              states: torch.Tensor, dy: torch.Tensor, dS_final: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dg, dS), each in its input's dtype."""
+    """(dq and dk per head [B, T, H, Dk] in float32 or float64, dv, dg, dS in their inputs' dtypes). The sums over a
+    group's heads and the casts are left to the caller (_grads), where torch.compile fuses them with what follows."""
     acc = _acc(q, k, v, g, S)
     if _kernel(q, k, v, g, S):
-        dq, dk, dv, dg, dS = _triton_backward(q, k, v, g, S, dy, dS_final)
+        dq, dk, dv, dg, dS = _triton_backward(q, k, v, g, states, dy, dS_final)
     else:
         dq, dk, dv, dg, dS = _torch_backward(q, k, v, g, S, dy.to(acc), dS_final.to(acc))
-    dq, dk = (x.unflatten(2, (q.shape[2], -1)).sum(3) for x in (dq, dk))  # per head -> per group
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dS.to(S.dtype)
+    return dq, dk, dv.to(v.dtype), dg.to(g.dtype), dS.to(S.dtype)
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output[1])
+    ctx.save_for_backward(*inputs, output[2])
+    ctx.mark_non_differentiable(output[2])
 
 
-def _grads(ctx, backward, dy, dS_final):
-    q, k, v, g, S, S_final = ctx.saved_tensors
+def _grads(ctx, backward, dy, dS_final, _):
+    q, k, v, g, S, states = ctx.saved_tensors
     dy = torch.zeros(v.shape, dtype=v.dtype, device=v.device) if dy is None else dy
-    dS_final = torch.zeros_like(S_final) if dS_final is None else dS_final
-    return backward(q, k, v, g, S, S_final, dy, dS_final)
+    dS_final = torch.zeros(S.shape, dtype=_acc(q, k, v, g, S), device=S.device) if dS_final is None else dS_final
+    dq, dk, dv, dg, dS = backward(q, k, v, g, S, states, dy, dS_final)
+    G = q.shape[2]
+    dq, dk = (x if G == x.shape[2] else x.unflatten(2, (G, -1)).sum(3) for x in (dq, dk))  # per head -> per group
+    return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dS
 
 
 def _fake(q, k, v, g, S):
-    return v.new_empty(v.shape), S.new_empty(S.shape, dtype=_acc(q, k, v, g, S))
+    (Bsz, T, _, Dk), (H, Dv) = q.shape, v.shape[2:]
+    states = v.new_empty((Bsz, H, triton.cdiv(T, _plan(Dk, v.dtype)[0]), Dv, Dk) if _kernel(q, k, v, g, S) else 0)
+    return v.new_empty(v.shape), S.new_empty(S.shape, dtype=_acc(q, k, v, g, S)), states
 
 
-def _backward_fake(q, k, v, g, S, S_final, dy, dS_final):
-    return tuple(x.new_empty(x.shape) for x in (q, k, v, g, S))
+def _backward_fake(q, k, v, g, S, states, dy, dS_final):
+    per_head = q.new_empty(q.shape[:2] + v.shape[2:3] + q.shape[3:], dtype=_acc(q, k, v, g, S))
+    return per_head, per_head.new_empty(per_head.shape), *(x.new_empty(x.shape) for x in (v, g, S))
 
 
 _op = register("scalar_decay", _forward, _backward, _fake, _backward_fake, _setup, _grads)
@@ -221,11 +230,12 @@ def _launch(kernel, grid, q, k, v, g, *tensors, BV, **meta):
 # multiprocessors idle (B * H * Dv / 64 < SMs: 163 against 197 us at 2, 8192, 8).
 
 def _walk(q, k, v, g, S, reverse=False):
-    """(S at every chunk boundary [B, H, T/L, Dv, Dk], the last S), float32: see _walk_kernel."""
+    """(S at every chunk boundary [B, H, T/L, Dv, Dk] in v's dtype, the dtype every dot reads it in (16-bit: half the
+    bytes of float32), the last S in float32): see _walk_kernel."""
     Bsz, T, H, Dv = v.shape
     L = _plan(q.shape[3], v.dtype)[0]
     wide = not INTERPRET and Bsz * H * triton.cdiv(Dv, 64) >= programs(v.device)
-    states = torch.empty(S.shape[:2] + (triton.cdiv(T, L),) + S.shape[2:], dtype=torch.float32, device=v.device)
+    states = torch.empty(S.shape[:2] + (triton.cdiv(T, L),) + S.shape[2:], dtype=v.dtype, device=v.device)
     last = torch.empty(S.shape, dtype=torch.float32, device=v.device)
     _launch(_walk_kernel, (False, True), q, k, v, g, S.float().contiguous(), states, last, REVERSE=reverse,
             BV=min(64, max(16, triton.next_power_of_2(Dv))) if wide else 16)
@@ -233,17 +243,16 @@ def _walk(q, k, v, g, S, reverse=False):
 
 
 def _triton_forward(q, k, v, g, S):
-    """(y, S_final)."""
+    """(y, S_final, the states entering each chunk)."""
     states, S_final = _walk(q, k, v, g, S)
     y = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     _launch(_output_kernel, (True, False), q, k, v, g, states, y, BV=16)
-    return y, S_final
+    return y, S_final, states
 
 
-def _triton_backward(q, k, v, g, S, dy, dS_final):
-    """(dq and dk per head [B, T, H, Dk] float32, dv, dg, dS0)."""
+def _triton_backward(q, k, v, g, states, dy, dS_final):
+    """(dq and dk per head [B, T, H, Dk] float32, dv, dg, dS0), from the forward's states."""
     dy = dy.to(v.dtype).contiguous()
-    states = _walk(q, k, v, g, S)[0]
     dstates, dS = _walk(q, q, dy, g, dS_final, reverse=True)  # dS <- exp(c_L) dS + sum_i exp(c_i) dy_i q_i^T
     dq, dk = (torch.empty(q.shape[:2] + v.shape[2:3] + q.shape[3:], dtype=torch.float32, device=v.device)
               for _ in range(2))
@@ -297,7 +306,7 @@ if triton is not None:
             _, k, v, c, c_last, _, _, _, _ = _chunk(Q, K, V, G, n * L, b, h, hk, T, Dk, Dv, sqb, sqt, sqh, sqd,
                                                     skb, skt, skh, skd, svb, svt, svh, svd, sgb, sgt, sgh,
                                                     cols_k, cols_v, L)
-            tl.store(STATES + ((b * H + h) * n_chunks + n) * Dv * Dk + tile, S, mask=ms)
+            tl.store(STATES + ((b * H + h) * n_chunks + n) * Dv * Dk + tile, S.to(STATES.dtype.element_ty), mask=ms)
             w = tl.exp(c) if REVERSE else tl.exp(c_last - c)
             S = tl.exp(c_last) * S + tl.dot(tl.trans((v * w[:, None]).to(v.dtype)), k, input_precision=PREC)
         tl.store(S_LAST + (b * H + h) * Dv * Dk + tile, S, mask=ms)
@@ -365,7 +374,7 @@ if triton is not None:
             q_S0 = tl.dot(q, tl.trans(S0).to(q.dtype), input_precision=PREC)  # [L, BV]: S0 q_i
             w_in += tl.sum(dy.to(tl.float32) * q_S0, 1)
             w_out += tl.sum(v.to(tl.float32) * k_dS, 1)
-            dS_S0 += tl.sum(dS * S0, 0)
+            dS_S0 += tl.sum(dS.to(tl.float32) * S0.to(tl.float32), 0)
         dA = (dyv * D).to(q.dtype)
         dq = tl.dot(dA, k, input_precision=PREC) + into[:, None] * dy_S0
         dk = tl.dot(tl.trans(dA), q, input_precision=PREC) + to_end[:, None] * v_dS
