@@ -11,9 +11,9 @@ Backward, with p_t the sum inside the silu and dp_t = dy_t silu'(p_t):
 
     dx_u = sum_k w_k dp_{u+K-1-k} (u from -K+1: the state's rows too)   dw_k = sum_t dp_t x_{t-K+1+k}   db = sum_t dp_t
 
-A file of its own because four models share it, and because PyTorch's depthwise conv1d (cuDNN's kernels under autocast,
+A file of its own because four models share it, and because PyTorch's depthwise conv1d (its native depthwise kernels,
 with the transposes and the concatenated state around it) was Mamba-2's largest cost after its SSM (RESULTS.md,
-causal_conv.py). Engines: Triton on CUDA (and on the CPU under TRITON_INTERPRET=1), one program per (batch row, BT
+Training). Engines: Triton on CUDA (and on the CPU under TRITON_INTERPRET=1), one program per (batch row, BT
 steps, BC channels), each reading the K shifted tiles of x it needs (the state's rows where t < 0): the forward writes
 y; the backward recomputes p and writes dp (float32), then dx from K shifted tiles of dp, each program its partial sums
 of dw and db, summed after. Elsewhere (CPU, MPS, float64) PyTorch's conv1d. Forward and backward are custom ops
