@@ -36,6 +36,8 @@ def causal_conv_silu(x, weight, bias, state):
     if weight.shape != (C, K) or (bias is not None and bias.shape != (C,)) or state.shape != (Bsz, K - 1, C):
         raise ValueError("causal_conv_silu: needs x [B, T, C], weight [C, K], bias [C] or None, state [B, K - 1, C]; "
                          f"got {[None if t is None else tuple(t.shape) for t in (x, weight, bias, state)]}")
+    if any(t is not None and t.device != x.device for t in (weight, bias, state)):
+        raise ValueError(f"causal_conv_silu: x, weight, bias and state must be on one device, x is on {x.device}")
     return _op(x, weight, bias, state)
 
 

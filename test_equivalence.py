@@ -446,7 +446,9 @@ def test_scan_gates_at_zero_and_one_and_long_sequences(device):
     (lambda: selective_scan(*[torch.rand(2, 5, 4)] * 2, torch.rand(4, 3, device="meta"), *[torch.rand(2, 5, 3)] * 2),
      "one device"),
     (lambda: causal_conv_silu(torch.rand(2, 5, 4), torch.rand(4, 3), None, torch.rand(2, 3, 4)), r"state \[B, K - 1"),
-    (lambda: causal_conv_silu(torch.rand(2, 5, 4), torch.rand(4, 3), torch.rand(3), torch.rand(2, 2, 4)), "bias")])
+    (lambda: causal_conv_silu(torch.rand(2, 5, 4), torch.rand(4, 3), torch.rand(3), torch.rand(2, 2, 4)), "bias"),
+    (lambda: causal_conv_silu(torch.rand(2, 5, 4), torch.rand(4, 3, device="meta"), None, torch.rand(2, 2, 4)),
+     "one device")])
 def test_scans_reject_bad_input(bad, message):
     with pytest.raises(ValueError, match=message):
         bad()
