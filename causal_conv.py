@@ -32,7 +32,7 @@ if triton is not None:
 
 def causal_conv_silu(x, weight, bias, state):
     """x [B, T, C], weight [C, K], bias [C] or None, state [B, K - 1, C] -> silu(causal conv) [B, T, C]."""
-    (Bsz, T, C), K = x.shape, weight.shape[-1]
+    (Bsz, _, C), K = x.shape, weight.shape[-1]
     if weight.shape != (C, K) or (bias is not None and bias.shape != (C,)) or state.shape != (Bsz, K - 1, C):
         raise ValueError("causal_conv_silu: needs x [B, T, C], weight [C, K], bias [C] or None, state [B, K - 1, C]; "
                          f"got {[None if t is None else tuple(t.shape) for t in (x, weight, bias, state)]}")

@@ -534,7 +534,7 @@ def test_scan_triton_cuda_long(mode, monkeypatch):
 def test_custom_op_fakes_match_real(op, device):
     """Each custom op's fake (shapes, strides, dtypes) is what it returns at a ragged T: a broadcast gate for scan, a
     backward's saved tensors from a real forward (selective scan's: [B, 0, D, N] in PyTorch, [B, T/BLOCK_T, D, N])."""
-    [module(n) for n in ("rnn", "lstm", "scalar_decay", "causal_conv") if op.startswith(n)]  # registers zoo::<n>_parallel, ...
+    [module(n) for n in ("rnn", "lstm", "scalar_decay", "causal_conv") if op.startswith(n)]  # registers zoo::<n>...
     if op == "lstm_backward" and device == "cpu":
         pytest.skip("newton.py's kernel runs on CUDA (the CPU's interpreter test checks its gradients)")
     g, T = torch.Generator(device=device).manual_seed(0), 37
