@@ -2,24 +2,20 @@
 
     h_t = a_t * h_{t-1} + b_t        (reverse=True: h_t = a_t * h_{t+1} + b_t)
 
-`scan(a, b, h0=None, reverse=False)`: b [B, T, *]; a broadcastable to b (a per-head decay [B, T, H, 1, 1]
-against states [B, T, H, Dv, Dk] is read with stride 0, never expanded in memory); h0 [B, *] or None (zeros).
-Returns h with b's shape and dtype; h[:, -1] is the final state (h[:, 0] when reverse). Sums are accumulated in
-float32 (float64 stays float64).
-`block_scan(a, b, h0=None, reverse=False)`: the same with a 2 x 2 matrix per channel, h_t = a_t @ h_{t-1} + b_t,
-a [B, T, 2, 2, *], b [B, T, 2, *], h0 [B, 2, *] (the LSTM's Newton step).
+`scan(a, b, h0=None, reverse=False)`: b [B, T, *]; a broadcastable to b (a per-head decay [B, T, H, 1, 1] against
+states [B, T, H, Dv, Dk] is read with stride 0, never expanded); h0 [B, *] or None (zeros). Returns h with b's shape
+and dtype, summed in float32 (float64 stays); h[:, -1] is the final state (h[:, 0] when reverse).
+`block_scan(a, b, h0=None, reverse=False)`: a 2 x 2 matrix per channel, h_t = a_t @ h_{t-1} + b_t, a [B, T, 2, 2, *],
+b [B, T, 2, *], h0 [B, 2, *] (the LSTM's Newton step).
 
-The scan is associative (Blelloch 1990): the pairs (a, b) compose as
-    (a1, b1) then (a2, b2) = (a2 a1, a2 b1 + b2),
-so T steps take log-depth work. Its gradient is the same recurrence run the other way (the adjoint):
+The pairs (a, b) compose associatively (Blelloch 1990), (a1, b1) then (a2, b2) = (a2 a1, a2 b1 + b2), so T steps take
+log-depth work. The gradient is the same recurrence run the other way (the adjoint):
     g_t = dL/dh_t + a_{t+1}^T g_{t+1},   dL/db_t = g_t,   dL/da_t = g_t h_{t-1}^T,   dL/dh0 = a_0^T g_0.
 
-Two engines: a Triton kernel on CUDA (or on the CPU under TRITON_INTERPRET=1), and PyTorch log-depth doubling
-everywhere else (CPU, MPS, float64, machines without Triton). Forward and backward are custom ops (zoo::scan,
-zoo::scan_backward) with fakes, so torch.compile and CUDA graphs see one opaque op and the kernel reads the strides
-of the tensors it is given at run time; in eager mode an autograd.Function calls the same two functions directly
-(the custom op's dispatch costs more than a launch: ~35 us a call, ~85 with grad). `register` builds both for any
-scan-like entry point (selective_scan.py uses it too).
+Engines: a Triton kernel on CUDA (and on the CPU under TRITON_INTERPRET=1); PyTorch log-depth doubling elsewhere (CPU,
+MPS, float64). Forward and backward are custom ops (zoo::scan, zoo::scan_backward) with fakes for torch.compile and
+CUDA graphs; eager calls reach the same two functions through an autograd.Function (the op's dispatch costs more than
+a launch). `register` builds both for any scan-like entry point (selective_scan.py and causal_conv.py use it too).
 """
 import os
 from typing import Optional
@@ -176,15 +172,14 @@ def use_triton(x):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Triton engine. b is viewed as [B, T, C] ([B, T, 2, C] for blocks), cut into tiles of BLOCK_T steps by BLOCK_C
-# channels; a tile is scanned in registers and needs the state its predecessor ended in. A program owns one channel
-# block of one batch row and walks the tiles of one chunk of T/n_chunks steps in order, the carry in registers.
-# With enough channel blocks to fill the GPU, n_chunks = 1: one launch, every element read and written once.
-# Otherwise (few channels, a long sequence) the chunks run side by side in two launches: each program reduces its
-# chunk to one map h -> P h + X (REDUCE), then each program composes the maps of the chunks before it (a scan over at
-# most a few hundred rows) and rescans its chunk from the state that gives (FOLD). That reads a and b twice where
-# there is bandwidth to spare, and needs no communication between running programs. RESULTS.md (scan.py) times it
-# against the decoupled look-back it replaced (Merrill & Garland 2016), Triton's pipelining and one-warp tiles.
+# Triton engine. b is viewed as [B, T, C] ([B, T, 2, C] for blocks) and cut into tiles of BLOCK_T steps by BLOCK_C
+# channels, each scanned in registers from the state its predecessor ended in. A program owns one channel block of one
+# batch row and walks the tiles of one chunk of time in order, the carry in registers. Where the channel blocks fill
+# the GPU there is one chunk: one launch, every element read and written once. Otherwise (few channels, a long
+# sequence) each program first reduces its chunk to a map h -> P h + X (REDUCE); a second launch composes the maps of
+# the chunks before it and rescans its chunk from the state they give (FOLD): a and b read twice, no communication
+# between running programs. RESULTS.md (scan.py) times it against a decoupled look-back (Merrill & Garland 2016),
+# Triton's pipelining and one-warp tiles.
 
 PROGRAMS_PER_SM = 1  # split the sequence into chunks until this many programs per multiprocessor run (_plan: x4)
 TILES_PER_CHUNK = 4  # but no chunk shorter than this
