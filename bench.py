@@ -14,6 +14,7 @@
            whole LM at batch 1 through train.generate: eager, replaying a CUDA graph per token, and replaying
            a CUDA graph of the step compiled by Inductor.
 5. train   tokens/s of train.py's training step for every model, eager and compiled, at the showdown size.
+6. mamba   Mamba(512) forward and backward, time and peak memory, against mambapy's MambaBlock (when installed).
 GPU times are medians of triton.testing.do_bench; the recurrent loops (a Python loop over T) are
 timed once, after a warm-up on 16 tokens. Optional comparators are used only where installed.
 """
@@ -38,7 +39,7 @@ MODELS = {"rnn": "RNN", "lstm": "LSTM", "attention": "Attention", "linear_attent
           "deltanet": "DeltaNet", "gated_deltanet": "GatedDeltaNet",
           "rwkv7": "RWKV7", "kda": "KDA", "mamba3": "Mamba3", "mlstm": "MLSTM"}
 FP32 = {"rnn", "lstm"}  # Newton's method wants float32; the others run under bf16 autocast
-SECTIONS = ("scan", "forms", "chunked", "decode", "train")
+SECTIONS = ("scan", "forms", "chunked", "decode", "train", "mamba")
 SKIP = []  # --skip: case names (substrings) left out, e.g. a comparator whose compilation hangs
 
 
@@ -428,6 +429,41 @@ def decode_lm(dev, contexts, low):
         add_row(row)
         del model
         torch.cuda.empty_cache() if gpu else None
+
+
+# ------------------------------------------------------------------------------------------ 6. mamba
+def bench_mamba(dev, quick, low):
+    """Forward and backward of Mamba(512) and of mambapy's MambaBlock (the same configuration: d_state 16, expand 2,
+    d_conv 4), batch 8, float32 and bf16 autocast: milliseconds and peak memory above the inputs (the GPU's)."""
+    import mamba
+    block, config = optional("mambapy.mamba", "MambaBlock"), optional("mambapy.mamba", "MambaConfig")
+    gpu = dev.type == "cuda"
+    torch.manual_seed(0)
+    layers = {"Mamba(512)": mamba.Mamba(512).to(dev)}
+    if block is not None:
+        layers["mambapy MambaBlock"] = block(config(d_model=512, n_layers=1)).to(dev)
+    rows, batch = [], 8 if gpu else 2
+    for T in (512, 2048) if gpu else (32,):
+        for dtype in (torch.float32, low) if gpu else (torch.float32,):
+            x = torch.randn(batch, T, 512, device=dev, requires_grad=True)
+            times = {}
+            for name, m in layers.items():
+                def go():
+                    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                        y = m(x)
+                    return y[0] if isinstance(y, tuple) else y  # Mamba returns (y, state)
+                run = fwd_bwd(go, [x, *m.parameters()])
+                run()
+                sync(dev)
+                torch.cuda.reset_peak_memory_stats(dev) if gpu else None
+                inputs = torch.cuda.memory_allocated(dev) if gpu else 0
+                times[name] = timeit(run, dev)
+                peak = (torch.cuda.max_memory_allocated(dev) - inputs) / 1e9 if gpu else "-"
+                rows.append([name, T, str(dtype)[6:], times[name], peak, "-"])
+            ratio = times.get("mambapy MambaBlock", 0) / times["Mamba(512)"]
+            rows[-1][-1] = f"{ratio:.2f}" if block is not None else "mambapy not installed"
+    table(f"Mamba's layer at batch {batch} against mambapy, fwd+bwd",
+          ["layer", "T", "dtype", "ms", "peak GB", "mambapy's time / ours"], rows)
 
 
 # ------------------------------------------------------------------------------------------ main

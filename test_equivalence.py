@@ -2553,7 +2553,8 @@ def test_train_commit_of_names_uncommitted_code(tmp_path):
 def test_bench_cpu_smoke_run_prints_every_table(capsys):
     bench.main(["--device", "cpu", "--quick"])
     out = capsys.readouterr().out
-    for header in ("### scan.py", "### layers", "### chunked cores", "### decoding", "### training steps"):
+    for header in ("### scan.py", "### layers", "### chunked cores", "### decoding", "### training steps",
+                   "### Mamba's layer"):
         assert header in out, f"bench.py printed no {header!r} table"
     assert "Error" not in out and "OOM" not in out and "nan" not in out, out
 
