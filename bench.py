@@ -1,6 +1,6 @@
 """Benchmarks of the zoo on a GPU, printed as markdown tables (and bench.png with matplotlib).
 
-    python bench.py                      # all five sections on the GPU
+    python bench.py                      # all six sections on the GPU
     python bench.py --quick --only scan,chunked
     python bench.py --device cpu --quick # a tiny smoke run of every section (what the tests call)
     python bench.py --report out         # train.py's runs out/*/log.jsonl as tables, out/showdown.png, out/mqar.png
