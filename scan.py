@@ -173,13 +173,14 @@ def use_triton(x):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton engine. b is viewed as [B, T, C] ([B, T, 2, C] for blocks) and cut into tiles of BLOCK_T steps by BLOCK_C
-# channels, each scanned in registers from the state its predecessor ended in. A program owns one channel block of one
-# batch row and walks the tiles of one chunk of time in order, the carry in registers. Where the channel blocks fill
-# the GPU there is one chunk: one launch, every element read and written once. Otherwise (few channels, a long
-# sequence) each program first reduces its chunk to a map h -> P h + X (REDUCE); a second launch composes the maps of
-# the chunks before it and rescans its chunk from the state they give (FOLD): a and b read twice, no communication
-# between running programs. RESULTS.md (scan.py) times it against a decoupled look-back (Merrill & Garland 2016),
-# Triton's pipelining and one-warp tiles.
+# channels, each scanned in registers from the state its predecessor ended in: a thread scans R consecutive steps of
+# its channels, the lanes and warps only those segments' totals. A program owns one channel block of one batch row
+# and walks the tiles of one chunk of time in order, the carry in registers. Where the channel blocks fill the GPU
+# there is one chunk: one launch, every element read and written once. Otherwise (few channels, a long sequence) each
+# program first reduces its chunk to a map h -> P h + X (REDUCE); a second launch composes the maps of the chunks
+# before it and rescans its chunk from the state they give (FOLD): a and b read twice, no communication between
+# running programs. RESULTS.md (scan.py) times it against a decoupled look-back (Merrill & Garland 2016), Triton's
+# pipelining and one-warp tiles.
 
 PROGRAMS_PER_SM = 1  # split the sequence into chunks until this many programs per multiprocessor run (_plan: x4)
 TILES_PER_CHUNK = 4  # but no chunk shorter than this
@@ -199,18 +200,19 @@ def n_chunks(n_tiles, groups, device, per_sm=1):
     return max(1, min(n_tiles // TILES_PER_CHUNK, -(-programs(device) * per_sm // groups)))
 
 
-def _plan(B, T, C, block, device):
-    """(BLOCK_T, BLOCK_C, warps, n_chunks): tiles of 128 steps (64 for blocks) by 16 channels on 4 warps, the best
-    tile timed at bench.py's scan shapes; chunks only where the channel blocks leave multiprocessors idle, then
-    enough for 4 programs on each (RESULTS.md, scan.py)."""
-    if INTERPRET:  # the interpreter pays per tile element
-        block_t, block_c, warps = 16, 8, 1
-    else:
-        block_t, block_c, warps = (64 if block else 128), 16, 4
+def _plan(B, T, C, block, itemsize, device):
+    """(BLOCK_T, BLOCK_C, R, warps, n_chunks): tiles of 128 steps by 32 channels in float32, 16 in bf16 (blocks: 64
+    by 16), in segments of R = 4 steps (RESULTS.md, scan.py); chunks only where the channel blocks leave multiprocessors
+    idle, then enough for 4 programs on each."""
+    # the interpreter pays per tile element
+    block_t, block_c = (16, 8) if INTERPRET else (64, 16) if block else (128, 32 if itemsize == 4 else 16)
     rows = min(block_t, _next_power_of_2(T))  # a short sequence (e.g. a scan over chunks): wider tiles, no empty rows
     block_c = min(block_c * block_t // rows, _next_power_of_2(C))
+    seg = min(2 if block and itemsize < 4 else 4, rows)  # bf16 blocks: R = 4 would leave one warp, which spills
+    # a warp's lanes hold 16 bytes of a row each; lanes and warps past the segments would split them and scan in memory
+    warps = 1 if INTERPRET else max(1, min(4, rows // seg * block_c * itemsize // 512))
     groups = B * -(-C // block_c)
-    return rows, block_c, warps, n_chunks(-(-T // rows), groups, device, 4 if groups < programs(device) else 1)
+    return rows, block_c, seg, warps, n_chunks(-(-T // rows), groups, device, 4 if groups < programs(device) else 1)
 
 
 def _next_power_of_2(n):
@@ -249,7 +251,7 @@ def _triton_scan(a, b, h0, reverse, block, h_for_da=None, h0_for_da=None):
     else:
         a = a.contiguous() if adjoint else a  # da is built with a's (contiguous) strides
         a_view, strides = _channel_strides(a, b.shape)
-    block_t, block_c, warps, chunks = _plan(B, T, C, block, b.device)
+    block_t, block_c, seg, warps, chunks = _plan(B, T, C, block, b.element_size(), b.device)
     broadcast = adjoint and not block and a.numel() < b.numel() // S
     while broadcast and strides[4] == 0 and strides[2] < block_c and block_c > 16:
         block_c //= 2  # da summed inside a tile over channels that share an element of a: a tile meets at most two
@@ -260,8 +262,8 @@ def _triton_scan(a, b, h0, reverse, block, h_for_da=None, h0_for_da=None):
     if adjoint:  # summed over a's broadcast dims by atomics in float32, else written as it comes
         da = torch.zeros(a.shape, device=b.device, dtype=torch.float32) if broadcast else torch.empty_like(a)
     sum_c = broadcast and strides[4] == 0 and strides[2] >= block_c
-    meta = dict(REVERSE=reverse, ADJOINT=adjoint, BLOCK2=block, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps,
-                DA_SUM_T=broadcast and strides[1] == 0 and T > 1, DA_SUM_C=sum_c, DA_ATOMIC=broadcast,
+    meta = dict(REVERSE=reverse, ADJOINT=adjoint, BLOCK2=block, BLOCK_T=block_t, BLOCK_C=block_c, R=seg,
+                num_warps=warps, DA_SUM_T=broadcast and strides[1] == 0 and T > 1, DA_SUM_C=sum_c, DA_ATOMIC=broadcast,
                 TWO_RUNS=sum_c and strides[2] % block_c != 0, CHUNKS=_next_power_of_2(chunks))
     args = (T, C, n_cblocks, n_tiles, per_chunk, *strides)
     grid = (B * n_cblocks, chunks)
@@ -291,22 +293,25 @@ if triton is not None:
                 p2 * x1 + q2 * y1 + x2, r2 * x1 + s2 * y1 + y2)
 
     @triton.jit
+    def segments(x, R: tl.constexpr):
+        """A [BLOCK_T, C] tile as [R, BLOCK_T / R, C]."""
+        return tl.reshape(x, [R, x.shape[0] // R, x.shape[1]])
+
+    @triton.jit
     def row(x, rows, edge):
-        """Row `edge` of a tile whose first axis is time."""
-        return tl.sum(tl.where(rows[:, None] == edge, x, 0.0), 0)
+        """Row `edge` along x's first axis; rows: that axis's index, broadcast to x's rank."""
+        return tl.sum(tl.where(rows == edge, x, 0.0), 0)
 
     @triton.jit
     def _scan_kernel(A, X, H, HS, H0, H_EDGE, DA, MAPS, T, C, n_cblocks, n_tiles, per_chunk, sa_b, sa_t, c_in,
                      sa_o, sa_i, REVERSE: tl.constexpr, ADJOINT: tl.constexpr, REDUCE: tl.constexpr,
                      FOLD: tl.constexpr, HAS_H0: tl.constexpr, HAS_H_EDGE: tl.constexpr, DA_ATOMIC: tl.constexpr,
                      DA_SUM_T: tl.constexpr, DA_SUM_C: tl.constexpr, TWO_RUNS: tl.constexpr, BLOCK2: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CHUNKS: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, R: tl.constexpr, CHUNKS: tl.constexpr):
         S: tl.constexpr = 2 if BLOCK2 else 1  # state components per channel, C apart in memory
         step: tl.constexpr = -1 if REVERSE else 1
-        edge: tl.constexpr = 0 if REVERSE else BLOCK_T - 1
         group, chunk, chunks = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.num_programs(1)
         pid_b, pid_c = group // n_cblocks, group % n_cblocks
-        rows = tl.arange(0, BLOCK_T)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < C
         a_cols = (cols // c_in) * sa_o + (cols % c_in) * sa_i
@@ -318,28 +323,38 @@ if triton is not None:
             if BLOCK2:
                 cy = tl.load(H0 + pid_b * S * C + C + cols, mask=col_ok, other=0.0).to(tl.float32)
         if FOLD:  # the maps of the chunks before this one, composed in scan order (the rest masked to identities)
-            j = tl.arange(0, CHUNKS)
-            ok = (j < chunk)[:, None] & col_ok[None, :]
-            at = MAPS + (pid_b * chunks + j[:, None]) * M * C + cols[None, :]
+            j = tl.arange(0, CHUNKS)[:, None]
+            ok = (j < chunk) & col_ok[None, :]
+            maps = MAPS + (pid_b * chunks + j) * M * C + cols[None, :]
             if BLOCK2:
                 mp, mq, mr, ms, mx, my = tl.associative_scan(
-                    (tl.load(at, mask=ok, other=1.0), tl.load(at + C, mask=ok, other=0.0),
-                     tl.load(at + 2 * C, mask=ok, other=0.0), tl.load(at + 3 * C, mask=ok, other=1.0),
-                     tl.load(at + 4 * C, mask=ok, other=0.0), tl.load(at + 5 * C, mask=ok, other=0.0)), 0, _combine2)
-                fx = row(mp, j, CHUNKS - 1) * cx + row(mq, j, CHUNKS - 1) * cy + row(mx, j, CHUNKS - 1)
-                cy = row(mr, j, CHUNKS - 1) * cx + row(ms, j, CHUNKS - 1) * cy + row(my, j, CHUNKS - 1)
-                cx = fx
+                    (tl.load(maps, mask=ok, other=1.0), tl.load(maps + C, mask=ok, other=0.0),
+                     tl.load(maps + 2 * C, mask=ok, other=0.0), tl.load(maps + 3 * C, mask=ok, other=1.0),
+                     tl.load(maps + 4 * C, mask=ok, other=0.0), tl.load(maps + 5 * C, mask=ok, other=0.0)),
+                    0, _combine2)
+                cx, cy = (row(mp, j, CHUNKS - 1) * cx + row(mq, j, CHUNKS - 1) * cy + row(mx, j, CHUNKS - 1),
+                          row(mr, j, CHUNKS - 1) * cx + row(ms, j, CHUNKS - 1) * cy + row(my, j, CHUNKS - 1))
             else:
-                mp, mx = tl.associative_scan((tl.load(at, mask=ok, other=1.0), tl.load(at + C, mask=ok, other=0.0)), 0,
-                                             combine)
+                mp, mx = tl.associative_scan(
+                    (tl.load(maps, mask=ok, other=1.0), tl.load(maps + C, mask=ok, other=0.0)), 0, combine)
                 cx = row(mp, j, CHUNKS - 1) * cx + row(mx, j, CHUNKS - 1)
         tp = tl.full([BLOCK_C], 1.0, tl.float32)  # REDUCE: the chunk's transition so far, [[tp, tq], [tr, ts]]
         tq = tl.zeros([BLOCK_C], dtype=tl.float32)
         tr = tl.zeros([BLOCK_C], dtype=tl.float32)
         ts = tl.full([BLOCK_C], 1.0, tl.float32)
+        # a tile is SEGS segments of R consecutive steps in scan order: a thread scans its segment in registers, the
+        # lanes and warps only the segments' totals; each segment starts from where the one before it ends. Row
+        # r * SEGS + s of the tile holds step s * R + r, so that the reshape to [R, SEGS, C] leaves each thread its R
+        # steps (Triton lays out a 2D tile's rows across lanes and warps first, then registers)
+        SEGS: tl.constexpr = BLOCK_T // R
+        rows = tl.arange(0, BLOCK_T)
+        steps = (rows % SEGS) * R + rows // SEGS
+        steps = BLOCK_T - 1 - steps if REVERSE else steps
+        r, seg = tl.arange(0, R)[:, None, None], tl.arange(0, SEGS)[:, None]  # for row()
+        before = tl.maximum(seg - 1, 0) + tl.zeros([SEGS, BLOCK_C], dtype=tl.int32)
         for i in range(per_chunk):
             k = chunk * per_chunk + i  # the tile's place in scan order
-            t = (n_tiles - 1 - k if REVERSE else k) * BLOCK_T + rows
+            t = (n_tiles - 1 - k if REVERSE else k) * BLOCK_T + steps
             t_ok = (t >= 0) & (t < T)
             mask = t_ok[:, None] & col_ok[None, :]
             t_a = t - step if ADJOINT else t  # the adjoint reads a one step later in the forward's order
@@ -353,19 +368,31 @@ if triton is not None:
                 ar = tl.load(A + a_offs + (1 if ADJOINT else 2) * C, mask=a_ok, other=0.0).to(tl.float32)
                 as_ = tl.where(a_ok, tl.load(A + a_offs + 3 * C, mask=a_ok, other=0.0).to(tl.float32), 1.0)
                 y = tl.load(X + offs + C, mask=mask, other=0.0).to(tl.float32)
-                p, q, r, s, x, y = tl.associative_scan((ap, aq, ar, as_, x, y), 0, _combine2, reverse=REVERSE)
-                hx = p * cx[None, :] + q * cy[None, :] + x
-                hy = r * cx[None, :] + s * cy[None, :] + y
-                cx, cy = row(hx, rows, edge), row(hy, rows, edge)
+                p, q, r_, s, x, y = tl.associative_scan(
+                    (segments(ap, R), segments(aq, R), segments(ar, R), segments(as_, R), segments(x, R),
+                     segments(y, R)), 0, _combine2)
+                ep, eq, er, es, ex, ey = tl.associative_scan(  # [SEGS, C]: from the tile's start to each segment's end
+                    (row(p, r, R - 1), row(q, r, R - 1), row(r_, r, R - 1), row(s, r, R - 1), row(x, r, R - 1),
+                     row(y, r, R - 1)), 0, _combine2)
+                end_x, end_y = ep * cx[None, :] + eq * cy[None, :] + ex, er * cx[None, :] + es * cy[None, :] + ey
+                fx = tl.where(seg > 0, tl.gather(end_x, before, 0), cx[None, :])[None, :, :]  # entering each segment
+                fy = tl.where(seg > 0, tl.gather(end_y, before, 0), cy[None, :])[None, :, :]
+                hx = tl.reshape(p * fx + q * fy + x, [BLOCK_T, BLOCK_C])
+                hy = tl.reshape(r_ * fx + s * fy + y, [BLOCK_T, BLOCK_C])
+                cx, cy = row(end_x, seg, SEGS - 1), row(end_y, seg, SEGS - 1)
                 if REDUCE:
-                    lp, lq, lr, ls = row(p, rows, edge), row(q, rows, edge), row(r, rows, edge), row(s, rows, edge)
+                    lp, lq = row(ep, seg, SEGS - 1), row(eq, seg, SEGS - 1)
+                    lr, ls = row(er, seg, SEGS - 1), row(es, seg, SEGS - 1)
                     tp, tq, tr, ts = lp * tp + lq * tr, lp * tq + lq * ts, lr * tp + ls * tr, lr * tq + ls * ts
             else:
-                p, x = tl.associative_scan((ap, x), 0, combine, reverse=REVERSE)
-                hx = p * cx[None, :] + x
-                cx = row(hx, rows, edge)
+                p, x = tl.associative_scan((segments(ap, R), segments(x, R)), 0, combine)
+                ep, ex = tl.associative_scan((row(p, r, R - 1), row(x, r, R - 1)), 0, combine)
+                end_x = ep * cx[None, :] + ex
+                hx = p * tl.where(seg > 0, tl.gather(end_x, before, 0), cx[None, :])[None, :, :] + x
+                hx = tl.reshape(hx, [BLOCK_T, BLOCK_C])
+                cx = row(end_x, seg, SEGS - 1)
                 if REDUCE:
-                    tp = row(p, rows, edge) * tp
+                    tp = row(ep, seg, SEGS - 1) * tp
             if not REDUCE:
                 tl.store(H + offs, hx.to(H.dtype.element_ty), mask=mask)
                 if BLOCK2:
