@@ -134,11 +134,11 @@ _selective = register("selective_scan", _forward, _backward, _fake, _backward_fa
 # registers along its first axis. A program owns a batch row and BLOCK_D channels and walks the tiles of one chunk of
 # the sequence in order, as scan.py's kernel; with chunks, each chunk's map h -> exp(A sum dt) h + X is reduced first,
 # the maps are scanned by scan.py, and each program starts from its chunk's entering state. The backward walks the
-# tiles in reverse: it rebuilds the tile's states h_{t-1} from the saved state entering it by a scan of the operands
-# one step earlier (so that a_t h_{t-1} is a product, not h_t - b_t, which cancels to noise where a_t underflows),
-# scans the adjoint g_t = a_{t+1} g_{t+1} + C_t dy_t and reads the gradients off g, h and a_t h_{t-1}. Sums over
-# channels (dB, dC: [B, T, N]) leave the kernel as one partial per channel block, over time (dA) one per program;
-# PyTorch adds them (deterministic, no atomics).
+# tiles in reverse: it rebuilds u_t = a_t h_{t-1} from the saved state entering the tile by a scan with the step's own
+# a_t and input a_t b_{t-1} (a product, not h_t - b_t, which cancels to noise where a_t underflows), scans the adjoint
+# g_t = a_{t+1} g_{t+1} + C_t dy_t and reads the gradients off g, u and h = u + b. Sums over channels (dB, dC:
+# [B, T, N]) leave the kernel as one partial per channel block, over time (dA) one per program; PyTorch adds them
+# (deterministic, no atomics).
 
 def _strides(*ts):
     return [s for t in ts for s in t.stride()]
@@ -302,19 +302,18 @@ if triton is not None:
                 dt = _tile(DT, pid_b, t, d, sdt_b, sdt_t, sdt_d, td_ok)
                 x = _tile(X, pid_b, t, d, sx_b, sx_t, sx_d, td_ok)
                 Bt = _tile(Bm, pid_b, t, ns, sb_b, sb_t, sb_n, tn_ok)
-                # the forward's states h_{t-1}: the saved state entering the tile, then the operands one step earlier
+                # u_t = a_t h_{t-1} = a_t (u_{t-1} + b_{t-1}), from the saved state entering the tile
                 prev_ok = (rows > 0) & t_ok
                 dt_p = _tile(DT, pid_b, t - 1, d, sdt_b, sdt_t, sdt_d, prev_ok[:, None] & d_ok[None, :])
                 x_p = _tile(X, pid_b, t - 1, d, sx_b, sx_t, sx_d, prev_ok[:, None] & d_ok[None, :])
                 B_p = _tile(Bm, pid_b, t - 1, ns, sb_b, sb_t, sb_n, prev_ok[:, None] & n_ok[None, :])
-                p, s = tl.associative_scan((tl.exp(dt_p[:, :, None] * At[None, :, :]),
-                                            (dt_p * x_p)[:, :, None] * B_p[:, None, :]), 0, _combine)
+                a = tl.exp(dt[:, :, None] * At[None, :, :])
+                p, s = tl.associative_scan((a, a * ((dt_p * x_p)[:, :, None] * B_p[:, None, :])), 0, _combine)
                 h0 = tl.load(SAVED + ((pid_b * n_tiles + tile) * D + d[:, None]) * N + ns[None, :],
                              mask=dn_ok & (tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.int32) + tile >= 0), other=0.0)
-                a = tl.exp(dt[:, :, None] * At[None, :, :])
-                ah = a * (p * h0[None, :, :] + s)  # a_t h_{t-1}
-                h = ah + (dt * x)[:, :, None] * Bt[:, None, :]
-                q = g * ah  # the gradient at dt A
+                u = p * h0[None, :, :] + s
+                h = u + (dt * x)[:, :, None] * Bt[:, None, :]
+                q = g * u  # the gradient at dt A
                 gB = tl.sum(g * Bt[:, None, :], 2)
                 offs = (pid_b * T + t[:, None]) * D + d[None, :]
                 tl.store(DX + offs, (dt * gB).to(DX.dtype.element_ty), mask=td_ok)
