@@ -466,6 +466,29 @@ def test_scan_kernels_interpreted(name, kernels, mode):
                 f"assert (True in seen) if {mode == 'chunks'} else seen == {{False}}, seen")
 
 
+SCAN_FLAG_SETS = [{}, dict(HAS_H0=True), dict(REDUCE=True), dict(FOLD=True, HAS_H0=True),
+                  dict(REVERSE=True, ADJOINT=True, HAS_H_EDGE=True), dict(REVERSE=True, ADJOINT=True, REDUCE=True),
+                  dict(REVERSE=True, ADJOINT=True, FOLD=True, HAS_H_EDGE=True)]
+SCAN_DA_SUMS = [dict(DA_SUM_T=True), dict(DA_SUM_C=True, TWO_RUNS=True), dict(DA_SUM_C=True, FOLD=True)]
+
+
+@pytest.mark.skipif(scan_module.triton is None, reason="no Triton")
+@pytest.mark.parametrize("flags", [dict(f, BLOCK2=b) for b in (False, True) for f in SCAN_FLAG_SETS] + [
+    dict(f, REVERSE=True, ADJOINT=True, DA_ATOMIC=True, BLOCK2=False) for f in SCAN_DA_SUMS],
+    ids=lambda f: "-".join(k for k, v in f.items() if v) or "forward")
+def test_scan_kernel_compiles_for_sm90(flags):
+    """_scan_kernel compiled for an H100 (sm_90) without a GPU, at each combination of flags _triton_scan launches: the
+    interpreter does not check that a name assigned before the tile loop keeps its type inside it; the compiler does."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = scan_module._scan_kernel
+    ptrs = {"A", "X", "H", "HS", "H0", "H_EDGE", "DA", "MAPS"}
+    cx = dict(dict.fromkeys(["REVERSE", "ADJOINT", "REDUCE", "FOLD", "HAS_H0", "HAS_H_EDGE", "DA_ATOMIC", "DA_SUM_T",
+                             "DA_SUM_C", "TWO_RUNS"], False), sa_i=1, BLOCK_T=16, BLOCK_C=8, R=4, CHUNKS=4, **flags)
+    sig = {n: "constexpr" if n in cx else "*fp32" if n in ptrs else "i32" for n in fn.arg_names}
+    scan_module.triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+
+
 def test_scalar_decay_triton_kernel_interpreted():
     """The kernels, forward and backward, run by Triton's interpreter: chunks of 16, value tiles of 16 columns."""
     interpreted("import scalar_decay as sd; assert sd._kernel(*[torch.zeros(1, 1, 1, 16)] * 5); "
