@@ -5,8 +5,8 @@
     python bench.py --device cpu --quick # a tiny smoke run of every section (what the tests call)
     python bench.py --report out         # train.py's runs out/*/log.jsonl as tables, out/showdown.png, out/mqar.png
 
-1. scan    scan.py forward and forward+backward: time and TB/s against the copy bandwidth, the
-           forward replayed from a CUDA graph (no Python launch overhead), accelerated-scan beside.
+1. scan    scan.py forward and forward+backward as plain calls: time, bytes moved and the fraction of the copy
+           bandwidth, accelerated-scan beside.
 2. forms   each model's default (parallel or chunked) form against its recurrent loop, fwd+bwd.
 3. chunked the chunked cores and the short causal conv, eager and compiled, against flash-linear-attention (when
            installed) and SDPA.
