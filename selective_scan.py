@@ -51,20 +51,23 @@ def _triton(x, *ts):
     return use_triton(x) and _acc(x, *ts) == torch.float32
 
 
-def _plan(Bsz, T, D, N, device):
-    """(BLOCK_T, BLOCK_D, BLOCK_N, warps, n_chunks, tiles per chunk): tiles of 16 steps x 128 / N channels x N states
-    on 2 warps, the fastest forward and backward of nine tiles timed on an H100 at Mamba(512)'s [8, 2048, 1024] x 16
-    (bf16: 357 and 2966 us, against 577 and 3516 us for 16 x 16 x 16 on 4 warps); chunks over time where B * D /
-    BLOCK_D programs leave multiprocessors idle."""
+def _plan(Bsz, T, D, N, device, backward=False):
+    """(BLOCK_T, BLOCK_D, BLOCK_N, warps, n_chunks, tiles per chunk): forward tiles of 16 steps x 128 / N channels x N
+    states on 2 warps, backward tiles of half the steps on 1 warp, the fastest of the tiles timed on an H100 (8 to 32
+    steps, 2 to 16 channels, 1 to 4 warps) at Mamba(512)'s [8, 2048, 1024] x 16: the backward took 1903 us against
+    3089 at the forward's tile (RESULTS.md). Chunks over time where B * D / BLOCK_D programs leave multiprocessors
+    idle."""
     block_n = triton.next_power_of_2(N)
     block_t, block_d, warps = (8, 4, 1) if INTERPRET else (16, max(1, 128 // block_n), 2)
+    if backward:
+        block_t, warps = block_t // 2, 1
     n_tiles = -(-T // block_t)
     per_chunk = -(-n_tiles // n_chunks(n_tiles, Bsz * -(-D // block_d), device))
     return block_t, block_d, block_n, warps, -(-n_tiles // per_chunk), per_chunk
 
 
 def _saved_shape(x, dt, A, B, C, h0):
-    """The states entering each tile, kept for the backward (the PyTorch engine keeps none)."""
+    """The states entering each forward tile, kept for the backward (the PyTorch engine keeps none)."""
     n_tiles = -(-x.shape[1] // _plan(*x.shape, A.shape[1], x.device)[0]) if _triton(x, dt, A, B, C, h0) else 0
     return x.shape[0], n_tiles, x.shape[2], A.shape[1]
 
@@ -134,11 +137,12 @@ _selective = register("selective_scan", _forward, _backward, _fake, _backward_fa
 # registers along its first axis. A program owns a batch row and BLOCK_D channels and walks the tiles of one chunk of
 # the sequence in order, as scan.py's kernel; with chunks, each chunk's map h -> exp(A sum dt) h + X is reduced first,
 # the maps are scanned by scan.py, and each program starts from its chunk's entering state. The backward walks the
-# tiles in reverse: it rebuilds u_t = a_t h_{t-1} from the saved state entering the tile by a scan with the step's own
-# a_t and input a_t b_{t-1} (a product, not h_t - b_t, which cancels to noise where a_t underflows), scans the adjoint
-# g_t = a_{t+1} g_{t+1} + C_t dy_t and reads the gradients off g, u and h = u + b. Sums over channels (dB, dC:
-# [B, T, N]) leave the kernel as one partial per channel block, over time (dA) one per program; PyTorch adds them
-# (deterministic, no atomics).
+# sequence in reverse, in tiles of half the forward's steps: it rebuilds u_t = a_t h_{t-1} from the state entering the
+# tile (saved, or for an odd tile the saved one carried through the tile before) by a scan with the step's own a_t and
+# input a_t b_{t-1} (a product, not h_t - b_t, which cancels to noise where a_t underflows), scans the adjoint g_t =
+# a_{t+1} g_{t+1} + C_t dy_t and reads the gradients off g, u and h = u + b. Sums over channels (dB, dC: [B, T, N])
+# leave the kernel as one partial per channel block, over time (dA) one per program; PyTorch adds them (deterministic,
+# no atomics).
 
 def _strides(*ts):
     return [s for t in ts for s in t.stride()]
@@ -173,7 +177,7 @@ def _triton_forward(x, dt, A, B, C, h0):
 
 def _triton_backward(x, dt, A, B, C, h0, saved, dy, dhT):
     (Bsz, T, D), N = x.shape, A.shape[1]
-    block_t, block_d, block_n, warps, n_chunks, per_chunk = _plan(Bsz, T, D, N, x.device)
+    block_t, block_d, block_n, warps, n_chunks, per_chunk = _plan(Bsz, T, D, N, x.device, backward=True)
     n_dblocks, n_tiles = -(-D // block_d), -(-T // block_t)
     A, dy, dhT = A.contiguous(), dy.contiguous(), dhT.float().contiguous()
     args = (T, D, N, n_dblocks, n_tiles, per_chunk, *_strides(x, dt, B, C))
@@ -268,6 +272,7 @@ if triton is not None:
         (exp(A sum dt_{t+1})); else the gradients, from G0: dL/dh_T, or the g entering each chunk [B, n_chunks, D, N]."""
         group, chunk, chunks = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.num_programs(1)
         pid_b, pid_d = group // n_dblocks, group % n_dblocks
+        n_saved = (n_tiles + 1) // 2  # the forward's tiles, twice as long
         rows, ns = tl.arange(0, BLOCK_T), tl.arange(0, BLOCK_N)
         d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok, n_ok = d < D, ns < N
@@ -302,15 +307,23 @@ if triton is not None:
                 dt = _tile(DT, pid_b, t, d, sdt_b, sdt_t, sdt_d, td_ok)
                 x = _tile(X, pid_b, t, d, sx_b, sx_t, sx_d, td_ok)
                 Bt = _tile(Bm, pid_b, t, ns, sb_b, sb_t, sb_n, tn_ok)
-                # u_t = a_t h_{t-1} = a_t (u_{t-1} + b_{t-1}), from the saved state entering the tile
+                # u_t = a_t h_{t-1} = a_t (u_{t-1} + b_{t-1}), from the state entering the tile
                 prev_ok = (rows > 0) & t_ok
                 dt_p = _tile(DT, pid_b, t - 1, d, sdt_b, sdt_t, sdt_d, prev_ok[:, None] & d_ok[None, :])
                 x_p = _tile(X, pid_b, t - 1, d, sx_b, sx_t, sx_d, prev_ok[:, None] & d_ok[None, :])
                 B_p = _tile(Bm, pid_b, t - 1, ns, sb_b, sb_t, sb_n, prev_ok[:, None] & n_ok[None, :])
                 a = tl.exp(dt[:, :, None] * At[None, :, :])
                 p, s = tl.associative_scan((a, a * ((dt_p * x_p)[:, :, None] * B_p[:, None, :])), 0, _combine)
-                h0 = tl.load(SAVED + ((pid_b * n_tiles + tile) * D + d[:, None]) * N + ns[None, :],
+                h0 = tl.load(SAVED + ((pid_b * n_saved + tile // 2) * D + d[:, None]) * N + ns[None, :],
                              mask=dn_ok & (tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.int32) + tile >= 0), other=0.0)
+                if tile % 2 == 1:  # saved: the state entering the tile before, carried here through it
+                    t_b = t - BLOCK_T
+                    dt_b = _tile(DT, pid_b, t_b, d, sdt_b, sdt_t, sdt_d, d_ok[None, :])
+                    x_b = _tile(X, pid_b, t_b, d, sx_b, sx_t, sx_d, d_ok[None, :])
+                    B_b = _tile(Bm, pid_b, t_b, ns, sb_b, sb_t, sb_n, n_ok[None, :])
+                    p_b, s_b = tl.associative_scan((tl.exp(dt_b[:, :, None] * At[None, :, :]),
+                                                    (dt_b * x_b)[:, :, None] * B_b[:, None, :]), 0, _combine)
+                    h0 = _last(p_b * h0[None, :, :] + s_b, rows, BLOCK_T - 1)
                 u = p * h0[None, :, :] + s
                 h = u + (dt * x)[:, :, None] * Bt[:, None, :]
                 q = g * u  # the gradient at dt A
