@@ -265,7 +265,7 @@ if triton is not None:
                  tl.load(DS + s_offs + C, mask=mask, other=0.0)), 0, _combine2, reverse=True)
             lam_c = p * lam_c0[None, :] + q * lam_h0[None, :] + x
             lam_h = r * lam_c0[None, :] + s * lam_h0[None, :] + y
-            lam_c0, lam_h0 = _row(lam_c, rows, 0), _row(lam_h, rows, 0)
+            lam_c0, lam_h0 = _row(lam_c, rows[:, None], 0), _row(lam_h, rows[:, None], 0)
             # step t's gates, at s_{t-1}: dL/du_t = dz_t * (dL/dc_t in full, or dL/dh_t for o)
             later = (t >= 1)[:, None]
             c_prev = tl.where(later, tl.load(S + s_offs - 2 * C, mask=mask & later, other=0.0), c0[None, :])
@@ -284,8 +284,8 @@ if triton is not None:
             dr_f += tl.sum(tl.where(mask, du_f * h_prev, 0.0), 0)
             dr_o += tl.sum(tl.where(mask, du_o * h_prev, 0.0), 0)
             dr_g += tl.sum(tl.where(mask, du_g * h_prev, 0.0), 0)
-            ds_c = _row(f * dc, rows, 0)  # dL/ds_{-1} = A_0^T lam_0, kept from the first tile (the last walked)
-            ds_h = _row(du_i * r_i + du_f * r_f + du_o * r_o + du_g * r_g, rows, 0)
+            ds_c = _row(f * dc, rows[:, None], 0)  # dL/ds_{-1} = A_0^T lam_0, kept from the first tile (walked last)
+            ds_h = _row(du_i * r_i + du_f * r_f + du_o * r_o + du_g * r_g, rows[:, None], 0)
         out = pid_b * 4 * C + cols
         tl.store(DR + out, dr_i, mask=col_ok)
         tl.store(DR + out + C, dr_f, mask=col_ok)

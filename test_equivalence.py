@@ -1843,7 +1843,7 @@ def check_newton_hard_float32(model, x, s0, device="cpu"):
     return float(model.stats["newton_iters"])
 
 
-@pytest.mark.parametrize("name", ["rnn", pytest.param("lstm", marks=slow)])
+@pytest.mark.parametrize("name", ["rnn", "lstm"])
 def test_newton_kernel_interpreted(name):
     """newton.py's kernel interpreted (tiles 8 x 8): check_form, check_newton_kernel, the hard case (5-8 iterations)."""
     interpreted(f"import newton; seen = t.spy_newton(); t.check_form({name!r}, 'parallel', torch.float32, 'cpu')\n"
