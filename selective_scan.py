@@ -54,8 +54,8 @@ def _triton(x, *ts):
 def _plan(Bsz, T, D, N, device, backward=False):
     """(BLOCK_T, BLOCK_D, BLOCK_N, warps, n_chunks, tiles per chunk): forward tiles of 16 steps x 128 / N channels x N
     states on 2 warps, backward tiles of half the steps on 1 warp, the fastest of the tiles timed on an H100 (8 to 32
-    steps, 2 to 16 channels, 1 to 4 warps) at Mamba(512)'s [8, 2048, 1024] x 16: the backward took 1903 us against
-    3089 at the forward's tile (RESULTS.md). Chunks over time where B * D / BLOCK_D programs leave multiprocessors
+    steps, 2 to 16 channels, 1 to 4 warps) at Mamba(512)'s [8, 2048, 1024] x 16: the backward took 1958 us against
+    3169 at the forward's tile (RESULTS.md). Chunks over time where B * D / BLOCK_D programs leave multiprocessors
     idle."""
     block_n = triton.next_power_of_2(N)
     block_t, block_d, warps = (8, 4, 1) if INTERPRET else (16, max(1, 128 // block_n), 2)
